@@ -1,0 +1,24 @@
+"""Entry point. `vzdump-hook PHASE [MODE VMID]` is vzdump calling: handled by hook.py without
+importing click (every phase pays its imports). Any other first word is an admin command (admin.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ADMIN_COMMANDS = frozenset({"check", "status", "recover", "simulate", "history"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] not in ADMIN_COMMANDS and not args[0].startswith("-"):
+        from .hook import run_phase, setup_logging
+
+        setup_logging(debug=bool(os.environ.get("VZDUMP_HOOK_DEBUG")))
+        code = run_phase(args, os.environ)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # never wait for a worker thread stuck on a dead guest: every phase is bounded
+    from .admin import cli
+
+    cli.main(args=args, prog_name="vzdump-hook")

@@ -1,0 +1,376 @@
+"""Configuration: TOML read once, validated into frozen dataclasses; every problem names its key path.
+
+Layout (see examples/config.toml):
+    [hook]              host-side settings (state directories, per-phase deadline)
+    [defaults]          per-guest settings that every [guests.VMID] table inherits
+    [guests.VMID]       one table per guest; keys override [defaults], sub-tables merge key by key
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/vzdump-hook/config.toml"
+CONFIG_ENV = "VZDUMP_HOOK_CONFIG"
+TRANSPORTS = ("ssh",)
+COMPOSE_COMMANDS = {"auto": None, "docker compose": ("docker", "compose"), "docker-compose": ("docker-compose",)}
+
+
+class QuiescePolicy(str, Enum):
+    """What a failed quiesce (stack would not stop, was killed, guest unreachable) does to the backup."""
+
+    CONTINUE = "continue"  # back up crash-consistent, with a loud warning
+    ABORT = "abort"  # start again what was stopped, then fail this guest's backup
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    host: str
+    port: int = 22
+    user: str = "root"
+    identity_file: str = "/etc/vzdump-hook/id_ed25519"
+    known_hosts: str = "/etc/vzdump-hook/known_hosts"
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    name: str
+    stop_timeout: float | None = None  # None: the guest's stop_timeout
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    vmid: int
+    transport: str
+    ssh: SshConfig | None
+    stacks: tuple[StackSpec, ...] | None  # None: "auto", every running compose project
+    exclude: tuple[str, ...] = ()
+    compose_command: tuple[str, ...] | None = None  # None: detect in the guest
+    stop_timeout: float = 30.0
+    parallel: bool = False
+    on_quiesce_error: QuiescePolicy = QuiescePolicy.CONTINUE
+    max_downtime: float = 600.0
+    marker_path: str = "/var/lib/vzdump-hook/marker.json"
+    command_timeout: float = 60.0
+    resume_wait: float = 180.0
+    enabled: bool = True
+    # The merged table this was validated from: kept in host state so that a resume can run with the
+    # settings of the quiesce even if the config file changed or broke in between.
+    table: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def stop_timeout_of(self, stack: str) -> float:
+        for spec in self.stacks or ():
+            if spec.name == stack and spec.stop_timeout is not None:
+                return spec.stop_timeout
+        return self.stop_timeout
+
+    def describe_target(self) -> str:
+        if self.transport == "ssh" and self.ssh is not None:
+            return f"ssh {self.ssh.user}@{self.ssh.host}:{self.ssh.port}"
+        return self.transport
+
+
+@dataclass(frozen=True)
+class HookSettings:
+    state_dir: str = "/var/lib/vzdump-hook"
+    run_dir: str = "/run/vzdump-hook"
+    phase_timeout: float = 600.0
+    sweep_timeout: float = 60.0
+    pve_dir: str = "/etc/pve"
+
+
+@dataclass(frozen=True)
+class Config:
+    hook: HookSettings
+    guests: Mapping[int, GuestConfig]
+    source: str = ""
+
+    def guest(self, vmid: int) -> GuestConfig | None:
+        g = self.guests.get(vmid)
+        return g if g is not None and g.enabled else None
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{path}: {message}")
+
+
+def _num(p: _Problems, path: str, v: Any, *, lo: float, hi: float, integer: bool = False) -> float | None:
+    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type:
+        p.add(path, f"must be {'an integer' if integer else 'a number'} (got {v!r})")
+        return None
+    if not lo <= v <= hi:
+        p.add(path, f"must be {lo:g}-{hi:g} (got {v!r})")
+        return None
+    return v
+
+
+def _str(p: _Problems, path: str, v: Any, *, absolute: bool = False, choices: tuple[str, ...] = ()) -> str | None:
+    if not isinstance(v, str) or not v:
+        p.add(path, f"must be a non-empty string (got {v!r})")
+        return None
+    if absolute and not v.startswith("/"):
+        p.add(path, f"must be an absolute path (got {v!r}): vzdump runs the hook with no working directory or HOME to resolve it")
+        return None
+    if choices and v not in choices:
+        p.add(path, f"must be one of {', '.join(repr(c) for c in choices)} (got {v!r})")
+        return None
+    return v
+
+
+def _bool(p: _Problems, path: str, v: Any) -> bool | None:
+    if not isinstance(v, bool):
+        p.add(path, f"must be true or false (got {v!r})")
+        return None
+    return v
+
+
+def _unknown(p: _Problems, path: str, table: Mapping[str, Any], known: set[str]) -> None:
+    for key in table:
+        if key not in known:
+            p.add(f"{path}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+
+
+_STACK_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-.")
+
+
+def valid_stack_name(name: str) -> bool:
+    """Compose project names: lowercase letters, digits, '_', '-', '.'; must start with a letter or digit."""
+    return bool(name) and len(name) <= 128 and set(name) <= _STACK_NAME_CHARS and name[0].isalnum()
+
+
+def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None:
+    if v == "auto":
+        return None
+    if not isinstance(v, list) or not v:
+        p.add(path, f'must be "auto" or a non-empty list of compose project names (got {v!r})')
+        return None
+    specs: list[StackSpec] = []
+    seen: set[str] = set()
+    for i, item in enumerate(v):
+        ipath = f"{path}[{i}]"
+        stop_timeout: float | None = None
+        if isinstance(item, dict):
+            _unknown(p, ipath, item, {"name", "stop_timeout"})
+            if "stop_timeout" in item:
+                stop_timeout = _num(p, f"{ipath}.stop_timeout", item["stop_timeout"], lo=1, hi=3600)
+            name = item.get("name")
+            if name is None:
+                p.add(f"{ipath}.name", "missing")
+                continue
+        else:
+            name = item
+        if not isinstance(name, str) or not valid_stack_name(name):
+            p.add(ipath, f"not a compose project name (lowercase letters, digits, '_', '-', '.'): {name!r}")
+            continue
+        if name in seen:
+            p.add(ipath, f"{name!r} is listed twice")
+            continue
+        seen.add(name)
+        specs.append(StackSpec(name, stop_timeout))
+    return tuple(specs)
+
+
+def _name_list(p: _Problems, path: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        p.add(path, f"must be a list of compose project names (got {v!r})")
+        return ()
+    return tuple(v)
+
+
+def _ssh(p: _Problems, path: str, v: Any) -> SshConfig | None:
+    if not isinstance(v, dict):
+        p.add(path, "must be a table")
+        return None
+    _unknown(p, path, v, {"host", "port", "user", "identity_file", "known_hosts", "connect_timeout"})
+    if "password" in v:
+        p.add(f"{path}.password", "passwords are not supported: use a key (identity_file)")
+    d = SshConfig(host="")
+    host = _str(p, f"{path}.host", v.get("host")) if "host" in v else None
+    if "host" not in v:
+        p.add(f"{path}.host", "missing (the guest's address or name, as reachable from the node)")
+    port = _num(p, f"{path}.port", v["port"], lo=1, hi=65535, integer=True) if "port" in v else d.port
+    user = _str(p, f"{path}.user", v["user"]) if "user" in v else d.user
+    ident = _str(p, f"{path}.identity_file", v["identity_file"], absolute=True) if "identity_file" in v else d.identity_file
+    kh = _str(p, f"{path}.known_hosts", v["known_hosts"], absolute=True) if "known_hosts" in v else d.known_hosts
+    ct = _num(p, f"{path}.connect_timeout", v["connect_timeout"], lo=0.1, hi=300) if "connect_timeout" in v else d.connect_timeout
+    if None in (host, port, user, ident, kh, ct):
+        return None
+    return SshConfig(str(host), int(port or 0), str(user), str(ident), str(kh), float(ct or 0))
+
+
+_GUEST_KEYS: dict[str, Callable[[_Problems, str, Any], Any]] = {
+    "enabled": _bool,
+    "transport": lambda p, path, v: _str(p, path, v, choices=TRANSPORTS),
+    "stacks": _stack_list,
+    "exclude": _name_list,
+    "compose_command": lambda p, path, v: _str(p, path, v, choices=tuple(COMPOSE_COMMANDS)),
+    "stop_timeout": lambda p, path, v: _num(p, path, v, lo=1, hi=3600),
+    "parallel": _bool,
+    "on_quiesce_error": lambda p, path, v: _str(p, path, v, choices=tuple(q.value for q in QuiescePolicy)),
+    "max_downtime": lambda p, path, v: _num(p, path, v, lo=10, hi=7 * 86400),
+    "marker_path": lambda p, path, v: _str(p, path, v, absolute=True),
+    "command_timeout": lambda p, path, v: _num(p, path, v, lo=1, hi=3600),
+    "resume_wait": lambda p, path, v: _num(p, path, v, lo=0, hi=3600),
+    "ssh": lambda p, path, v: None,  # validated after merging, see _guest
+}
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _guest(p: _Problems, path: str, vmid: int, table: Mapping[str, Any]) -> GuestConfig | None:
+    before = len(p.items)
+    _unknown(p, path, table, set(_GUEST_KEYS))
+    values = {k: _GUEST_KEYS[k](p, f"{path}.{k}", v) for k, v in table.items() if k in _GUEST_KEYS}
+    transport = values.get("transport") or "ssh"
+    ssh = None
+    if transport == "ssh":
+        if "ssh" not in table:
+            p.add(f"{path}.ssh", "missing (transport is ssh: give at least ssh.host)")
+        else:
+            ssh = _ssh(p, f"{path}.ssh", table["ssh"])
+    if len(p.items) != before:
+        return None
+    g = GuestConfig(vmid=vmid, transport=transport, ssh=ssh, stacks=None, table=dict(table))
+    cc = values.get("compose_command")
+    repl: dict[str, Any] = {k: v for k, v in values.items() if k not in {"transport", "ssh", "compose_command"}}
+    if "exclude" in repl:
+        repl["exclude"] = tuple(repl["exclude"])
+    if "on_quiesce_error" in repl:
+        repl["on_quiesce_error"] = QuiescePolicy(repl["on_quiesce_error"])
+    for k in ("stop_timeout", "max_downtime", "command_timeout", "resume_wait"):
+        if k in repl:
+            repl[k] = float(repl[k])
+    from dataclasses import replace
+
+    return replace(g, compose_command=COMPOSE_COMMANDS[cc] if cc else None, **repl)
+
+
+def _valid_defaults(p: _Problems, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Report problems of [defaults] once, under their own path; only the valid keys are inherited."""
+    _unknown(p, "defaults", defaults, set(_GUEST_KEYS))
+    kept: dict[str, Any] = {}
+    for key, value in defaults.items():
+        if key not in _GUEST_KEYS:
+            continue
+        before = len(p.items)
+        if key == "ssh":
+            if isinstance(value, dict) and "host" in value:
+                p.add("defaults.ssh.host", "a host is per guest: set it in [guests.VMID.ssh]")
+            _ssh(p, "defaults.ssh", {"host": "-", **value} if isinstance(value, dict) else value)
+        else:
+            _GUEST_KEYS[key](p, f"defaults.{key}", value)
+        if len(p.items) == before:
+            kept[key] = value
+    return kept
+
+
+def validate_guest(vmid: int, table: Mapping[str, Any], path: str | None = None) -> GuestConfig:
+    """A GuestConfig from a merged guest table (defaults already applied). Raises ConfigError."""
+    p = _Problems()
+    g = _guest(p, path or f"guests.{vmid}", vmid, table)
+    if g is None:
+        raise ConfigError(p.items)
+    return g
+
+
+def _vmid(key: str) -> int | None:
+    if not key.isdigit() or key.startswith("0"):
+        return None
+    v = int(key)
+    return v if 100 <= v <= 999_999_999 else None
+
+
+def parse(data: Mapping[str, Any], source: str = "") -> Config:
+    """Validate a parsed TOML document. Raises ConfigError listing every problem with its key path."""
+    p = _Problems()
+    _unknown(p, "(top level)", data, {"hook", "defaults", "guests"})
+    hook_raw = data.get("hook", {})
+    hook = HookSettings()
+    if not isinstance(hook_raw, dict):
+        p.add("hook", "must be a table")
+    else:
+        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir"})
+        vals: dict[str, Any] = {}
+        for k in ("state_dir", "run_dir", "pve_dir"):
+            if k in hook_raw:
+                vals[k] = _str(p, f"hook.{k}", hook_raw[k], absolute=True)
+        for k in ("phase_timeout", "sweep_timeout"):
+            if k in hook_raw:
+                n = _num(p, f"hook.{k}", hook_raw[k], lo=5, hi=86400)
+                vals[k] = None if n is None else float(n)
+        if None not in vals.values():
+            hook = HookSettings(**vals)
+
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        p.add("defaults", "must be a table")
+        defaults = {}
+    else:
+        defaults = _valid_defaults(p, defaults)
+
+    guests: dict[int, GuestConfig] = {}
+    raw_guests = data.get("guests", {})
+    if not isinstance(raw_guests, dict):
+        p.add("guests", "must be a table of [guests.VMID] tables")
+        raw_guests = {}
+    for key, table in raw_guests.items():
+        path = f"guests.{key}"
+        vmid = _vmid(str(key))
+        if vmid is None:
+            p.add(path, "the key must be a VMID (an integer 100-999999999)")
+            continue
+        if not isinstance(table, dict):
+            p.add(path, "must be a table")
+            continue
+        g = _guest(p, path, vmid, _merge(defaults, table))
+        if g is not None:
+            guests[vmid] = g
+    if p.items:
+        raise ConfigError(p.items, source)
+    return Config(hook=hook, guests=guests, source=source)
+
+
+def config_path(explicit: str | None = None) -> str:
+    """--config, else $VZDUMP_HOOK_CONFIG, else the default path."""
+    return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def load(path: str | None = None) -> Config:
+    """Read and validate the config file. Raises ConfigError (unreadable, not TOML, invalid)."""
+    path = config_path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"no such file (set {CONFIG_ENV} or --config, or create it from examples/config.toml)"], path) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read: {e.strerror}"], path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"not valid TOML: {e}"], path) from None
+    return parse(data, path)

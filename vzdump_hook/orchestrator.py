@@ -1,0 +1,106 @@
+"""Pure decisions: given the phase, guest type, mode and what this job already did to the guest,
+what to do now and what exit status a failure earns. No I/O here; hook.py carries the plans out.
+
+Where the backup's point in time is decides the earliest safe resume (DESIGN.md §1):
+- LXC snapshot/suspend: the snapshot (or the frozen rsync pass) is done before `pre-restart`.
+- LXC stop: the archive is written from the stopped container; the container runs again only at
+  `post-restart`, which vzdump calls after `backup-end`.
+- QEMU (every mode): the point in time is the start of QEMU's backup job, after `post-restart` in
+  snapshot mode and with no hook of its own; `backup-end` is the first hook certainly after it.
+  In suspend mode `pre-restart` follows `backup-end` on success but precedes the VM's resume after
+  an error (the VM is paused then), so only `post-restart` is used there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .phases import GuestType, Mode, Phase
+from .state import GuestRecord, Status
+
+_ALWAYS_AFTER = frozenset({Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END})
+
+RESUME_POINTS: dict[tuple[GuestType, Mode], frozenset[Phase]] = {
+    (GuestType.LXC, Mode.SNAPSHOT): _ALWAYS_AFTER | {Phase.PRE_RESTART, Phase.POST_RESTART},
+    (GuestType.LXC, Mode.SUSPEND): _ALWAYS_AFTER | {Phase.PRE_RESTART, Phase.POST_RESTART},
+    # backup-end comes while the container is still stopped: wait for post-restart
+    (GuestType.LXC, Mode.STOP): frozenset({Phase.POST_RESTART, Phase.BACKUP_ABORT, Phase.LOG_END}),
+    (GuestType.QEMU, Mode.SNAPSHOT): _ALWAYS_AFTER,
+    (GuestType.QEMU, Mode.SUSPEND): _ALWAYS_AFTER | {Phase.POST_RESTART},
+    (GuestType.QEMU, Mode.STOP): _ALWAYS_AFTER | {Phase.POST_RESTART},
+}
+
+
+class Step(Enum):
+    NONE = "none"
+    SWEEP = "sweep"  # job-start: resume markers left by jobs that are provably over
+    PREFLIGHT = "preflight"  # backup-start: guest answers, stacks listed, stale marker resumed
+    QUIESCE = "quiesce"  # pre-stop: marker first, then stop
+    RESUME = "resume"  # start what this job stopped
+    FINISH = "finish"  # job-end/job-abort: last resume attempts, summary
+
+
+@dataclass(frozen=True)
+class Plan:
+    step: Step
+    wait_for_guest: bool = False  # the guest may be (re)booting: retry connecting up to resume_wait
+    note: str = ""  # why nothing happens, for the task log
+
+
+def first_resume_point(vmtype: GuestType, mode: Mode) -> Phase:
+    """The earliest hook at which resuming is safe on the success path (for messages)."""
+    order = (Phase.PRE_RESTART, Phase.POST_RESTART, Phase.BACKUP_END)
+    points = RESUME_POINTS[(vmtype, mode)]
+    if vmtype is GuestType.LXC and mode is Mode.STOP:
+        return Phase.POST_RESTART
+    return next(p for p in order if p in points)
+
+
+def plan(phase: Phase, vmtype: GuestType | None, mode: Mode | None, record: GuestRecord | None) -> Plan:
+    """What to do in `phase` for a configured guest (job phases: for the job)."""
+    if phase is Phase.JOB_INIT:
+        return Plan(Step.NONE)
+    if phase is Phase.JOB_START:
+        return Plan(Step.SWEEP)
+    if phase in (Phase.JOB_END, Phase.JOB_ABORT):
+        return Plan(Step.FINISH)
+    assert vmtype is not None and mode is not None
+    if phase is Phase.BACKUP_START:
+        return Plan(Step.PREFLIGHT)
+    if phase is Phase.PRE_STOP:
+        if record is not None and record.status in (Status.PREFLIGHT_FAILED, Status.SKIPPED):
+            return Plan(Step.NONE, note="preflight failed: nothing is stopped, the backup is crash-consistent")
+        if record is not None and record.status.pending:
+            return Plan(Step.NONE, note="already quiesced by this job")
+        return Plan(Step.QUIESCE)
+    if record is None or not record.status.pending:
+        return Plan(Step.NONE)
+    if phase not in RESUME_POINTS[(vmtype, mode)]:
+        return Plan(Step.NONE, note=f"stacks stay down until {first_resume_point(vmtype, mode).value}: the backup's point in time is still ahead")
+    restarted = mode is Mode.STOP or phase in (Phase.BACKUP_ABORT, Phase.LOG_END)
+    return Plan(Step.RESUME, wait_for_guest=restarted)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened in a phase, as far as the exit status is concerned."""
+
+    preflight_failed: bool = False
+    quiesce_failed: bool = False  # a stack would not stop, was killed, or the guest was unreachable
+    abort_policy: bool = False  # the guest's on_quiesce_error is "abort"
+    still_down: bool = False  # job-end: stacks of this job are still down
+    config_error: bool = False
+
+
+def exit_status(phase: Phase, outcome: Outcome) -> int:
+    """The exit status for vzdump (README's policy table). Resume problems never fail a backup."""
+    if phase is Phase.JOB_START and outcome.config_error:
+        return 2
+    if phase is Phase.BACKUP_START and outcome.preflight_failed and outcome.abort_policy:
+        return 1
+    if phase is Phase.PRE_STOP and outcome.quiesce_failed and outcome.abort_policy:
+        return 1
+    if phase in (Phase.JOB_END, Phase.JOB_ABORT) and outcome.still_down:
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""Stack drivers: list, stop, start and check application stacks inside a guest."""

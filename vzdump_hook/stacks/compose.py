@@ -1,0 +1,137 @@
+"""Docker compose projects as stacks (compose v2 `docker compose` or v1 `docker-compose`).
+
+Projects are found through the labels compose puts on its containers, so no compose file has to be
+known in advance; the working directory and files recorded there are used to stop and start the
+project with compose (dependency order), and container ids are kept as a fallback (`docker stop` /
+`docker start`) for containers compose no longer knows (file edited or gone since `up`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from ..config import valid_stack_name
+from ..errors import ControllerError
+from ..marker import ALLOWED_COMPOSE, StackRecord
+from ..transports.base import Transport, sh
+
+KILLED = 137  # 128 + SIGKILL: compose's stop timeout ran out and docker killed the container
+_ID = re.compile(r"[0-9a-f]{64}")
+_LIST_FORMAT = '{{.ID}}\t{{.Label "com.docker.compose.project"}}\t{{.Label "com.docker.compose.project.working_dir"}}\t{{.Label "com.docker.compose.project.config_files"}}'
+_DETECT = r"""
+if docker compose version >/dev/null 2>&1; then echo "docker compose"
+elif command -v docker-compose >/dev/null 2>&1; then echo "docker-compose"
+else echo none; fi
+"""
+_IN_DIR = 'cd -- "$1" 2>/dev/null || cd /; shift; exec "$@"'
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    name: str
+    seconds: float
+    killed: tuple[str, ...]  # containers that did not stop in time and were killed
+    error: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return not self.killed and not self.error
+
+
+class ComposeDriver:
+    """Compose stacks in one guest, reached through `transport`."""
+
+    def __init__(self, transport: Transport, compose: tuple[str, ...] | None = None) -> None:
+        self.t = transport
+        self.compose = compose
+
+    def detect(self, timeout: float) -> tuple[str, ...]:
+        """The compose command to use: the configured one, else v2 if it answers, else v1."""
+        if self.compose is None:
+            out = self.t.run(sh(_DETECT), timeout=timeout).check("cannot look for docker compose").stdout.strip()
+            if out == "none":
+                raise ControllerError(f"{self.t.target}: neither `docker compose` nor `docker-compose` found in the guest's PATH")
+            self.compose = tuple(out.split())
+        return self.compose
+
+    def running(self, timeout: float) -> dict[str, StackRecord]:
+        """Running compose projects by name, each with the ids of its running containers."""
+        start = time.monotonic()
+        res = self.t.run(["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--format", _LIST_FORMAT], timeout=timeout)
+        res.check("cannot list containers (is docker running, and may this user use it?)")
+        compose = self.detect(timeout - (time.monotonic() - start))
+        found: dict[str, StackRecord] = {}
+        for line in res.stdout.splitlines():
+            parts = line.split("\t")
+            if len(parts) != 4:
+                continue
+            cid, name, workdir, files = parts
+            if not _ID.fullmatch(cid) or not valid_stack_name(name) or not workdir.startswith("/"):
+                continue
+            prev = found.get(name)
+            containers = (prev.containers if prev else ()) + (cid,)
+            found[name] = StackRecord(name, compose, workdir, tuple(f for f in files.split(",") if f), containers)
+        return found
+
+    def _compose(self, rec: StackRecord, *args: str) -> list[str]:
+        if rec.compose not in ALLOWED_COMPOSE:
+            raise ControllerError(f"stack {rec.name}: compose command {rec.compose!r} not allowed")
+        argv = [*rec.compose, "-p", rec.name]
+        for f in rec.files:
+            argv += ["-f", f]
+        return sh(_IN_DIR, rec.workdir, *argv, *args)
+
+    def _states(self, rec: StackRecord, timeout: float) -> dict[str, tuple[bool, int]]:
+        """container id -> (running, exit code) for the containers recorded; absent ones are left out."""
+        if not rec.containers:
+            return {}
+        res = self.t.run(["docker", "inspect", "--format", "{{.Id}} {{.State.Running}} {{.State.ExitCode}}", *rec.containers], timeout=timeout)
+        states: dict[str, tuple[bool, int]] = {}
+        for line in res.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] in rec.containers and parts[2].lstrip("-").isdigit():
+                states[parts[0]] = (parts[1] == "true", int(parts[2]))
+        return states
+
+    def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
+        """Stop the project; report containers that had to be killed. Never raises for a failed stop:
+        the outcome carries the error, so the caller can apply the guest's policy."""
+        start = time.monotonic()
+        deadline = start + timeout
+        t = str(int(max(1, stop_timeout)))
+        try:
+            res = self.t.run(self._compose(rec, "stop", "-t", t), timeout=timeout)
+            states = self._states(rec, deadline - time.monotonic())
+            still = [c for c, (running, _) in states.items() if running]
+            if still:  # containers compose does not know any more (file edited since `up`)
+                self.t.run(["docker", "stop", "-t", t, *still], timeout=deadline - time.monotonic())
+                states = self._states(rec, deadline - time.monotonic())
+                still = [c for c, (running, _) in states.items() if running]
+            killed = tuple(c[:12] for c, (running, code) in states.items() if not running and code == KILLED)
+            error = ""
+            if still:
+                error = f"still running after stop: {', '.join(c[:12] for c in still)}" + (f" ({res.stderr.strip()[-200:]})" if not res.ok else "")
+            return StopOutcome(rec.name, time.monotonic() - start, killed, error)
+        except Exception as e:  # transport errors included: the outcome is what matters here
+            return StopOutcome(rec.name, time.monotonic() - start, (), str(e))
+
+    def start(self, rec: StackRecord, timeout: float) -> float:
+        """Start the project again and check its recorded containers run; seconds taken.
+        Raises ControllerError / TransportError when it is not up."""
+        start = time.monotonic()
+        deadline = start + timeout
+        res = self.t.run(self._compose(rec, "start"), timeout=timeout)
+        down = [c for c, (running, _) in self._states(rec, deadline - time.monotonic()).items() if not running]
+        if down:  # compose could not (file gone or edited): start the very containers we stopped
+            self.t.run(["docker", "start", *down], timeout=deadline - time.monotonic())
+            down = [c for c, (running, _) in self._states(rec, deadline - time.monotonic()).items() if not running]
+        if down or (not res.ok and not rec.containers):
+            detail = res.stderr.strip()[-300:] if not res.ok else ""
+            raise ControllerError(f"stack {rec.name}: not running after start: {', '.join(c[:12] for c in down) or 'compose failed'}" + (f" ({detail})" if detail else ""))
+        return time.monotonic() - start
+
+    def is_up(self, rec: StackRecord, timeout: float) -> bool:
+        states = self._states(rec, timeout)
+        return bool(states) and all(running for running, _ in states.values())

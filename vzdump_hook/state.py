@@ -1,0 +1,215 @@
+"""Host-side state: per-job guest records under /run (with a lock per guest), history in SQLite.
+
+The records let later phases (new processes) know what this job stopped and how to reach the guest,
+even if the config file changed or broke in between. The truth about what is down is the marker
+in the guest; these records are the node's copy for the task log, job-end summary and `status`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from .config import HookSettings
+from .errors import HookError
+from .job import JobId
+from .marker import StackRecord
+
+
+class Status(str, Enum):
+    PREFLIGHT_OK = "preflight-ok"
+    PREFLIGHT_FAILED = "preflight-failed"
+    SKIPPED = "skipped"  # guest not running, nothing to do
+    QUIESCING = "quiescing"  # marker written, stops under way (a killed hook leaves this)
+    QUIESCED = "quiesced"  # stacks down, waiting for the point in time to pass
+    NOTHING_STOPPED = "nothing-stopped"
+    RESUMED = "resumed"
+    RESUME_FAILED = "resume-failed"  # still down: retried at every later phase, fails job-end
+
+    @property
+    def pending(self) -> bool:
+        """Stacks of this guest may be down and must be started by this job."""
+        return self in (Status.QUIESCING, Status.QUIESCED, Status.RESUME_FAILED)
+
+
+@dataclass
+class GuestRecord:
+    vmid: int
+    vmtype: str
+    mode: str
+    guest_table: dict[str, Any]
+    status: Status = Status.PREFLIGHT_OK
+    stacks: list[StackRecord] = field(default_factory=list)  # what the hook stopped
+    stop_started: float | None = None
+    stop_ended: float | None = None
+    resumed_at: float | None = None
+    crash_consistent: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def downtime(self) -> float | None:
+        if self.stop_started is None or self.resumed_at is None:
+            return None
+        return self.resumed_at - self.stop_started
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["status"] = self.status.value
+        d["stacks"] = [s.to_dict() for s in self.stacks]
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> GuestRecord:
+        d = json.loads(text)
+        d["status"] = Status(d["status"])
+        d["stacks"] = [
+            StackRecord(s["name"], tuple(s["compose"]), s["workdir"], tuple(s["files"]), tuple(s["containers"]), s["stopped"])
+            for s in d["stacks"]
+        ]
+        return cls(**d)
+
+
+class LockTimeout(HookError):
+    pass
+
+
+class HostState:
+    """State of one job (`job`) under settings.run_dir, history under settings.state_dir."""
+
+    def __init__(self, settings: HookSettings, job: JobId) -> None:
+        self.settings = settings
+        self.job = job
+        self.job_dir = os.path.join(settings.run_dir, "jobs", job.key)
+
+    # -- per-guest records -----------------------------------------------------------------------
+
+    def _path(self, vmid: int) -> str:
+        return os.path.join(self.job_dir, f"guest-{vmid}.json")
+
+    def load(self, vmid: int) -> GuestRecord | None:
+        try:
+            with open(self._path(vmid)) as f:
+                return GuestRecord.from_json(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise HookError(f"host state {self._path(vmid)} unreadable: {e}") from None
+
+    def save(self, rec: GuestRecord) -> None:
+        os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
+        path = self._path(rec.vmid)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(rec.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def records(self) -> list[GuestRecord]:
+        """Every guest record of this job, in VMID order."""
+        try:
+            names = os.listdir(self.job_dir)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in sorted(names):
+            if name.startswith("guest-") and name.endswith(".json"):
+                rec = self.load(int(name[6:-5]))
+                if rec is not None:
+                    out.append(rec)
+        return sorted(out, key=lambda r: r.vmid)
+
+    def write_job_info(self) -> None:
+        os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
+        with open(os.path.join(self.job_dir, "job.json"), "w") as f:
+            json.dump({**self.job.to_dict(), "started": time.time()}, f)
+
+    def other_jobs(self) -> list[tuple[JobId | None, str]]:
+        """(job, directory) of every other job directory; job None when unreadable."""
+        base = os.path.join(self.settings.run_dir, "jobs")
+        out: list[tuple[JobId | None, str]] = []
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(base)):
+                if name == self.job.key:
+                    continue
+                d = os.path.join(base, name)
+                job: JobId | None = None
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    with open(os.path.join(d, "job.json")) as f:
+                        j = json.load(f)
+                    job = JobId(j["node"], j["boot"], int(j["pid"]), int(j["start"]))
+                out.append((job, d))
+        return out
+
+    # -- locks ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def guest_lock(self, vmid: int, timeout: float) -> Iterator[None]:
+        """Exclusive per-guest lock (across processes), waited for at most `timeout` seconds."""
+        lock_dir = os.path.join(self.settings.run_dir, "locks")
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(lock_dir, f"{vmid}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise LockTimeout(f"guest {vmid}: another vzdump-hook process holds its lock for more than {timeout:.0f} s") from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- history -------------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        os.makedirs(self.settings.state_dir, mode=0o755, exist_ok=True)
+        db = sqlite3.connect(os.path.join(self.settings.state_dir, "history.sqlite"), timeout=10)
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS runs (job TEXT, node TEXT, vmid INTEGER, vmtype TEXT, mode TEXT, "
+            "stacks TEXT, stop_started REAL, stop_ended REAL, resumed_at REAL, downtime REAL, "
+            "status TEXT, crash_consistent INTEGER, problems TEXT, PRIMARY KEY (job, vmid))"
+        )
+        return db
+
+    def record_history(self, rec: GuestRecord) -> None:
+        with contextlib.closing(self._db()) as db, db:
+            db.execute(
+                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    f"{self.job.node}/{self.job.key}",
+                    self.job.node,
+                    rec.vmid,
+                    rec.vmtype,
+                    rec.mode,
+                    ",".join(s.name for s in rec.stacks),
+                    rec.stop_started,
+                    rec.stop_ended,
+                    rec.resumed_at,
+                    rec.downtime,
+                    rec.status.value,
+                    int(rec.crash_consistent),
+                    "\n".join(rec.problems),
+                ),
+            )
+
+    def history(self, vmid: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        with contextlib.closing(self._db()) as db:
+            db.row_factory = sqlite3.Row
+            q = "SELECT * FROM runs" + (" WHERE vmid = ?" if vmid is not None else "") + " ORDER BY stop_started DESC LIMIT ?"
+            args: tuple[Any, ...] = (vmid, limit) if vmid is not None else (limit,)
+            return [dict(r) for r in db.execute(q, args)]

@@ -1,0 +1,191 @@
+"""SSH transport (paramiko): one connection per guest and phase, one channel per command.
+
+Host keys are checked against the configured known_hosts file only; an unknown or changed key is
+refused with its fingerprint and the command to trust it. No agent, no ~/.ssh: vzdump runs the
+hook with an empty environment, so everything comes from the config.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CommandTimeout, ConnectError, HostKeyError
+from .base import MAX_OUTPUT, Transport, shell_join
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from ..config import GuestConfig, SshConfig
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH-style fingerprint: 'ssh-ed25519 SHA256:...'."""
+    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+    return f"{key.get_name()} SHA256:{digest}"
+
+
+def _known_hosts_name(host: str, port: int) -> str:
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+class SshTransport(Transport):
+    name = "ssh"
+
+    def __init__(self, cfg: SshConfig) -> None:
+        super().__init__(f"ssh {cfg.user}@{cfg.host}:{cfg.port}")
+        self.cfg = cfg
+        self._client: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_guest(cls, guest: GuestConfig) -> SshTransport:
+        assert guest.ssh is not None  # config validation guarantees it for transport "ssh"
+        return cls(guest.ssh)
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def _connect(self, timeout: float) -> paramiko.SSHClient:
+        with self._lock:
+            if self._client is not None and self._transport_alive(self._client):
+                return self._client
+            self._client = None
+            self._client = self._new_client(min(timeout, self.cfg.connect_timeout))
+            return self._client
+
+    @staticmethod
+    def _transport_alive(client: paramiko.SSHClient) -> bool:
+        t = client.get_transport()
+        return t is not None and t.is_active()
+
+    def _new_client(self, timeout: float) -> paramiko.SSHClient:
+        import paramiko
+
+        cfg = self.cfg
+        client = paramiko.SSHClient()
+        try:
+            client.load_host_keys(cfg.known_hosts)
+        except FileNotFoundError:
+            pass  # every key is then unknown, and the refusal below says which file to fill
+        except (OSError, paramiko.SSHException) as e:
+            raise ConnectError(f"{self.target}: cannot read known_hosts {cfg.known_hosts}: {e}") from None
+        client.set_missing_host_key_policy(_Refuse(cfg))
+        try:
+            client.connect(
+                cfg.host,
+                port=cfg.port,
+                username=cfg.user,
+                key_filename=cfg.identity_file,
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+                channel_timeout=timeout,
+            )
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as e:
+            client.close()
+            raise HostKeyError(
+                f"{self.target}: host key CHANGED: got {fingerprint(e.key)}, {cfg.known_hosts} has {fingerprint(e.expected_key)}. "
+                f"If the guest was really reinstalled, remove the old line (ssh-keygen -R {_known_hosts_name(cfg.host, cfg.port)!r} -f {cfg.known_hosts}) and trust the new key"
+            ) from None
+        except paramiko.AuthenticationException as e:
+            client.close()
+            raise ConnectError(f"{self.target}: authentication failed with {cfg.identity_file}: {e}") from None
+        except FileNotFoundError:
+            client.close()
+            raise ConnectError(f"{self.target}: identity file {cfg.identity_file} does not exist") from None
+        except (socket.timeout, TimeoutError):
+            client.close()
+            raise ConnectError(f"{self.target}: connect timed out after {timeout:.1f} s") from None
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            client.close()
+            text = str(e) or type(e).__name__
+            if "banner" in text.lower():
+                text = f"no SSH banner within {timeout:.1f} s ({text})"
+            raise ConnectError(f"{self.target}: {text}") from None
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)
+        return client
+
+    def connect(self, timeout: float) -> None:
+        self._connect(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
+        import paramiko
+
+        deadline = time.monotonic() + timeout
+        command = shell_join(argv)
+        client = self._connect(timeout)
+        transport = client.get_transport()
+        if transport is None:
+            raise ConnectError(f"{self.target}: connection lost")
+        try:
+            chan = transport.open_session(timeout=max(0.1, deadline - time.monotonic()))
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            self.close()
+            raise ConnectError(f"{self.target}: cannot open a channel: {e}", command=command) from None
+        out = bytearray()
+        err = bytearray()
+        try:
+            chan.exec_command(command)
+            if stdin:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            while not chan.status_event.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+                self._drain(chan, out, err)
+                if time.monotonic() >= deadline:
+                    raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s", command=command, stderr=err.decode("utf-8", "replace"))
+                if chan.closed or not transport.is_active():
+                    raise ConnectError(f"{self.target}: connection lost while running a command", command=command)
+            # exit-status comes after the data on the wire: everything is buffered by now
+            self._drain(chan, out, err)
+            return chan.recv_exit_status(), bytes(out), bytes(err)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            self.close()
+            raise ConnectError(f"{self.target}: {e}", command=command) from None
+        finally:
+            chan.close()
+
+    @staticmethod
+    def _drain(chan: Any, out: bytearray, err: bytearray) -> None:
+        while chan.recv_ready():
+            data = chan.recv(65536)
+            if len(out) < MAX_OUTPUT:
+                out += data
+        while chan.recv_stderr_ready():
+            data = chan.recv_stderr(65536)
+            if len(err) < MAX_OUTPUT:
+                err += data
+
+
+class _Refuse:
+    """Host key policy: unknown keys are refused with the fingerprint and how to trust it."""
+
+    def __init__(self, cfg: SshConfig) -> None:
+        self.cfg = cfg
+
+    def missing_host_key(self, client: Any, hostname: str, key: paramiko.PKey) -> None:
+        cfg = self.cfg
+        raise HostKeyError(
+            f"ssh {cfg.user}@{cfg.host}:{cfg.port}: host key not in {cfg.known_hosts}: {fingerprint(key)}. "
+            f"To trust it, check this fingerprint on the guest (ssh-keygen -lf /etc/ssh/ssh_host_{key.get_name().removeprefix('ssh-')}_key.pub), then run: "
+            f"ssh-keyscan -p {cfg.port} {cfg.host} >> {cfg.known_hosts}"
+        )
