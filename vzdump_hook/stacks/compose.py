@@ -84,15 +84,17 @@ class ComposeDriver:
         return sh(_IN_DIR, rec.workdir, *argv, *args)
 
     def _states(self, rec: StackRecord, timeout: float) -> dict[str, tuple[bool, int]]:
-        """container id -> (running, exit code) for the containers recorded; absent ones are left out."""
+        """container id -> (running and not restarting, exit code) for the containers recorded;
+        containers that no longer exist are left out."""
         if not rec.containers:
             return {}
-        res = self.t.run(["docker", "inspect", "--format", "{{.Id}} {{.State.Running}} {{.State.ExitCode}}", *rec.containers], timeout=timeout)
+        res = self.t.run(["docker", "inspect", "--format", "{{.Id}} {{.State.Running}} {{.State.Restarting}} {{.State.ExitCode}}", *rec.containers], timeout=timeout)
         states: dict[str, tuple[bool, int]] = {}
         for line in res.stdout.splitlines():
             parts = line.split()
-            if len(parts) == 3 and parts[0] in rec.containers and parts[2].lstrip("-").isdigit():
-                states[parts[0]] = (parts[1] == "true", int(parts[2]))
+            if len(parts) == 4 and parts[0] in rec.containers and parts[3].lstrip("-").isdigit():
+                # a container in a restart loop is not up
+                states[parts[0]] = (parts[1] == "true" and parts[2] == "false", int(parts[3]))
         return states
 
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
