@@ -128,13 +128,15 @@ class PhaseRunner:
             rec.status = Status.PREFLIGHT_FAILED
             rec.problems.append(f"preflight: {describe(e)}")
             self.state.save(rec)
+            # stop mode is also how vzdump backs up a guest that is off: unreachable is no failure then
             abort = guest.on_quiesce_error is QuiescePolicy.ABORT and mode is not Mode.STOP
-            log.warning(
-                "backup-start %d: guest not ready: %s -> %s",
-                vmid,
-                describe(e),
-                "failing this guest's backup (on_quiesce_error = abort)" if abort else "nothing will be stopped, the backup is crash-consistent",
-            )
+            if abort:
+                outcome = "failing this guest's backup (on_quiesce_error = abort)"
+            elif mode is Mode.STOP:
+                outcome = "nothing will be stopped (if the guest is off, its backup is consistent anyway)"
+            else:
+                outcome = "nothing will be stopped, the backup is crash-consistent"
+            log.warning("backup-start %d: guest not ready: %s -> %s", vmid, describe(e), outcome)
             return orchestrator.exit_status(Phase.BACKUP_START, Outcome(preflight_failed=True, abort_policy=abort))
         finally:
             ctl.close()
