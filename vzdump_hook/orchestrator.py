@@ -2,7 +2,11 @@
 what to do now and what exit status a failure earns. No I/O here; hook.py carries the plans out.
 
 Where the backup's point in time is decides the earliest safe resume (DESIGN.md §1):
-- LXC snapshot/suspend: the snapshot (or the frozen rsync pass) is done before `pre-restart`.
+- LXC snapshot/suspend: the snapshot (or the frozen rsync pass) is done before `pre-restart`, but
+  vzdump calls `pre-restart` while the container is still FROZEN in suspend mode (and in snapshot
+  mode when it has several volumes: vzdump freezes it around the snapshots). A command sent into a
+  frozen container blocks until its timeout, so the resume happens at `post-restart`, which
+  vzdump calls right after the thaw.
 - LXC stop: the archive is written from the stopped container; the container runs again only at
   `post-restart`, which vzdump calls after `backup-end`.
 - QEMU (every mode): the point in time is the start of QEMU's backup job, after `post-restart` in
@@ -22,8 +26,8 @@ from .state import GuestRecord, Status
 _ALWAYS_AFTER = frozenset({Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END})
 
 RESUME_POINTS: dict[tuple[GuestType, Mode], frozenset[Phase]] = {
-    (GuestType.LXC, Mode.SNAPSHOT): _ALWAYS_AFTER | {Phase.PRE_RESTART, Phase.POST_RESTART},
-    (GuestType.LXC, Mode.SUSPEND): _ALWAYS_AFTER | {Phase.PRE_RESTART, Phase.POST_RESTART},
+    (GuestType.LXC, Mode.SNAPSHOT): _ALWAYS_AFTER | {Phase.POST_RESTART},
+    (GuestType.LXC, Mode.SUSPEND): _ALWAYS_AFTER | {Phase.POST_RESTART},
     # backup-end comes while the container is still stopped: wait for post-restart
     (GuestType.LXC, Mode.STOP): frozenset({Phase.POST_RESTART, Phase.BACKUP_ABORT, Phase.LOG_END}),
     (GuestType.QEMU, Mode.SNAPSHOT): _ALWAYS_AFTER,
@@ -50,11 +54,9 @@ class Plan:
 
 def first_resume_point(vmtype: GuestType, mode: Mode) -> Phase:
     """The earliest hook at which resuming is safe on the success path (for messages)."""
-    order = (Phase.PRE_RESTART, Phase.POST_RESTART, Phase.BACKUP_END)
-    points = RESUME_POINTS[(vmtype, mode)]
-    if vmtype is GuestType.LXC and mode is Mode.STOP:
+    if vmtype is GuestType.LXC:
         return Phase.POST_RESTART
-    return next(p for p in order if p in points)
+    return Phase.BACKUP_END
 
 
 def plan(phase: Phase, vmtype: GuestType | None, mode: Mode | None, record: GuestRecord | None) -> Plan:
