@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import click
 
@@ -20,6 +21,9 @@ from .hook import RUN_DIR_ENV, STATE_DIR_ENV, recover_guest, settings_with_env, 
 from .job import JobId
 from .phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
 from .state import GuestRecord, HostState, Status
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _load(path: str | None) -> Config:
@@ -38,12 +42,12 @@ def _targets(cfg: Config, vmid: int | None, all_: bool = True) -> list[GuestConf
     return [g for g in cfg.guests.values() if g.enabled] if all_ else []
 
 
-def _parallel(fn, items: Iterable):  # type: ignore[no-untyped-def]
-    items = list(items)
-    if not items:
+def _parallel(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    todo = list(items)
+    if not todo:
         return []
-    with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
-        return list(pool.map(fn, items))
+    with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
+        return list(pool.map(fn, todo))
 
 
 config_option = click.option("--config", "config_path", metavar="FILE", help=f"config file [default: ${configuration.CONFIG_ENV} or {configuration.DEFAULT_CONFIG_PATH}]")
@@ -164,7 +168,7 @@ def recover(vmid: int | None, all_: bool, force: bool, config_path: str | None) 
     state = HostState(settings, JobId.current())
     guests = _targets(cfg, vmid)
     results = _parallel(lambda g: recover_guest(g, state.job, state, time.monotonic() + settings.sweep_timeout + g.command_timeout, force), guests)
-    for g, (text, _) in zip(guests, results):
+    for g, (text, _) in zip(guests, results, strict=True):
         click.echo(text or f"{g.vmid}: no marker, nothing to do")
     if any(down for _, down in results):
         sys.exit(1)
@@ -229,7 +233,7 @@ def simulate(vmid: int, vmtype: str, mode: str, pause: float, transfer: float, d
             _run_hook(["backup-abort", mode, str(vmid)], env, t0)
         argv = [step] if step.startswith("job-") else [step, mode, str(vmid)]
         code = _run_hook(argv, env, t0)
-        if code and step in ("backup-start", "pre-stop", "backup-end") or (code and step in ("pre-restart", "post-restart") and (vt is GuestType.LXC and md is not Mode.STOP or vt is GuestType.QEMU and md is Mode.SNAPSHOT)):
+        if code and _fails_backup(step, vt, md):
             click.echo(f"{time.monotonic() - t0:6.1f}s  ERROR: {step} exited {code}: vzdump fails this guest's backup")
             failed = True
         elif code and step == "job-start":
@@ -237,6 +241,14 @@ def simulate(vmid: int, vmtype: str, mode: str, pause: float, transfer: float, d
             _run_hook(["job-abort"], env, t0)
             sys.exit(1)
     sys.exit(1 if failed else 0)
+
+
+def _fails_backup(step: str, vt: GuestType, md: Mode) -> bool:
+    """Whether vzdump fails the guest's backup when `step` exits non-zero (main path, DESIGN.md §1)."""
+    if step in ("backup-start", "pre-stop", "backup-end"):
+        return True
+    before_archive = (vt is GuestType.LXC and md is not Mode.STOP) or (vt is GuestType.QEMU and md is Mode.SNAPSHOT)
+    return step in ("pre-restart", "post-restart") and before_archive
 
 
 def _run_hook(argv: list[str], env: dict[str, str], t0: float) -> int:

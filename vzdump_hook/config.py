@@ -119,7 +119,7 @@ def _num(p: _Problems, path: str, v: Any, *, lo: float, hi: float, integer: bool
     if not lo <= v <= hi:
         p.add(path, f"must be {lo:g}-{hi:g} (got {v!r})")
         return None
-    return v
+    return float(v)
 
 
 def _str(p: _Problems, path: str, v: Any, *, absolute: bool = False, choices: tuple[str, ...] = ()) -> str | None:

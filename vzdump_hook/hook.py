@@ -20,7 +20,7 @@ from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, describe
 from .errors import ConfigError, ConnectError, HookError
 from .job import JobId
-from .marker import Marker
+from .marker import Marker, StackRecord
 from .orchestrator import Outcome, Step
 from .phases import GuestType, Mode, Phase, parse_phase
 from .state import GuestRecord, HostState, Status
@@ -167,7 +167,7 @@ class PhaseRunner:
             with self.state.guest_lock(vmid, self.left()):
                 rec.status = Status.QUIESCING
                 self.state.save(rec)
-                inherited = ()
+                inherited: tuple[StackRecord, ...] = ()
                 try:
                     existing = ctl.read_marker(self.deadline)
                     inherited = existing.stacks if existing is not None else ()
@@ -370,7 +370,7 @@ def summary(records: list[GuestRecord]) -> list[str]:
             result += ", crash-consistent"
         rows.append((str(r.vmid), stacks, down, result))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def run_phase(args: list[str], env: Mapping[str, str]) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -103,7 +102,7 @@ class SshTransport(Transport):
         except FileNotFoundError:
             client.close()
             raise ConnectError(f"{self.target}: identity file {cfg.identity_file} does not exist") from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             client.close()
             raise ConnectError(f"{self.target}: connect timed out after {timeout:.1f} s") from None
         except (OSError, paramiko.SSHException, EOFError) as e:
