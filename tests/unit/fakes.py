@@ -116,7 +116,11 @@ class FakeGuest:
     ) -> FakeProject:
         workdir = workdir or f"/srv/{name}"
         files = tuple(files) if files is not None else (f"{workdir}/compose.yaml",)
-        p = FakeProject(name, workdir, files, **knobs)
+        p = FakeProject(name, workdir, files)
+        for knob, value in knobs.items():
+            if knob not in ("stubborn", "start_fails", "stop_hangs", "compose_broken", "restart_loop"):
+                raise TypeError(f"unknown project knob {knob!r}")
+            setattr(p, knob, value)
         for i in range(containers):
             cid = container_id(name, i)
             p.containers[cid] = FakeContainer(cid, f"svc{i}", running=running)
@@ -311,7 +315,11 @@ class FakeGuest:
                     ".State.Restarting": "true" if c.restarting else "false",
                     ".State.ExitCode": str(c.exit_code),
                 }
-                line = self._render(argv[3], lambda f, a, fields=fields: fields.get(f) if a is None else None)
+
+                def value(field_: str, arg: str | None, fields: dict[str, str] = fields) -> str | None:
+                    return fields.get(field_) if arg is None else None
+
+                line = self._render(argv[3], value)
                 if line is None:
                     return 1, b"", f"template: unknown field in {argv[3]!r}\n".encode()
                 out.append(line)

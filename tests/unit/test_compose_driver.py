@@ -110,8 +110,22 @@ def test_stop_sends_compose_stop_in_the_project_dir(g: FakeGuest) -> None:
     assert out.clean and out.name == "db" and out.killed == () and out.error == ""
     argv = next(a for a in g.argvs if a[:3] == ["sh", "-c", compose_mod._IN_DIR])
     assert argv == [
-        "sh", "-c", compose_mod._IN_DIR, "sh", "/srv/db",
-        "docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "-f", "/srv/db/compose.prod.yaml", "stop", "-t", "7",
+        "sh",
+        "-c",
+        compose_mod._IN_DIR,
+        "sh",
+        "/srv/db",
+        "docker",
+        "compose",
+        "-p",
+        "db",
+        "-f",
+        "/srv/db/compose.yaml",
+        "-f",
+        "/srv/db/compose.prod.yaml",
+        "stop",
+        "-t",
+        "7",
     ]
     assert g.down_stacks() == ["db"] and g.running_stacks() == ["web"]
 

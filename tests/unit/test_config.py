@@ -139,17 +139,13 @@ def test_recorded_table_validates_back_to_the_same_guest() -> None:
 
 
 def test_guest_keys_override_defaults() -> None:
-    cfg = parse('[defaults]\nstop_timeout = 5\nparallel = true\n' + GUEST + "stop_timeout = 7\n")
+    cfg = parse("[defaults]\nstop_timeout = 5\nparallel = true\n" + GUEST + "stop_timeout = 7\n")
     g = cfg.guests[101]
     assert g.stop_timeout == 7.0 and g.parallel is True
 
 
 def test_sub_tables_merge_key_by_key() -> None:
-    cfg = parse(
-        '[defaults.ssh]\nuser = "backup"\nport = 2200\n'
-        '[guests.101]\nssh = { host = "a", port = 22 }\n'
-        '[guests.102]\nssh = { host = "b" }\n'
-    )
+    cfg = parse('[defaults.ssh]\nuser = "backup"\nport = 2200\n[guests.101]\nssh = { host = "a", port = 22 }\n[guests.102]\nssh = { host = "b" }\n')
     assert cfg.guests[101].ssh == SshConfig("a", 22, "backup")
     assert cfg.guests[102].ssh == SshConfig("b", 2200, "backup")
 
@@ -166,7 +162,7 @@ def test_guest_list_replaces_default_list() -> None:
 
 
 def test_defaults_error_reported_once_under_its_own_path() -> None:
-    got = problems('[defaults]\nstop_timeout = 0\n' + GUEST + '[guests.102]\nssh = { host = "h" }\n')
+    got = problems("[defaults]\nstop_timeout = 0\n" + GUEST + '[guests.102]\nssh = { host = "h" }\n')
     assert got == ["defaults.stop_timeout: must be 1-3600 (got 0)"]
 
 
@@ -300,9 +296,7 @@ def test_all_problems_reported_at_once() -> None:
         parse(text)
     e = ei.value
     paths = sorted(p.split(":")[0] for p in e.problems)
-    assert paths == sorted(
-        ["hook.phase_timeout", "defaults.bogus", "guests.101.ssh.port", "guests.101.stop_timeout", "guests.102.marker_path", "guests.x"]
-    )
+    assert paths == sorted(["hook.phase_timeout", "defaults.bogus", "guests.101.ssh.port", "guests.101.stop_timeout", "guests.102.marker_path", "guests.x"])
     text_ = str(e)
     assert text_.startswith("test.toml: 6 problems\n")
     for p in e.problems:
@@ -377,7 +371,11 @@ def test_load_invalid_document_names_file_and_key(tmp_path: Path) -> None:
     assert str(ei.value) == f"{p}: guests.101.ssh.port: must be 1-65535 (got 0)"
 
 
-@pytest.mark.xfail(reason="BUG: config.load lets UnicodeDecodeError escape for a file that is not UTF-8 (tomllib.load decodes before parsing)", raises=UnicodeDecodeError, strict=True)
+@pytest.mark.xfail(
+    reason="BUG: config.load lets UnicodeDecodeError escape for a file that is not UTF-8 (tomllib.load decodes before parsing)",
+    raises=UnicodeDecodeError,
+    strict=True,
+)
 def test_load_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_bytes(b"# M\xfcller's guests\n[hook]\n")

@@ -294,8 +294,16 @@ def test_resume_with_a_stopping_marker_starts_everything_listed(g: FakeGuest) ->
     """A hook killed between the marker write and the stops leaves a "stopping" marker."""
     d = ctl(g, stacks=["web", "db"])
     running = d.driver.running(10)
-    m = Marker(JOB, 101, "qemu", "snapshot", time.time(), time.time() + 600, "stopping",
-               tuple(StackRecord(s.name, s.compose, s.workdir, s.files, s.containers, True) for s in (running["web"], running["db"])))
+    m = Marker(
+        JOB,
+        101,
+        "qemu",
+        "snapshot",
+        time.time(),
+        time.time() + 600,
+        "stopping",
+        tuple(StackRecord(s.name, s.compose, s.workdir, s.files, s.containers, True) for s in (running["web"], running["db"])),
+    )
     g.files[MARKER] = m.to_json()
     g.projects["web"].containers[container_id("web", 0)].running = False
     r = ctl(g).resume(soon())

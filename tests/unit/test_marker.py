@@ -82,13 +82,13 @@ def test_times_are_rounded_to_milliseconds() -> None:
 
 def test_one_stack_per_line() -> None:
     """The guest-side recovery (POSIX sh, no JSON parser) reads stacks by lines."""
-    stacks = (rec("db", 2), rec("web"), StackRecord("odd", ("docker", "compose"), "/srv/a\\b \"q\"", ("/srv/x.yaml",), (), True))
+    stacks = (rec("db", 2), rec("web"), StackRecord("odd", ("docker", "compose"), '/srv/a\\b "q"', ("/srv/x.yaml",), (), True))
     text = make(stacks=stacks).to_json().decode()
     assert text.endswith("}\n")
     lines = text.splitlines()
     stack_lines = [ln for ln in lines if ln.lstrip().startswith('{"name"')]
     assert len(stack_lines) == 3
-    for line, s in zip(stack_lines, stacks):
+    for line, s in zip(stack_lines, stacks, strict=True):
         assert line.startswith("  {")
         obj = json.loads(line.strip().rstrip(","))
         assert obj == s.to_dict()

@@ -243,13 +243,34 @@ def test_exit_status_examples() -> None:
 
 def test_backup_order_matches_design_table() -> None:
     assert backup_order(LXC, Mode.SNAPSHOT) == (
-        "backup-start", "pre-stop", "[point in time]", "pre-restart", "post-restart", "[data transfer]", "backup-end", "log-end",
+        "backup-start",
+        "pre-stop",
+        "[point in time]",
+        "pre-restart",
+        "post-restart",
+        "[data transfer]",
+        "backup-end",
+        "log-end",
     )
     assert backup_order(LXC, Mode.STOP) == (
-        "backup-start", "pre-stop", "[point in time]", "[data transfer]", "backup-end", "pre-restart", "post-restart", "log-end",
+        "backup-start",
+        "pre-stop",
+        "[point in time]",
+        "[data transfer]",
+        "backup-end",
+        "pre-restart",
+        "post-restart",
+        "log-end",
     )
     assert backup_order(QEMU, Mode.SNAPSHOT) == (
-        "backup-start", "pre-stop", "pre-restart", "post-restart", "[point in time]", "[data transfer]", "backup-end", "log-end",
+        "backup-start",
+        "pre-stop",
+        "pre-restart",
+        "post-restart",
+        "[point in time]",
+        "[data transfer]",
+        "backup-end",
+        "log-end",
     )
     assert backup_order(QEMU, Mode.SUSPEND) == backup_order(QEMU, Mode.STOP) == backup_order(LXC, Mode.STOP)
     assert backup_order(QEMU, Mode.STOP, running=False) == ("backup-start", "[point in time]", "[data transfer]", "backup-end", "log-end")

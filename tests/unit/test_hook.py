@@ -1,0 +1,675 @@
+"""hook.py in-process: vzdump's phase order played with run_phase (one call per phase, as vzdump calls
+the hook), the guest being a FakeGuest behind a patched open_transport, config and host state in tmp_path."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from unittest.mock import MagicMock
+
+import pytest
+from pytest_mock import MockerFixture
+
+from vzdump_hook import config as configuration
+from vzdump_hook import hook as hookmod
+from vzdump_hook import marker as markers
+from vzdump_hook.hook import RUN_DIR_ENV, STATE_DIR_ENV, PhaseRunner, run_phase, settings_with_env
+from vzdump_hook.job import JobId, _boot_id, node_name, process_start
+from vzdump_hook.marker import Marker, StackRecord
+from vzdump_hook.phases import GuestType, Mode, Phase, backup_order
+from vzdump_hook.state import HostState, Status
+
+from .fakes import FakeGuest, transport_factory
+
+MARKER = "/var/lib/vzdump-hook/marker.json"
+LXC, QEMU = GuestType.LXC, GuestType.QEMU
+ALL = [(t, m) for t in GuestType for m in Mode]
+FIRST_RESUME = {  # README "What happens when"
+    (LXC, Mode.SNAPSHOT): "post-restart",
+    (LXC, Mode.SUSPEND): "post-restart",
+    (LXC, Mode.STOP): "post-restart",
+    (QEMU, Mode.SNAPSHOT): "backup-end",
+    (QEMU, Mode.SUSPEND): "backup-end",
+    (QEMU, Mode.STOP): "backup-end",
+}
+ALL_UP = ["db", "monitoring", "web"]
+APP_DOWN = ["monitoring"]  # monitoring is not configured: never touched
+
+CONFIG = """
+[hook]
+pve_dir = "{pve_dir}"
+phase_timeout = 30
+sweep_timeout = 10
+
+[defaults]
+resume_wait = 0
+command_timeout = 10
+stop_timeout = 5
+
+[guests.101]
+ssh = {{ host = "10.0.0.101" }}
+stacks = ["web", "db"]
+{extra}
+
+[guests.102]
+ssh = {{ host = "10.0.0.102" }}
+enabled = false
+"""
+
+
+class Hook:
+    """Calls the hook as vzdump does (argv + VMTYPE), one run_phase per phase, all of one job."""
+
+    def __init__(self, tmp_path: Path, mocker: MockerFixture) -> None:
+        self.tmp = tmp_path
+        self.cfg_path = tmp_path / "config.toml"
+        self.pve_dir = tmp_path / "pve"  # no nodes/ in it: not a PVE node, every guest is local and runs
+        self.env = {
+            configuration.CONFIG_ENV: str(self.cfg_path),
+            RUN_DIR_ENV: str(tmp_path / "run"),
+            STATE_DIR_ENV: str(tmp_path / "state"),
+        }
+        self.guests = {101: FakeGuest(), 102: FakeGuest()}
+        g = self.guests[101]
+        g.add_project("db", 2)
+        g.add_project("web", 1)
+        g.add_project("monitoring", 1)
+        self.open: MagicMock = mocker.patch("vzdump_hook.controller.open_transport", side_effect=transport_factory(self.guests))
+        self.watchdog: MagicMock = mocker.patch("vzdump_hook.hook._watchdog")
+        self.configure()
+
+    @property
+    def g(self) -> FakeGuest:
+        return self.guests[101]
+
+    def configure(self, extra: str = "", text: str | None = None) -> None:
+        self.cfg_path.write_text(text if text is not None else CONFIG.format(pve_dir=self.pve_dir, extra=extra))
+
+    def __call__(self, phase: str, mode: Mode | str | None = None, vmid: int = 101, vmtype: GuestType | str = LXC) -> int:
+        env = dict(self.env)
+        args = [phase]
+        if mode is not None:
+            args += [Mode(mode).value, str(vmid)]
+            env["VMTYPE"] = GuestType(vmtype).value
+        return run_phase(args, env)
+
+    def runner(self, job: JobId) -> PhaseRunner:
+        """A PhaseRunner of another job (a different vzdump worker)."""
+        cfg = configuration.load(str(self.cfg_path))
+        return PhaseRunner(cfg, settings_with_env(cfg.hook, self.env), job)
+
+    def state(self) -> HostState:
+        return HostState(settings_with_env(configuration.HookSettings(), self.env), JobId.current())
+
+
+@pytest.fixture
+def hook(tmp_path: Path, mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -> Hook:
+    caplog.set_level(logging.INFO, logger="vzdump_hook")
+    return Hook(tmp_path, mocker)
+
+
+class _CurrentStdout:
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@pytest.fixture
+def task_log(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
+    """The hook's own logging setup (stdout, `vzdump-hook: ` prefix), restored afterwards."""
+    root = logging.getLogger("vzdump_hook")
+    saved = (root.handlers[:], root.level, root.propagate)
+    hookmod.setup_logging()
+    # setup_logging binds sys.stdout as it is now (pytest swaps it between setup and call): follow it
+    (handler,) = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(_CurrentStdout())
+    yield capsys
+    root.handlers[:], root.level, root.propagate = saved
+
+
+def lines_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [m for m in caplog.messages if text in m]
+
+
+def stale_marker(g: FakeGuest, job: JobId, deadline: float | None = None, names: tuple[str, ...] = ("web", "db")) -> Marker:
+    """Stop `names` in the guest as an earlier job would have, and leave its marker."""
+    recs = []
+    for n in names:
+        p = g.projects[n]
+        recs.append(StackRecord(n, ("docker", "compose"), p.workdir, p.files, tuple(p.containers), True))
+        for c in p.containers.values():
+            c.running = False
+    now = time.time()
+    m = Marker(job, 101, "qemu", "snapshot", now - 3600, deadline if deadline is not None else now + 3600, "stopped", tuple(recs))
+    g.files[MARKER] = m.to_json()
+    return m
+
+
+def running_job() -> JobId:
+    """A job whose worker still runs (this very test process), on this node."""
+    pid = os.getpid()
+    return JobId(node_name(), _boot_id(), pid, process_start(pid) or 0)
+
+
+def dead_job() -> JobId:
+    """A job of this node from before a reboot: provably over."""
+    return JobId(node_name(), "boot-before-the-last-reboot", 4242, 1)
+
+
+# -- the success path, every type and mode --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("vmtype", "mode"), ALL)
+def test_success_path_stops_before_and_starts_after_the_point_in_time(hook: Hook, vmtype: GuestType, mode: Mode, caplog: pytest.LogCaptureFixture) -> None:
+    g = hook.g
+    assert hook("job-init") == 0
+    assert hook("job-start") == 0
+    assert g.running_stacks() == ALL_UP
+    down = False
+    seen = []
+    for step in backup_order(vmtype, mode):
+        if step == "[point in time]":
+            assert g.running_stacks() == APP_DOWN, "the backup would capture a running app"
+            assert markers.parse(g.files[MARKER]).state == "stopped"  # inside the backup: a restore knows
+            if mode is Mode.STOP:
+                g.unreachable = True  # vzdump shut the guest down
+            continue
+        if step == "[data transfer]":
+            if vmtype is QEMU and mode is Mode.STOP:
+                g.unreachable = False  # the VM boots while QEMU's backup job transfers
+            continue
+        if vmtype is LXC and mode is Mode.STOP and step == "post-restart":
+            g.unreachable = False  # vzdump started the CT between pre-restart and post-restart
+        assert hook(step, mode, 101, vmtype) == 0, step
+        seen.append(step)
+        if step == "pre-stop":
+            down = True
+        if step == FIRST_RESUME[(vmtype, mode)]:
+            down = False
+        assert g.running_stacks() == (APP_DOWN if down else ALL_UP), f"after {step}"
+    assert hook("job-end") == 0
+    assert seen[-1] == "log-end"
+    assert g.refused == 0  # never talked to a guest that was off
+    assert g.stops() == ["web", "db"] and g.starts() == ["db", "web"]
+    assert MARKER not in g.files
+    assert hook.state().records()[0].status is Status.RESUMED
+    summary = [m for m in caplog.messages if m.startswith("101 ")]
+    assert len(summary) == 1 and summary[0].split()[1:] == ["web,db", summary[0].split()[2], "ok"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_log_lines_carry_the_prefix_and_timings(hook: Hook, task_log: pytest.CaptureFixture[str]) -> None:
+    for step in ("job-start", "backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end", "log-end", "job-end"):
+        mode = None if step.startswith("job") else Mode.SNAPSHOT
+        assert hook(step, mode, 101, LXC) == 0
+    out = task_log.readouterr().out.splitlines()
+    assert out and all(line.startswith("vzdump-hook: ") for line in out), out
+    text = "\n".join(out)
+    assert "vzdump-hook: backup-start 101: fake 101 answers, will stop web, db (docker compose)" in text
+    assert any(line.startswith("vzdump-hook: pre-stop 101: stopped web, db in ") and line.endswith(" s") for line in out)
+    assert any(line.startswith("vzdump-hook: post-restart 101: started db, web in ") and ", down " in line for line in out)
+    assert "vzdump-hook: pre-restart 101: stacks stay down until post-restart" in text
+    assert "vzdump-hook: guest  stacks  down s  result" in text
+
+
+def test_every_phase_arms_the_watchdog(hook: Hook) -> None:
+    hook("job-start")
+    hook("backup-start", Mode.SNAPSHOT)
+    assert [c.args for c in hook.watchdog.call_args_list] == [(30 + hookmod.HARD_GRACE, "job-start"), (30 + hookmod.HARD_GRACE, "backup-start")]
+
+
+# -- guests the hook must leave alone -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("vmid", [999, 102])  # not in the config / enabled = false
+def test_unconfigured_guest_gets_one_line_and_no_connection(hook: Hook, vmid: int, caplog: pytest.LogCaptureFixture) -> None:
+    for step in backup_order(QEMU, Mode.SNAPSHOT):
+        if not step.startswith("["):
+            assert hook(step, Mode.SNAPSHOT, vmid, QEMU) == 0
+    about = lines_about(caplog, str(vmid))
+    assert len(about) == 1
+    assert about[0] == f"backup-start {vmid}: not in {hook.cfg_path} (or not enabled): left alone"
+    assert hook.open.call_count == 0
+
+
+@pytest.mark.parametrize("vmtype", list(GuestType))
+def test_guest_not_running_nothing_is_stopped(hook: Hook, mocker: MockerFixture, vmtype: GuestType, caplog: pytest.LogCaptureFixture) -> None:
+    mocker.patch("vzdump_hook.pve.guest_running", return_value=False)
+    hook.configure('on_quiesce_error = "abort"')
+    hook("job-start")
+    hook.open.reset_mock()
+    for step in backup_order(vmtype, Mode.STOP, running=False):
+        if not step.startswith("["):
+            assert hook(step, Mode.STOP, 101, vmtype) == 0
+    assert hook("job-end") == 0
+    assert hook.open.call_count == 0
+    assert hook.g.stops() == [] and hook.g.starts() == []
+    assert "backup-start 101: guest not running: nothing to stop" in caplog.messages
+    assert any(m.startswith("101 ") and m.endswith("guest not running") for m in caplog.messages)
+
+
+def test_guest_off_and_unreachable_in_stop_mode_is_no_failure(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    """Not a PVE node here: the hook cannot tell the guest is off, it just does not answer."""
+    hook.configure('on_quiesce_error = "abort"')
+    hook.g.unreachable = True
+    assert hook("backup-start", Mode.STOP, 101, QEMU) == 0
+    assert any("if the guest is off, its backup is consistent anyway" in m for m in caplog.messages)
+    assert hook("backup-end", Mode.STOP, 101, QEMU) == 0
+    assert hook("job-end") == 0
+
+
+# -- quiesce failures and on_quiesce_error --------------------------------------------------------
+
+
+def test_abort_with_a_stubborn_stack_fails_pre_stop_and_starts_everything_again(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    hook.configure('on_quiesce_error = "abort"')
+    hook.g.projects["db"].stubborn = True
+    assert hook("job-start") == 0
+    assert hook("backup-start", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook("pre-stop", Mode.SNAPSHOT, 101, QEMU) == 1
+    assert hook.g.running_stacks() == ALL_UP
+    assert MARKER not in hook.g.files
+    assert any("KILLED" in m and "crash-consistent" in m for m in caplog.messages)
+    # vzdump fails this guest: backup-abort, log-end; nothing is started twice
+    assert hook("backup-abort", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook("log-end", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook("job-end") == 0
+    assert hook.g.starts() == ["db", "web"]
+
+
+def test_continue_with_a_stubborn_stack_warns_crash_consistent(hook: Hook, task_log: pytest.CaptureFixture[str]) -> None:
+    hook.g.projects["db"].stubborn = True
+    assert hook("backup-start", Mode.SNAPSHOT, 101, LXC) == 0
+    assert hook("pre-stop", Mode.SNAPSHOT, 101, LXC) == 0
+    out = task_log.readouterr().out.splitlines()
+    warnings = [line for line in out if line.startswith("vzdump-hook: WARNING: ")]
+    assert any("crash-consistent" in line and "pre-stop 101" in line for line in warnings), out
+    assert hook.g.running_stacks() == APP_DOWN  # the backup goes on with the stacks down
+    assert hook("post-restart", Mode.SNAPSHOT, 101, LXC) == 0
+    assert hook.g.running_stacks() == ALL_UP
+    assert hook("job-end") == 0
+    assert "ok, crash-consistent" in task_log.readouterr().out
+
+
+@pytest.mark.parametrize(("policy", "code"), [("continue", 0), ("abort", 1)])
+def test_unreachable_at_pre_stop(hook: Hook, policy: str, code: int, caplog: pytest.LogCaptureFixture) -> None:
+    hook.configure(f'on_quiesce_error = "{policy}"')
+    assert hook("backup-start", Mode.SNAPSHOT, 101, QEMU) == 0
+    hook.g.unreachable = True
+    assert hook("pre-stop", Mode.SNAPSHOT, 101, QEMU) == code
+    hook.g.unreachable = False
+    assert hook.g.running_stacks() == ALL_UP and hook.g.stops() == []
+    assert any(r.levelno == logging.WARNING and "pre-stop 101" in r.getMessage() for r in caplog.records)
+    assert hook("backup-end", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook("job-end") == 0
+    assert hook.g.starts() == []
+
+
+@pytest.mark.parametrize(("policy", "code"), [("continue", 0), ("abort", 1)])
+def test_failed_preflight_then_pre_stop_does_nothing(hook: Hook, policy: str, code: int, caplog: pytest.LogCaptureFixture) -> None:
+    hook.configure(f'on_quiesce_error = "{policy}"')
+    hook.g.hang = True
+    assert hook("backup-start", Mode.SNAPSHOT, 101, LXC) == code
+    hook.g.hang = False
+    hook.open.reset_mock()
+    assert hook("pre-stop", Mode.SNAPSHOT, 101, LXC) == 0
+    assert hook.open.call_count == 0 and hook.g.stops() == []
+    assert "pre-stop 101: preflight failed: nothing is stopped, the backup is crash-consistent" in caplog.messages
+    assert hook("job-end") == 0
+    assert any(m.startswith("101 ") and "not quiesced (guest not ready)" in m for m in caplog.messages)
+
+
+def test_docker_missing_at_backup_start(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    hook.g.compose = "none"
+    assert hook("backup-start", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert any("guest not ready" in m and "docker-compose" in m for m in caplog.messages)
+
+
+# -- exactly once ---------------------------------------------------------------------------------
+
+
+def test_resume_happens_exactly_once(hook: Hook) -> None:
+    for step in ("backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end", "backup-end", "log-end", "backup-abort", "log-end"):
+        assert hook(step, Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook("job-end") == 0
+    assert hook("job-abort") == 0
+    assert hook.g.starts() == ["db", "web"]
+    assert hook.g.stops() == ["web", "db"]
+
+
+def test_concurrent_resumes_start_once(hook: Hook) -> None:
+    """Two processes decide to resume at the same time (a watcher and backup-end): the per-guest
+    lock and the record re-read under it let only one of them start the stacks."""
+    for step in ("backup-start", "pre-stop"):
+        hook(step, Mode.SNAPSHOT, 101, QEMU)
+
+    def slow_start(verb: str, detail: str) -> None:
+        if verb == "compose-start":
+            time.sleep(0.2)
+
+    hook.g.on_call = slow_start
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        codes = list(pool.map(lambda _: hook("backup-end", Mode.SNAPSHOT, 101, QEMU), range(2)))
+    assert codes == [0, 0]
+    assert hook.g.starts() == ["db", "web"]
+    assert hook.g.running_stacks() == ALL_UP
+
+
+def test_pre_stop_twice_stops_once(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    hook("backup-start", Mode.SNAPSHOT, 101, QEMU)
+    hook("pre-stop", Mode.SNAPSHOT, 101, QEMU)
+    assert hook("pre-stop", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.stops() == ["web", "db"]
+    assert "pre-stop 101: already quiesced by this job" in caplog.messages
+
+
+def test_phases_without_backup_start(hook: Hook) -> None:
+    """A hook that missed backup-start (config broken then) still quiesces and resumes."""
+    assert hook("pre-stop", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.running_stacks() == APP_DOWN
+    assert hook("backup-end", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.running_stacks() == ALL_UP
+
+
+# -- resume failures ------------------------------------------------------------------------------
+
+
+def test_resume_failure_is_retried_and_fails_job_end(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    assert hook("job-start") == 0
+    for step in ("backup-start", "pre-stop", "pre-restart", "post-restart"):
+        assert hook(step, Mode.SNAPSHOT, 101, QEMU) == 0
+    hook.g.projects["db"].start_fails = True
+    assert hook("backup-end", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert any("backup-end 101: STILL DOWN: db" in m for m in caplog.messages)
+    assert hook("log-end", Mode.SNAPSHOT, 101, QEMU) == 0
+    caplog.clear()
+    assert hook("job-end") == 1
+    row = [m for m in caplog.messages if m.startswith("101 ")]
+    assert len(row) == 1 and "STILL DOWN" in row[0]
+    assert any("stacks still DOWN in guest(s) 101" in m and "vzdump-hook recover" in m for m in caplog.messages)
+    assert hook.g.starts().count("db") == 3  # backup-end, log-end, job-end
+    assert hook.g.running_stacks() == ["monitoring", "web"]
+    assert [s.name for s in markers.parse(hook.g.files[MARKER]).stacks] == ["db"]  # the guest still knows
+    assert hook("job-abort") == 1
+
+
+def test_resume_failure_recovers_at_a_later_phase(hook: Hook) -> None:
+    for step in ("backup-start", "pre-stop"):
+        hook(step, Mode.SNAPSHOT, 101, QEMU)
+    hook.g.unreachable = True
+    assert hook("backup-end", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.state().records()[0].status is Status.RESUME_FAILED
+    hook.g.unreachable = False
+    assert hook("log-end", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.running_stacks() == ALL_UP
+    assert hook("job-end") == 0
+
+
+def test_job_end_makes_a_last_attempt(hook: Hook) -> None:
+    for step in ("backup-start", "pre-stop"):
+        hook(step, Mode.SNAPSHOT, 101, QEMU)
+    hook.g.unreachable = True
+    hook("backup-end", Mode.SNAPSHOT, 101, QEMU)
+    hook("log-end", Mode.SNAPSHOT, 101, QEMU)
+    hook.g.unreachable = False
+    assert hook("job-end") == 0
+    assert hook.g.running_stacks() == ALL_UP
+
+
+def test_error_path_backup_abort_resumes(hook: Hook) -> None:
+    """QEMU snapshot: an error after pre-stop skips the rest of the main path."""
+    for step in ("backup-start", "pre-stop"):
+        hook(step, Mode.SNAPSHOT, 101, QEMU)
+    assert hook("backup-abort", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.running_stacks() == ALL_UP
+    assert hook("log-end", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.starts() == ["db", "web"]
+
+
+def test_error_path_log_end_resumes(hook: Hook) -> None:
+    for step in ("backup-start", "pre-stop"):
+        hook(step, Mode.SUSPEND, 101, LXC)
+    assert hook("log-end", Mode.SUSPEND, 101, LXC) == 0
+    assert hook.g.running_stacks() == ALL_UP
+
+
+# -- stale markers --------------------------------------------------------------------------------
+
+
+def test_sweep_resumes_the_marker_of_a_job_that_is_over(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    m = stale_marker(hook.g, dead_job())
+    assert hook.g.running_stacks() == APP_DOWN
+    assert hook("job-start") == 0
+    assert hook.g.running_stacks() == ALL_UP and MARKER not in hook.g.files
+    assert f"job-start 101: marker of job {m.job} (its job is over): started db, web" in caplog.messages
+    assert any(msg.startswith("job-start: 1 guest(s) checked for leftover markers in ") for msg in caplog.messages)
+
+
+def test_sweep_leaves_the_marker_of_a_job_that_still_runs(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    m = stale_marker(hook.g, running_job())
+    assert hook("job-start") == 0
+    assert hook.g.running_stacks() == APP_DOWN and hook.g.files[MARKER] == m.to_json()
+    assert hook.g.starts() == []
+    assert any("left alone (that job may still run, deadline not passed)" in msg for msg in caplog.messages)
+
+
+def test_sweep_leaves_another_nodes_marker_until_its_deadline(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    other = JobId("some-other-node", "b", 1, 1)
+    stale_marker(hook.g, other)
+    assert hook("job-start") == 0
+    assert hook.g.running_stacks() == APP_DOWN
+    stale_marker(hook.g, other, deadline=time.time() - 1)
+    assert hook("job-start") == 0
+    assert hook.g.running_stacks() == ALL_UP
+    assert any("(its deadline passed): started db, web" in msg for msg in caplog.messages)
+
+
+def test_sweep_only_touches_guests_on_this_node(hook: Hook) -> None:
+    (hook.pve_dir / "nodes" / "other-node" / "qemu-server").mkdir(parents=True)
+    (hook.pve_dir / "nodes" / "other-node" / "qemu-server" / "101.conf").write_text("")
+    stale_marker(hook.g, dead_job())
+    assert hook("job-start") == 0
+    assert hook.open.call_count == 0
+    assert hook.g.running_stacks() == APP_DOWN
+    # once the guest lives here, it is swept
+    (hook.pve_dir / "nodes" / node_name() / "qemu-server").mkdir(parents=True)
+    (hook.pve_dir / "nodes" / node_name() / "qemu-server" / "101.conf").write_text("")
+    assert hook("job-start") == 0
+    assert hook.g.running_stacks() == ALL_UP
+
+
+def test_sweep_survives_an_unreachable_guest(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    hook.g.unreachable = True
+    assert hook("job-start") == 0
+    assert any(m.startswith("job-start 101: not reachable") for m in caplog.messages)
+
+
+@pytest.mark.parametrize("job", [dead_job(), running_job()], ids=["job-over", "job-still-running"])
+def test_backup_start_resumes_another_jobs_marker(hook: Hook, job: JobId, caplog: pytest.LogCaptureFixture) -> None:
+    """vzdump holds the guest's backup lock at backup-start: any other job's marker is stale,
+    even one whose worker still runs."""
+    m = stale_marker(hook.g, job)
+    assert hook("backup-start", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.running_stacks() == ALL_UP and MARKER not in hook.g.files
+    assert any(r.levelno == logging.WARNING and f"backup-start 101: marker left by job {m.job}" in r.getMessage() for r in caplog.records)
+    # and the backup goes on normally
+    assert hook("pre-stop", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.running_stacks() == APP_DOWN
+
+
+def test_stale_marker_that_cannot_be_resumed_fails_preflight(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    hook.configure('on_quiesce_error = "abort"')
+    stale_marker(hook.g, dead_job())
+    hook.g.projects["db"].start_fails = True
+    assert hook("backup-start", Mode.SNAPSHOT, 101, QEMU) == 1
+    assert hook("pre-stop", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.stops() == []
+    assert [s.name for s in markers.parse(hook.g.files[MARKER]).stacks] == ["db"]
+
+
+def test_crashed_job_is_recovered_by_the_next_job(hook: Hook) -> None:
+    """Job A stops the stacks and dies (node reboot); job B's sweep starts them again."""
+    job_a = dead_job()
+    a = hook.runner(job_a)
+    assert a.run(Phase.BACKUP_START, QEMU, Mode.SNAPSHOT, 101) == 0
+    assert a.run(Phase.PRE_STOP, QEMU, Mode.SNAPSHOT, 101) == 0
+    assert hook.g.running_stacks() == APP_DOWN
+    assert markers.parse(hook.g.files[MARKER]).job == job_a
+    assert hook("job-start") == 0
+    assert hook.g.running_stacks() == ALL_UP and MARKER not in hook.g.files
+
+
+def test_marker_of_this_job_is_not_stale_at_backup_start(hook: Hook) -> None:
+    r = hook.runner(running_job())
+    r.run(Phase.BACKUP_START, QEMU, Mode.SNAPSHOT, 101)
+    r.run(Phase.PRE_STOP, QEMU, Mode.SNAPSHOT, 101)
+    assert r.run(Phase.BACKUP_START, QEMU, Mode.SNAPSHOT, 101) == 0
+    assert hook.g.running_stacks() == APP_DOWN  # not resumed before the point in time
+    assert r.run(Phase.BACKUP_END, QEMU, Mode.SNAPSHOT, 101) == 0
+
+
+# -- config problems ------------------------------------------------------------------------------
+
+
+def test_unknown_phase_is_ignored(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    assert run_phase(["backup-teleport", "snapshot", "101"], hook.env) == 0
+    assert run_phase(["job-frobnicate"], hook.env) == 0
+    assert "ignoring unknown phase 'backup-teleport' (a newer vzdump?)" in caplog.messages
+    assert hook.open.call_count == 0
+
+
+def test_guest_phase_without_mode_and_vmid(hook: Hook) -> None:
+    assert run_phase(["pre-stop"], hook.env) == 2
+    assert run_phase(["pre-stop", "fast", "101"], hook.env) == 2
+    assert run_phase(["pre-stop", "snapshot", "abc"], hook.env) == 2
+
+
+def test_unknown_vmtype_assumes_qemu(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    env = dict(hook.env)  # no VMTYPE
+    assert run_phase(["backup-start", "snapshot", "101"], env) == 0
+    assert run_phase(["pre-stop", "snapshot", "101"], env) == 0
+    assert run_phase(["post-restart", "snapshot", "101"], env) == 0
+    assert hook.g.running_stacks() == APP_DOWN  # qemu: not before backup-end
+    assert run_phase(["backup-end", "snapshot", "101"], env) == 0
+    assert hook.g.running_stacks() == ALL_UP
+
+
+def test_config_broken_at_job_start_fails_the_job(hook: Hook, task_log: pytest.CaptureFixture[str]) -> None:
+    hook.configure(text='[guests.101]\nssh = { host = "h", port = 0 }\n[guests.102]\nstop_timeout = "x"\n')
+    assert hook("job-start") == 2
+    out = task_log.readouterr().out
+    assert f"vzdump-hook: ERROR: config: {hook.cfg_path}: 3 problems" in out
+    assert "guests.101.ssh.port: must be 1-65535 (got 0)" in out
+    assert "guests.102.stop_timeout: must be a number" in out
+    assert "guests.102.ssh: missing" in out
+
+
+def test_config_missing_at_job_start_fails_the_job(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    hook.cfg_path.unlink()
+    assert hook("job-start") == 2
+    assert any("no such file" in m for m in caplog.messages)
+
+
+def test_config_broken_at_backup_start_backs_up_without_quiescing(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    hook.configure(text="[guests.101\n")
+    for step in ("backup-start", "pre-stop", "backup-end", "log-end"):
+        assert hook(step, Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook("job-end") == 0
+    assert hook.open.call_count == 0
+    assert any(r.levelno == logging.WARNING and "guests are backed up without quiescing" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("breakage", ["invalid", "deleted", "guest-removed"])
+def test_config_broken_after_pre_stop_still_resumes(hook: Hook, breakage: str) -> None:
+    assert hook("job-start") == 0
+    for step in ("backup-start", "pre-stop"):
+        assert hook(step, Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.running_stacks() == APP_DOWN
+    if breakage == "invalid":
+        hook.configure(text="[guests.101]\nssh = 5\n")
+    elif breakage == "deleted":
+        hook.cfg_path.unlink()
+    else:
+        hook.configure(text="")
+    for step in ("pre-restart", "post-restart"):
+        assert hook(step, Mode.SNAPSHOT, 101, QEMU) == 0
+        assert hook.g.running_stacks() == APP_DOWN
+    assert hook("backup-end", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook.g.running_stacks() == ALL_UP
+    assert hook("log-end", Mode.SNAPSHOT, 101, QEMU) == 0
+    assert hook("job-end") == 0
+    assert hook.g.starts() == ["db", "web"]
+
+
+def test_resume_uses_the_settings_recorded_at_quiesce(hook: Hook) -> None:
+    hook.configure('marker_path = "/var/lib/other/m.json"')
+    for step in ("backup-start", "pre-stop"):
+        hook(step, Mode.SNAPSHOT, 101, QEMU)
+    assert "/var/lib/other/m.json" in hook.g.files
+    hook.configure('marker_path = "/somewhere/else.json"\nstacks = ["monitoring"]')
+    hook("backup-end", Mode.SNAPSHOT, 101, QEMU)
+    assert hook.g.running_stacks() == ALL_UP
+    assert hook.g.files == {}
+
+
+# -- history --------------------------------------------------------------------------------------
+
+
+def test_history_records_the_downtime(hook: Hook) -> None:
+    for step in ("backup-start", "pre-stop", "backup-end"):
+        hook(step, Mode.SNAPSHOT, 101, QEMU)
+    rows = hook.state().history(101)
+    assert len(rows) == 1
+    row: dict[str, Any] = rows[0]
+    assert row["stacks"] == "web,db" and row["status"] == "resumed" and row["downtime"] >= 0
+    assert row["vmtype"] == "qemu" and row["mode"] == "snapshot"
+
+
+# -- bugs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    reason="BUG: PhaseRunner.preflight overwrites this job's guest record unconditionally: a second backup-start "
+    "after pre-stop drops the pending status, so backup-abort/log-end/job-end never start the stacks again",
+    raises=AssertionError,
+    strict=True,
+)
+def test_backup_start_again_after_pre_stop_keeps_the_pending_resume(hook: Hook) -> None:
+    assert hook("job-start") == 0
+    for step in ("backup-start", "pre-stop", "backup-start", "backup-abort", "log-end"):
+        hook(step, Mode.SNAPSHOT, 101, QEMU)
+    code = hook("job-end")
+    assert hook.g.running_stacks() == ALL_UP or code == 1
+
+
+@pytest.mark.xfail(
+    reason="BUG: PhaseRunner.quiesce silently swallows an unreadable marker (`except HookError: pass`, the comment "
+    "says 'say so') and overwrites it: what it listed is dropped without a word in the task log",
+    raises=AssertionError,
+    strict=True,
+)
+def test_unreadable_marker_at_pre_stop_is_reported(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    hook.g.files[MARKER] = b"{broken"
+    assert hook("pre-stop", Mode.SNAPSHOT, 101, QEMU) == 0  # no backup-start: nobody looked at it before
+    assert any(r.levelno >= logging.WARNING and "marker" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.xfail(
+    reason="BUG (impact of marker.parse's RecursionError): a hostile marker in the guest crashes backup-start with a "
+    "traceback instead of a logged preflight failure; the non-HookError escapes run_phase, cli exits 1 and vzdump "
+    "fails the guest's backup even with on_quiesce_error = continue",
+    raises=RecursionError,
+    strict=True,
+)
+def test_hostile_marker_does_not_crash_backup_start(hook: Hook) -> None:
+    hook.g.files[MARKER] = b"[" * 30000 + b"]" * 30000
+    assert hook("backup-start", Mode.SNAPSHOT, 101, QEMU) == 0
