@@ -373,4 +373,6 @@ def load(path: str | None = None) -> Config:
         raise ConfigError([f"cannot read: {e.strerror}"], path) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"not valid TOML: {e}"], path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 text (byte {e.start}): not valid TOML"], path) from None
     return parse(data, path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from . import marker as markers
@@ -141,7 +141,7 @@ class GuestController:
             log.info("quiesce %s: %s is not running, left alone", self.name, name)
         names = {s.name for s in chosen}
         keep = tuple(s for s in inherited if s.name not in names)
-        to_stop = tuple(StackRecord(s.name, s.compose, s.workdir, s.files, s.containers, True) for s in chosen)
+        to_stop = tuple(replace(s, stopped=True) for s in chosen)
         now = time.time()
         m = Marker(self.job, self.guest.vmid, vmtype, mode, now, now + self.guest.max_downtime, "stopping", keep + to_stop)
         if not m.stacks:
@@ -186,7 +186,9 @@ class GuestController:
             problems.append(f"{e}; left in place, starting what the node recorded instead")
         stacks = m.stacks if m is not None else fallback
         if not stacks:
-            return Resume((), (), tuple(problems), False)
+            if m is not None:  # nothing listed: nothing to start, the marker has served
+                self.t.remove_file(self.guest.marker_path, timeout=_left(deadline, self.guest.command_timeout))
+            return Resume((), (), tuple(problems), m is not None)
         results = self._start_all(tuple(reversed(stacks)), deadline)
         started = tuple(name for name, err in results if not err)
         failed = tuple(name for name, err in results if err)

@@ -109,6 +109,10 @@ class PhaseRunner:
 
     def preflight(self, guest: GuestConfig, vmtype: GuestType, mode: Mode) -> int:
         vmid = guest.vmid
+        old = self.state.load(vmid)
+        if old is not None and old.status.pending:
+            log.warning("backup-start %d: called again while stacks of this job are down: keeping them for the resume", vmid)
+            return 0
         rec = GuestRecord(vmid, vmtype.value, mode.value, dict(guest.table))
         if mode is Mode.STOP and pve.guest_running(vmtype.value, vmid, self.settings.pve_dir) is False:
             rec.status = Status.SKIPPED
@@ -171,8 +175,8 @@ class PhaseRunner:
                 try:
                     existing = ctl.read_marker(self.deadline)
                     inherited = existing.stacks if existing is not None else ()
-                except HookError:
-                    pass  # an unreadable marker is replaced; what it listed is resumed by nobody -> say so
+                except HookError as e:
+                    log.warning("pre-stop %d: existing marker unusable, replaced (what it listed is not started by the hook): %s", vmid, describe(e))
                 try:
                     q = ctl.quiesce(vmtype.value, mode.value, self.deadline, inherited)
                 except NothingStopped as e:

@@ -24,6 +24,7 @@ SCHEMA = 1
 MAX_SIZE = 64 * 1024
 ALLOWED_COMPOSE = (("docker", "compose"), ("docker-compose",))
 _CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
+_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class StackRecord:
     files: tuple[str, ...]
     containers: tuple[str, ...]  # ids of the containers that were running
     stopped: bool = False  # True once the hook issued the stop (the stack may be down)
+    services: tuple[str, ...] = ()  # compose services that were running: only these are started again
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class StackRecord:
             "files": list(self.files),
             "containers": list(self.containers),
             "stopped": self.stopped,
+            "services": list(self.services),
         }
 
 
@@ -115,7 +118,10 @@ def _stack(d: Any, i: int) -> StackRecord:
     if not all(isinstance(c, str) and _CONTAINER_ID.fullmatch(c) for c in containers):
         raise MarkerError(f"marker: {where}containers must be container ids")
     stopped = _req(d, "stopped", bool, where)
-    return StackRecord(name, compose, workdir, files, containers, stopped)
+    services = tuple(d.get("services", ()))
+    if not all(isinstance(s, str) and _SERVICE.fullmatch(s) for s in services):
+        raise MarkerError(f"marker: {where}services must be compose service names")
+    return StackRecord(name, compose, workdir, files, containers, stopped, services)
 
 
 def parse(data: bytes) -> Marker:
@@ -124,17 +130,20 @@ def parse(data: bytes) -> Marker:
         raise MarkerError(f"marker: larger than {MAX_SIZE} bytes")
     try:
         d = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MarkerError(f"marker: not JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise MarkerError(f"marker: not JSON ({type(e).__name__})") from None
     if not isinstance(d, dict):
         raise MarkerError("marker: not a JSON object")
     if d.get("schema") != SCHEMA:
         raise MarkerError(f"marker: schema {d.get('schema')!r}, this version reads {SCHEMA}")
     j = _req(d, "job", dict, "")
     try:
-        job = JobId(str(j["node"]), str(j["boot"]), int(j["pid"]), int(j["start"]))
-    except (KeyError, TypeError, ValueError):
+        node, boot, pid, start = j["node"], j["boot"], j["pid"], j["start"]
+    except KeyError:
         raise MarkerError("marker: job must have node, boot, pid, start") from None
+    if not (isinstance(node, str) and isinstance(boot, str) and type(pid) is int and type(start) is int):
+        raise MarkerError("marker: job node/boot must be strings, pid/start integers")
+    job = JobId(node, boot, pid, start)
     stacks = _req(d, "stacks", list, "")
     if len(stacks) > 256:
         raise MarkerError("marker: too many stacks")

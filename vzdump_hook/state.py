@@ -72,7 +72,7 @@ class GuestRecord:
         d = json.loads(text)
         d["status"] = Status(d["status"])
         d["stacks"] = [
-            StackRecord(s["name"], tuple(s["compose"]), s["workdir"], tuple(s["files"]), tuple(s["containers"]), s["stopped"])
+            StackRecord(s["name"], tuple(s["compose"]), s["workdir"], tuple(s["files"]), tuple(s["containers"]), s["stopped"], tuple(s.get("services", ())))
             for s in d["stacks"]
         ]
         return cls(**d)

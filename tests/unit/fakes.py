@@ -226,7 +226,7 @@ class FakeGuest:
         name, rest = rest[1], rest[2:]
         while len(rest) >= 2 and rest[0] == "-f":
             rest = rest[2:]
-        if rest == ["start"]:
+        if rest[:1] == ["start"]:
             return "compose-start", name
         if len(rest) == 3 and rest[:2] == ["stop", "-t"] and rest[2].isdigit():
             return "compose-stop", name
@@ -362,14 +362,16 @@ class FakeGuest:
                 with self._lock:
                     self._active_stops -= 1
             return 0, b"", b"".join(f" Container {name}-{c.service}-1  Stopped\n".encode() for c in p.containers.values())
-        # compose start: like docker compose, starts every existing container of the project
+        # compose start [SERVICE...]: like docker compose, starts the existing containers of the
+        # services named, or of every service when none is named
         if p is None or not p.containers:
             return 1, b"", b"no containers to start\n"
         if p.start_fails:
             return 1, b"", b"Error response from daemon: driver failed programming external connectivity: port is already allocated\n"
+        services = set(argv[argv.index("start") + 1 :])
         with self._lock:
             for c in p.containers.values():
-                if not c.running:
+                if not c.running and (not services or c.service in services):
                     self._start_container(p, c)
         return 0, b"", b""
 

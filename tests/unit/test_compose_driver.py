@@ -32,7 +32,12 @@ def test_running_lists_projects_with_their_containers(g: FakeGuest) -> None:
     assert sorted(found) == ["db", "web"]
     db = found["db"]
     assert db == StackRecord(
-        "db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml", "/srv/db/compose.prod.yaml"), (container_id("db", 0), container_id("db", 1))
+        "db",
+        ("docker", "compose"),
+        "/srv/db",
+        ("/srv/db/compose.yaml", "/srv/db/compose.prod.yaml"),
+        (container_id("db", 0), container_id("db", 1)),
+        services=("svc0", "svc1"),
     )
     assert db.stopped is False
     assert found["web"].workdir == "/opt/web app"
@@ -50,13 +55,14 @@ def test_running_leaves_out_stopped_projects_and_containers(g: FakeGuest) -> Non
 def test_running_ignores_malformed_lines(g: FakeGuest) -> None:
     good = container_id("x", 0)
     g.extra_ps_lines = [
-        f"{good}\tBad-Name\t/srv/x\t/srv/x/c.yaml",  # not a compose project name
-        f"{good}\tx\trelative/dir\t/srv/x/c.yaml",  # workdir not absolute
-        f"{good[:12]}\tx\t/srv/x\t/srv/x/c.yaml",  # short id (we ask for --no-trunc)
-        f"{good}\tx\t/srv/x",  # 3 fields
+        f"{good}\tBad-Name\t/srv/x\t/srv/x/c.yaml\tapp",  # not a compose project name
+        f"{good}\tx\trelative/dir\t/srv/x/c.yaml\tapp",  # workdir not absolute
+        f"{good[:12]}\tx\t/srv/x\t/srv/x/c.yaml\tapp",  # short id (we ask for --no-trunc)
+        f"{good}\tx\t/srv/x\t/srv/x/c.yaml\t-bad service",  # not a service name
+        f"{good}\tx\t/srv/x\t/srv/x/c.yaml",  # 4 fields
         "garbage",
         "",
-        f"{good}\tok\t/srv/ok\t",  # no files label: compose looks in workdir
+        f"{good}\tok\t/srv/ok\t\tapp",  # no files label: compose looks in workdir
     ]
     found = driver(g).running(10)
     assert sorted(found) == ["db", "ok", "web"]
@@ -228,7 +234,7 @@ def test_start_brings_the_recorded_containers_back(g: FakeGuest) -> None:
     assert d.start(rec, 20) >= 0
     assert g.running_stacks() == ["db", "web"]
     argv = [a for a in g.argvs if a[:3] == ["sh", "-c", compose_mod._IN_DIR]][-1]
-    assert argv[4:] == ["/srv/db", "docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "-f", "/srv/db/compose.prod.yaml", "start"]
+    assert argv[4:] == ["/srv/db", "docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "-f", "/srv/db/compose.prod.yaml", "start", "svc0", "svc1"]
     assert d.is_up(rec, 10)
 
 
@@ -289,12 +295,6 @@ def test_is_up_false_without_containers(g: FakeGuest) -> None:
     assert d.is_up(d.running(10)["web"], 10)
 
 
-@pytest.mark.xfail(
-    reason="BUG: ComposeDriver.start uses `compose start`, which starts EVERY stopped container of the project, "
-    "also those that were not running before the backup (one-shot/init services, services stopped by hand)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_start_does_not_start_containers_that_were_down_before(g: FakeGuest) -> None:
     init = container_id("db", 1)
     g.projects["db"].containers[init].running = False  # e.g. a one-shot migration service that exited 0

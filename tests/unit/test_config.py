@@ -371,11 +371,6 @@ def test_load_invalid_document_names_file_and_key(tmp_path: Path) -> None:
     assert str(ei.value) == f"{p}: guests.101.ssh.port: must be 1-65535 (got 0)"
 
 
-@pytest.mark.xfail(
-    reason="BUG: config.load lets UnicodeDecodeError escape for a file that is not UTF-8 (tomllib.load decodes before parsing)",
-    raises=UnicodeDecodeError,
-    strict=True,
-)
 def test_load_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_bytes(b"# M\xfcller's guests\n[hook]\n")

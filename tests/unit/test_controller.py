@@ -387,12 +387,6 @@ def test_resume_on_an_unreachable_guest_raises(g: FakeGuest) -> None:
     assert MARKER in g.files  # nothing lost
 
 
-@pytest.mark.xfail(
-    reason="BUG: GuestController.resume returns early for a marker that lists no stacks and never removes it: "
-    "it is then found as a stale marker at every later backup-start",
-    raises=AssertionError,
-    strict=True,
-)
 def test_empty_marker_is_removed(g: FakeGuest) -> None:
     g.files[MARKER] = Marker(OLD_JOB, 101, "qemu", "snapshot", 1.0, 2.0, "stopped", ()).to_json()
     r = ctl(g).resume(soon())

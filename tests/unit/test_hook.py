@@ -637,12 +637,6 @@ def test_history_records_the_downtime(hook: Hook) -> None:
 # -- bugs -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: PhaseRunner.preflight overwrites this job's guest record unconditionally: a second backup-start "
-    "after pre-stop drops the pending status, so backup-abort/log-end/job-end never start the stacks again",
-    raises=AssertionError,
-    strict=True,
-)
 def test_backup_start_again_after_pre_stop_keeps_the_pending_resume(hook: Hook) -> None:
     assert hook("job-start") == 0
     for step in ("backup-start", "pre-stop", "backup-start", "backup-abort", "log-end"):
@@ -651,25 +645,12 @@ def test_backup_start_again_after_pre_stop_keeps_the_pending_resume(hook: Hook) 
     assert hook.g.running_stacks() == ALL_UP or code == 1
 
 
-@pytest.mark.xfail(
-    reason="BUG: PhaseRunner.quiesce silently swallows an unreadable marker (`except HookError: pass`, the comment "
-    "says 'say so') and overwrites it: what it listed is dropped without a word in the task log",
-    raises=AssertionError,
-    strict=True,
-)
 def test_unreadable_marker_at_pre_stop_is_reported(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
     hook.g.files[MARKER] = b"{broken"
     assert hook("pre-stop", Mode.SNAPSHOT, 101, QEMU) == 0  # no backup-start: nobody looked at it before
     assert any(r.levelno >= logging.WARNING and "marker" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(
-    reason="BUG (impact of marker.parse's RecursionError): a hostile marker in the guest crashes backup-start with a "
-    "traceback instead of a logged preflight failure; the non-HookError escapes run_phase, cli exits 1 and vzdump "
-    "fails the guest's backup even with on_quiesce_error = continue",
-    raises=RecursionError,
-    strict=True,
-)
 def test_hostile_marker_does_not_crash_backup_start(hook: Hook) -> None:
     hook.g.files[MARKER] = b"[" * 30000 + b"]" * 30000
     assert hook("backup-start", Mode.SNAPSHOT, 101, QEMU) == 0

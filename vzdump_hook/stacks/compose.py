@@ -19,7 +19,11 @@ from ..transports.base import Transport, sh
 
 KILLED = 137  # 128 + SIGKILL: compose's stop timeout ran out and docker killed the container
 _ID = re.compile(r"[0-9a-f]{64}")
-_LIST_FORMAT = '{{.ID}}\t{{.Label "com.docker.compose.project"}}\t{{.Label "com.docker.compose.project.working_dir"}}\t{{.Label "com.docker.compose.project.config_files"}}'
+_LIST_FORMAT = (
+    '{{.ID}}\t{{.Label "com.docker.compose.project"}}\t{{.Label "com.docker.compose.project.working_dir"}}'
+    '\t{{.Label "com.docker.compose.project.config_files"}}\t{{.Label "com.docker.compose.service"}}'
+)
+_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DETECT = r"""
 if docker compose version >/dev/null 2>&1; then echo "docker compose"
 elif command -v docker-compose >/dev/null 2>&1; then echo "docker-compose"
@@ -65,14 +69,15 @@ class ComposeDriver:
         found: dict[str, StackRecord] = {}
         for line in res.stdout.splitlines():
             parts = line.split("\t")
-            if len(parts) != 4:
+            if len(parts) != 5:
                 continue
-            cid, name, workdir, files = parts
-            if not _ID.fullmatch(cid) or not valid_stack_name(name) or not workdir.startswith("/"):
+            cid, name, workdir, files, service = parts
+            if not _ID.fullmatch(cid) or not valid_stack_name(name) or not workdir.startswith("/") or not _SERVICE.fullmatch(service):
                 continue
             prev = found.get(name)
             containers = (prev.containers if prev else ()) + (cid,)
-            found[name] = StackRecord(name, compose, workdir, tuple(f for f in files.split(",") if f), containers)
+            services = (prev.services if prev else ()) + ((service,) if not prev or service not in prev.services else ())
+            found[name] = StackRecord(name, compose, workdir, tuple(f for f in files.split(",") if f), containers, services=services)
         return found
 
     def _compose(self, rec: StackRecord, *args: str) -> list[str]:
@@ -124,7 +129,8 @@ class ComposeDriver:
         Raises ControllerError / TransportError when it is not up."""
         start = time.monotonic()
         deadline = start + timeout
-        res = self.t.run(self._compose(rec, "start"), timeout=timeout)
+        # only the services that were running: a one-shot or hand-stopped service stays down
+        res = self.t.run(self._compose(rec, "start", *rec.services), timeout=timeout)
         down = [c for c, (running, _) in self._states(rec, deadline - time.monotonic()).items() if not running]
         if down:  # compose could not (file gone or edited): start the very containers we stopped
             self.t.run(["docker", "start", *down], timeout=deadline - time.monotonic())
