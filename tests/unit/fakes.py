@@ -8,7 +8,7 @@ by 64-hex id with running / restarting / exit code), files (the marker) and beha
     ["sh", "-c", SCRIPT, "sh", *args]                      SCRIPT is one of transports.base._WRITE_SCRIPT,
                                                            _READ_SCRIPT, _REMOVE_SCRIPT, stacks.compose._DETECT,
                                                            _IN_DIR (args: workdir, compose argv)
-    ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--format", FMT]
+    ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running", "--format", FMT]
     ["docker", "inspect", "--format", FMT, *ids]
     ["docker", "stop", "-t", N, *ids]
     ["docker", "start", *ids]
@@ -31,7 +31,7 @@ from vzdump_hook.stacks import compose as compose_mod
 from vzdump_hook.transports import base
 from vzdump_hook.transports.base import Transport, shell_join
 
-PS_PREFIX = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--format"]
+PS_PREFIX = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running", "--format"]
 COMPOSE_COMMANDS = {"docker compose": ("docker", "compose"), "docker-compose": ("docker-compose",)}
 _TOKEN = re.compile(r"\{\{\s*(\.[A-Za-z.]+)\s*(?:\"([^\"]*)\")?\s*\}\}")
 
@@ -276,7 +276,7 @@ class FakeGuest:
         with self._lock:
             for p in self.projects.values():
                 for c in p.containers.values():
-                    if not c.running:
+                    if not c.running or c.restarting:  # status=running: docker leaves out restarting ones
                         continue
                     labels = {
                         "com.docker.compose.project": p.name,

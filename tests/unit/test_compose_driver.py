@@ -305,3 +305,10 @@ def test_start_does_not_start_containers_that_were_down_before(g: FakeGuest) -> 
     d.start(rec, 20)
     assert g.projects["db"].containers[container_id("db", 0)].running
     assert not g.projects["db"].containers[init].running
+
+
+def test_running_leaves_out_containers_in_a_restart_loop(g: FakeGuest) -> None:
+    """A stack that was crash-looping before the backup is not stopped, so it is not 'started' after."""
+    g.add_project("loop", 1)
+    g.projects["loop"].containers[container_id("loop", 0)].restarting = True
+    assert "loop" not in driver(g).running(10)

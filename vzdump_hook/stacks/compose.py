@@ -63,7 +63,9 @@ class ComposeDriver:
     def running(self, timeout: float) -> dict[str, StackRecord]:
         """Running compose projects by name, each with the ids of its running containers."""
         start = time.monotonic()
-        res = self.t.run(["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--format", _LIST_FORMAT], timeout=timeout)
+        # status=running leaves out containers in a restart loop: a stack that was not up is not ours to stop
+        argv = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running", "--format", _LIST_FORMAT]
+        res = self.t.run(argv, timeout=timeout)
         res.check("cannot list containers (is docker running, and may this user use it?)")
         compose = self.detect(timeout - (time.monotonic() - start))
         found: dict[str, StackRecord] = {}

@@ -49,6 +49,15 @@ def shell_join(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
+def display(argv: Sequence[str]) -> str:
+    """argv for messages, on one line: an inline `sh -c` script is shortened to its first command."""
+    if len(argv) >= 3 and argv[0] == "sh" and argv[1] == "-c":
+        first = next((ln.strip() for ln in argv[2].splitlines() if ln.strip() and not ln.strip().startswith(("set ", "#"))), "")
+        short = first if len(first) <= 40 else first[:37] + "..."
+        return f"sh -c '{short} ...' " + shlex.join(argv[4:])
+    return shlex.join(argv)
+
+
 def sh(script: str, *args: str) -> list[str]:
     """argv running `script` with `sh -c`, the arguments passed as $1.. (never spliced into the script)."""
     return ["sh", "-c", script, "sh", *args]
@@ -97,11 +106,11 @@ class Transport(ABC):
     def run(self, argv: Sequence[str], *, timeout: float, stdin: bytes | None = None) -> Result:
         """Run argv in the guest within `timeout` seconds (> 0). Non-zero exit is returned, not raised."""
         if timeout <= 0:
-            raise CommandTimeout("no time left in this phase", command=shell_join(argv))
+            raise CommandTimeout("no time left in this phase", command=display(argv))
         start = time.monotonic()
         status, out, err = self._exec(argv, stdin, timeout)
         return Result(
-            shell_join(argv),
+            display(argv),
             status,
             out[:MAX_OUTPUT].decode("utf-8", "replace"),
             err[:MAX_OUTPUT].decode("utf-8", "replace"),
@@ -116,12 +125,12 @@ class Transport(ABC):
         """Contents of `path` (at most limit+1 bytes), or None when it does not exist."""
         argv = sh(_READ_SCRIPT, path, str(limit + 1))
         if timeout <= 0:
-            raise CommandTimeout("no time left in this phase", command=shell_join(argv))
+            raise CommandTimeout("no time left in this phase", command=display(argv))
         status, out, err = self._exec(argv, None, timeout)
         if status == 3:
             return None
         if status != 0:
-            raise TransportError(f"cannot read {path}", command=shell_join(argv), exit_status=status, stderr=err.decode("utf-8", "replace"))
+            raise TransportError(f"cannot read {path}", command=display(argv), exit_status=status, stderr=err.decode("utf-8", "replace"))
         return out
 
     def remove_file(self, path: str, *, timeout: float) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CommandTimeout, ConnectError, HostKeyError
-from .base import MAX_OUTPUT, Transport, shell_join
+from .base import MAX_OUTPUT, Transport, display, shell_join
 
 if TYPE_CHECKING:
     import paramiko
@@ -132,6 +132,7 @@ class SshTransport(Transport):
 
         deadline = time.monotonic() + timeout
         command = shell_join(argv)
+        shown = display(argv)
         client = self._connect(timeout)
         transport = client.get_transport()
         if transport is None:
@@ -140,7 +141,7 @@ class SshTransport(Transport):
             chan = transport.open_session(timeout=max(0.1, deadline - time.monotonic()))
         except (paramiko.SSHException, OSError, EOFError) as e:
             self.close()
-            raise ConnectError(f"{self.target}: cannot open a channel: {e}", command=command) from None
+            raise ConnectError(f"{self.target}: cannot open a channel: {e}", command=shown) from None
         out = bytearray()
         err = bytearray()
         try:
@@ -151,15 +152,15 @@ class SshTransport(Transport):
             while not chan.status_event.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
                 self._drain(chan, out, err)
                 if time.monotonic() >= deadline:
-                    raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s", command=command, stderr=err.decode("utf-8", "replace"))
+                    raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s", command=shown, stderr=err.decode("utf-8", "replace"))
                 if chan.closed or not transport.is_active():
-                    raise ConnectError(f"{self.target}: connection lost while running a command", command=command)
+                    raise ConnectError(f"{self.target}: connection lost while running a command", command=shown)
             # exit-status comes after the data on the wire: everything is buffered by now
             self._drain(chan, out, err)
             return chan.recv_exit_status(), bytes(out), bytes(err)
         except (paramiko.SSHException, OSError, EOFError) as e:
             self.close()
-            raise ConnectError(f"{self.target}: {e}", command=command) from None
+            raise ConnectError(f"{self.target}: {e}", command=shown) from None
         finally:
             chan.close()
 
