@@ -283,11 +283,18 @@ def test_resume_fails_then_job_end_fails_and_recover_fixes(setup: HookSetup, hoo
     assert result.status is JobStatus.FAILED
     assert compose.running_services(db) == set()
     assert setup.marker_path(VMID).exists()  # nothing dropped
-    # the node side: recover starts it once the guest answers (the job's worker is gone)
+    # the node side: `recover` once the guest answers. The job's "vzdump worker" is this test
+    # process, still alive: without --force the marker is left alone (that job might still run)
     test_guest.start_sshd()
     import subprocess
 
-    rec = subprocess.run([hook, "recover", str(VMID)], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    def recover(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([hook, "recover", str(VMID), *args], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+
+    rec = recover()
+    assert rec.returncode == 0 and "left alone" in rec.stdout, rec.stdout + rec.stderr
+    assert compose.running_services(db) == set()
+    rec = recover("--force")
     assert rec.returncode == 0, rec.stdout + rec.stderr
     assert "started" in rec.stdout and db.name in rec.stdout
     assert compose.running_services(db) == {"app"}

@@ -147,7 +147,7 @@ class SshTransport(Transport):
         try:
             chan.exec_command(command)
             if stdin:
-                chan.sendall(stdin)
+                self._send(chan, stdin, deadline, shown)
             chan.shutdown_write()
             while not chan.status_event.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
                 self._drain(chan, out, err)
@@ -163,6 +163,23 @@ class SshTransport(Transport):
             raise ConnectError(f"{self.target}: {e}", command=shown) from None
         finally:
             chan.close()
+
+    def _send(self, chan: Any, data: bytes, deadline: float, shown: str) -> None:
+        """Send stdin within the deadline (paramiko's sendall can spin forever on a stalled peer)."""
+        view = memoryview(data)
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CommandTimeout(f"{self.target}: guest stopped reading input", command=shown)
+            chan.settimeout(min(left, 0.5))
+            try:
+                sent = chan.send(view[:32768])
+            except TimeoutError:
+                continue
+            if sent == 0:
+                raise ConnectError(f"{self.target}: channel closed while sending input", command=shown)
+            view = view[sent:]
+        chan.settimeout(None)
 
     @staticmethod
     def _drain(chan: Any, out: bytearray, err: bytearray) -> None:
