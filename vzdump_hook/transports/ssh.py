@@ -108,8 +108,9 @@ class SshTransport(Transport):
         except (OSError, paramiko.SSHException, EOFError) as e:
             client.close()
             text = str(e) or type(e).__name__
-            if "banner" in text.lower():
-                text = f"no SSH banner within {timeout:.1f} s ({text})"
+            if any(s in text.lower() for s in ("banner", "no existing session", "timed out", "timeout")) or isinstance(e, EOFError):
+                # TCP was accepted but sshd never completed its banner/handshake (hung or frozen guest)
+                text = f"no SSH banner/handshake within {timeout:.1f} s ({text})"
             raise ConnectError(f"{self.target}: {text}") from None
         transport = client.get_transport()
         if transport is not None:
