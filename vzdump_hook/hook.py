@@ -127,6 +127,7 @@ class PhaseRunner:
                 if p.marker is not None and p.marker.job != self.job:
                     self._resume_stale(ctl, p.marker, "backup-start")
                 rec.status = Status.PREFLIGHT_OK
+                rec.compose = list(p.compose)
                 self.state.save(rec)
         except HookError as e:
             rec.status = Status.PREFLIGHT_FAILED
@@ -167,6 +168,8 @@ class PhaseRunner:
             rec = GuestRecord(vmid, vmtype.value, mode.value, dict(guest.table))
         abort = guest.on_quiesce_error is QuiescePolicy.ABORT
         ctl = GuestController(guest, self.job)
+        if ctl.driver.compose is None and rec.compose:
+            ctl.driver.compose = tuple(rec.compose)
         try:
             with self.state.guest_lock(vmid, self.left()):
                 rec.status = Status.QUIESCING

@@ -54,6 +54,7 @@ class GuestRecord:
     resumed_at: float | None = None
     crash_consistent: bool = False
     problems: list[str] = field(default_factory=list)
+    compose: list[str] = field(default_factory=list)  # detected at preflight: pre-stop need not ask again
 
     @property
     def downtime(self) -> float | None:
