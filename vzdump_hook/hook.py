@@ -29,7 +29,8 @@ log = logging.getLogger("vzdump_hook")
 
 RUN_DIR_ENV = "VZDUMP_HOOK_RUN_DIR"  # overrides for tests and development; vzdump passes no environment
 STATE_DIR_ENV = "VZDUMP_HOOK_STATE_DIR"
-HARD_GRACE = 15.0  # seconds past the phase deadline before the watchdog ends the process
+HARD_GRACE = 15.0
+RETRY_WAIT = 10.0  # seconds to wait for a guest at a resume retry  # seconds past the phase deadline before the watchdog ends the process
 
 
 def settings_with_env(settings: HookSettings, env: Mapping[str, str]) -> HookSettings:
@@ -245,7 +246,9 @@ class PhaseRunner:
         start = time.monotonic()
         try:
             if wait:
-                ctl.wait_ready(ctl.guest.resume_wait, self.deadline)
+                # a guest that already failed to answer in an earlier phase gets a short wait: a dead
+                # guest must not add resume_wait to every remaining phase of the job
+                ctl.wait_ready(ctl.guest.resume_wait if rec.status is not Status.RESUME_FAILED else RETRY_WAIT, self.deadline)
             r = ctl.resume(self.deadline, fallback=tuple(rec.stacks))
         except HookError as e:
             rec.status = Status.RESUME_FAILED
