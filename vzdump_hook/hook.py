@@ -248,7 +248,7 @@ class PhaseRunner:
             if wait:
                 # a guest that already failed to answer in an earlier phase gets a short wait: a dead
                 # guest must not add resume_wait to every remaining phase of the job
-                ctl.wait_ready(ctl.guest.resume_wait if rec.status is not Status.RESUME_FAILED else RETRY_WAIT, self.deadline)
+                ctl.wait_ready(ctl.guest.resume_wait if rec.status is not Status.RESUME_FAILED else min(RETRY_WAIT, ctl.guest.resume_wait), self.deadline)
             r = ctl.resume(self.deadline, fallback=tuple(rec.stacks))
         except HookError as e:
             rec.status = Status.RESUME_FAILED
