@@ -361,3 +361,25 @@ def test_time_in_task_log_lines(setup: HookSetup, hook: str, test_guest: Any, co
     assert any("stopped" in ln and " in " in ln and ln.rstrip().endswith(" s") for ln in hook_lines), hook_lines
     table = [ln for ln in hook_lines if "down s" in ln]
     assert table, hook_lines
+
+
+def test_one_job_several_guests_summary(setup: HookSetup, hook: str, guest_factory: Any, compose_project: Any) -> None:
+    g1, g2 = guest_factory(), guest_factory()
+    a = compose_project("a", {"app": "sleeper"})
+    b = compose_project("b", {"app": "stubborn"})
+    for p in (a, b):
+        compose.up(p)
+    setup.write({101: (g1, {"stacks": [a.name]}), 102: (g2, {"stacks": [b.name], "stop_timeout": 1})})
+    guests = [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT), GuestSpec(102, GuestType.QEMU, Mode.SNAPSHOT), GuestSpec(103, GuestType.QEMU, Mode.STOP)]
+    result = run_job(hook, guests, extra_env=setup.env)
+    log = result.task_log()
+    assert result.status is JobStatus.OK, log
+    job_end = next(r for r in result.records if r.phase == "job-end")
+    text = "\n".join(job_end.lines)
+    assert "guest" in text and "down s" in text
+    row101 = next(ln for ln in text.splitlines() if "101 " in ln and a.name in ln)
+    row102 = next(ln for ln in text.splitlines() if "102 " in ln and b.name in ln)
+    assert row101.rstrip().endswith("ok")
+    assert "crash-consistent" in row102
+    assert "103" not in text  # not configured: not in the table
+    assert compose.running_services(a) == {"app"} and compose.running_services(b) == {"app"}
