@@ -223,7 +223,7 @@ def test_guest_cut_off_before_quiesce_is_bounded_and_leaves_nothing_down(setup: 
     result = run_job(hook, [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env, on_phase=on_phase, timeout=60)
     pre_stop = next(r for r in result.records if r.phase == "pre-stop")
     log = result.task_log()
-    assert pre_stop.returncode == 0 and pre_stop.duration < 10, log  # connect_timeout is 3 s
+    assert pre_stop.returncode == 0 and pre_stop.duration < 12, log  # connect_timeout is 5 s
     assert "crash-consistent" in log and "timed out" in log
     assert result.status is JobStatus.OK
     assert all(running([db, web, other]).values())
@@ -235,7 +235,7 @@ def test_guest_cut_off_abort_policy_fails_backup_start(setup: HookSetup, hook: s
     test_guest.cut_off()
     result = run_job(hook, [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=60)
     start = next(r for r in result.records if r.phase == "backup-start")
-    assert start.returncode == 1 and start.duration < 10
+    assert start.returncode == 1 and start.duration < 12
     assert [r.phase for r in result.records if r.vmid == VMID] == ["backup-start", "backup-abort", "log-end"]
     assert all(running([db, web, other]).values())
 
@@ -249,7 +249,7 @@ def test_sshd_that_never_answers_is_bounded(setup: HookSetup, hook: str, test_gu
     finally:
         test_guest.thaw()
     start = next(r for r in result.records if r.phase == "backup-start")
-    assert start.returncode == 0 and start.duration < 10
+    assert start.returncode == 0 and start.duration < 12
     assert "banner" in result.task_log().lower()
     assert all(running([db, web, other]).values())
 
@@ -333,9 +333,10 @@ def test_marker_of_a_running_job_is_left_alone_by_the_sweep(setup: HookSetup, ho
     from tests.infra.vzdump import run_phase
 
     spec = GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)
-    assert run_phase(hook, "backup-start", spec, extra_env=setup.env).returncode == 0
-    assert run_phase(hook, "pre-stop", spec, extra_env=setup.env).returncode == 0
-    assert compose.running_services(db) == set()
+    start = run_phase(hook, "backup-start", spec, extra_env=setup.env)
+    stop = run_phase(hook, "pre-stop", spec, extra_env=setup.env)
+    assert (start.returncode, stop.returncode) == (0, 0)
+    assert compose.running_services(db) == set(), start.lines + stop.lines
     # another job (another worker: a short-lived sh) starts while this one runs
     import shlex
     import subprocess
