@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +22,9 @@ from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/vzdump-hook/config.toml"
 CONFIG_ENV = "VZDUMP_HOOK_CONFIG"
-TRANSPORTS = ("ssh",)
+TRANSPORTS = ("ssh", "pct", "agent")
+TAG_TRANSPORTS = {"lxc": "pct", "qemu": "agent"}  # transport of a guest opted in by PVE tag, by guest type
+DEFAULT_TAG = "vzdump-hook"
 COMPOSE_COMMANDS = {"auto": None, "docker compose": ("docker", "compose"), "docker-compose": ("docker-compose",)}
 
 
@@ -39,6 +43,23 @@ class SshConfig:
     identity_file: str = "/etc/vzdump-hook/id_ed25519"
     known_hosts: str = "/etc/vzdump-hook/known_hosts"
     connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class PctConfig:
+    path: str = "/usr/sbin/pct"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    api: str = "local"  # "local": pvesh on the node as root; "https": an API token
+    pvesh: str = "/usr/bin/pvesh"
+    host: str = "127.0.0.1"
+    port: int = 8006
+    token_id: str = ""  # USER@REALM!TOKENNAME
+    token_file: str = "/etc/vzdump-hook/pve-token"
+    verify: str | bool = "/etc/pve/pve-root-ca.pem"  # a CA file, or True for the system's CAs
+    node: str = ""  # "": this node
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,8 @@ class GuestConfig:
     command_timeout: float = 60.0
     resume_wait: float = 180.0
     enabled: bool = True
+    pct: PctConfig | None = None
+    agent: AgentConfig | None = None
     # The merged table this was validated from: kept in host state so that a resume can run with the
     # settings of the quiesce even if the config file changed or broke in between.
     table: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -76,6 +99,10 @@ class GuestConfig:
     def describe_target(self) -> str:
         if self.transport == "ssh" and self.ssh is not None:
             return f"ssh {self.ssh.user}@{self.ssh.host}:{self.ssh.port}"
+        if self.transport == "agent" and self.agent is not None:
+            return f"agent {self.vmid} via " + ("pvesh" if self.agent.api == "local" else f"https://{self.agent.host}:{self.agent.port}")
+        if self.transport == "pct":
+            return f"pct {self.vmid}"
         return self.transport
 
 
@@ -86,6 +113,7 @@ class HookSettings:
     phase_timeout: float = 600.0
     sweep_timeout: float = 60.0
     pve_dir: str = "/etc/pve"
+    tag: str = DEFAULT_TAG  # guests with this PVE tag are handled with [defaults]; "" turns this off
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,7 @@ class Config:
     hook: HookSettings
     guests: Mapping[int, GuestConfig]
     source: str = ""
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # the valid [defaults] keys, for tagged guests
 
     def guest(self, vmid: int) -> GuestConfig | None:
         g = self.guests.get(vmid)
@@ -216,6 +245,82 @@ def _ssh(p: _Problems, path: str, v: Any) -> SshConfig | None:
     return SshConfig(str(host), int(port or 0), str(user), str(ident), str(kh), float(ct or 0))
 
 
+_TOKEN_ID = re.compile(r"[^\s@!]+@[^\s@!]+![A-Za-z][A-Za-z0-9._-]*")
+_NODE = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?")
+_TAG = re.compile(r"[a-z0-9_][a-z0-9_+.-]*")
+
+
+def _pct(p: _Problems, path: str, v: Any) -> PctConfig | None:
+    if not isinstance(v, dict):
+        p.add(path, "must be a table")
+        return None
+    _unknown(p, path, v, {"path"})
+    exe = _str(p, f"{path}.path", v["path"], absolute=True) if "path" in v else PctConfig.path
+    return None if exe is None else PctConfig(exe)
+
+
+def _agent(p: _Problems, path: str, v: Any) -> AgentConfig | None:
+    if not isinstance(v, dict):
+        p.add(path, "must be a table")
+        return None
+    before = len(p.items)
+    _unknown(p, path, v, {"api", "pvesh", "host", "port", "token_id", "token_file", "verify", "node"})
+    for secret in ("token", "token_value", "password", "secret"):
+        if secret in v:
+            p.add(f"{path}.{secret}", "secrets are not kept in the config: put the token's secret in token_file (mode 0600, owned by root)")
+    d = AgentConfig()
+    vals: dict[str, Any] = {}
+    if "api" in v:
+        vals["api"] = _str(p, f"{path}.api", v["api"], choices=("local", "https"))
+    for key in ("pvesh", "token_file"):
+        if key in v:
+            vals[key] = _str(p, f"{path}.{key}", v[key], absolute=True)
+    if "host" in v:
+        vals["host"] = _str(p, f"{path}.host", v["host"])
+    if "port" in v:
+        port = _num(p, f"{path}.port", v["port"], lo=1, hi=65535, integer=True)
+        vals["port"] = None if port is None else int(port)
+    if "token_id" in v:
+        tid = v["token_id"]
+        if not isinstance(tid, str) or not _TOKEN_ID.fullmatch(tid):
+            p.add(f"{path}.token_id", f"must be USER@REALM!TOKENNAME, e.g. 'root@pam!vzdump-hook' (got {tid!r})")
+        vals["token_id"] = tid
+    if "verify" in v:
+        ver = v["verify"]
+        if ver is False:
+            p.add(f"{path}.verify", "TLS is always verified: give the CA file that signed the API's certificate (on a node: /etc/pve/pve-root-ca.pem), or true for the system's CAs")
+        elif ver is not True:
+            ver = _str(p, f"{path}.verify", ver, absolute=True)
+        vals["verify"] = ver
+    if "node" in v:
+        node = v["node"]
+        if not isinstance(node, str) or not _NODE.fullmatch(node):
+            p.add(f"{path}.node", f"must be a PVE node name (got {node!r})")
+        vals["node"] = node
+    if vals.get("api", d.api) == "https" and "token_id" not in v:
+        p.add(f"{path}.token_id", "missing (api is https: give the API token's id, USER@REALM!TOKENNAME)")
+    if len(p.items) != before:
+        return None
+    return AgentConfig(**vals)
+
+
+def token_file_problem(path: str) -> str | None:
+    """Why the API token file at `path` must not be used (absent, not a file, not root's alone), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist (put the API token's secret in it: install -m 600 -o root /dev/stdin {path})"
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_uid != 0:
+        return f"{path} must be owned by root (owner uid {st.st_uid}): chown root {path}"
+    if st.st_mode & 0o077:
+        return f"{path} must be readable by root alone (mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}"
+    return None
+
+
 _GUEST_KEYS: dict[str, Callable[[_Problems, str, Any], Any]] = {
     "enabled": _bool,
     "transport": lambda p, path, v: _str(p, path, v, choices=TRANSPORTS),
@@ -230,6 +335,8 @@ _GUEST_KEYS: dict[str, Callable[[_Problems, str, Any], Any]] = {
     "command_timeout": lambda p, path, v: _num(p, path, v, lo=1, hi=3600),
     "resume_wait": lambda p, path, v: _num(p, path, v, lo=0, hi=3600),
     "ssh": lambda p, path, v: None,  # validated after merging, see _guest
+    "pct": lambda p, path, v: None,
+    "agent": lambda p, path, v: None,
 }
 
 
@@ -243,7 +350,7 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _guest(p: _Problems, path: str, vmid: int, table: Mapping[str, Any]) -> GuestConfig | None:
+def _guest(p: _Problems, path: str, vmid: int, table: Mapping[str, Any], check_files: bool = False) -> GuestConfig | None:
     before = len(p.items)
     _unknown(p, path, table, set(_GUEST_KEYS))
     values = {k: _GUEST_KEYS[k](p, f"{path}.{k}", v) for k, v in table.items() if k in _GUEST_KEYS}
@@ -254,11 +361,17 @@ def _guest(p: _Problems, path: str, vmid: int, table: Mapping[str, Any]) -> Gues
             p.add(f"{path}.ssh", "missing (transport is ssh: give at least ssh.host)")
         else:
             ssh = _ssh(p, f"{path}.ssh", table["ssh"])
+    pct = _pct(p, f"{path}.pct", table.get("pct", {})) if transport == "pct" or "pct" in table else None
+    agent = _agent(p, f"{path}.agent", table.get("agent", {})) if transport == "agent" or "agent" in table else None
+    if check_files and transport == "agent" and agent is not None and agent.api == "https":
+        problem = token_file_problem(agent.token_file)
+        if problem:
+            p.add(f"{path}.agent.token_file", problem)
     if len(p.items) != before:
         return None
-    g = GuestConfig(vmid=vmid, transport=transport, ssh=ssh, stacks=None, table=dict(table))
+    g = GuestConfig(vmid=vmid, transport=transport, ssh=ssh, stacks=None, table=dict(table), pct=pct, agent=agent)
     cc = values.get("compose_command")
-    repl: dict[str, Any] = {k: v for k, v in values.items() if k not in {"transport", "ssh", "compose_command"}}
+    repl: dict[str, Any] = {k: v for k, v in values.items() if k not in {"transport", "ssh", "pct", "agent", "compose_command"}}
     if "exclude" in repl:
         repl["exclude"] = tuple(repl["exclude"])
     if "on_quiesce_error" in repl:
@@ -283,6 +396,12 @@ def _valid_defaults(p: _Problems, defaults: Mapping[str, Any]) -> dict[str, Any]
             if isinstance(value, dict) and "host" in value:
                 p.add("defaults.ssh.host", "a host is per guest: set it in [guests.VMID.ssh]")
             _ssh(p, "defaults.ssh", {"host": "-", **value} if isinstance(value, dict) else value)
+        elif key == "pct":
+            _pct(p, "defaults.pct", value)
+        elif key == "agent":
+            a = _agent(p, "defaults.agent", value)
+            if a is not None and a.api == "https" and (problem := token_file_problem(a.token_file)):
+                p.add("defaults.agent.token_file", problem)
         else:
             _GUEST_KEYS[key](p, f"defaults.{key}", value)
         if len(p.items) == before:
@@ -315,8 +434,15 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     if not isinstance(hook_raw, dict):
         p.add("hook", "must be a table")
     else:
-        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir"})
+        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag"})
         vals: dict[str, Any] = {}
+        if "tag" in hook_raw:
+            tag = hook_raw["tag"]
+            if not isinstance(tag, str) or (tag and not _TAG.fullmatch(tag)):
+                p.add("hook.tag", f'must be a PVE tag (lowercase letters, digits, "_", "-", "+", ".") or "" for no opt-in by tag (got {tag!r})')
+                vals["tag"] = None
+            else:
+                vals["tag"] = tag
         for k in ("state_dir", "run_dir", "pve_dir"):
             if k in hook_raw:
                 vals[k] = _str(p, f"hook.{k}", hook_raw[k], absolute=True)
@@ -348,12 +474,24 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         if not isinstance(table, dict):
             p.add(path, "must be a table")
             continue
-        g = _guest(p, path, vmid, _merge(defaults, table))
+        g = _guest(p, path, vmid, _merge(defaults, table), check_files=True)
         if g is not None:
             guests[vmid] = g
     if p.items:
         raise ConfigError(p.items, source)
-    return Config(hook=hook, guests=guests, source=source)
+    return Config(hook=hook, guests=guests, source=source, defaults=defaults)
+
+
+def tagged_guest(cfg: Config, vmid: int, vmtype: str) -> GuestConfig | None:
+    """The settings of a guest opted in by tag, not in the config: [defaults] with the transport of its
+    type (pct for lxc, agent for qemu). None when that does not validate (reported at config load)."""
+    transport = TAG_TRANSPORTS.get(vmtype)
+    if transport is None:
+        return None
+    try:
+        return validate_guest(vmid, _merge(cfg.defaults, {"transport": transport}))
+    except ConfigError:
+        return None
 
 
 def config_path(explicit: str | None = None) -> str:

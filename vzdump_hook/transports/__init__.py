@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 _REGISTRY = {
     "ssh": "vzdump_hook.transports.ssh:SshTransport",
+    "pct": "vzdump_hook.transports.pct:PctTransport",
+    "agent": "vzdump_hook.transports.agent:AgentTransport",
 }
 
 
