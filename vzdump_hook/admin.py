@@ -13,7 +13,7 @@ from typing import TypeVar
 import click
 
 from . import config as configuration
-from . import orchestrator
+from . import orchestrator, tags
 from .config import Config, GuestConfig
 from .controller import GuestController, describe
 from .errors import ConfigError, HookError
@@ -35,11 +35,11 @@ def _load(path: str | None) -> Config:
 
 def _targets(cfg: Config, vmid: int | None, all_: bool = True) -> list[GuestConfig]:
     if vmid is not None:
-        g = cfg.guests.get(vmid)
+        g = cfg.guests.get(vmid) or tags.guest_config(cfg, vmid)
         if g is None:
-            raise click.ClickException(f"guest {vmid} is not in {cfg.source}")
+            raise click.ClickException(f"guest {vmid} is not in {cfg.source}" + (f" and not tagged {cfg.hook.tag}" if cfg.hook.tag else ""))
         return [g]
-    return [g for g in cfg.guests.values() if g.enabled] if all_ else []
+    return [m.guest for m in tags.members(cfg) if m.guest is not None] if all_ else []
 
 
 def _parallel(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
@@ -72,6 +72,8 @@ def check(vmid: int | None, config_path: str | None, timeout: float) -> None:
     cfg = _load(config_path)
     guests = _targets(cfg, vmid)
     click.echo(f"config {cfg.source}: ok, {len(cfg.guests)} guest(s)" + ("" if guests else "; none enabled"))
+    for m in tags.members(cfg) if vmid is None else []:
+        click.echo(f"  {m.vmid}: {'in' if m.guest else 'out'}: {m.why}")
     settings = settings_with_env(cfg.hook, os.environ)
     for d in (settings.run_dir, settings.state_dir):
         try:
@@ -145,7 +147,7 @@ def status(config_path: str | None, no_connect: bool) -> None:
         state = "job over" if over else "job running" if over is False else "job of another node"
         return f"{g.vmid}: MARKER of job {m.job} ({state}, {'expired' if m.expired else 'deadline ahead'}): {', '.join(s.name for s in m.stacks)}"
 
-    for line in _parallel(one, [g for g in cfg.guests.values() if g.enabled]):
+    for line in _parallel(one, _targets(cfg, None)):
         click.echo(line)
 
 

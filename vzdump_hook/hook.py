@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from . import config as configuration
-from . import orchestrator, pve
+from . import orchestrator, pve, tags
 from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, describe
 from .errors import ConfigError, ConnectError, HookError
@@ -104,7 +104,7 @@ class PhaseRunner:
                 return configuration.validate_guest(vmid, rec.guest_table)
             except ConfigError as e:
                 log.warning("guest %d: recorded settings unusable (%s); using the config", vmid, e)
-        return self.cfg.guest(vmid) if self.cfg is not None else None
+        return tags.guest_config(self.cfg, vmid) if self.cfg is not None else None
 
     # -- backup-start --------------------------------------------------------------------------
 
@@ -285,10 +285,11 @@ class PhaseRunner:
                 import shutil
 
                 shutil.rmtree(directory, ignore_errors=True)
-        if self.cfg is None or not self.cfg.guests:
+        if self.cfg is None:
             return
         start = time.monotonic()
-        guests = [g for g in self.cfg.guests.values() if g.enabled and pve.guest_is_local(self.settings.pve_dir, self.job.node, g.vmid) is not False]
+        members = [m.guest for m in tags.members(self.cfg, self.job.node) if m.guest is not None]
+        guests = [g for g in members if pve.guest_is_local(self.settings.pve_dir, self.job.node, g.vmid) is not False]
         if not guests:
             return
         budget = min(self.left(), self.cfg.hook.sweep_timeout)
