@@ -13,7 +13,7 @@ from typing import TypeVar
 import click
 
 from . import config as configuration
-from . import orchestrator, tags
+from . import guest_install, orchestrator, tags
 from .config import Config, GuestConfig
 from .controller import GuestController, describe
 from .errors import ConfigError, HookError
@@ -88,6 +88,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float) -> None:
         start = time.monotonic()
         try:
             p = ctl.preflight(time.monotonic() + timeout)
+            side = guest_install.describe(ctl.t, g, time.monotonic() + timeout)
         except HookError as e:
             return f"{g.vmid} {g.describe_target()}: FAILED: {describe(e)}", False
         finally:
@@ -102,6 +103,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float) -> None:
         if p.marker is not None:
             age = time.time() - p.marker.written_at
             lines.append(f"    MARKER present: job {p.marker.job}, {age:.0f} s old, lists {', '.join(s.name for s in p.marker.stacks)} (`vzdump-hook recover {g.vmid}`)")
+        lines.append(f"    {side}")
         return "\n".join(lines), True
 
     results = _parallel(one, guests)
@@ -174,6 +176,31 @@ def recover(vmid: int | None, all_: bool, force: bool, config_path: str | None) 
         click.echo(text or f"{g.vmid}: no marker, nothing to do")
     if any(down for _, down in results):
         sys.exit(1)
+
+
+@cli.group()
+def guest() -> None:
+    """The guest side: recovery at boot and past a marker's deadline, and the wrapper the node's key is restricted to."""
+
+
+@guest.command("install")
+@click.argument("vmid", type=int)
+@click.option("--dry-run", is_flag=True, help="Change nothing: show what would change.")
+@click.option("--no-restrict", is_flag=True, help="Install the files, leave the node's key unrestricted.")
+@click.option("--identity-file", metavar="KEY", help="Connect with this key (one with a shell) instead of the node's, e.g. when that is restricted already.")
+@click.option("--authorized-keys", default=guest_install.AUTHORIZED_KEYS, show_default=True, help="The guest's authorized_keys file (relative: in the SSH user's home).")
+@config_option
+def guest_install_command(vmid: int, dry_run: bool, no_restrict: bool, identity_file: str | None, authorized_keys: str, config_path: str | None) -> None:
+    """Deploy the guest side to VMID over its transport; idempotent. Exit 1 if it could not."""
+    g = _targets(_load(config_path), vmid)[0]
+    click.echo(f"{vmid} {g.describe_target()}: {'what would change (dry run)' if dry_run else 'installing the guest side'}")
+    inst = guest_install.Installer(g, guest_install.Layout.from_env(), click.echo, dry_run=dry_run, restrict=not no_restrict,
+                                   authorized_keys=authorized_keys, identity_file=identity_file)
+    try:
+        inst.run()
+    except HookError as e:
+        raise click.ClickException(describe(e)) from None
+    click.echo(f"{vmid}: {len(inst.changed)} change(s){' to make' if dry_run else ''}")
 
 
 @cli.command()

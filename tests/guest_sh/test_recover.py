@@ -1,0 +1,391 @@
+"""examples/guest/vzdump-hook-recover under dash and busybox sh, against real marker files written by
+vzdump_hook.marker (valid, expired, from before this boot, from a restored backup) and hand-made ones
+(corrupt, hostile, foreign), with a stand-in docker that records every call."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.guest_sh.conftest import RECOVER, Guest, no_changing_calls
+from tests.guest_sh.fakedocker import cid
+from vzdump_hook import marker as markers
+from vzdump_hook.errors import MarkerError
+from vzdump_hook.job import JobId
+from vzdump_hook.marker import Marker, StackRecord
+
+VMID = 101
+JOB = JobId("pve1", "0b5c3d1e-boot", 4242, 987654)
+
+
+def boot_time() -> float:
+    with open("/proc/uptime") as f:
+        return time.time() - float(f.read().split()[0])
+
+
+def record(name: str, services: tuple[str, ...] = ("app",), workdir: str | None = None, files: tuple[str, ...] | None = None,
+           compose: tuple[str, ...] = ("docker", "compose")) -> StackRecord:
+    workdir = workdir or f"/srv/{name}"
+    files = files if files is not None else (f"{workdir}/compose.yaml",)
+    return StackRecord(name, compose, workdir, files, tuple(cid(name, i) for i in range(len(services))), True, services)
+
+
+def marker_bytes(stacks: tuple[StackRecord, ...], *, deadline_in: float = 600, written_ago: float = 5, state: str = "stopped",
+                 vmid: int = VMID) -> bytes:
+    now = time.time()
+    return Marker(JOB, vmid, "qemu", "snapshot", now - written_ago, now - written_ago + deadline_in, state, stacks).to_json()
+
+
+def put(g: Guest, data: bytes, mtime: float | None = None) -> None:
+    g.marker.write_bytes(data)
+    if mtime is not None:
+        os.utime(g.marker, (mtime, mtime))
+
+
+def setup_stacks(g: Guest, *names: str, **knobs: Any) -> tuple[StackRecord, ...]:
+    """Projects in the stand-in docker, stopped (as the hook left them); their records, stop order."""
+    recs = []
+    for n in names:
+        g.docker.add_project(n, ("app", "worker"), running=False, **knobs.get(n, {}))
+        recs.append(record(n, ("app", "worker")))
+    return tuple(recs)
+
+
+def compose_calls(g: Guest) -> list[tuple[list[str], str]]:
+    return [(c["argv"], c["cwd"]) for c in g.docker.calls() if c["argv"][:2] == ["docker", "compose"] and "version" not in c["argv"]]
+
+
+def recover(g: Guest, *args: str) -> tuple[int, str]:
+    p = g.run(RECOVER, "--conf", str(g.conf), *args)
+    return p.returncode, (p.stdout + p.stderr).decode()
+
+
+@pytest.fixture(autouse=True)
+def conf(guest: Guest) -> None:
+    guest.write_conf(MARKER=str(guest.marker), VMID=str(VMID), DEADLINE_GRACE="0", WAIT_DOCKER="1")
+
+
+# -- when it acts -----------------------------------------------------------------------------------
+
+
+def test_no_marker_nothing_to_do(guest: Guest) -> None:
+    code, out = recover(guest)
+    assert code == 0 and "no marker" in out
+    code, out = recover(guest, "--quiet")
+    assert code == 0 and out == ""
+    assert guest.docker.calls() == []
+
+
+def test_marker_of_a_running_backup_is_left_alone(guest: Guest) -> None:
+    recs = setup_stacks(guest, "db", "web")
+    data = marker_bytes(recs, deadline_in=600)
+    put(guest, data)  # written now, in this boot
+    code, out = recover(guest)
+    assert code == 0, out
+    assert "the node is at work, nothing to do" in out and "lists web, db" in out
+    assert guest.docker.calls() == []
+    assert guest.marker.read_bytes() == data
+    assert guest.docker.running() == {"db": False, "web": False}
+
+
+def test_expired_marker_starts_exactly_the_listed_stacks_last_stopped_first(guest: Guest) -> None:
+    recs = setup_stacks(guest, "db", "web")
+    guest.docker.add_project("other", running=False)  # stopped before the backup: not ours to start
+    put(guest, marker_bytes(recs, deadline_in=10, written_ago=20))
+    code, out = recover(guest)
+    assert code == 0, out
+    assert "deadline passed" in out and "started web, db; marker removed" in out
+    assert not guest.marker.exists()
+    assert guest.docker.running() == {"db": True, "web": True, "other": False}
+    calls = compose_calls(guest)
+    assert [a for a, _ in calls] == [
+        ["docker", "compose", "-p", "web", "-f", "/srv/web/compose.yaml", "start", "app", "worker"],
+        ["docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "start", "app", "worker"],
+    ]
+
+
+def test_grace_delays_deadline_recovery(guest: Guest) -> None:
+    recs = setup_stacks(guest, "db")
+    put(guest, marker_bytes(recs, deadline_in=10, written_ago=20))
+    guest.write_conf(MARKER=str(guest.marker), VMID=str(VMID), DEADLINE_GRACE="3600")
+    code, out = recover(guest)
+    assert code == 0 and "nothing to do" in out
+    assert guest.marker.exists() and guest.docker.running() == {"db": False}
+
+
+def test_marker_from_before_this_boot_is_acted_on_before_its_deadline(guest: Guest) -> None:
+    # the node (or the guest) died mid-backup and the guest rebooted: the marker's file is older than
+    # this boot, whatever its deadline says (the node's clock)
+    recs = setup_stacks(guest, "db")
+    put(guest, marker_bytes(recs, deadline_in=10**7), mtime=boot_time() - 600)
+    code, out = recover(guest)
+    assert code == 0, out
+    assert "written before this boot" in out and not guest.marker.exists()
+    assert guest.docker.running() == {"db": True}
+
+
+def test_restored_backup_with_a_stopping_marker_and_an_edited_compose_file(guest: Guest) -> None:
+    # a backup restored days later: the marker inside it says "stopping" (taken mid-quiesce), its
+    # times are old, and compose can no longer load one project: its containers are started by id
+    recs = setup_stacks(guest, "db", "web", web={"compose_broken": True})
+    put(guest, marker_bytes(recs, deadline_in=600, written_ago=3 * 86400, state="stopping"), mtime=time.time() - 3 * 86400)
+    code, out = recover(guest)
+    assert code == 0, out
+    assert guest.docker.running() == {"db": True, "web": True}
+    assert not guest.marker.exists()
+    starts = [a for a in guest.docker.argvs() if a[:2] == ["docker", "start"]]
+    assert starts == [["docker", "start", cid("web", 0), cid("web", 1)]]
+
+
+def test_check_says_what_it_would_do_and_changes_nothing(guest: Guest) -> None:
+    recs = setup_stacks(guest, "db")
+    data = marker_bytes(recs, deadline_in=1, written_ago=100)
+    put(guest, data)
+    code, out = recover(guest, "--check")
+    assert code == 0 and "would start db and remove it" in out
+    assert guest.docker.calls() == [] and guest.marker.read_bytes() == data
+
+
+def test_force_acts_on_a_marker_whose_job_may_run(guest: Guest) -> None:
+    recs = setup_stacks(guest, "db")
+    put(guest, marker_bytes(recs))
+    code, out = recover(guest, "--force")
+    assert code == 0 and "forced" in out and not guest.marker.exists()
+
+
+# -- partial failures ---------------------------------------------------------------------------------
+
+
+def test_a_stack_that_does_not_start_keeps_the_marker_and_is_retried(guest: Guest) -> None:
+    recs = setup_stacks(guest, "db", "web", db={"start_fails": True})
+    data = marker_bytes(recs, deadline_in=1, written_ago=100)
+    put(guest, data)
+    code, out = recover(guest)
+    assert code == 1, out
+    assert "STILL DOWN: db (started: web)" in out
+    assert guest.marker.read_bytes() == data  # never half-applied: the marker still lists both
+    assert guest.docker.running() == {"db": False, "web": True}
+    state = guest.docker.load()
+    state["projects"]["db"]["start_fails"] = False
+    guest.docker.save(state)
+    code, out = recover(guest)
+    assert code == 0, out
+    assert not guest.marker.exists() and guest.docker.running() == {"db": True, "web": True}
+
+
+def test_a_restart_loop_is_not_up(guest: Guest) -> None:
+    recs = setup_stacks(guest, "db", db={"restart_loop": True})
+    put(guest, marker_bytes(recs, deadline_in=1, written_ago=100))
+    code, out = recover(guest)
+    assert code == 1 and "db: not running after start" in out and guest.marker.exists()
+
+
+def test_docker_not_answering_leaves_everything_for_the_next_run(guest: Guest) -> None:
+    recs = setup_stacks(guest, "db")
+    put(guest, marker_bytes(recs, deadline_in=1, written_ago=100))
+    guest.docker.set(engine_down=True)
+    code, out = recover(guest)
+    assert code == 1 and "docker does not answer" in out and guest.marker.exists()
+
+
+def test_a_marker_replaced_while_starting_is_not_removed(guest: Guest) -> None:
+    new = marker_bytes((record("db"),), deadline_in=600).decode()
+    recs = setup_stacks(guest, "db", db={"on_start_write": [str(guest.marker), new]})
+    put(guest, marker_bytes(recs, deadline_in=1, written_ago=100))
+    code, out = recover(guest)
+    assert code == 0 and "changed meanwhile" in out
+    assert guest.marker.read_text() == new
+
+
+# -- what it reads ------------------------------------------------------------------------------------
+
+
+def test_paths_and_names_are_used_literally(guest: Guest) -> None:
+    odd = guest.root / "d b $(touch PWNED) `touch PWNED2` 'q' caf\u00e9"
+    odd.mkdir()
+    rec = StackRecord("db", ("docker-compose",), str(odd), (f"{odd}/x;y.yml", f"{odd}/*"), (cid("db", 0),), True, ("app",))
+    guest.docker.add_project("db", ("app",), workdir=str(odd), files=list(rec.files), running=False)
+    put(guest, marker_bytes((rec,), deadline_in=1, written_ago=100))  # json.dumps escapes the é as \u00e9
+    code, out = recover(guest)
+    assert code == 0, out
+    v1 = [c for c in guest.docker.calls() if c["argv"][0] == "docker-compose"]
+    assert [c["argv"] for c in v1] == [["docker-compose", "-p", "db", "-f", f"{odd}/x;y.yml", "-f", f"{odd}/*", "start", "app"]]
+    assert v1[0]["cwd"] == str(odd)
+    assert not list(guest.root.rglob("PWNED*"))
+
+
+def test_services_absent_means_all_of_the_project(guest: Guest) -> None:
+    guest.docker.add_project("db", ("app",), running=False)
+    d = json.loads(marker_bytes((record("db"),), deadline_in=1, written_ago=100))
+    del d["stacks"][0]["services"]  # markers of older versions
+    put(guest, json.dumps(d).encode())
+    code, out = recover(guest)
+    assert code == 0, out
+    assert [a for a, _ in compose_calls(guest)] == [["docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "start"]]
+
+
+def _valid() -> dict[str, Any]:
+    d: dict[str, Any] = json.loads(marker_bytes((record("db"),), deadline_in=1, written_ago=100))
+    return d
+
+
+def _with(path: str, value: Any) -> bytes:
+    d = _valid()
+    keys = path.split(".")
+    obj: Any = d
+    for k in keys[:-1]:
+        obj = obj[int(k)] if isinstance(obj, list) else obj[k]
+    last = keys[-1]
+    if value is _DELETE:
+        del obj[last]
+    elif isinstance(obj, list):
+        obj[int(last)] = value
+    else:
+        obj[last] = value
+    return json.dumps(d).encode()
+
+
+_DELETE = object()
+
+
+def _raw_valid() -> bytes:
+    return marker_bytes((record("db"),), deadline_in=1, written_ago=100)
+
+
+CORRUPT: dict[str, bytes] = {
+    "empty": b"",
+    "not-json": b"this is not json\n",
+    "truncated": _raw_valid()[:-40],
+    "trailing-garbage": _raw_valid() + b"x",
+    "two-objects": _raw_valid() + _raw_valid(),
+    "array": b"[1, 2]",
+    "schema-2": _with("schema", 2),
+    "no-schema": _with("schema", _DELETE),
+    "no-job": _with("job", _DELETE),
+    "job-pid-string": _with("job.pid", "1"),
+    "state-unknown": _with("state", "running"),
+    "vmid-float": _with("vmid", 101.5),
+    "vmid-bool": _with("vmid", True),
+    "deadline-string": _with("deadline", "soon"),
+    "stacks-object": _with("stacks", {"db": 1}),
+    "stack-not-object": _with("stacks", ["db"]),
+    "name-semicolon": _with("stacks.0.name", "db;rm -rf /"),
+    "name-dollar": _with("stacks.0.name", "$(reboot)"),
+    "name-backtick": _with("stacks.0.name", "`reboot`"),
+    "name-newline": _with("stacks.0.name", "db\nstack evil"),
+    "name-upper": _with("stacks.0.name", "DB"),
+    "compose-sh": _with("stacks.0.compose", ["sh", "-c"]),
+    "compose-string": _with("stacks.0.compose", "docker compose"),
+    "workdir-relative": _with("stacks.0.workdir", "srv/db"),
+    "workdir-newline": _with("stacks.0.workdir", "/srv/db\nstack evil"),
+    "files-not-list": _with("stacks.0.files", "/srv/db/compose.yaml"),
+    "file-empty": _with("stacks.0.files", [""]),
+    "container-not-hex": _with("stacks.0.containers", ["$(reboot)aaaaaaaaaa"]),
+    "container-short": _with("stacks.0.containers", ["abc"]),
+    "container-upper": _with("stacks.0.containers", ["A" * 64]),
+    "stopped-missing": _with("stacks.0.stopped", _DELETE),
+    "service-space": _with("stacks.0.services", ["app worker"]),
+    "service-dash-first": _with("stacks.0.services", ["-rm"]),
+    "too-many-stacks": _with("stacks", [_valid()["stacks"][0]] * 257),
+    "too-large": _raw_valid().replace(b'"mode"', b'"pad": "' + b"x" * 70000 + b'", "mode"'),
+    "nested-deep": b'{"x": ' + b"[" * 500 + b"]" * 500 + b"}",
+    "lone-surrogate": _raw_valid().replace(b'"/srv/db"', b'"/srv/\\ud800db"'),
+    "bad-escape": _raw_valid().replace(b'"/srv/db"', b'"/srv/\\xdb"'),
+    "unterminated-string": b'{"schema": 1, "tool": "vzdump-hook\n',
+    "nul-byte": _raw_valid().replace(b'"qemu"', b'"qe\x00mu"'),
+}
+
+# Python's json accepts a lone UTF-16 surrogate (the node would fail later, sending it); the sh reader
+# refuses it, as it refuses any control character in a string.
+STRICTER_THAN_THE_NODE = {"lone-surrogate"}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_unusable_marker_is_left_in_place_and_reported(case: str, guest: Guest) -> None:
+    data = CORRUPT[case]
+    guest.docker.add_project("db", ("app",), running=False)
+    put(guest, data, mtime=boot_time() - 600)  # it would be acted on at once if it were valid
+    code, out = recover(guest)
+    assert code == 2, out
+    assert "UNUSABLE marker" in out and "left in place, nothing started" in out
+    assert guest.marker.read_bytes() == data
+    assert guest.docker.calls() == []
+    if case in STRICTER_THAN_THE_NODE:
+        return
+    with pytest.raises(MarkerError):  # (a control: the node refuses the same markers)
+        markers.parse(data)
+
+
+VALID_VARIANTS: dict[str, bytes] = {
+    "as-written": _raw_valid(),
+    "compact": json.dumps(_valid(), separators=(",", ":")).encode(),
+    "one-line-per-key": json.dumps(_valid(), indent=4).encode(),
+    "keys-reordered": json.dumps(dict(reversed(list(_valid().items())))).encode(),
+    "escaped-slashes": _raw_valid().replace(b'"/srv/db"', b'"\\/srv\\/db"'),
+    "duplicate-key-last-wins": _raw_valid().replace(b'"state": "stopped"', b'"state": "bogus", "state": "stopped"'),
+    "unknown-keys": _with("extra", {"nested": [1, 2, {"a": None}]}),
+    "schema-float": _with("schema", 1.0),
+    "no-tool": _with("tool", _DELETE),
+    "crlf": _raw_valid().replace(b"\n", b"\r\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALID_VARIANTS))
+def test_any_valid_json_layout_is_read(case: str, guest: Guest) -> None:
+    data = VALID_VARIANTS[case]
+    markers.parse(data)  # (a control: the node reads it too)
+    guest.docker.add_project("db", ("app",), running=False)
+    put(guest, data)
+    code, out = recover(guest)
+    assert code == 0, out
+    assert "started db; marker removed" in out
+    assert [a for a, _ in compose_calls(guest)] == [["docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "start", "app"]]
+
+
+def test_a_later_duplicate_stacks_key_replaces_the_earlier_one_entirely(guest: Guest) -> None:
+    guest.docker.add_project("db", ("app",), running=False)
+    guest.docker.add_project("web", ("app",), running=False)
+    d = _valid()
+    first = json.dumps([dict(d["stacks"][0], name="web", services=["app", "worker"])])
+    second = json.dumps([{k: v for k, v in d["stacks"][0].items() if k != "services"}])
+    text = json.dumps({k: v for k, v in d.items() if k != "stacks"})[:-1] + f', "stacks": {first}, "stacks": {second}}}'
+    assert [s.name for s in markers.parse(text.encode()).stacks] == ["db"]
+    put(guest, text.encode())
+    code, out = recover(guest)
+    assert code == 0, out
+    assert [a for a, _ in compose_calls(guest)] == [["docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "start"]]
+
+
+def test_foreign_tool_is_left_alone(guest: Guest) -> None:
+    data = _with("tool", "someone-else")
+    guest.docker.add_project("db", ("app",), running=False)
+    put(guest, data, mtime=boot_time() - 600)
+    code, out = recover(guest)
+    assert code == 2 and 'FOREIGN marker' in out and "someone-else" in out
+    assert guest.marker.read_bytes() == data and guest.docker.calls() == []
+
+
+def test_marker_of_another_guest_is_left_alone(guest: Guest) -> None:
+    guest.docker.add_project("db", ("app",), running=False)
+    data = marker_bytes((record("db"),), deadline_in=1, written_ago=100, vmid=202)
+    put(guest, data, mtime=boot_time() - 600)
+    code, out = recover(guest)
+    assert code == 2 and "for guest 202, this is guest 101" in out
+    assert guest.marker.read_bytes() == data and no_changing_calls(guest.docker.argvs())
+    # without VMID in the settings (a guest set up by hand) the marker is used
+    guest.write_conf(MARKER=str(guest.marker), DEADLINE_GRACE="0")
+    code, out = recover(guest)
+    assert code == 0 and not guest.marker.exists()
+
+
+def test_settings_errors(guest: Guest) -> None:
+    guest.write_conf(MARKER="relative/marker.json")
+    code, out = recover(guest)
+    assert code == 2 and "MARKER must be an absolute path" in out
+    code, out = recover(guest, "--bogus")
+    assert code == 2 and "usage" in out

@@ -1,0 +1,229 @@
+"""examples/guest/vzdump-hook-wrapper (the authorized_keys `command=` of the node's key) under dash and
+busybox sh, as sshd runs it: the request in SSH_ORIGINAL_COMMAND, a stand-in docker recording calls.
+
+The package's own code (GuestController, ComposeDriver, Transport file helpers) is driven through the
+wrapper, so a change in the commands the hook sends that the wrapper does not know fails here."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.guest_sh.conftest import WRAPPER, Guest, no_changing_calls
+from tests.guest_sh.fakedocker import cid
+from vzdump_hook import config as configuration
+from vzdump_hook.controller import GuestController
+from vzdump_hook.job import JobId
+from vzdump_hook.stacks import compose as compose_mod
+from vzdump_hook.stacks.compose import ComposeDriver
+from vzdump_hook.transports import base
+from vzdump_hook.transports.base import Transport, sh, shell_join
+
+LOG_NAME = "wrapper.log"
+
+
+class WrapperTransport(Transport):
+    """Runs each argv as sshd runs a forced command: the wrapper, with SSH_ORIGINAL_COMMAND set to the
+    line the ssh transport would send (shlex.join)."""
+
+    name = "wrapper"
+
+    def __init__(self, g: Guest) -> None:
+        super().__init__(f"wrapper ({g.shell})")
+        self.g = g
+
+    def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
+        p = self.g.run(WRAPPER, "--conf", str(self.g.conf), env={"SSH_ORIGINAL_COMMAND": shell_join(argv), "SSH_CONNECTION": "10.0.0.1 5555 10.0.0.2 22"},
+                       stdin=stdin, timeout=timeout)
+        return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(autouse=True)
+def conf(guest: Guest) -> None:
+    guest.write_conf(MARKER=str(guest.marker), LOG=str(guest.root / LOG_NAME), ROOT=str(guest.root))
+
+
+def forced(g: Guest, command: str | None, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    env = {} if command is None else {"SSH_ORIGINAL_COMMAND": command}
+    return g.run(WRAPPER, "--conf", str(g.conf), env=env, stdin=stdin)
+
+
+def log_lines(g: Guest) -> list[str]:
+    p = g.root / LOG_NAME
+    return p.read_text().splitlines() if p.exists() else []
+
+
+def guest_config(g: Guest) -> configuration.GuestConfig:
+    cfg = configuration.validate_guest(101, {"ssh": {"host": "192.0.2.1"}, "marker_path": str(g.marker), "stop_timeout": 7})
+    return cfg
+
+
+# -- the hook through the wrapper ---------------------------------------------------------------------
+
+
+def test_the_hook_quiesces_and_resumes_through_the_wrapper(guest: Guest) -> None:
+    guest.docker.add_project("db", ("app", "worker"))
+    guest.docker.add_project("web", ("app",), files=["/srv/web/compose.yaml", "/srv/web/over ride.yaml"])
+    guest.docker.add_project("other", ("app",), running=False)
+    t = WrapperTransport(guest)
+    ctl = GuestController(guest_config(guest), JobId("pve1", "b", 1, 2), transport=t)
+    deadline = time.monotonic() + 60
+    p = ctl.preflight(deadline)
+    assert p.compose == ("docker", "compose") and p.running == ("db", "web") and p.marker is None
+    q = ctl.quiesce("qemu", "snapshot", deadline)
+    assert [s.name for s in q.stacks] == ["db", "web"] and not q.errors and not q.killed
+    assert guest.docker.running() == {"db": False, "web": False, "other": False}
+    m = ctl.read_marker(deadline)
+    assert m is not None and m.state == "stopped" and [s.name for s in m.stacks] == ["db", "web"]
+    r = ctl.resume(deadline)
+    assert r.started == ("web", "db") and not r.failed and r.marker_removed, r.problems
+    assert guest.docker.running() == {"db": True, "web": True, "other": False}
+    assert not guest.marker.exists()
+    lines = log_lines(guest)
+    assert lines and not [ln for ln in lines if "REFUSED" in ln], lines
+    assert any("allowed: compose stop -t 7: db" in ln for ln in lines)
+    assert any("allowed: compose start app worker: db" in ln for ln in lines)
+    assert all("from 10.0.0.1:" in ln for ln in lines)
+
+
+def test_the_fallback_verbs_work_through_the_wrapper(guest: Guest) -> None:
+    # compose cannot load the project: the driver stops and starts the containers by id
+    ids = guest.docker.add_project("db", ("app",), compose_broken=True)
+    drv = ComposeDriver(WrapperTransport(guest), ("docker-compose",))
+    rec = drv.running(30)["db"]
+    out = drv.stop(rec, 5, 30)
+    assert out.clean, out
+    assert guest.docker.running() == {"db": False}
+    drv.start(rec, 30)
+    assert guest.docker.running() == {"db": True}
+    argvs = guest.docker.argvs()
+    assert ["docker", "stop", "-t", "5", *ids] in argvs and ["docker", "start", *ids] in argvs
+    assert ["docker-compose", "-p", "db", "-f", "/srv/db/compose.yaml", "stop", "-t", "5"] in argvs
+
+
+def test_file_verbs_through_the_wrapper(guest: Guest) -> None:
+    t = WrapperTransport(guest)
+    assert t.read_file(str(guest.marker), limit=100, timeout=10) is None
+    t.write_file(str(guest.marker), b'{"x": 1}\n', timeout=10)
+    assert guest.marker.read_bytes() == b'{"x": 1}\n' and (guest.marker.stat().st_mode & 0o777) == 0o600
+    assert t.read_file(str(guest.marker), limit=3, timeout=10) == b'{"x"'  # limit + 1: an oversized file is noticed
+    t.remove_file(str(guest.marker), timeout=10)
+    assert not guest.marker.exists()
+
+
+def test_a_marker_path_that_needs_quoting(guest: Guest) -> None:
+    odd = guest.root / "mark er's dir" / "m.json"
+    guest.write_conf(MARKER=str(odd), LOG=str(guest.root / LOG_NAME))
+    t = WrapperTransport(guest)
+    t.write_file(str(odd), b"data", timeout=10)
+    assert odd.read_bytes() == b"data"
+    assert t.read_file(str(odd), limit=100, timeout=10) == b"data"
+
+
+def test_status_verb(guest: Guest) -> None:
+    p = forced(guest, f"{guest.root}/usr/local/sbin/vzdump-hook-wrapper status")
+    out = p.stdout.decode()
+    assert p.returncode == 0, p.stderr
+    assert "restricted yes" in out and f"marker {guest.marker}" in out and "file recover missing" in out
+    direct = guest.run(WRAPPER, "status", str(guest.conf))
+    assert direct.returncode == 0 and "restricted no" in direct.stdout.decode()
+
+
+# -- refusals ------------------------------------------------------------------------------------------
+
+
+def _compose_line(workdir: str, *tail: str, name: str = "db") -> str:
+    return shell_join(sh(compose_mod._IN_DIR, workdir, "docker", "compose", "-p", name, "-f", f"{workdir}/compose.yaml", *tail))
+
+
+def refused_commands(g: Guest) -> dict[str, str | None]:
+    m = str(g.marker)
+    real = cid("db", 0)
+    write = shell_join(sh(base._WRITE_SCRIPT, m))
+    return {
+        "interactive login": None,
+        "empty": "",
+        "other command": "id",
+        "true then more": "true; id",
+        "true and newline": "true\nid",
+        "command substitution": "$(id)",
+        "backticks": "`id`",
+        "sh -c anything": shell_join(["sh", "-c", "id"]),
+        "write another path": shell_join(sh(base._WRITE_SCRIPT, "/etc/passwd")),
+        "write marker dir escape": shell_join(sh(base._WRITE_SCRIPT, m + "/../../../../etc/cron.d/x")),
+        "write then more": write + "; id",
+        "write then newline": write + "\nid",
+        "write with two paths": write + " /etc/passwd",
+        "edited write script": shell_join(sh(base._WRITE_SCRIPT.replace("set -eu", "set -e; id"), m)),
+        "read another path": shell_join(sh(base._READ_SCRIPT, "/etc/shadow", "65537")),
+        "read limit not a number": shell_join(sh(base._READ_SCRIPT, m, "$(id)")),
+        "remove another path": shell_join(sh(base._REMOVE_SCRIPT, "/etc/passwd")),
+        "unknown stack": _compose_line("/srv/evil", "stop", "-t", "5", name="evil"),
+        "known stack other workdir": shell_join(sh(compose_mod._IN_DIR, "/tmp", "docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "stop", "-t", "5")),
+        "known stack other file": shell_join(sh(compose_mod._IN_DIR, "/srv/db", "docker", "compose", "-p", "db", "-f", "/tmp/evil.yaml", "start")),
+        "compose down": _compose_line("/srv/db", "down", "-v"),
+        "compose exec": _compose_line("/srv/db", "exec", "app", "sh"),
+        "compose run": _compose_line("/srv/db", "run", "app"),
+        "compose unknown service": _compose_line("/srv/db", "start", "nope"),
+        "compose service with newline": _compose_line("/srv/db", "start", "app\nworker"),
+        "compose stop then more": _compose_line("/srv/db", "stop", "-t", "5") + "; id",
+        "compose timeout not a number": _compose_line("/srv/db", "stop", "-t", "5;id"),
+        "other compose binary": shell_join(sh(compose_mod._IN_DIR, "/srv/db", "/tmp/evil", "-p", "db", "start")),
+        "docker run": "docker run --privileged -v /:/host busybox",
+        "docker exec": f"docker exec {real} sh",
+        "docker ps other format": "docker ps --format '{{json .}}'",
+        "docker ps then more": shell_join(["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running", "--format", compose_mod._LIST_FORMAT]) + " ; id",
+        "inspect not hex": "docker inspect --format '{{.Id}} {{.State.Running}} {{.State.Restarting}} {{.State.ExitCode}}' $(id)",
+        "inspect other format": f"docker inspect --format '{{{{json .}}}}' {real}",
+        "stop non-compose container": "docker stop -t 5 " + "ab" * 32,
+        "start non-compose container": "docker start " + "cd" * 32,
+        "start short id": "docker start abc",
+        "stop timeout not a number": f"docker stop -t x {real}",
+        "status with metacharacters": "vzdump-hook-wrapper status; id",
+        "status with more words": "vzdump-hook-wrapper status a b",
+    }
+
+
+def files_of(g: Guest) -> dict[Path, bytes]:
+    """Every file under the guest's root but the wrapper's log and the stand-in docker's own files."""
+    return {p: p.read_bytes() for p in g.root.rglob("*") if p.is_file() and p.name != LOG_NAME and not p.name.startswith("docker-")}
+
+
+def _names() -> list[str]:
+    class _Any:
+        marker = Path("/m")
+
+    return sorted(refused_commands(_Any()))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("case", _names())
+def test_anything_else_is_refused(case: str, guest: Guest) -> None:
+    guest.docker.add_project("db", ("app", "worker"))
+    guest.marker.write_text("keep")
+    before = files_of(guest)
+    cmd = refused_commands(guest)[case]
+    p = forced(guest, cmd)
+    err = p.stderr.decode()
+    assert p.returncode == 126, (p.returncode, p.stdout, err)
+    assert "vzdump-hook-wrapper: refused:" in err and "this key may only run vzdump-hook's commands" in err
+    assert p.stdout == b""
+    assert no_changing_calls(guest.docker.argvs()), guest.docker.argvs()
+    assert files_of(guest) == before
+    assert guest.docker.running() == {"db": True}
+    lines = log_lines(guest)
+    assert len(lines) == 1 and "REFUSED" in lines[0], lines
+    assert "\n" not in lines[0] and all(32 <= ord(c) < 127 for c in lines[0])
+
+
+def test_every_allowed_call_is_logged(guest: Guest) -> None:
+    guest.docker.add_project("db", ("app",))
+    calls = [["true"], sh(compose_mod._DETECT), sh(base._READ_SCRIPT, str(guest.marker), "10")]
+    for argv in calls:
+        assert forced(guest, shlex.join(argv)).returncode in (0, 3)
+    lines = log_lines(guest)
+    assert [ln.split(": ", 2)[-1] for ln in lines] == ["allowed: connect check", "allowed: detect compose", f"allowed: read marker {guest.marker}"]
