@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""App downtime per backup type/mode: vzdump-hook vs. the baseline "resume at backup-end".
+
+A compose PostgreSQL 15 in a test guest (sshd in a network namespace, tests/infra) under a light
+write load; the installed vzdump-hook is played by the vzdump stand-in (tests/infra/vzdump.py) with a
+simulated archive transfer of --transfer seconds (default 20). A thread polls PostgreSQL from the host
+every 50 ms with pg_isready. App downtime = from the start of the hook's pre-stop (the stop is issued)
+to the first poll that finds PostgreSQL accepting connections again.
+
+Baseline, same run, same guest, same hook code: vzdump-hook behind a small sh wrapper that drops
+pre-restart/post-restart calls made before backup-end, so no stack can be started before backup-end,
+as a hook that "stops at pre-stop, starts at backup-end" does. Where the hook itself resumes at or
+after backup-end (QEMU, stop modes) both columns measure the same thing; the ratio shows where the
+early resume pays off.
+
+Run as root from the repository: ``python3 bench/downtime.py [--transfer 20] [--runs 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from _common import PgPoller, machine, need_root, reproduce, scratch_dir  # first: puts the repository on sys.path
+
+from tests.infra import compose
+from tests.infra.compose import PG_BIN, ComposeProject
+from tests.infra.guest import TestGuest
+from tests.infra.vzdump import Context, GuestSpec, GuestType, JobResult, Mode, Moment, run_job
+from tests.integration.hookenv import HookSetup, installed_hook
+
+VMID = 101
+ORDERS = ["lxc-snapshot", "lxc-suspend", "lxc-stop", "qemu-snapshot", "qemu-stop"]
+
+BASELINE_WRAPPER = """#!/bin/sh
+# Baseline for bench/downtime.py: vzdump-hook, but stacks may be started only from backup-end on.
+# pre-restart/post-restart calls that come before backup-end are dropped (exit 0); those vzdump makes
+# after backup-end (stop modes: restarting the guest) go through unchanged.
+flag={flagdir}/backup-end-seen.$3
+case "$1" in
+  backup-start) /bin/rm -f "$flag" ;;
+  pre-restart|post-restart) [ -e "$flag" ] || exit 0 ;;
+  backup-end) : > "$flag" ;;
+esac
+exec {hook} "$@"
+"""
+
+
+class Load(threading.Thread):
+    """A light write load: one INSERT (own connection) every 20 ms; failures while down are counted."""
+
+    def __init__(self, project: ComposeProject) -> None:
+        super().__init__(daemon=True, name="pg-load")
+        self.project = project
+        self.ok = 0
+        self.failed = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        argv = [f"{PG_BIN}/psql", "-X", "-q", "-h", str(self.project.socket_dir()), "-U", "postgres",
+                "-c", "insert into t (v) values (1)"]
+        while not self._halt.is_set():
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  env={"PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "2"})
+            if proc.returncode == 0:
+                self.ok += 1
+            else:
+                self.failed += 1
+            self._halt.wait(0.02)
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    downtime: float  # pre-stop start -> accepting connections again
+    unavailable: float  # first failed poll -> accepting connections again
+    to_point_in_time: float  # pre-stop start -> the backup's point in time
+    resumed_at: str  # the phase whose hook started the stack
+    ok: bool
+    note: str = ""
+
+
+def resumed_phase(result: JobResult) -> str:
+    for r in result.records:
+        if r.vmid == VMID and any(f"{r.phase} {VMID}: started" in line for line in r.lines):
+            return str(r.phase)
+    return "?"
+
+
+def measure(hook: str, setup: HookSetup, guest: TestGuest, project: ComposeProject, poller: PgPoller,
+            order: str, transfer: float, boot: float) -> Measurement:
+    vmtype, mode = order.split("-")
+    marks: dict[str, float] = {}
+    timers: list[threading.Timer] = []
+
+    def on_phase(phase: str, ctx: Context) -> None:
+        if phase == "pre-stop" and ctx.moment is Moment.BEFORE_PHASE:
+            marks["stop"] = ctx.time
+
+    def on_pit(ctx: Context) -> None:
+        marks["pit"] = ctx.time
+
+    def shutdown(ctx: Context) -> None:
+        guest.stop_sshd()
+
+    def start(ctx: Context) -> None:
+        t = threading.Timer(boot, guest.start_sshd)
+        timers.append(t)
+        t.start()
+
+    try:
+        result = run_job(hook, [GuestSpec(VMID, GuestType(vmtype), Mode(mode))], extra_env=setup.env,
+                         transfer_seconds=transfer, timeout=300, on_phase=on_phase, on_point_in_time=on_pit,
+                         on_guest_shutdown=shutdown, on_guest_start=start)
+    finally:
+        for t in timers:
+            t.join()
+    guest.start_sshd()
+    try:
+        compose.wait_pg_ready(project, timeout=60)
+    except TimeoutError:
+        return Measurement(float("nan"), float("nan"), float("nan"), "?", False, "postgres did not come back")
+    time.sleep(0.2)  # a few polls past the recovery
+    t0 = marks.get("stop")
+    if t0 is None:
+        return Measurement(float("nan"), float("nan"), float("nan"), "?", False, "no pre-stop")
+    samples = poller.window(t0, time.monotonic())
+    down = [i for i, (_, ok) in enumerate(samples) if not ok]
+    if not down:
+        return Measurement(float("nan"), float("nan"), marks.get("pit", t0) - t0, resumed_phase(result), False,
+                           "no poll saw PostgreSQL down")
+    up = next((t for t, ok in samples[down[-1] + 1:] if ok), float("nan"))
+    note = "" if result.ok else f"job {result.status.value}: {result.error}"
+    return Measurement(up - t0, up - samples[down[0]][0], marks.get("pit", t0) - t0, resumed_phase(result),
+                       result.ok, note)
+
+
+def fmt(x: float) -> str:
+    return "  -  " if x != x else f"{x:5.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--transfer", type=float, default=20.0, help="simulated archive transfer, seconds (default 20)")
+    parser.add_argument("--boot", type=float, default=2.0,
+                        help="stop modes: seconds until the guest answers SSH after vzdump starts it (default 2)")
+    parser.add_argument("--runs", type=int, default=1, help="runs per type/mode and variant; the median is shown")
+    parser.add_argument("--orders", default=",".join(ORDERS), help=f"comma-separated subset of {','.join(ORDERS)}")
+    parser.add_argument("--compose", choices=["v1", "v2"], default="v2")
+    parser.add_argument("--no-load", action="store_true", help="no write load on PostgreSQL")
+    args = parser.parse_args(argv)
+    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    bad = [o for o in orders if o not in ORDERS]
+    if bad:
+        parser.error(f"unknown order(s) {bad}; choose from {ORDERS}")
+    need_root()
+    print(f"reproduce: {reproduce('downtime.py', sys.argv[1:] if argv is None else argv)}")
+    print(machine(), flush=True)
+    hook = installed_hook()
+    results: dict[tuple[str, str], list[Measurement]] = {}
+    started = time.monotonic()
+    with scratch_dir("vzdh-bench-") as tmp, TestGuest() as guest:
+        project = compose.make_project("bench", {"db": "postgres"}, compose=args.compose, workdir=tmp / "p")
+        load: Load | None = None
+        poller = PgPoller(project.socket_dir())
+        try:
+            compose.up(project)
+            compose.wait_pg_ready(project, timeout=60)
+            compose.psql(project, "create table t (id bigserial primary key, v int, at timestamptz default now())")
+            setup = HookSetup(tmp / "hook")
+            setup.tmp.mkdir()
+            cmd = "docker-compose" if args.compose == "v1" else "docker compose"
+            setup.write({VMID: (guest, {"stacks": [project.name], "compose_command": cmd, "stop_timeout": 30,
+                                        "resume_wait": 120})})
+            wrapper = tmp / "baseline-hook"
+            wrapper.write_text(BASELINE_WRAPPER.format(flagdir=tmp, hook=hook))
+            wrapper.chmod(0o755)
+            poller.start()
+            if not args.no_load:
+                load = Load(project)
+                load.start()
+            time.sleep(1)
+            for order in orders:
+                for run in range(args.runs):
+                    for variant, path in (("hook", hook), ("baseline", str(wrapper))):
+                        m = measure(path, setup, guest, project, poller, order, args.transfer, args.boot)
+                        results.setdefault((order, variant), []).append(m)
+                        print(f"  {order:14} {variant:8} run {run + 1}: down {fmt(m.downtime)} s "
+                              f"(unavailable {fmt(m.unavailable)} s, point in time {m.to_point_in_time:4.1f} s after the stop, "
+                              f"started at {m.resumed_at}){'' if m.ok else '  ! ' + m.note}", flush=True)
+                        time.sleep(1)
+        finally:
+            poller.halt()
+            if load is not None:
+                load.halt()
+            compose.down(project, remove_dir=False)
+    took = time.monotonic() - started
+
+    def med(order: str, variant: str, attr: str = "downtime") -> float:
+        values = [getattr(m, attr) for m in results.get((order, variant), []) if m.ok and getattr(m, attr) == getattr(m, attr)]
+        return statistics.median(values) if values else float("nan")
+
+    print()
+    print("App downtime (s), pre-stop start -> PostgreSQL accepts connections again; pg_isready every 50 ms from the host;")
+    print(f"simulated transfer {args.transfer:g} s; stop modes: the guest answers SSH {args.boot:g} s after vzdump starts it;")
+    print(f"compose {args.compose}; {'no load' if args.no_load else 'write load: one INSERT per connection every 20 ms'}; "
+          f"median of {args.runs} run(s) per cell; total {took:.0f} s.")
+    print("baseline = the same hook behind a wrapper that drops pre-restart/post-restart calls before backup-end")
+    print("           (= stop at pre-stop, start at backup-end, or when the guest runs again after it)")
+    print()
+    header = f"{'type/mode':14}  {'hook resumes at':15}  {'PIT after stop':>14}  {'hook':>6}  {'baseline':>8}  {'baseline/hook':>13}"
+    print(header)
+    print("-" * len(header))
+    ratios: dict[str, float] = {}
+    for order in orders:
+        h, b = med(order, "hook"), med(order, "baseline")
+        ratio = b / h if h == h and b == b and h > 0 else float("nan")
+        ratios[order] = ratio
+        resumed = next((m.resumed_at for m in results.get((order, "hook"), []) if m.ok), "?")
+        pit = med(order, "hook", "to_point_in_time")
+        print(f"{order.replace('-', ' '):14}  {resumed:15}  {pit:12.1f} s  {fmt(h):>6}  {fmt(b):>8}  "
+              f"{('-' if ratio != ratio else f'{ratio:.1f}x'):>13}")
+    print()
+    gains = [o for o in orders if ratios[o] == ratios[o] and ratios[o] >= 1.3]
+    if gains:
+        print("headline (app downtime, vzdump-hook vs. resume at backup-end): " + "; ".join(
+            f"{o.replace('-', ' ')} {med(o, 'hook'):.1f} s instead of {med(o, 'baseline'):.1f} s ({ratios[o]:.1f}x shorter)"
+            for o in gains) + ".")
+    same = [o.replace("-", " ") for o in orders if ratios[o] == ratios[o] and ratios[o] < 1.3]
+    if same:
+        print(f"no gain (the hook resumes at backup-end or later there too): {', '.join(same)}; "
+              "QEMU's point in time is the backup job start after post-restart, stop modes restart the guest after the archive.")
+    failed = [f"{o} {v}" for (o, v), ms in results.items() for m in ms if not m.ok]
+    if failed:
+        print(f"runs with problems: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
