@@ -341,3 +341,43 @@ def test_json_of_the_marker_is_what_the_guest_side_recovery_reads(reach: Reach, 
         ctl.resume(time.monotonic() + 120)
     finally:
         ctl.close()
+
+
+# -- the installed hook, as vzdump runs it, on a guest opted in by tag ----------------------------
+
+
+def test_the_hook_quiesces_a_tagged_container_over_pct_as_vzdump_runs_it(tmp_path: Path, compose_project: Any) -> None:
+    import subprocess
+
+    from tests.integration.hookenv import installed_hook
+    from vzdump_hook.job import node_name
+
+    if os.geteuid() != 0:
+        pytest.skip("namespace containers need root")
+    (db,) = stacks(compose_project, "db")
+    ct = NsContainer(101, tmp_path / "ct")
+    try:
+        conf = tmp_path / "pve" / "nodes" / node_name() / "lxc"
+        conf.mkdir(parents=True)
+        (conf / "101.conf").write_text("hostname: ct101\ntags: web;vzdump-hook\n")
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(f'[hook]\npve_dir = "{tmp_path / "pve"}"\n[defaults]\nstacks = ["{db.name}"]\nstop_timeout = 5\npct = {{ path = "{make_pct(tmp_path / "ct")}" }}\n')
+        env = {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state"),
+               "VMTYPE": "lxc", "HOSTNAME": "ct101", "STOREID": "local"}  # vzdump's environment: no PATH, no HOME
+
+        def phase(*args: str) -> str:
+            r = subprocess.run([installed_hook(), *args], env=env, capture_output=True, text=True, timeout=120, cwd="/")
+            assert r.returncode == 0, r.stdout + r.stderr
+            return r.stdout
+
+        phase("job-start")
+        assert "pct 101 answers, will stop " + db.name in phase("backup-start", "snapshot", "101")
+        phase("pre-stop", "snapshot", "101")
+        assert compose.running_services(db) == set() and (ct.var_lib / "vzdump-hook" / "marker.json").exists()
+        assert "started " + db.name in phase("post-restart", "snapshot", "101")
+        assert compose.running_services(db) == {"app", "side"} and not (ct.var_lib / "vzdump-hook" / "marker.json").exists()
+        assert "101" in phase("job-end")
+        calls = read_calls(tmp_path / "ct")
+        assert calls and all(c["argv"][:3] == ["exec", "101", "--"] for c in calls)  # type: ignore[index]
+    finally:
+        ct.close()
