@@ -201,6 +201,13 @@ class FakeGuest:
                     return verb, name, self._compose
         if argv[: len(PS_PREFIX)] == PS_PREFIX and len(argv) == len(PS_PREFIX) + 1:
             return "ps", "", self._ps
+        if (
+            argv[:3] == ["docker", "ps", "--filter"]
+            and argv[3].startswith("label=com.docker.compose.project=")
+            and argv[4:7] == ["--filter", "status=running", "--format"]
+            and len(argv) == 8
+        ):
+            return "ps-project", argv[3].partition("=")[2].partition("=")[2], self._ps_project
         if argv[:3] == ["docker", "inspect", "--format"] and len(argv) >= 5:
             return "inspect", " ".join(c[:12] for c in argv[4:]), self._inspect
         if argv[:3] == ["docker", "stop", "-t"] and len(argv) >= 5 and argv[3].isdigit():
@@ -268,6 +275,14 @@ class FakeGuest:
             out += [fmt[pos : m.start()], v]
             pos = m.end()
         return "".join(out) + fmt[pos:]
+
+    def _ps_project(self, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
+        """`docker ps --filter label=com.docker.compose.project=NAME --filter status=running`: service labels."""
+        name = argv[3].partition("=")[2].partition("=")[2]
+        with self._lock:
+            p = self.projects.get(name)
+            services = [c.service for c in p.containers.values() if c.running and not c.restarting] if p else []
+        return 0, "".join(f"{s}\n" for s in services).encode(), b""
 
     def _ps(self, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
         if self.docker_down:

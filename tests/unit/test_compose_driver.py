@@ -9,7 +9,7 @@ from vzdump_hook.marker import StackRecord
 from vzdump_hook.stacks import compose as compose_mod
 from vzdump_hook.stacks.compose import ComposeDriver
 
-from .fakes import FakeGuest, FakeTransport, container_id
+from .fakes import FakeContainer, FakeGuest, FakeTransport, container_id
 
 
 def driver(g: FakeGuest, compose: tuple[str, ...] | None = None) -> ComposeDriver:
@@ -279,14 +279,26 @@ def test_start_without_recorded_containers_relies_on_compose(g: FakeGuest) -> No
         d.start(rec, 20)
 
 
-def test_start_of_containers_removed_since_is_not_an_error(g: FakeGuest) -> None:
-    """Containers that no longer exist (recreated by the admin) are left out of the check."""
+def test_start_of_containers_recreated_since_is_not_an_error(g: FakeGuest) -> None:
+    """A container recreated by the admin (new id, same service) counts: the service runs again."""
     d = driver(g)
     rec = d.running(10)["db"]
-    g.projects["db"].containers.pop(container_id("db", 1))
     d.stop(rec, 5, 20)
+    g.projects["db"].containers.pop(container_id("db", 1))
+    new = container_id("db", 7)
+    g.projects["db"].containers[new] = FakeContainer(new, "svc1", running=False)
     d.start(rec, 20)
     assert g.running_stacks() == ["db", "web"]
+
+
+def test_start_of_containers_removed_since_without_replacement_is_an_error(g: FakeGuest) -> None:
+    """`compose down` during the backup: the service that ran before does not run now: not up."""
+    d = driver(g)
+    rec = d.running(10)["db"]
+    d.stop(rec, 5, 20)
+    g.projects["db"].containers.pop(container_id("db", 1))
+    with pytest.raises(ControllerError, match="no longer exists"):
+        d.start(rec, 20)
 
 
 def test_is_up_false_without_containers(g: FakeGuest) -> None:

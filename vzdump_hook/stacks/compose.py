@@ -133,14 +133,27 @@ class ComposeDriver:
         deadline = start + timeout
         # only the services that were running: a one-shot or hand-stopped service stays down
         res = self.t.run(self._compose(rec, "start", *rec.services), timeout=timeout)
-        down = [c for c, (running, _) in self._states(rec, deadline - time.monotonic()).items() if not running]
+        states = self._states(rec, deadline - time.monotonic())
+        down = [c for c, (running, _) in states.items() if not running]
         if down:  # compose could not (file gone or edited): start the very containers we stopped
             self.t.run(["docker", "start", *down], timeout=deadline - time.monotonic())
-            down = [c for c, (running, _) in self._states(rec, deadline - time.monotonic()).items() if not running]
-        if down or (not res.ok and not rec.containers):
+            states = self._states(rec, deadline - time.monotonic())
+            down = [c for c, (running, _) in states.items() if not running]
+        gone = [c for c in rec.containers if c not in states]  # removed meanwhile: recreated, or `compose down`?
+        if gone and not down and self._services_up(rec, deadline - time.monotonic()):
+            gone = []  # recreated (new ids), and every service that ran before runs again
+        if down or gone or (not res.ok and not rec.containers):
             detail = res.stderr.strip()[-300:] if not res.ok else ""
-            raise ControllerError(f"stack {rec.name}: not running after start: {', '.join(c[:12] for c in down) or 'compose failed'}" + (f" ({detail})" if detail else ""))
+            what = ", ".join([c[:12] for c in down] + [f"{c[:12]} (no longer exists)" for c in gone]) or "compose failed"
+            raise ControllerError(f"stack {rec.name}: not running after start: {what}" + (f" ({detail})" if detail else ""))
         return time.monotonic() - start
+
+    def _services_up(self, rec: StackRecord, timeout: float) -> bool:
+        """Every service recorded (or, for a record without services, any) runs in the project now."""
+        argv = ["docker", "ps", "--filter", f"label=com.docker.compose.project={rec.name}", "--filter", "status=running", "--format", '{{.Label "com.docker.compose.service"}}']
+        res = self.t.run(argv, timeout=timeout)
+        running = set(res.stdout.split()) if res.ok else set()
+        return set(rec.services) <= running if rec.services else bool(running)
 
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
         states = self._states(rec, timeout)
