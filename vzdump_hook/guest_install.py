@@ -87,12 +87,33 @@ class Layout:
         return shlex.join([self.path("wrapper"), "--conf", self.path("conf")])
 
 
+def _installed_from() -> str:
+    """The local directory pip installed this package from (PEP 610 direct_url.json), or ""."""
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    try:
+        text = metadata.distribution("vzdump-hook").read_text("direct_url.json") or ""
+        url = urlparse(json.loads(text).get("url", "")) if text else None
+    except (metadata.PackageNotFoundError, ValueError, AttributeError):
+        return ""
+    return unquote(url.path) if url is not None and url.scheme == "file" else ""
+
+
 def guest_files_dir() -> Path:
-    """examples/guest/ of this installation. Raises InstallError when it cannot be found."""
-    candidates = [os.environ.get(GUEST_FILES_ENV, ""), str(Path(__file__).resolve().parent.parent / "examples" / "guest")]
+    """examples/guest/ of this installation: $VZDUMP_HOOK_GUEST_FILES, the checkout next to the package
+    (editable install), the directory pip installed it from (scripts/install.sh), share/ of the venv.
+    Raises InstallError when none has the files."""
     import sys
 
-    candidates += [os.path.join(sys.prefix, "share", "vzdump-hook", "guest"), "/usr/local/share/vzdump-hook/guest", "/usr/share/vzdump-hook/guest"]
+    source = _installed_from()
+    candidates = [
+        os.environ.get(GUEST_FILES_ENV, ""),
+        str(Path(__file__).resolve().parent.parent / "examples" / "guest"),
+        os.path.join(source, "examples", "guest") if source else "",
+        os.path.join(sys.prefix, "share", "vzdump-hook", "guest"),
+    ]
     for c in candidates:
         if c and all(os.path.isfile(os.path.join(c, f.source)) for f in FILES if f.source):
             return Path(c)

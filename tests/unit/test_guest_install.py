@@ -311,6 +311,17 @@ def test_guest_files_are_found_next_to_the_package(monkeypatch: pytest.MonkeyPat
     assert gi.guest_files_dir() == REPO / "examples" / "guest"
 
 
+def test_guest_files_of_a_non_editable_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    # scripts/install.sh: pip installs from the checkout into a venv; pip's direct_url.json names it
+    monkeypatch.delenv(gi.GUEST_FILES_ENV, raising=False)
+    monkeypatch.setattr(gi, "__file__", "/opt/venv/lib/python3.11/site-packages/vzdump_hook/guest_install.py")
+    monkeypatch.setattr(gi, "_installed_from", lambda: str(REPO))
+    assert gi.guest_files_dir() == REPO / "examples" / "guest"
+    monkeypatch.setattr(gi, "_installed_from", lambda: "")
+    with pytest.raises(InstallError, match=gi.GUEST_FILES_ENV):
+        gi.guest_files_dir()
+
+
 def test_layout_from_env() -> None:
     assert Layout.from_env({}).root == "/" and Layout.from_env({}).wrapper_command == "/usr/local/sbin/vzdump-hook-wrapper"
     lay = Layout.from_env({gi.GUEST_ROOT_ENV: "/tmp/g r"})
