@@ -184,6 +184,25 @@ def test_a_restart_loop_is_not_up(guest: Guest) -> None:
     assert code == 1 and "db: not running after start" in out and guest.marker.exists()
 
 
+def test_containers_recreated_since_the_stop_count_when_their_services_run(guest: Guest) -> None:
+    guest.docker.add_project("db", ("app", "worker"), running=False)  # new containers (new ids) since
+    old = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), (cid("old-db", 0), cid("old-db", 1)), True, ("app", "worker"))
+    put(guest, marker_bytes((old,), deadline_in=1, written_ago=100))
+    code, out = recover(guest)
+    assert code == 0, out
+    assert guest.docker.running() == {"db": True} and not guest.marker.exists()
+
+
+def test_containers_removed_since_the_stop_are_still_down(guest: Guest) -> None:
+    # `compose down` since: nothing of the project exists, compose has nothing to start
+    guest.docker.add_project("db", (), running=False)
+    data = marker_bytes((record("db", ("app",)),), deadline_in=1, written_ago=100)
+    put(guest, data)
+    code, out = recover(guest)
+    assert code == 1 and "(no longer exists)" in out and "STILL DOWN: db" in out, out
+    assert guest.marker.read_bytes() == data
+
+
 def test_docker_not_answering_leaves_everything_for_the_next_run(guest: Guest) -> None:
     recs = setup_stacks(guest, "db")
     put(guest, marker_bytes(recs, deadline_in=1, written_ago=100))

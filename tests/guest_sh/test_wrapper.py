@@ -19,6 +19,7 @@ from tests.guest_sh.fakedocker import cid
 from vzdump_hook import config as configuration
 from vzdump_hook.controller import GuestController
 from vzdump_hook.job import JobId
+from vzdump_hook.marker import StackRecord
 from vzdump_hook.stacks import compose as compose_mod
 from vzdump_hook.stacks.compose import ComposeDriver
 from vzdump_hook.transports import base
@@ -104,6 +105,32 @@ def test_the_fallback_verbs_work_through_the_wrapper(guest: Guest) -> None:
     argvs = guest.docker.argvs()
     assert ["docker", "stop", "-t", "5", *ids] in argvs and ["docker", "start", *ids] in argvs
     assert ["docker-compose", "-p", "db", "-f", "/srv/db/compose.yaml", "stop", "-t", "5"] in argvs
+
+
+def services_of(name: str) -> list[str]:
+    return ["docker", "ps", "--filter", f"label=com.docker.compose.project={name}", "--filter", "status=running", "--format", '{{.Label "com.docker.compose.service"}}']
+
+
+def test_running_services_of_one_project(guest: Guest) -> None:
+    # the driver asks this after a start when recorded containers were recreated
+    guest.docker.add_project("db", ("app", "worker"))
+    argv = services_of("db")
+    p = forced(guest, shlex.join(argv))
+    assert p.returncode == 0 and sorted(p.stdout.decode().split()) == ["app", "worker"], p.stderr
+    assert guest.docker.argvs()[-1] == argv
+    for bad in ("db;id", "$(id)", "DB", "-db", ""):
+        p = forced(guest, shlex.join(services_of(bad)))
+        assert p.returncode == 126, bad
+
+
+def test_recreated_containers_are_checked_through_the_wrapper(guest: Guest) -> None:
+    # the containers recorded at the stop were replaced since (new ids): the driver asks which services run
+    guest.docker.add_project("db", ("app", "worker"), running=False)
+    old = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), (cid("old", 0), cid("old", 1)), True, ("app", "worker"))
+    ComposeDriver(WrapperTransport(guest), ("docker", "compose")).start(old, 30)
+    assert guest.docker.running() == {"db": True}
+    assert services_of("db") in guest.docker.argvs()
+    assert not [ln for ln in log_lines(guest) if "REFUSED" in ln], log_lines(guest)
 
 
 def test_file_verbs_through_the_wrapper(guest: Guest) -> None:
