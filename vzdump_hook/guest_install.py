@@ -200,21 +200,23 @@ class Setup:
     def complete(self) -> bool:
         return self.recovery == "current" and self.wrapper == "current" and (self.timer_ok or self.timer in ("not-checked", "no-systemd"))
 
-    def line(self, vmid: int) -> str:
+    def line(self, vmid: int, transport: str = "ssh") -> str:
         """One line for `check`."""
         if self.error:
             return f"guest side: unknown ({self.error})"
         timer = {"not-checked": "", "no-systemd": ", no systemd: run it at boot and every minute by other means"}.get(
             self.timer, "" if self.timer_ok else f", timer NOT ACTIVE ({self.timer})")
         rec = f"recovery {self.recovery}{timer if self.recovery != 'NOT INSTALLED' else ''}"
-        if self.restricted:
+        if transport != "ssh":
+            key = f"no SSH key to restrict (transport {transport})"
+        elif self.restricted:
             key = f"node key restricted to the wrapper ({self.wrapper})"
         elif self.restricted is False:
             key = "node key NOT restricted (it may run any command)"
         else:
             key = "node key: unknown"
         todo = ""
-        if not self.complete or self.restricted is False:
+        if not self.complete or (self.restricted is False and transport == "ssh"):
             todo = f": `vzdump-hook guest install {vmid}`" + (" with an unrestricted key (--identity-file)" if self.restricted else "")
         return f"guest side: {rec}; {key}{todo}"
 
@@ -267,7 +269,7 @@ def inspect(t: Transport, guest: GuestConfig, layout: Layout, deadline: float) -
 def describe(t: Transport, guest: GuestConfig, deadline: float) -> str:
     """The `check` line for this guest's guest side; never raises."""
     try:
-        return inspect(t, guest, Layout.from_env(), deadline).line(guest.vmid)
+        return inspect(t, guest, Layout.from_env(), deadline).line(guest.vmid, guest.transport)
     except (HookError, OSError) as e:
         return f"guest side: unknown ({e})"
 

@@ -209,3 +209,45 @@ def test_node_boot_unit_resumes_markers_of_a_job_that_died_with_the_node(setup: 
     assert f"{VMID}: marker of job" in r.stdout and "(its job is over): started" in r.stdout
     assert running([db, web, other]) == {db.name: True, web.name: True, other.name: True}
     assert not setup.marker_path(VMID).exists()
+
+
+def test_installed_over_pct_the_container_recovers_by_itself(tmp_path: Path, compose_project: Any) -> None:
+    # an LXC container reached with `pct exec` (tests/infra/pct_standin.py: its own mount namespace and
+    # /var/lib): `guest install` deploys over pct (no key to restrict), the node dies after pre-stop,
+    # the container boots again and its installed recovery program brings the stack back
+    from tests.infra.pct_standin import NsContainer, make_pct
+
+    db = compose_project("db", {"app": "sleeper"})
+    compose.up(db)
+    ct = NsContainer(VMID, tmp_path / "ct")
+    try:
+        setup = HookSetup(tmp_path)
+        setup.config.write_text(f'[guests.{VMID}]\ntransport = "pct"\npct = {{ path = "{make_pct(tmp_path / "ct")}" }}\n'
+                                f'stacks = ["{db.name}"]\nstop_timeout = 5\n')
+        root = "/var/lib/vzdh-guest-root"  # inside the container; on the host: ct.var_lib / "vzdh-guest-root"
+        env = setup.env | {"PATH": "/usr/bin:/bin", "VZDUMP_HOOK_GUEST_ROOT": root}
+        r = subprocess.run([installed_hook(), "guest", "install", str(VMID)], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "no SSH key" in r.stdout and "5 change(s)" in r.stdout
+        installed = ct.var_lib / "vzdh-guest-root"
+        assert (installed / "usr/local/sbin/vzdump-hook-recover").read_bytes() == RECOVER.read_bytes()
+        r = subprocess.run([installed_hook(), "guest", "install", str(VMID)], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "0 change(s)" in r.stdout, r.stdout + r.stderr
+        r = subprocess.run([installed_hook(), "check", str(VMID)], env=env, capture_output=True, text=True, timeout=120)
+        assert "guest side: recovery current; no SSH key to restrict (transport pct)" in r.stdout, r.stdout + r.stderr
+
+        node_dies_after_pre_stop(setup, "lxc", "snapshot")
+        marker = ct.var_lib / "vzdump-hook" / "marker.json"
+        assert marker.exists() and compose.running_services(db) == set()
+        ct.stop()
+        time.sleep(max(0.0, marker.stat().st_mtime + 3 - time.time()))
+        ct.start()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        p = ct.run(["unshare", "--time", f"--boottime={-int(uptime - 1)}", f"{root}/usr/local/sbin/vzdump-hook-recover",
+                    "--conf", f"{root}/etc/vzdump-hook/guest.conf"], timeout=120)
+        out = (p.stdout + p.stderr).decode()
+        assert p.returncode == 0 and "written before this boot" in out, out
+        assert compose.running_services(db) == {"app"} and not marker.exists()
+    finally:
+        ct.close()

@@ -267,6 +267,12 @@ def test_describe_never_raises(env: Env) -> None:
     assert gi.describe(Dead("dead"), env.guest, 1e18).startswith("guest side: unknown (connection refused")
 
 
+def test_setup_line_of_a_transport_without_a_key() -> None:
+    s = Setup({k: "current" for k in ("recover", "service", "timer", "conf", "wrapper")}, False, "enabled active")
+    assert s.line(7, "pct") == "guest side: recovery current; no SSH key to restrict (transport pct)"
+    assert s.line(7, "ssh").endswith("node key NOT restricted (it may run any command): `vzdump-hook guest install 7`")
+
+
 def test_setup_line_without_systemd_says_so() -> None:
     s = Setup({k: "current" for k in ("recover", "service", "timer", "conf", "wrapper")}, True, "no-systemd")
     assert "no systemd: run it at boot and every minute by other means" in s.line(1)
