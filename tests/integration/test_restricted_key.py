@@ -41,6 +41,7 @@ class Restricted:
 
     def __init__(self, guest: TestGuest, setup: HookSetup, shell: str) -> None:
         self.guest = guest
+        self.shell = shell
         self.key = keygen(guest.workdir / "restricted_key")
         self.log = guest.workdir / "wrapper.log"
         self.marker = guest.workdir / "marker.json"  # where HookSetup.write puts the marker of its guests
@@ -76,9 +77,10 @@ def admin(setup: HookSetup, *args: str, env: dict[str, str] | None = None) -> su
 
 def test_the_hook_runs_a_whole_backup_through_the_restricted_key(restricted: Restricted, setup: HookSetup, test_guest: TestGuest,
                                                                  compose_project: Any) -> None:
-    db = compose_project("db", {"app": "sleeper", "worker": "sleeper"})
-    web = compose_project("web", {"app": "sleeper"})
-    other = compose_project("other", {"app": "sleeper"})
+    version = "v1" if restricted.shell == "busybox" else "v2"  # v1 labels its config files differently
+    db = compose_project("db", {"app": "sleeper", "worker": "sleeper"}, compose=version)
+    web = compose_project("web", {"app": "sleeper"}, compose=version)
+    other = compose_project("other", {"app": "sleeper"}, compose=version)
     for p in (db, web, other):
         compose.up(p)
     setup.write({VMID: (test_guest, {"stacks": [db.name, web.name], "ssh": {"identity_file": restricted.key}})})
