@@ -29,7 +29,7 @@ log = logging.getLogger("vzdump_hook")
 
 RUN_DIR_ENV = "VZDUMP_HOOK_RUN_DIR"  # overrides for tests and development; vzdump passes no environment
 STATE_DIR_ENV = "VZDUMP_HOOK_STATE_DIR"
-HARD_GRACE = 15.0
+HARD_GRACE = 15.0  # seconds past the phase deadline before the watchdog ends the process
 RETRY_WAIT = 10.0  # seconds to wait for a guest at a resume retry  # seconds past the phase deadline before the watchdog ends the process
 
 
@@ -419,9 +419,14 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
     _watchdog(settings.phase_timeout + HARD_GRACE, name)
     try:
         return PhaseRunner(cfg, settings, job).run(phase, vmtype, mode, vmid)
-    except HookError as e:
-        log.error("%s: %s", name, describe(e))
-        return e.exit_code if phase in (Phase.JOB_START, Phase.BACKUP_START, Phase.PRE_STOP) else 0
+    except Exception as e:
+        # Only the policies above fail a backup. An error that got this far (host state unwritable,
+        # a bug) is reported loudly; whatever was stopped is in the marker and the host record and
+        # is started by the next phase, job-end or `recover`.
+        what = describe(e) if isinstance(e, HookError) else f"internal error, please report: {type(e).__name__}: {e}"
+        log.error("%s%s: %s", name, f" {vmid}" if vmid is not None else "", what)
+        log.debug("traceback", exc_info=True)
+        return 0
 
 
 def setup_logging(debug: bool = False) -> None:

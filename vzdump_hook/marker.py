@@ -130,7 +130,9 @@ def parse(data: bytes) -> Marker:
         raise MarkerError(f"marker: larger than {MAX_SIZE} bytes")
     try:
         d = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # \ud800-style escapes decode to lone surrogates, which no command line can carry
+        json.dumps(d, ensure_ascii=False).encode()
+    except (ValueError, UnicodeError, RecursionError) as e:
         raise MarkerError(f"marker: not JSON ({type(e).__name__})") from None
     if not isinstance(d, dict):
         raise MarkerError("marker: not a JSON object")

@@ -654,3 +654,12 @@ def test_unreadable_marker_at_pre_stop_is_reported(hook: Hook, caplog: pytest.Lo
 def test_hostile_marker_does_not_crash_backup_start(hook: Hook) -> None:
     hook.g.files[MARKER] = b"[" * 30000 + b"]" * 30000
     assert hook("backup-start", Mode.SNAPSHOT, 101, QEMU) == 0
+
+
+def test_admin_commands_are_all_known_to_the_fast_entry_point() -> None:
+    """cli.py routes by a fixed word list (no click import for vzdump phases): every click command
+    must be in it, or it would be taken for an unknown vzdump phase."""
+    from vzdump_hook.admin import cli as group
+    from vzdump_hook.cli import ADMIN_COMMANDS
+
+    assert set(group.commands) == set(ADMIN_COMMANDS)

@@ -349,3 +349,10 @@ def test_services_round_trip_and_are_checked() -> None:
     d["stacks"][0]["services"] = ["ok", "$(reboot)"]
     with pytest.raises(MarkerError, match="services must be compose service names"):
         marker.parse(json.dumps(d).encode())
+
+
+def test_lone_surrogate_escape_is_a_marker_error() -> None:
+    d = json.loads(make().to_json())
+    d["stacks"][0]["workdir"] = "/srv/\ud800x"
+    with pytest.raises(MarkerError, match="not JSON"):
+        marker.parse(json.dumps(d).encode())
