@@ -125,15 +125,21 @@ class GuestController:
         m = self.read_marker(deadline)
         return Preflight(self.driver.compose or (), tuple(sorted(running)), tuple(s.name for s in chosen), tuple(missing), m)
 
-    def quiesce(self, vmtype: str, mode: str, deadline: float, inherited: tuple[StackRecord, ...] = ()) -> Quiesce:
+    def quiesce(self, vmtype: str, mode: str, deadline: float, inherited: tuple[StackRecord, ...] | None = None) -> Quiesce:
         """Write the marker (fsynced) listing the running selected stacks, then stop them.
 
-        `inherited`: stacks an earlier marker lists that are not yet running again; they are kept
-        in the new marker so that nothing is dropped before it runs. Raises HookError when the
-        marker cannot be written (then nothing was stopped)."""
+        Stacks an earlier marker lists (`inherited`, read from the guest when None) are kept in the
+        new marker, so that nothing is dropped before it runs. A marker that cannot be read is never
+        overwritten. Raises NothingStopped when nothing was stopped (guest unreachable, marker
+        unreadable or not writable), HookError when the marker write may or may not have landed."""
         try:
             self.t.connect(_left(deadline))
+            if inherited is None:
+                existing = self.read_marker(deadline)
+                inherited = existing.stacks if existing is not None else ()
             running = self.driver.running(_left(deadline, self.guest.command_timeout))
+        except MarkerError as e:
+            raise NothingStopped(f"{e}; it is left in place (see `vzdump-hook status`, fix or remove it)") from e
         except HookError as e:
             raise NothingStopped(str(e)) from e
         chosen, missing = self.select(running)

@@ -20,7 +20,7 @@ from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, describe
 from .errors import ConfigError, ConnectError, HookError
 from .job import JobId
-from .marker import Marker, StackRecord
+from .marker import Marker
 from .orchestrator import Outcome, Step
 from .phases import GuestType, Mode, Phase, parse_phase
 from .state import GuestRecord, HostState, Status
@@ -175,14 +175,8 @@ class PhaseRunner:
             with self.state.guest_lock(vmid, self.left()):
                 rec.status = Status.QUIESCING
                 self.state.save(rec)
-                inherited: tuple[StackRecord, ...] = ()
                 try:
-                    existing = ctl.read_marker(self.deadline)
-                    inherited = existing.stacks if existing is not None else ()
-                except HookError as e:
-                    log.warning("pre-stop %d: existing marker unusable, replaced (what it listed is not started by the hook): %s", vmid, describe(e))
-                try:
-                    q = ctl.quiesce(vmtype.value, mode.value, self.deadline, inherited)
+                    q = ctl.quiesce(vmtype.value, mode.value, self.deadline)
                 except NothingStopped as e:
                     rec.status = Status.NOTHING_STOPPED
                     rec.crash_consistent = True

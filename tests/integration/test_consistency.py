@@ -64,8 +64,8 @@ CRASH_RECOVERY = ("database system was interrupted", "not properly shut down", "
 ORDERS = [("lxc", "snapshot"), ("lxc", "suspend"), ("lxc", "stop"), ("qemu", "snapshot"), ("qemu", "stop")]
 TRANSFER = 1.0  # seconds of simulated archive transfer
 CONNECT_TIMEOUT = 3  # ssh.connect_timeout of the test guest
-# pre-stop on a cut-off guest today pays the connect timeout twice (see the xfail test below)
-CUT_OFF_BOUND = 2 * CONNECT_TIMEOUT + 4
+# pre-stop on a cut-off guest pays the connect timeout once, plus process start-up
+CUT_OFF_BOUND = CONNECT_TIMEOUT + 4
 BOOT = 1.0  # seconds a guest takes to answer SSH again after vzdump starts it (stop mode)
 
 
@@ -465,10 +465,6 @@ def test_guest_cut_off_before_pre_stop_continue_gives_a_crash_consistent_copy(
     assert not setup.marker_path(VMID).exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: vzdump_hook/hook.py PhaseRunner.quiesce: a ConnectError from ctl.read_marker() is caught as "
-    "'existing marker unusable, replaced' (misleading: no marker was read or replaced), then ctl.quiesce() "
-    "connects again, so pre-stop on an unreachable guest takes 2 x connect_timeout"))
 def test_guest_cut_off_pre_stop_pays_one_connect_timeout_and_says_unreachable(
     setup: HookSetup, hook: str, test_guest: TestGuest, compose_project: Callable[..., ComposeProject],
 ) -> None:

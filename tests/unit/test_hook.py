@@ -649,6 +649,8 @@ def test_unreadable_marker_at_pre_stop_is_reported(hook: Hook, caplog: pytest.Lo
     hook.g.files[MARKER] = b"{broken"
     assert hook("pre-stop", Mode.SNAPSHOT, 101, QEMU) == 0  # no backup-start: nobody looked at it before
     assert any(r.levelno >= logging.WARNING and "marker" in r.getMessage() for r in caplog.records)
+    assert hook.g.files[MARKER] == b"{broken"  # never overwritten: what it listed is not lost
+    assert hook.g.stops() == []
 
 
 def test_hostile_marker_does_not_crash_backup_start(hook: Hook) -> None:
