@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -75,8 +76,13 @@ class SshTransport(Transport):
             raise ConnectError(f"{self.target}: cannot read known_hosts {cfg.known_hosts}: {e}") from None
         client.set_missing_host_key_policy(_Refuse(cfg))
         try:
+            # our own socket, for TCP_NODELAY: without it every small SSH message of a short command
+            # can wait for a delayed ACK (tens of ms per command)
+            sock = socket.create_connection((cfg.host, cfg.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.connect(
                 cfg.host,
+                sock=sock,
                 port=cfg.port,
                 username=cfg.user,
                 key_filename=cfg.identity_file,
