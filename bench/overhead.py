@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                             add(variant, phase, by_phase[phase])
                     add(variant, "pre-stop + post-restart", by_phase.get("pre-stop", 0) + by_phase.get("post-restart", 0))
                     if compose.running_services(project) != {"app"}:
-                        failures.append(f"{variant} run {i + 1}: stack not running after the job")
+                        failures.append(f"{variant} run {i + 1}: stack not running after the job\n{result.task_log()}")
                         compose.start(project)
         finally:
             compose.down(project, remove_dir=False)

@@ -6,6 +6,7 @@ A transport only moves argv lists and bytes. Quoting for a remote shell is done 
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from abc import ABC, abstractmethod
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import CommandTimeout, TransportError
+
+log = logging.getLogger(__name__)
 
 MAX_OUTPUT = 4 * 1024 * 1024  # bytes kept per stream; a guest cannot make the hook eat memory
 
@@ -109,13 +112,15 @@ class Transport(ABC):
             raise CommandTimeout("no time left in this phase", command=display(argv))
         start = time.monotonic()
         status, out, err = self._exec(argv, stdin, timeout)
-        return Result(
+        result = Result(
             display(argv),
             status,
             out[:MAX_OUTPUT].decode("utf-8", "replace"),
             err[:MAX_OUTPUT].decode("utf-8", "replace"),
             time.monotonic() - start,
         )
+        log.debug("%s: %s -> %d in %.0f ms", self.target, result.command, status, result.duration * 1000)
+        return result
 
     def write_file(self, path: str, data: bytes, *, timeout: float) -> None:
         """Write `data` to `path` atomically (temp file, fsync, rename). Raises TransportError."""
