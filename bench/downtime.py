@@ -10,8 +10,15 @@ to the first poll that finds PostgreSQL accepting connections again.
 Baseline, same run, same guest, same hook code: vzdump-hook behind a small sh wrapper that drops
 pre-restart/post-restart calls made before backup-end, so no stack can be started before backup-end,
 as a hook that "stops at pre-stop, starts at backup-end" does. Where the hook itself resumes at or
-after backup-end (QEMU, stop modes) both columns measure the same thing; the ratio shows where the
-early resume pays off.
+after backup-end (LXC stop) both columns measure the same thing; the ratio shows where the early
+resume pays off.
+
+QEMU: the point in time is the start of QEMU's backup job, which the hook learns from QMP
+`query-backup` (its early-resume watcher, vzdump_hook/qemu/watcher.py). QEMU's QMP socket is played by
+the QMP double (tests/infra/qmp_double.py, `[hook] qmp_dir`): the stand-in's point in time starts the
+job in it (qemu stop: vzdump's shutdown removes the socket, the paused restart brings it back). QEMU
+already ran a backup job before (a leftover, which must not count). The baseline runs with
+`early_resume = false`, so the QEMU rows compare the watcher with resume-at-backup-end.
 
 Run as root from the repository: ``python3 bench/downtime.py [--transfer 20] [--runs 1]``.
 """
@@ -31,6 +38,7 @@ from _common import PgPoller, machine, need_root, reproduce, scratch_dir  # firs
 from tests.infra import compose
 from tests.infra.compose import PG_BIN, ComposeProject
 from tests.infra.guest import TestGuest
+from tests.infra.qmp_double import QmpDouble
 from tests.infra.vzdump import Context, GuestSpec, GuestType, JobResult, Mode, Moment, run_job
 from tests.integration.hookenv import HookSetup, installed_hook
 
@@ -40,7 +48,10 @@ ORDERS = ["lxc-snapshot", "lxc-suspend", "lxc-stop", "qemu-snapshot", "qemu-stop
 BASELINE_WRAPPER = """#!/bin/sh
 # Baseline for bench/downtime.py: vzdump-hook, but stacks may be started only from backup-end on.
 # pre-restart/post-restart calls that come before backup-end are dropped (exit 0); those vzdump makes
-# after backup-end (stop modes: restarting the guest) go through unchanged.
+# after backup-end (stop modes: restarting the guest) go through unchanged. QEMU: no early-resume
+# watcher (its config has early_resume = false; its own run directory: all jobs of this benchmark
+# have the same vzdump "worker", this process, so they share a job directory).
+export VZDUMP_HOOK_CONFIG={config} VZDUMP_HOOK_RUN_DIR={run_dir}
 flag={flagdir}/backup-end-seen.$3
 case "$1" in
   backup-start) /bin/rm -f "$flag" ;;
@@ -90,13 +101,15 @@ class Measurement:
 
 def resumed_phase(result: JobResult) -> str:
     for r in result.records:
+        if r.vmid == VMID and any(f"watcher {VMID}: started" in line for line in r.lines):
+            return "job start"  # the QEMU watcher (its lines come out at backup-end)
         if r.vmid == VMID and any(f"{r.phase} {VMID}: started" in line for line in r.lines):
             return str(r.phase)
     return "?"
 
 
 def measure(hook: str, setup: HookSetup, guest: TestGuest, project: ComposeProject, poller: PgPoller,
-            order: str, transfer: float, boot: float) -> Measurement:
+            order: str, transfer: float, boot: float, qmp: QmpDouble) -> Measurement:
     vmtype, mode = order.split("-")
     marks: dict[str, float] = {}
     timers: list[threading.Timer] = []
@@ -104,12 +117,20 @@ def measure(hook: str, setup: HookSetup, guest: TestGuest, project: ComposeProje
     def on_phase(phase: str, ctx: Context) -> None:
         if phase == "pre-stop" and ctx.moment is Moment.BEFORE_PHASE:
             marks["stop"] = ctx.time
+        if phase == "backup-end" and ctx.moment is Moment.BEFORE_PHASE and vmtype == "qemu" and qmp.job_started_at:
+            qmp.finish_job()  # the transfer is over
 
     def on_pit(ctx: Context) -> None:
         marks["pit"] = ctx.time
+        if vmtype == "qemu":  # vzdump's QMP `backup`: the job starts
+            if not qmp.exists:
+                qmp.restore()  # stop mode: vzdump started the VM paused, a new QEMU process
+            qmp.start_job()
 
     def shutdown(ctx: Context) -> None:
         guest.stop_sshd()
+        if vmtype == "qemu":
+            qmp.remove()
 
     def start(ctx: Context) -> None:
         t = threading.Timer(boot, guest.start_sshd)
@@ -167,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     hook = installed_hook()
     results: dict[tuple[str, str], list[Measurement]] = {}
     started = time.monotonic()
-    with scratch_dir("vzdh-bench-") as tmp, TestGuest() as guest:
+    with scratch_dir("vzdh-bench-") as tmp, TestGuest() as guest, QmpDouble(tmp / f"{VMID}.qmp", leftover=True) as qmp:
         project = compose.make_project("bench", {"db": "postgres"}, compose=args.compose, workdir=tmp / "p")
         load: Load | None = None
         poller = PgPoller(project.socket_dir())
@@ -178,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             setup = HookSetup(tmp / "hook")
             setup.tmp.mkdir()
             cmd = "docker-compose" if args.compose == "v1" else "docker compose"
-            setup.write({VMID: (guest, {"stacks": [project.name], "compose_command": cmd, "stop_timeout": 30,
-                                        "resume_wait": 120})})
+            table = {"stacks": [project.name], "compose_command": cmd, "stop_timeout": 30, "resume_wait": 120}
+            setup.hook_table = {"qmp_dir": str(tmp)}
+            setup.write({VMID: (guest, {**table, "early_resume": False})})
+            baseline_config = setup.config.rename(tmp / "baseline.toml")
+            setup.write({VMID: (guest, table)})
             wrapper = tmp / "baseline-hook"
-            wrapper.write_text(BASELINE_WRAPPER.format(flagdir=tmp, hook=hook))
+            wrapper.write_text(BASELINE_WRAPPER.format(flagdir=tmp, hook=hook, config=baseline_config, run_dir=tmp / "baseline-run"))
             wrapper.chmod(0o755)
             poller.start()
             if not args.no_load:
@@ -191,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             for order in orders:
                 for run in range(args.runs):
                     for variant, path in (("hook", hook), ("baseline", str(wrapper))):
-                        m = measure(path, setup, guest, project, poller, order, args.transfer, args.boot)
+                        m = measure(path, setup, guest, project, poller, order, args.transfer, args.boot, qmp)
                         results.setdefault((order, variant), []).append(m)
                         print(f"  {order:14} {variant:8} run {run + 1}: down {fmt(m.downtime)} s "
                               f"(unavailable {fmt(m.unavailable)} s, point in time {m.to_point_in_time:4.1f} s after the stop, "
@@ -214,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compose {args.compose}; {'no load' if args.no_load else 'write load: one INSERT per connection every 20 ms'}; "
           f"median of {args.runs} run(s) per cell; total {took:.0f} s.")
     print("baseline = the same hook behind a wrapper that drops pre-restart/post-restart calls before backup-end")
-    print("           (= stop at pre-stop, start at backup-end, or when the guest runs again after it)")
+    print("           (= stop at pre-stop, start at backup-end, or when the guest runs again after it), early_resume = false")
+    print("QEMU: QMP played by the QMP double; the point in time starts the backup job in it; the hook's watcher")
+    print("      starts the stacks once query-backup reports that job (\"job start\" below)")
     print()
     header = f"{'type/mode':14}  {'hook resumes at':15}  {'PIT after stop':>14}  {'hook':>6}  {'baseline':>8}  {'baseline/hook':>13}"
     print(header)
@@ -237,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     same = [o.replace("-", " ") for o in orders if ratios[o] == ratios[o] and ratios[o] < 1.3]
     if same:
         print(f"no gain (the hook resumes at backup-end or later there too): {', '.join(same)}; "
-              "QEMU's point in time is the backup job start after post-restart, stop modes restart the guest after the archive.")
+              "LXC stop mode starts the container again only after the archive.")
     failed = [f"{o} {v}" for (o, v), ms in results.items() for m in ms if not m.ok]
     if failed:
         print(f"runs with problems: {', '.join(failed)}")

@@ -303,14 +303,17 @@ def _simulate_dry(g: GuestConfig, vt: GuestType, md: Mode, order: tuple[str, ...
             click.echo(f"  {step}")
             continue
         phase = Phase(step)
-        plan = orchestrator.plan(phase, vt, md, rec)
+        plan = orchestrator.plan(phase, vt, md, rec, g.early_resume)
         what = {
             orchestrator.Step.SWEEP: "resume markers left by jobs that are over",
             orchestrator.Step.PREFLIGHT: f"check the guest ({ctl.t.target}): ok now",
             orchestrator.Step.QUIESCE: f"write the marker, stop {', '.join(p.selected) or 'nothing'}",
             orchestrator.Step.RESUME: f"start {', '.join(reversed(p.selected)) or 'nothing'}, remove the marker",
+            orchestrator.Step.ARM_WATCHER: "watch QMP: start the stacks once QEMU's backup job has started",
             orchestrator.Step.FINISH: "last resume attempts, summary",
         }.get(plan.step, plan.note or "nothing")
+        if plan.arm_watcher:
+            what += "; then watch QMP: start the stacks once QEMU's backup job has started"
         click.echo(f"  {step:13} {what}")
         if plan.step is orchestrator.Step.QUIESCE and p.selected:
             rec.status = Status.QUIESCED

@@ -84,6 +84,7 @@ class GuestConfig:
     command_timeout: float = 60.0
     resume_wait: float = 180.0
     enabled: bool = True
+    early_resume: bool = True  # QEMU: start the stacks once the backup job has started (qemu/watcher.py), not at backup-end
     pct: PctConfig | None = None
     agent: AgentConfig | None = None
     # The merged table this was validated from: kept in host state so that a resume can run with the
@@ -114,6 +115,7 @@ class HookSettings:
     sweep_timeout: float = 60.0
     pve_dir: str = "/etc/pve"
     tag: str = DEFAULT_TAG  # guests with this PVE tag are handled with [defaults]; "" turns this off
+    qmp_dir: str = "/var/run/qemu-server"  # QEMU's QMP sockets (VMID.qmp), asked for the backup job's start
 
 
 @dataclass(frozen=True)
@@ -334,6 +336,7 @@ _GUEST_KEYS: dict[str, Callable[[_Problems, str, Any], Any]] = {
     "marker_path": lambda p, path, v: _str(p, path, v, absolute=True),
     "command_timeout": lambda p, path, v: _num(p, path, v, lo=1, hi=3600),
     "resume_wait": lambda p, path, v: _num(p, path, v, lo=0, hi=3600),
+    "early_resume": _bool,
     "ssh": lambda p, path, v: None,  # validated after merging, see _guest
     "pct": lambda p, path, v: None,
     "agent": lambda p, path, v: None,
@@ -434,7 +437,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     if not isinstance(hook_raw, dict):
         p.add("hook", "must be a table")
     else:
-        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag"})
+        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag", "qmp_dir"})
         vals: dict[str, Any] = {}
         if "tag" in hook_raw:
             tag = hook_raw["tag"]
@@ -443,7 +446,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
                 vals["tag"] = None
             else:
                 vals["tag"] = tag
-        for k in ("state_dir", "run_dir", "pve_dir"):
+        for k in ("state_dir", "run_dir", "pve_dir", "qmp_dir"):
             if k in hook_raw:
                 vals[k] = _str(p, f"hook.{k}", hook_raw[k], absolute=True)
         for k in ("phase_timeout", "sweep_timeout"):

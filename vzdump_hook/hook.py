@@ -79,19 +79,26 @@ class PhaseRunner:
                 return orchestrator.exit_status(phase, Outcome(still_down=self.finish(phase)))
             return 0
         assert vmtype is not None and mode is not None and vmid is not None
+        if vmtype is GuestType.QEMU and phase in orchestrator.WATCHER_ENDS:
+            self.disarm_watcher(vmid)  # before the record is read: the watcher may be resuming
         rec = self.state.load(vmid)
         guest = self._guest(vmid, rec)
         if guest is None:
             if phase is Phase.BACKUP_START:
                 log.info("%s %d: not in %s (or not enabled): left alone", phase.value, vmid, self.cfg.source if self.cfg else "the config")
             return 0
-        plan = orchestrator.plan(phase, vmtype, mode, rec)
+        plan = orchestrator.plan(phase, vmtype, mode, rec, guest.early_resume)
         if plan.note and (rec is None or rec.status.pending or phase is Phase.PRE_STOP):
             log.info("%s %d: %s", phase.value, vmid, plan.note)
         if plan.step is Step.PREFLIGHT:
             return self.preflight(guest, vmtype, mode)
         if plan.step is Step.QUIESCE:
-            return self.quiesce(guest, vmtype, mode, rec)
+            code = self.quiesce(guest, vmtype, mode, rec, plan.note_backup_job)
+            if plan.arm_watcher:
+                self.arm_watcher(guest, phase)
+            return code
+        if plan.step is Step.ARM_WATCHER:
+            self.arm_watcher(guest, phase)
         if plan.step is Step.RESUME:
             self.resume(guest, phase, plan.wait_for_guest)
         return 0
@@ -163,8 +170,10 @@ class PhaseRunner:
 
     # -- pre-stop ------------------------------------------------------------------------------
 
-    def quiesce(self, guest: GuestConfig, vmtype: GuestType, mode: Mode, rec: GuestRecord | None) -> int:
+    def quiesce(self, guest: GuestConfig, vmtype: GuestType, mode: Mode, rec: GuestRecord | None, note_backup_job: bool = False) -> int:
         vmid = guest.vmid
+        if note_backup_job:
+            self._note_backup_job(vmid, mode)
         if rec is None:
             rec = GuestRecord(vmid, vmtype.value, mode.value, dict(guest.table))
         abort = guest.on_quiesce_error is QuiescePolicy.ABORT
@@ -218,22 +227,67 @@ class PhaseRunner:
         finally:
             ctl.close()
 
+    # -- QEMU: the early-resume watcher (qemu/watcher.py) ----------------------------------------
+
+    def _note_backup_job(self, vmid: int, mode: Mode) -> None:
+        """Before anything stops: the backup job QEMU knows now (a leftover must not count later)."""
+        from .qemu import watcher
+
+        try:
+            watcher.note_backup_job(self.state, vmid, mode.value, self.deadline)
+        except HookError as e:
+            log.info("pre-stop %d: early resume off (%s): the stacks start at backup-end", vmid, describe(e))
+
+    def arm_watcher(self, guest: GuestConfig, phase: Phase) -> None:
+        """Start the watcher that starts the stacks once QEMU's backup job has started."""
+        from .qemu import watcher
+
+        rec = self.state.load(guest.vmid)
+        if rec is None or not rec.status.pending:
+            return
+        try:
+            w = watcher.arm(self.state, guest.vmid, (rec.stop_started or time.time()) + guest.max_downtime)
+        except HookError as e:
+            log.warning("%s %d: early resume off (%s): the stacks start at backup-end", phase.value, guest.vmid, describe(e))
+            return
+        if w is not None:
+            log.info("%s %d: watching %s: the stacks start once QEMU's backup job has started (job before: %s), at backup-end at the latest", phase.value, guest.vmid, w.qmp, w.before_job.describe())
+
+    def disarm_watcher(self, vmid: int) -> None:
+        """End the guest's watcher (a resume under way is finished first) and log what it said."""
+        from .qemu import watcher
+
+        for line in watcher.disarm(self.state, vmid, wait=self.left() / 2):
+            text = line.removeprefix("vzdump-hook: ")
+            if text.startswith("WARNING: "):
+                log.warning("%s", text.removeprefix("WARNING: "))
+            elif text == line:  # not a log line of the watcher (a traceback?)
+                log.warning("watcher %d: %s", vmid, line)
+            else:
+                log.info("%s", text)
+
     # -- resume --------------------------------------------------------------------------------
 
     def resume(self, guest: GuestConfig, phase: Phase, wait: bool) -> bool:
         """Start what this job stopped in `guest`, exactly once. True when nothing of it is down."""
         ctl = GuestController(guest, self.job)
         try:
-            with self.state.guest_lock(guest.vmid, self.left()):
-                rec = self.state.load(guest.vmid)
-                if rec is None or not rec.status.pending:
-                    return True  # another phase or process did it
-                return self._resume_locked(ctl, rec, phase.value, wait)
-        except HookError as e:
-            log.warning("%s %d: resume: %s", phase.value, guest.vmid, describe(e))
-            return False
+            return self.resume_with(ctl, phase.value, wait)
         finally:
             ctl.close()
+
+    def resume_with(self, ctl: GuestController, where: str, wait: bool) -> bool:
+        """resume() over `ctl`, for `where` (a phase, or the watcher): under the guest's lock, only if
+        this job's record says the stacks are still down. True when nothing of it is down."""
+        try:
+            with self.state.guest_lock(ctl.guest.vmid, self.left()):
+                rec = self.state.load(ctl.guest.vmid)
+                if rec is None or not rec.status.pending:
+                    return True  # another phase or process did it
+                return self._resume_locked(ctl, rec, where, wait)
+        except HookError as e:
+            log.warning("%s %d: resume: %s", where, ctl.guest.vmid, describe(e))
+            return False
 
     def _resume_locked(self, ctl: GuestController, rec: GuestRecord, where: str, wait: bool) -> bool:
         vmid = rec.vmid
@@ -303,6 +357,9 @@ class PhaseRunner:
 
     def finish(self, phase: Phase) -> bool:
         """Last resume attempts for this job's guests, then the summary table. True if anything is down."""
+        for r in self.state.records():
+            if r.vmtype == GuestType.QEMU.value:
+                self.disarm_watcher(r.vmid)
         records = self.state.records()
         pending = [r for r in records if r.status.pending]
         if pending:

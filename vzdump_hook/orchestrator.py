@@ -13,6 +13,11 @@ Where the backup's point in time is decides the earliest safe resume (DESIGN.md 
   snapshot mode and with no hook of its own; `backup-end` is the first hook certainly after it.
   In suspend mode `pre-restart` follows `backup-end` on success but precedes the VM's resume after
   an error (the VM is paused then), so only `post-restart` is used there.
+- QEMU early resume (`early_resume`, qemu/watcher.py): `pre-stop` notes QEMU's current backup job
+  before anything stops (a leftover must not count); the last hook before the job starts arms a
+  detached watcher that starts the stacks once QMP reports the new job: `post-restart` in snapshot
+  mode, `pre-stop` (after the stop) in suspend and stop mode. `backup-end`, `backup-abort` and
+  `log-end` end it; whichever resumes first wins (per-guest lock), backup-end stays the fallback.
 """
 
 from __future__ import annotations
@@ -36,12 +41,19 @@ RESUME_POINTS: dict[tuple[GuestType, Mode], frozenset[Phase]] = {
 }
 
 
+# The last hook before QEMU's backup job starts, per mode (DESIGN.md §1): where the watcher is armed.
+WATCHER_ARMED_AT: dict[Mode, Phase] = {Mode.SNAPSHOT: Phase.POST_RESTART, Mode.SUSPEND: Phase.PRE_STOP, Mode.STOP: Phase.PRE_STOP}
+# The phases that end a guest's watcher: this guest's backup is over (or about to be) there.
+WATCHER_ENDS = frozenset({Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END})
+
+
 class Step(Enum):
     NONE = "none"
     SWEEP = "sweep"  # job-start: resume markers left by jobs that are provably over
     PREFLIGHT = "preflight"  # backup-start: guest answers, stacks listed, stale marker resumed
     QUIESCE = "quiesce"  # pre-stop: marker first, then stop
     RESUME = "resume"  # start what this job stopped
+    ARM_WATCHER = "arm-watcher"  # QEMU: start the stacks once the backup job has started (qemu/watcher.py)
     FINISH = "finish"  # job-end/job-abort: last resume attempts, summary
 
 
@@ -50,6 +62,8 @@ class Plan:
     step: Step
     wait_for_guest: bool = False  # the guest may be (re)booting: retry connecting up to resume_wait
     note: str = ""  # why nothing happens, for the task log
+    note_backup_job: bool = False  # QUIESCE: ask QEMU for its backup job before anything stops
+    arm_watcher: bool = False  # QUIESCE: arm the early-resume watcher right after the stop
 
 
 def first_resume_point(vmtype: GuestType, mode: Mode) -> Phase:
@@ -59,8 +73,9 @@ def first_resume_point(vmtype: GuestType, mode: Mode) -> Phase:
     return Phase.BACKUP_END
 
 
-def plan(phase: Phase, vmtype: GuestType | None, mode: Mode | None, record: GuestRecord | None) -> Plan:
-    """What to do in `phase` for a configured guest (job phases: for the job)."""
+def plan(phase: Phase, vmtype: GuestType | None, mode: Mode | None, record: GuestRecord | None, early_resume: bool = False) -> Plan:
+    """What to do in `phase` for a configured guest (job phases: for the job). `early_resume`: the
+    guest's setting; it only applies to QEMU guests."""
     if phase is Phase.JOB_INIT:
         return Plan(Step.NONE)
     if phase is Phase.JOB_START:
@@ -75,11 +90,17 @@ def plan(phase: Phase, vmtype: GuestType | None, mode: Mode | None, record: Gues
             return Plan(Step.NONE, note="preflight failed: nothing is stopped, the backup is crash-consistent")
         if record is not None and record.status.pending:
             return Plan(Step.NONE, note="already quiesced by this job")
-        return Plan(Step.QUIESCE)
+        watch = early_resume and vmtype is GuestType.QEMU
+        return Plan(Step.QUIESCE, note_backup_job=watch, arm_watcher=watch and WATCHER_ARMED_AT[mode] is Phase.PRE_STOP)
     if record is None or not record.status.pending:
         return Plan(Step.NONE)
     if phase not in RESUME_POINTS[(vmtype, mode)]:
-        return Plan(Step.NONE, note=f"stacks stay down until {first_resume_point(vmtype, mode).value}: the backup's point in time is still ahead")
+        until = first_resume_point(vmtype, mode).value
+        if early_resume and vmtype is GuestType.QEMU:
+            if phase is WATCHER_ARMED_AT[mode]:
+                return Plan(Step.ARM_WATCHER)
+            until = f"QEMU's backup job has started (or {until})"
+        return Plan(Step.NONE, note=f"stacks stay down until {until}: the backup's point in time is still ahead")
     restarted = mode is Mode.STOP or phase in (Phase.BACKUP_ABORT, Phase.LOG_END)
     return Plan(Step.RESUME, wait_for_guest=restarted)
 

@@ -73,7 +73,8 @@ def test_simulate_dry_run_changes_nothing(guest_with_stacks: Any) -> None:
     r = admin(setup, "simulate", str(VMID), "--type", "qemu", "--mode", "snapshot", "--dry-run")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"write the marker, stop {db.name}, {web.name}" in r.stdout
-    assert "post-restart  stacks stay down until backup-end" in r.stdout
+    assert "pre-restart   stacks stay down until QEMU's backup job has started (or backup-end)" in r.stdout
+    assert "post-restart  watch QMP: start the stacks once QEMU's backup job has started" in r.stdout  # early resume
     assert f"backup-end    start {web.name}, {db.name}" in r.stdout
     assert compose.running_services(db) == {"app"} and not setup.marker_path(VMID).exists()
 

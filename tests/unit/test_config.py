@@ -395,3 +395,17 @@ def test_load_uses_env_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(CONFIG_ENV, str(p))
     cfg = config.load()
     assert cfg.source == str(p) and 101 in cfg.guests
+
+
+def test_early_resume_and_qmp_dir() -> None:
+    cfg = parse('[hook]\nqmp_dir = "/tmp/qmp"\n[defaults]\nearly_resume = false\n[guests.101]\nssh = { host = "h" }\n'
+                '[guests.102]\nssh = { host = "h" }\nearly_resume = true\n')
+    assert cfg.hook.qmp_dir == "/tmp/qmp"
+    assert cfg.guests[101].early_resume is False and cfg.guests[102].early_resume is True
+    default = parse('[guests.101]\nssh = { host = "h" }\n')
+    assert default.hook.qmp_dir == "/var/run/qemu-server" and default.guests[101].early_resume is True
+
+
+def test_early_resume_and_qmp_dir_problems() -> None:
+    assert problems('[hook]\nqmp_dir = "run/qemu"\n')[0].startswith("hook.qmp_dir: must be an absolute path")
+    assert problems('[guests.101]\nssh = { host = "h" }\nearly_resume = "yes"\n') == ["guests.101.early_resume: must be true or false (got 'yes')"]

@@ -274,3 +274,63 @@ def test_backup_order_matches_design_table() -> None:
     )
     assert backup_order(QEMU, Mode.SUSPEND) == backup_order(QEMU, Mode.STOP) == backup_order(LXC, Mode.STOP)
     assert backup_order(QEMU, Mode.STOP, running=False) == ("backup-start", "[point in time]", "[data transfer]", "backup-end", "log-end")
+
+
+# -- QEMU early resume (qemu/watcher.py) -----------------------------------------------------------
+
+ARMED_AT = {Mode.SNAPSHOT: Phase.POST_RESTART, Mode.SUSPEND: Phase.PRE_STOP, Mode.STOP: Phase.PRE_STOP}
+
+
+def play_early(vmtype: GuestType, mode: Mode) -> list[tuple[Phase, Plan]]:
+    rec: GuestRecord | None = None
+    out = []
+    for phase in success_path(vmtype, mode):
+        p = plan(phase, vmtype, mode, rec, early_resume=True)
+        out.append((phase, p))
+        if p.step is Step.PREFLIGHT:
+            rec = record(Status.PREFLIGHT_OK, vmtype, mode)
+        elif p.step is Step.QUIESCE:
+            rec = record(Status.QUIESCED, vmtype, mode)
+        elif p.step is Step.RESUME:
+            rec = record(Status.RESUMED, vmtype, mode)
+    return out
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_qemu_watcher_is_armed_at_the_last_hook_before_the_job_starts(mode: Mode) -> None:
+    plans = play_early(QEMU, mode)
+    order = list(backup_order(QEMU, mode))
+    armed = [phase for phase, p in plans if p.step is Step.ARM_WATCHER or p.arm_watcher]
+    assert armed == [ARMED_AT[mode]]
+    hooks_before_pit = [p for p in order[: order.index("[point in time]")] if not p.startswith("[")]
+    assert hooks_before_pit[-1] == ARMED_AT[mode].value  # the last hook before the job starts
+    quiesce = next(p for phase, p in plans if p.step is Step.QUIESCE)
+    assert quiesce.note_backup_job  # pre-stop asks QEMU before anything stops, in every mode
+    # the fallback is unchanged: backup-end resumes whatever the watcher did not
+    assert [phase for phase, p in plans if p.step is Step.RESUME] == [FIRST_RESUME[(QEMU, mode)]]
+
+
+@pytest.mark.parametrize(("vmtype", "mode"), ALL)
+def test_no_watcher_without_early_resume_or_for_lxc(vmtype: GuestType, mode: Mode) -> None:
+    for phase, p in play(vmtype, mode):
+        assert p.step is not Step.ARM_WATCHER and not p.arm_watcher and not p.note_backup_job, phase
+    if vmtype is LXC:
+        for phase, p in play_early(vmtype, mode):
+            assert p.step is not Step.ARM_WATCHER and not p.arm_watcher and not p.note_backup_job, phase
+
+
+def test_no_watcher_when_nothing_was_stopped() -> None:
+    for status in [*NOT_PENDING, None]:
+        rec = None if status is None else record(status)
+        assert plan(Phase.POST_RESTART, QEMU, Mode.SNAPSHOT, rec, early_resume=True).step is Step.NONE
+
+
+def test_early_resume_note_before_the_watcher_is_armed() -> None:
+    p = plan(Phase.PRE_RESTART, QEMU, Mode.SNAPSHOT, record(Status.QUIESCED), early_resume=True)
+    assert p.step is Step.NONE
+    assert p.note == "stacks stay down until QEMU's backup job has started (or backup-end): the backup's point in time is still ahead"
+
+
+def test_watcher_ends_where_this_guests_backup_ends() -> None:
+    assert orchestrator.WATCHER_ENDS == {Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END}
+    assert orchestrator.WATCHER_ARMED_AT == ARMED_AT

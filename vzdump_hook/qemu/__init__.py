@@ -1,0 +1,2 @@
+"""QEMU guests: a minimal QMP client (qmp.py) and the early-resume watcher (watcher.py) that starts the
+stacks once QEMU's backup job - the backup's point in time - has started (DESIGN.md §1)."""
