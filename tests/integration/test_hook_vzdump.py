@@ -67,6 +67,14 @@ class Watch:
         return next(up for p, up, _ in self.after if p == phase)
 
 
+def _running_projects() -> set[str]:
+    import subprocess
+
+    out = subprocess.run(["docker", "ps", "--filter", "label=com.docker.compose.project", "--format", '{{.Label "com.docker.compose.project"}}'],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
 def _stacks(compose_project: Any, version: str = "v2") -> list[compose.ComposeProject]:
     db = compose_project("db", {"app": "sleeper"}, compose=version)
     web = compose_project("web", {"app": "sleeper", "worker": "sleeper"}, compose=version)
@@ -139,7 +147,10 @@ def test_snapshot_fallback_to_suspend_resumes_at_post_restart(setup: HookSetup, 
 def test_compose_v1_and_v2_auto_selection(version: str, setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
     db, web, other = _stacks(compose_project, version)
     cmd = "docker-compose" if version == "v1" else "docker compose"
-    setup.write({VMID: (test_guest, {"stacks": "auto", "exclude": [other.name], "compose_command": cmd})})
+    # the test guest shares this machine's Docker engine: projects of other test runs are not ours
+    ours = {db.name, web.name}
+    foreign = sorted(_running_projects() - ours)
+    setup.write({VMID: (test_guest, {"stacks": "auto", "exclude": foreign, "compose_command": cmd})})
     watch = Watch(setup, [db, web, other])
     result = run_job(hook, [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env,
                      on_phase=watch.on_phase, on_point_in_time=watch.on_point_in_time)
