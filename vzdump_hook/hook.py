@@ -30,7 +30,7 @@ log = logging.getLogger("vzdump_hook")
 RUN_DIR_ENV = "VZDUMP_HOOK_RUN_DIR"  # overrides for tests and development; vzdump passes no environment
 STATE_DIR_ENV = "VZDUMP_HOOK_STATE_DIR"
 HARD_GRACE = 15.0  # seconds past the phase deadline before the watchdog ends the process
-RETRY_WAIT = 10.0  # seconds to wait for a guest at a resume retry  # seconds past the phase deadline before the watchdog ends the process
+RETRY_WAIT = 10.0  # seconds to wait for a guest at a resume retry
 
 
 def settings_with_env(settings: HookSettings, env: Mapping[str, str]) -> HookSettings:

@@ -176,7 +176,8 @@ class SshTransport(Transport):
                 self._drain(chan, out, err)
                 if time.monotonic() >= deadline:
                     raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s", command=shown, stderr=err.decode("utf-8", "replace"))
-                if chan.closed or not transport.is_active():
+                # exit-status and close may both arrive after the wait timed out: then it ended
+                if (chan.closed or not transport.is_active()) and chan.exit_status == -1:
                     raise ConnectError(f"{self.target}: connection lost while running a command", command=shown)
             # exit-status comes after the data on the wire: everything is buffered by now
             self._drain(chan, out, err)
