@@ -104,9 +104,9 @@ class PhaseRunner:
         return 0
 
     def _guest(self, vmid: int, rec: GuestRecord | None) -> GuestConfig | None:
-        """The guest's settings: those recorded at this job's quiesce if any (a config edited or broken
-        since must not strand stopped stacks), else the config's."""
-        if rec is not None and rec.guest_table:
+        """The guest's settings: those recorded by this job if stacks may be down (a config edited or
+        broken since must not strand stopped stacks), else the config's."""
+        if rec is not None and rec.guest_table and rec.status.pending:
             try:
                 return configuration.validate_guest(vmid, rec.guest_table)
             except ConfigError as e:

@@ -63,7 +63,7 @@ def test_a_long_command_times_out_within_the_timeout(transport: AgentTransport) 
     start = time.monotonic()
     with pytest.raises(CommandTimeout, match="may still run"):
         transport.run(["sleep", "20"], timeout=1.0)
-    assert time.monotonic() - start < 2.5
+    assert time.monotonic() - start < 4.0  # bounded (the command sleeps 20 s); slack for a loaded machine
 
 
 def test_a_hung_api_is_bounded_by_the_timeout(api: PveApiDouble, token: Path) -> None:
