@@ -215,7 +215,7 @@ def test_guests_run_one_after_another_in_vmid_order(hook: Hook) -> None:
     ]
     records = [r for r in result.records if r.vmid is not None]
     assert [r.vmid for r in records] == [101] * 6 + [202] * 6
-    assert all(a.end <= b.start for a, b in zip(result.records, result.records[1:]))
+    assert all(a.end <= b.start for a, b in zip(result.records, result.records[1:], strict=False))
 
 
 # -- environment --------------------------------------------------------------------------
