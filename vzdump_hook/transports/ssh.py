@@ -172,15 +172,21 @@ class SshTransport(Transport):
             if stdin:
                 self._send(chan, stdin, deadline, shown)
             chan.shutdown_write()
-            while not chan.status_event.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            # Done when the exit status is in AND the output has ended (EOF or close): OpenSSH may
+            # send exit-status while output the command wrote is still in the pipe to sshd.
+            while True:
                 self._drain(chan, out, err)
+                ended = chan.eof_received or chan.closed
+                if chan.status_event.is_set() and ended and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
                 if time.monotonic() >= deadline:
                     raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s", command=shown, stderr=err.decode("utf-8", "replace"))
-                # exit-status and close may both arrive after the wait timed out: then it ended
-                if (chan.closed or not transport.is_active()) and chan.exit_status == -1:
+                if (chan.closed or not transport.is_active()) and not chan.status_event.is_set():
                     raise ConnectError(f"{self.target}: connection lost while running a command", command=shown)
-            # exit-status comes after the data on the wire: everything is buffered by now
-            self._drain(chan, out, err)
+                if chan.status_event.is_set():
+                    time.sleep(0.002)  # the rest of the output is on its way
+                else:
+                    chan.status_event.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             return chan.recv_exit_status(), bytes(out), bytes(err)
         except (paramiko.SSHException, OSError, EOFError) as e:
             self.close()
