@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tests.infra.guest import _pid_alive
+
 __all__ = [
     "BUSYBOX_IMAGE",
     "POSTGRES_IMAGE",
@@ -353,16 +355,6 @@ def pg_cluster_state(project: ComposeProject, service: str | None = None) -> str
 
 
 # ---------------------------------------------------------------------------------------- cleanup
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def cleanup_all(only_stale: bool = False) -> list[str]:
