@@ -12,13 +12,10 @@ ADMIN_COMMANDS = frozenset({"check", "status", "recover", "simulate", "history",
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] not in ADMIN_COMMANDS and not args[0].startswith("-"):
-        from .hook import run_phase, setup_logging
+        from .hook import exit_process, run_phase, setup_logging
 
         setup_logging(debug=bool(os.environ.get("VZDUMP_HOOK_DEBUG")))
-        code = run_phase(args, os.environ)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # never wait for a worker thread stuck on a dead guest: every phase is bounded
+        exit_process(run_phase(args, os.environ))  # at once: every phase is bounded, no thread waited for
     from .admin import cli
 
     cli.main(args=args, prog_name="vzdump-hook")

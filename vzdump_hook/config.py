@@ -116,6 +116,8 @@ class HookSettings:
     pve_dir: str = "/etc/pve"
     tag: str = DEFAULT_TAG  # guests with this PVE tag are handled with [defaults]; "" turns this off
     qmp_dir: str = "/var/run/qemu-server"  # QEMU's QMP sockets (VMID.qmp), asked for the backup job's start
+    chain: tuple[str, ...] = ()  # other hook scripts, run with vzdump's arguments and environment (hook.py: chain)
+    chain_timeout: float = 3600.0  # bound for one chained script in one phase; killed after it
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,22 @@ def _agent(p: _Problems, path: str, v: Any) -> AgentConfig | None:
     return AgentConfig(**vals)
 
 
+def _chain(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
+    if not isinstance(v, list):
+        p.add(path, f"must be a list of absolute paths of hook scripts (got {v!r})")
+        return None
+    out: list[str] = []
+    for i, item in enumerate(v):
+        exe = _str(p, f"{path}[{i}]", item, absolute=True)
+        if exe is None:
+            return None
+        if os.path.basename(exe) == "vzdump-hook" or exe in out:
+            p.add(f"{path}[{i}]", f"{exe} would run twice in every phase" if exe in out else f"{exe} is this hook itself: it would call itself")
+            return None
+        out.append(exe)
+    return tuple(out)
+
+
 def token_file_problem(path: str) -> str | None:
     """Why the API token file at `path` must not be used (absent, not a file, not root's alone), or None."""
     try:
@@ -437,8 +455,13 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     if not isinstance(hook_raw, dict):
         p.add("hook", "must be a table")
     else:
-        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag", "qmp_dir"})
+        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag", "qmp_dir", "chain", "chain_timeout"})
         vals: dict[str, Any] = {}
+        if "chain" in hook_raw:
+            vals["chain"] = _chain(p, "hook.chain", hook_raw["chain"])
+        if "chain_timeout" in hook_raw:
+            n = _num(p, "hook.chain_timeout", hook_raw["chain_timeout"], lo=1, hi=7 * 86400)
+            vals["chain_timeout"] = None if n is None else float(n)
         if "tag" in hook_raw:
             tag = hook_raw["tag"]
             if not isinstance(tag, str) or (tag and not _TAG.fullmatch(tag)):
@@ -517,3 +540,23 @@ def load(path: str | None = None) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError([f"not UTF-8 text (byte {e.start}): not valid TOML"], path) from None
     return parse(data, path)
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Settings that are valid one by one but contradict each other, as `key.path: why` lines.
+    They do not stop a backup; `check` and `job-start` show them."""
+    out: list[str] = []
+    for vmid, g in sorted(cfg.guests.items()):
+        if not g.enabled:
+            continue
+        path = f"guests.{vmid}"
+        specs = g.stacks or ()
+        timeouts = [g.stop_timeout_of(s.name) for s in specs] or [g.stop_timeout]
+        worst = max(timeouts) if g.parallel else sum(timeouts)
+        if worst > g.max_downtime:
+            what = "the stop timeouts of its stacks add up to" if len(timeouts) > 1 and not g.parallel else "a stop may take"
+            out.append(f"{path}.stop_timeout: {what} {worst:g} s, longer than max_downtime ({g.max_downtime:g} s): "
+                       "the guest's recovery may start stacks while the backup still needs them down")
+        if g.stacks is not None and g.exclude:
+            out.append(f"{path}.exclude: ignored: stacks is an explicit list (exclude only applies to stacks = \"auto\")")
+    return out

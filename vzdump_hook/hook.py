@@ -15,15 +15,15 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from . import config as configuration
-from . import orchestrator, pve, tags
+from . import chain, orchestrator, pve, tags
 from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, describe
 from .errors import ConfigError, ConnectError, HookError
-from .job import JobId
+from .job import LAUNCHER_ENV, JobId
 from .marker import Marker
 from .orchestrator import Outcome, Step
 from .phases import GuestType, Mode, Phase, parse_phase
-from .state import GuestRecord, HostState, Status
+from .state import GuestRecord, HostState, Status, remember_settings, remembered_settings
 
 log = logging.getLogger("vzdump_hook")
 
@@ -31,6 +31,7 @@ RUN_DIR_ENV = "VZDUMP_HOOK_RUN_DIR"  # overrides for tests and development; vzdu
 STATE_DIR_ENV = "VZDUMP_HOOK_STATE_DIR"
 HARD_GRACE = 15.0  # seconds past the phase deadline before the watchdog ends the process
 RETRY_WAIT = 10.0  # seconds to wait for a guest at a resume retry
+LAUNCHER_OFFSET = 100  # exit_process(): the program's non-zero statuses as the launcher receives them
 
 
 def settings_with_env(settings: HookSettings, env: Mapping[str, str]) -> HookSettings:
@@ -43,23 +44,25 @@ def settings_with_env(settings: HookSettings, env: Mapping[str, str]) -> HookSet
     )
 
 
-def _watchdog(seconds: float, phase: str) -> None:
+def _watchdog(seconds: float, phase: str) -> threading.Timer:
     """End the process if a phase overruns every per-operation timeout: vzdump has no timeout."""
 
     def fire() -> None:
         print(f"vzdump-hook: {phase}: phase deadline of {seconds:.0f} s exceeded, giving up", flush=True)
-        os._exit(1 if phase == "pre-stop" else 0)
+        exit_process(1 if phase == "pre-stop" else 0)
 
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
     timer.start()
+    return timer
 
 
 class PhaseRunner:
     """One phase of one job. `cfg` is None when the config could not be read."""
 
-    def __init__(self, cfg: Config | None, settings: HookSettings, job: JobId) -> None:
+    def __init__(self, cfg: Config | None, settings: HookSettings, job: JobId, problem: ConfigError | None = None) -> None:
         self.cfg = cfg
+        self.problem = problem  # why cfg is None
         self.settings = settings
         self.job = job
         self.state = HostState(settings, job)
@@ -74,9 +77,15 @@ class PhaseRunner:
         if phase.is_job_phase:
             step = orchestrator.plan(phase, None, None, None).step
             if step is Step.SWEEP:
+                self.report_config()
                 self.sweep()
             elif step is Step.FINISH:
-                return orchestrator.exit_status(phase, Outcome(still_down=self.finish(phase)))
+                down = self.finish(phase)
+                broken = self.problem is not None or self.state.config_error() is not None
+                if broken:
+                    why = _first_line(self.problem) if self.problem is not None else self.state.config_error()
+                    log.error("%s: the config was unusable, guests were backed up WITHOUT quiescing: %s", phase.value, why)
+                return orchestrator.exit_status(phase, Outcome(still_down=down, config_error=broken))
             return 0
         assert vmtype is not None and mode is not None and vmid is not None
         if vmtype is GuestType.QEMU and phase in orchestrator.WATCHER_ENDS:
@@ -84,7 +93,10 @@ class PhaseRunner:
         rec = self.state.load(vmid)
         guest = self._guest(vmid, rec)
         if guest is None:
-            if phase is Phase.BACKUP_START:
+            if phase is Phase.BACKUP_START and self.problem is not None:
+                log.error("backup-start %d: the config is unusable (%s): backed up WITHOUT quiescing (crash-consistent)", vmid, _first_line(self.problem))
+                self.state.save(GuestRecord(vmid, vmtype.value, mode.value, {}, status=Status.CONFIG_ERROR, crash_consistent=True))
+            elif phase is Phase.BACKUP_START:
                 log.info("%s %d: not in %s (or not enabled): left alone", phase.value, vmid, self.cfg.source if self.cfg else "the config")
             return 0
         plan = orchestrator.plan(phase, vmtype, mode, rec, guest.early_resume)
@@ -325,33 +337,62 @@ class PhaseRunner:
 
     # -- job-start -----------------------------------------------------------------------------
 
-    def sweep(self) -> None:
-        """Resume markers of configured guests on this node whose job is provably over."""
+    def report_config(self) -> None:
+        """job-start: every problem of an unusable config as an ERROR line (the job goes on without
+        quiescing, job-end fails), or the config's contradictions as WARNING lines."""
         self.state.write_job_info()
-        for job, directory in self.state.other_jobs():
-            if job is not None and job.is_over() is True:
-                import shutil
-
-                shutil.rmtree(directory, ignore_errors=True)
-        if self.cfg is None:
+        if self.problem is not None:
+            source = self.problem.source or configuration.config_path(None)
+            for p in self.problem.problems:
+                log.error("config %s: %s", source, p)
+            log.error("job-start: the config is unusable: every guest is backed up WITHOUT quiescing (crash-consistent); "
+                      "job-end will report the job failed. Fix it, then run `vzdump-hook check`")
+            self.state.note_config_error(f"{source}: {_first_line(self.problem)}")
             return
+        assert self.cfg is not None
+        for w in configuration.warnings(self.cfg) + tags.warnings(self.cfg):
+            log.warning("config %s: %s", self.cfg.source, w)
+
+    def sweep(self) -> None:
+        """Resume what jobs that are over left down: first from this node's records of them (with
+        the settings recorded at their quiesce, so a config broken since cannot strand stacks),
+        then the markers of the config's guests on this node."""
         start = time.monotonic()
-        members = [m.guest for m in tags.members(self.cfg, self.job.node) if m.guest is not None]
-        guests = [g for g in members if pve.guest_is_local(self.settings.pve_dir, self.job.node, g.vmid) is not False]
+        budget = min(self.left(), self.settings.sweep_timeout)
+        sweep_deadline = time.monotonic() + budget
+        import shutil
+
+        recorded: dict[int, tuple[GuestConfig, str]] = {}  # vmid -> settings, the over job's directory
+        for job, directory in self.state.other_jobs():
+            if job is None or job.is_over() is not True:
+                continue
+            for r in self.state.records(directory):
+                if r.status.pending and (g := self._recorded_guest(r)) is not None:
+                    recorded[g.vmid] = (g, directory)
+            if not any(d == directory for _, d in recorded.values()):
+                shutil.rmtree(directory, ignore_errors=True)
+        members = [m.guest for m in tags.members(self.cfg, self.job.node) if m.guest is not None] if self.cfg is not None else []
+        guests = [g for g, _ in recorded.values()]
+        guests += [g for g in members if g.vmid not in recorded and pve.guest_is_local(self.settings.pve_dir, self.job.node, g.vmid) is not False]
         if not guests:
             return
-        budget = min(self.left(), self.cfg.hook.sweep_timeout)
-        sweep_deadline = time.monotonic() + budget
         with ThreadPoolExecutor(max_workers=min(8, len(guests))) as pool:
-            results = list(pool.map(lambda g: self._sweep_one(g, sweep_deadline), guests))
-        found = [r for r in results if r]
+            results = list(pool.map(lambda g: recover_guest(g, self.job, self.state, sweep_deadline), guests))
+        still_down = {d for g, (_, down) in zip(guests, results, strict=True) if down and g.vmid in recorded for d in [recorded[g.vmid][1]]}
+        for directory in {d for _, d in recorded.values()} - still_down:  # kept while a recorded guest is down
+            shutil.rmtree(directory, ignore_errors=True)
+        found = [text for text, _ in results if text]
         for line in found:
             log.info("job-start %s", line)
         log.info("job-start: %d guest(s) checked for leftover markers in %.1f s%s", len(guests), time.monotonic() - start, "" if found else ", none found")
 
-    def _sweep_one(self, guest: GuestConfig, deadline: float) -> str:
-        text, _ = recover_guest(guest, self.job, self.state, deadline)
-        return text
+    @staticmethod
+    def _recorded_guest(rec: GuestRecord) -> GuestConfig | None:
+        try:
+            return configuration.validate_guest(rec.vmid, rec.guest_table)
+        except ConfigError as e:
+            log.warning("job-start %d: recorded settings unusable (%s)", rec.vmid, e)
+            return None
 
     # -- job-end / job-abort -------------------------------------------------------------------
 
@@ -415,6 +456,11 @@ def recover_guest(guest: GuestConfig, job: JobId, state: HostState, deadline: fl
         ctl.close()
 
 
+def _first_line(e: Exception) -> str:
+    lines = str(e).splitlines()
+    return lines[0] + (f" (+{len(lines) - 1} more)" if len(lines) > 1 else "") if lines else type(e).__name__
+
+
 def summary(records: list[GuestRecord]) -> list[str]:
     """The job-end table: guest, stacks, seconds down, result (this goes into PVE's notification mail)."""
     rows = [("guest", "stacks", "down s", "result")]
@@ -427,8 +473,9 @@ def summary(records: list[GuestRecord]) -> list[str]:
             Status.SKIPPED: "guest not running",
             Status.PREFLIGHT_OK: "ok (not quiesced)",
             Status.PREFLIGHT_FAILED: "not quiesced (guest not ready)",
+            Status.CONFIG_ERROR: "not quiesced (config unusable)",
         }.get(r.status, "STILL DOWN")
-        if r.crash_consistent and r.status is not Status.PREFLIGHT_FAILED:
+        if r.crash_consistent and r.status not in (Status.PREFLIGHT_FAILED, Status.CONFIG_ERROR):
             result += ", crash-consistent"
         rows.append((str(r.vmid), stacks, down, result))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -436,9 +483,47 @@ def summary(records: list[GuestRecord]) -> list[str]:
 
 
 def run_phase(args: list[str], env: Mapping[str, str]) -> int:
-    """`vzdump-hook PHASE [MODE VMID]` as vzdump calls it. Returns the exit status for vzdump."""
+    """`vzdump-hook PHASE [MODE VMID]` as vzdump calls it, then the chained scripts (chain.py).
+    Returns the exit status for vzdump."""
     name = args[0]
     phase = parse_phase(name)
+    cfg, settings, problem = _load_config(env)
+    settings = settings_with_env(settings, env)
+    if phase is Phase.JOB_START and cfg is not None:
+        _remember(settings, env)
+    if settings.chain and phase is Phase.PRE_STOP:
+        # before the stop: the stop stays right before the point in time, and a failing script
+        # fails the backup before anything is down
+        code = chain.run(settings.chain, args, env, settings.chain_timeout)
+        if code:
+            log.warning("%s: a chained script failed (exit %d): vzdump fails this guest's backup; nothing stopped", " ".join(args[:1] + args[2:3]), code)
+            return code
+    timer = _watchdog(settings.phase_timeout + HARD_GRACE, name)
+    code = _own_work(args, phase, env, cfg, settings, problem)
+    timer.cancel()
+    if settings.chain and phase is not Phase.PRE_STOP:
+        code = code or chain.run(settings.chain, args, env, settings.chain_timeout)
+    return code
+
+
+def _load_config(env: Mapping[str, str]) -> tuple[Config | None, HookSettings, ConfigError | None]:
+    """The config, or (None, the [hook] settings of the last valid config, why) when it cannot be used."""
+    try:
+        cfg = configuration.load(env.get(configuration.CONFIG_ENV))
+        return cfg, cfg.hook, None
+    except ConfigError as e:
+        return None, remembered_settings(settings_with_env(HookSettings(), env).state_dir) or HookSettings(), e
+
+
+def _remember(settings: HookSettings, env: Mapping[str, str]) -> None:
+    try:
+        remember_settings(settings, settings_with_env(HookSettings(), env).state_dir)
+    except OSError as e:
+        log.warning("job-start: could not keep the [hook] settings for a phase that finds the config broken: %s", e)
+
+
+def _own_work(args: list[str], phase: Phase | None, env: Mapping[str, str], cfg: Config | None, settings: HookSettings, problem: ConfigError | None) -> int:
+    name = args[0]
     if phase is None:
         log.info("ignoring unknown phase %r (a newer vzdump?)", name)
         return 0
@@ -454,22 +539,8 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
         except ValueError:
             log.warning("%s %d: VMTYPE %r unknown, assuming qemu (the latest resume point)", name, vmid, env.get("VMTYPE"))
             vmtype = GuestType.QEMU
-    job = JobId.current()
-    cfg: Config | None
     try:
-        cfg = configuration.load(env.get(configuration.CONFIG_ENV))
-        settings = cfg.hook
-    except ConfigError as e:
-        cfg, settings = None, HookSettings()
-        if phase is Phase.JOB_START:
-            log.error("config: %s", e)
-            return orchestrator.exit_status(phase, Outcome(config_error=True))
-        if phase in (Phase.JOB_INIT, Phase.BACKUP_START):
-            log.warning("config: %s: guests are backed up without quiescing", e)
-    settings = settings_with_env(settings, env)
-    _watchdog(settings.phase_timeout + HARD_GRACE, name)
-    try:
-        return PhaseRunner(cfg, settings, job).run(phase, vmtype, mode, vmid)
+        return PhaseRunner(cfg, settings, JobId.current(), problem).run(phase, vmtype, mode, vmid)
     except Exception as e:
         # Only the policies above fail a backup. An error that got this far (host state unwritable,
         # a bug) is reported loudly; whatever was stopped is in the marker and the host record and
@@ -478,6 +549,17 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
         log.error("%s%s: %s", name, f" {vmid}" if vmid is not None else "", what)
         log.debug("traceback", exc_info=True)
         return 0
+
+
+def exit_process(code: int) -> None:
+    """End the process with `code` for vzdump, at once (never wait for a thread stuck on a dead
+    guest). Under the launcher, the program's own statuses are told apart from a Python that could
+    not run: non-zero is sent as 100 + code, which the launcher turns back."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code and os.environ.get(LAUNCHER_ENV):
+        code += LAUNCHER_OFFSET
+    os._exit(code)
 
 
 def setup_logging(debug: bool = False) -> None:

@@ -12,6 +12,9 @@ import socket
 from dataclasses import dataclass
 
 
+LAUNCHER_ENV = "VZDUMP_HOOK_LAUNCHER"  # set by the sh launcher: the pid of its parent, the vzdump worker
+
+
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -53,8 +56,13 @@ class JobId:
 
     @classmethod
     def current(cls) -> JobId:
-        """The job of this process: its parent is the vzdump worker (or the shell of a manual run)."""
+        """The job of this process: its parent is the vzdump worker (or the shell of a manual run).
+        Started by the launcher (examples/node/vzdump-hook), the worker is the launcher's parent,
+        which the launcher passes in $VZDUMP_HOOK_LAUNCHER."""
         ppid = os.getppid()
+        launcher = os.environ.get(LAUNCHER_ENV, "")
+        if launcher.isdigit() and int(launcher) > 1:
+            ppid = int(launcher)
         return cls(node_name(), _boot_id(), ppid, process_start(ppid) or 0)
 
     def is_over(self) -> bool | None:

@@ -113,17 +113,15 @@ class Outcome:
     quiesce_failed: bool = False  # a stack would not stop, was killed, or the guest was unreachable
     abort_policy: bool = False  # the guest's on_quiesce_error is "abort"
     still_down: bool = False  # job-end: stacks of this job are still down
-    config_error: bool = False
+    config_error: bool = False  # the job ran without a usable config (not quiesced): job-end fails
 
 
 def exit_status(phase: Phase, outcome: Outcome) -> int:
     """The exit status for vzdump (README's policy table). Resume problems never fail a backup."""
-    if phase is Phase.JOB_START and outcome.config_error:
-        return 2
     if phase is Phase.BACKUP_START and outcome.preflight_failed and outcome.abort_policy:
         return 1
     if phase is Phase.PRE_STOP and outcome.quiesce_failed and outcome.abort_policy:
         return 1
-    if phase in (Phase.JOB_END, Phase.JOB_ABORT) and outcome.still_down:
+    if phase in (Phase.JOB_END, Phase.JOB_ABORT) and (outcome.still_down or outcome.config_error):
         return 1
     return 0

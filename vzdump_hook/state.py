@@ -34,6 +34,7 @@ class Status(str, Enum):
     NOTHING_STOPPED = "nothing-stopped"
     RESUMED = "resumed"
     RESUME_FAILED = "resume-failed"  # still down: retried at every later phase, fails job-end
+    CONFIG_ERROR = "config-error"  # the config could not be read: backed up without quiescing
 
     @property
     def pending(self) -> bool:
@@ -79,6 +80,39 @@ class GuestRecord:
         return cls(**d)
 
 
+SETTINGS_FILE = "settings.json"
+
+
+def remember_settings(settings: HookSettings, state_dir: str) -> None:
+    """Keep the [hook] settings of the last valid config in `state_dir` (the default one, where a
+    broken config cannot move it): a phase that cannot read the config still finds its run dir,
+    state dir and chained scripts. Written only when they changed."""
+    path = os.path.join(state_dir, SETTINGS_FILE)
+    text = json.dumps(asdict(settings), sort_keys=True)
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    os.makedirs(state_dir, mode=0o755, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remembered_settings(state_dir: str) -> HookSettings | None:
+    """The settings remember_settings() kept, or None (none kept, or unreadable)."""
+    try:
+        with open(os.path.join(state_dir, SETTINGS_FILE)) as f:
+            d = json.load(f)
+        d["chain"] = tuple(d.get("chain", ()))
+        return HookSettings(**d)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 class LockTimeout(HookError):
     pass
 
@@ -115,24 +149,45 @@ class HostState:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def records(self) -> list[GuestRecord]:
-        """Every guest record of this job, in VMID order."""
+    def records(self, job_dir: str | None = None) -> list[GuestRecord]:
+        """Every guest record of this job (or of the job directory `job_dir`), in VMID order."""
+        job_dir = job_dir or self.job_dir
         try:
-            names = os.listdir(self.job_dir)
+            names = os.listdir(job_dir)
         except FileNotFoundError:
             return []
         out = []
         for name in sorted(names):
             if name.startswith("guest-") and name.endswith(".json"):
-                rec = self.load(int(name[6:-5]))
-                if rec is not None:
-                    out.append(rec)
+                try:
+                    with open(os.path.join(job_dir, name)) as f:
+                        out.append(GuestRecord.from_json(f.read()))
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    raise HookError(f"host state {os.path.join(job_dir, name)} unreadable: {e}") from None
         return sorted(out, key=lambda r: r.vmid)
 
     def write_job_info(self) -> None:
         os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
         with open(os.path.join(self.job_dir, "job.json"), "w") as f:
             json.dump({**self.job.to_dict(), "started": time.time()}, f)
+
+    # -- the config's state for this job --------------------------------------------------------
+
+    def note_config_error(self, text: str) -> None:
+        """Remember for job-end that this job ran without a usable config (`text`: why)."""
+        os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
+        with open(os.path.join(self.job_dir, "config-error"), "w") as f:
+            f.write(text)
+
+    def config_error(self) -> str | None:
+        """Why this job ran without a usable config (note_config_error), or None."""
+        try:
+            with open(os.path.join(self.job_dir, "config-error")) as f:
+                return f.read()
+        except OSError:
+            return None
 
     def other_jobs(self) -> list[tuple[JobId | None, str]]:
         """(job, directory) of every other job directory; job None when unreadable."""

@@ -39,18 +39,35 @@ class Member:
 
 def read_tags(path: str) -> frozenset[str]:
     """The tags of a PVE guest config file (its current section, not snapshots); empty if unreadable."""
+    for line in _current_section(path):
+        if line.startswith("tags:"):
+            return frozenset(t.lower() for t in _SPLIT.split(line[5:]) if t)
+    return frozenset()
+
+
+def _current_section(path: str) -> list[str]:
+    """The lines of a PVE guest config file before its first [snapshot]/[PENDING] section; [] if unreadable."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_CONF)
     except OSError:
-        return frozenset()
+        return []
+    lines = []
     for raw in data.decode("utf-8", "replace").splitlines():
         line = raw.strip()
-        if line.startswith("["):  # [snapshot] / [PENDING] sections follow the current config
+        if line.startswith("["):
             break
-        if line.startswith("tags:"):
-            return frozenset(t.lower() for t in _SPLIT.split(line[5:]) if t)
-    return frozenset()
+        lines.append(line)
+    return lines
+
+
+def agent_enabled(path: str) -> bool:
+    """Whether a VM config enables the QEMU guest agent (`agent: 1` or `agent: enabled=1,...`)."""
+    for line in _current_section(path):
+        if line.startswith("agent:"):
+            first = line[6:].strip().split(",")[0]
+            return first.removeprefix("enabled=") in ("1", "true", "yes", "on")
+    return False
 
 
 def _nodes(pve_dir: str) -> list[str]:
@@ -118,3 +135,21 @@ def members(cfg: Config, node: str | None = None) -> list[Member]:
             else:
                 found[g.vmid] = _tagged(cfg, g)
     return [found[v] for v in sorted(found)]
+
+
+def conf_path(pve_dir: str, g: PveGuest) -> str:
+    return os.path.join(pve_dir, "nodes", g.node, "qemu-server" if g.vmtype == "qemu" else "lxc", f"{g.vmid}.conf")
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Guests handled over the guest agent whose VM config does not enable it (their stacks would
+    never be stopped): `check` and `job-start` say so."""
+    out = []
+    for m in members(cfg):
+        if m.guest is None or m.guest.transport != "agent":
+            continue
+        g = find_guest(cfg.hook.pve_dir, m.vmid)
+        if g is not None and g.vmtype == "qemu" and not agent_enabled(conf_path(cfg.hook.pve_dir, g)):
+            out.append(f"{m.vmid}: {m.why}: its VM config has no `agent: 1`, so nothing can be stopped in it: "
+                       f"qm set {m.vmid} --agent enabled=1 (then restart the VM), and run qemu-guest-agent in the guest")
+    return out
