@@ -54,6 +54,7 @@ config_option = click.option("--config", "config_path", metavar="FILE", help=f"c
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vzdump-hook", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show debug logging and tracebacks.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
@@ -67,13 +68,25 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("vmid", type=int, required=False)
 @config_option
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds per guest.")
-def check(vmid: int | None, config_path: str | None, timeout: float) -> None:
-    """Validate the config, reach each guest, show what a backup would stop. Changes nothing."""
+@click.option("--no-connect", is_flag=True, help="Validate the config (and the node's side) only; contact no guest.")
+def check(vmid: int | None, config_path: str | None, timeout: float, no_connect: bool) -> None:
+    """Validate the config, reach each guest, show what a backup would stop. Changes nothing.
+    Exit 1 on any problem (warnings alone: 0)."""
     cfg = _load(config_path)
     guests = _targets(cfg, vmid)
-    click.echo(f"config {cfg.source}: ok, {len(cfg.guests)} guest(s)" + ("" if guests else "; none enabled"))
-    for m in tags.members(cfg) if vmid is None else []:
+    members = tags.members(cfg) if vmid is None else []
+    handled = len(guests)
+    click.echo(f"config {cfg.source}: ok, {handled} guest(s) handled" + ("" if guests else " (none: add a [guests.VMID] table, or tag a guest " + (cfg.hook.tag or "(tags are off)") + ")"))
+    for m in members:
         click.echo(f"  {m.vmid}: {'in' if m.guest else 'out'}: {m.why}")
+    warns = configuration.warnings(cfg) + tags.warnings(cfg)
+    for w in warns:
+        click.echo(f"  WARNING: {w}")
+    node_ok = True
+    for script in cfg.hook.chain:
+        if not (os.path.isfile(script) and os.access(script, os.X_OK)):
+            click.echo(f"  hook.chain: {script} is not an executable file: every phase would report it failed")
+            node_ok = False
     settings = settings_with_env(cfg.hook, os.environ)
     for d in (settings.run_dir, settings.state_dir):
         try:
@@ -82,6 +95,9 @@ def check(vmid: int | None, config_path: str | None, timeout: float) -> None:
                 raise OSError("not writable")
         except OSError as e:
             click.echo(f"  {d}: {e}")
+            node_ok = False
+    if no_connect:
+        sys.exit(0 if node_ok else 1)
 
     def one(g: GuestConfig) -> tuple[str, bool]:
         ctl = GuestController(g, JobId.current())
@@ -109,7 +125,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float) -> None:
     results = _parallel(one, guests)
     for text, _ in results:
         click.echo(text)
-    if not all(ok for _, ok in results):
+    if not node_ok or not all(ok for _, ok in results):
         sys.exit(1)
 
 
@@ -117,7 +133,9 @@ def check(vmid: int | None, config_path: str | None, timeout: float) -> None:
 @config_option
 @click.option("--no-connect", is_flag=True, help="Only the node's records; do not ask the guests for markers.")
 def status(config_path: str | None, no_connect: bool) -> None:
-    """Markers in the guests and this node's records of running and recent jobs."""
+    """Markers in the guests and this node's records of running and recent jobs. Exit 1 when stacks
+    are down that no running backup explains (a marker or record of a job that is over, or not of
+    this node), or a guest's state is unknown (unreachable); 0 when everything runs."""
     cfg = _load(config_path)
     settings = settings_with_env(cfg.hook, os.environ)
     jobs_dir = os.path.join(settings.run_dir, "jobs")
@@ -125,32 +143,37 @@ def status(config_path: str | None, no_connect: bool) -> None:
         keys = sorted(os.listdir(jobs_dir), key=lambda k: os.path.getmtime(os.path.join(jobs_dir, k)))
     except FileNotFoundError:
         keys = []
+    bad = False  # something is down that no running job explains, or unknown
     for key in keys:
         pid, _, start = key.partition("-")
         job = JobId(JobId.current().node, "", int(pid), int(start or 0))
         state = HostState(settings, job)
         recs = state.records()
-        running = "running" if os.path.exists(f"/proc/{pid}") else "over"
-        click.echo(f"job {key} ({running}): " + ("; ".join(_rec_line(r) for r in recs) if recs else "no guests"))
+        running = os.path.exists(f"/proc/{pid}")
+        click.echo(f"job {key} ({'running' if running else 'over'}): " + ("; ".join(_rec_line(r) for r in recs) if recs else "no guests"))
+        bad = bad or (not running and any(r.status.pending for r in recs))
     if no_connect:
-        return
+        sys.exit(1 if bad else 0)
 
-    def one(g: GuestConfig) -> str:
+    def one(g: GuestConfig) -> tuple[str, bool]:
         ctl = GuestController(g, JobId.current())
         try:
             m = ctl.read_marker(time.monotonic() + 15)
         except HookError as e:
-            return f"{g.vmid}: marker unknown: {describe(e)}"
+            return f"{g.vmid}: marker unknown: {describe(e)}", True
         finally:
             ctl.close()
         if m is None:
-            return f"{g.vmid}: no marker"
+            return f"{g.vmid}: no marker", False
         over = m.job.is_over()
         state = "job over" if over else "job running" if over is False else "job of another node"
-        return f"{g.vmid}: MARKER of job {m.job} ({state}, {'expired' if m.expired else 'deadline ahead'}): {', '.join(s.name for s in m.stacks)}"
+        line = f"{g.vmid}: MARKER of job {m.job} ({state}, {'expired' if m.expired else 'deadline ahead'}): {', '.join(s.name for s in m.stacks)}"
+        return line, over is not False or m.expired
 
-    for line in _parallel(one, _targets(cfg, None)):
+    for line, down in _parallel(one, _targets(cfg, None)):
         click.echo(line)
+        bad = bad or down
+    sys.exit(1 if bad else 0)
 
 
 def _rec_line(r: GuestRecord) -> str:
@@ -227,10 +250,12 @@ def history(vmid: int | None, limit: int, config_path: str | None) -> None:
 @click.option("--pause", default=2.0, show_default=True, help="Seconds to wait at the backup's point in time.")
 @click.option("--transfer", default=0.0, show_default=True, help="Seconds of simulated data transfer.")
 @click.option("--dry-run", is_flag=True, help="Change nothing: check the guest and print what each phase would do.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before really stopping the guest's stacks.")
 @config_option
-def simulate(vmid: int, vmtype: str, mode: str, pause: float, transfer: float, dry_run: bool, config_path: str | None) -> None:
+def simulate(vmid: int, vmtype: str, mode: str, pause: float, transfer: float, dry_run: bool, yes: bool, config_path: str | None) -> None:
     """Play vzdump's phase order for one guest: each phase a new `vzdump-hook` process with
-    vzdump's emptied environment, a pause at the point in time, then the rest of the phases."""
+    vzdump's emptied environment, a pause at the point in time, then the rest of the phases.
+    This REALLY stops and starts the guest's stacks (no backup is taken); --dry-run changes nothing."""
     cfg = _load(config_path)
     g = _targets(cfg, vmid)[0]
     vt, md = GuestType(vmtype), Mode(mode)
@@ -238,6 +263,12 @@ def simulate(vmid: int, vmtype: str, mode: str, pause: float, transfer: float, d
     if dry_run:
         _simulate_dry(g, vt, md, order)
         return
+    if not yes:
+        click.echo(f"simulate {vmid}: this REALLY stops the stacks a backup would stop in guest {vmid} ({g.describe_target()}) "
+                   f"and starts them again after {pause:g} s (+ {transfer:g} s transfer); no backup is taken. "
+                   f"`--dry-run` only shows what would happen.")
+        if not click.confirm("Stop them now?", default=False):
+            raise click.ClickException("nothing done")
     env = {"STOREID": "simulate", "DUMPDIR": "/tmp", "VMTYPE": vmtype, "HOSTNAME": f"guest{vmid}", "TARGET": f"/tmp/vzdump-{vmtype}-{vmid}-simulate.tar", "LOGFILE": "/dev/null"}
     # Test/dev deviation from vzdump: the config path (and state dirs) must reach the child.
     env[configuration.CONFIG_ENV] = cfg.source
@@ -319,3 +350,86 @@ def _simulate_dry(g: GuestConfig, vt: GuestType, md: Mode, order: tuple[str, ...
             rec.status = Status.QUIESCED
         elif plan.step is orchestrator.Step.RESUME:
             rec.status = Status.RESUMED
+
+
+@cli.command()
+@click.argument("vmid", type=int)
+@click.option("--yes", "-y", is_flag=True, help="Trust without asking (only after comparing the fingerprint some other way).")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the guest's sshd.")
+@config_option
+def trust(vmid: int, yes: bool, timeout: float, config_path: str | None) -> None:
+    """Show the SSH host key of guest VMID with the command that prints the same fingerprint in the
+    guest; add it to the guest's known_hosts once confirmed."""
+    from . import trust as hostkeys
+
+    g = _targets(_load(config_path), vmid)[0]
+    if g.transport != "ssh" or g.ssh is None:
+        raise click.ClickException(f"guest {vmid} uses transport {g.transport}: there is no SSH host key to trust")
+    try:
+        hk = hostkeys.fetch(g.ssh, timeout)
+        have = hostkeys.known(g.ssh.known_hosts, hk)
+    except HookError as e:
+        raise click.ClickException(describe(e)) from None
+    click.echo(f"{vmid} {g.describe_target()}: host key {hk.fingerprint}")
+    if have == "same":
+        click.echo(f"already trusted in {g.ssh.known_hosts}")
+        return
+    if have == "other":
+        raise click.ClickException(
+            f"{g.ssh.known_hosts} has ANOTHER {hk.key.get_name()} key for {hk.name}: the guest's key changed, or this is not the guest. "
+            f"If it was really reinstalled: ssh-keygen -R '{hk.name}' -f {g.ssh.known_hosts}, then run this again")
+    click.echo(f"In the guest, this prints its fingerprint; compare the two:\n    {hk.guest_command}")
+    if not yes and not click.confirm(f"Trust it (add it to {g.ssh.known_hosts})?", default=False):
+        raise click.ClickException("not trusted, nothing written")
+    hostkeys.add(g.ssh.known_hosts, hk)
+    click.echo(f"added to {g.ssh.known_hosts}")
+
+
+@cli.command()
+@click.option("--vzdump-conf", default="/etc/vzdump.conf", show_default=True, help="vzdump's node-wide defaults.")
+@click.option("--launcher", default=None, help="The path vzdump is to run [default: /usr/local/bin/vzdump-hook].")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before moving an existing script into [hook] chain.")
+@config_option
+def enable(vzdump_conf: str, launcher: str | None, yes: bool, config_path: str | None) -> None:
+    """Name the hook in vzdump.conf (`script:`). A script named there already keeps running:
+    it is moved into [hook] chain of the config, after confirmation."""
+    from . import enable as en
+
+    path = configuration.config_path(config_path)
+    try:
+        with open(vzdump_conf) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    p = en.plan(text, launcher or en.LAUNCHER)
+    if p.already:
+        click.echo(f"{vzdump_conf}: script: {launcher or en.LAUNCHER} (already enabled)")
+        return
+    if p.moved:
+        click.echo(f"{vzdump_conf} names another hook script: {', '.join(p.moved)}. vzdump runs only one; "
+                   f"vzdump-hook would run it in every phase, with vzdump's arguments and environment ([hook] chain in {path}).")
+        if not yes and not click.confirm("Move it into [hook] chain and make vzdump-hook the script?", default=False):
+            raise click.ClickException("nothing changed")
+        try:
+            with open(path) as f:
+                cfg_text = f.read()
+        except FileNotFoundError:
+            cfg_text = ""
+        try:
+            new_cfg = en.with_chain(cfg_text, p.moved, path)
+        except HookError as e:
+            raise click.ClickException(describe(e)) from None
+        if new_cfg != cfg_text:
+            en.write(path, new_cfg)
+            click.echo(f"{path}: [hook] chain = {list(p.moved)}")
+    en.write(vzdump_conf, p.vzdump_conf)
+    click.echo(f"{vzdump_conf}: script: {launcher or en.LAUNCHER}")
+    jobs = os.path.join(configuration.HookSettings().pve_dir, "jobs.cfg")
+    try:
+        with open(jobs) as f:
+            own = [line.split(None, 1)[1].strip() for line in f if line.strip().startswith("script ")]
+    except (OSError, IndexError):
+        own = []
+    if own:
+        click.echo(f"note: backup jobs in {jobs} set their own script ({', '.join(sorted(set(own)))}); those jobs do not run the node's. "
+                   f"Point them at {launcher or en.LAUNCHER} (and that script into [hook] chain) where vzdump-hook should run.")

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 log = logging.getLogger(__name__)
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a script past its timeout
-OWN_ENV = ("VZDUMP_HOOK_LAUNCHER",)  # set by the launcher for this program, not part of vzdump's environment
+OWN_ENV = ("VZDUMP_HOOK_LAUNCHER", "PYTHONCOERCECLOCALE")  # set by the launcher for this program, not part of vzdump's environment
 
 
 def run(scripts: Sequence[str], argv: Sequence[str], env: Mapping[str, str], timeout: float) -> int:

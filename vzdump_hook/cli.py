@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-ADMIN_COMMANDS = frozenset({"check", "status", "recover", "simulate", "history", "guest"})
+ADMIN_COMMANDS = frozenset({"check", "status", "recover", "simulate", "history", "guest", "trust", "enable"})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,8 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-from . import config as configuration
 from . import chain, orchestrator, pve, tags
+from . import config as configuration
 from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, describe
 from .errors import ConfigError, ConnectError, HookError

@@ -11,7 +11,6 @@ import os
 import socket
 from dataclasses import dataclass
 
-
 LAUNCHER_ENV = "VZDUMP_HOOK_LAUNCHER"  # set by the sh launcher: the pid of its parent, the vzdump worker
 
 
