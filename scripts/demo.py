@@ -59,7 +59,7 @@ stop_timeout = 10
             down: list[float] = []
             threading.Thread(target=_poll, args=(db, stop, down), daemon=True).start()
             print(f"\n== vzdump-hook simulate 101 --type {args.type} --mode {args.mode} --transfer {args.transfer:g}")
-            r = subprocess.run([hook, "simulate", "101", "--type", args.type, "--mode", args.mode, "--transfer", str(args.transfer)], env=env)
+            r = subprocess.run([hook, "simulate", "101", "--type", args.type, "--mode", args.mode, "--transfer", str(args.transfer), "--yes"], env=env)
             time.sleep(1)
             stop.set()
             rows = compose.psql(db, "SELECT count(*) FROM t").strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,9 @@ pytestmark = pytest.mark.integration
 VMID = 101
 
 
-def admin(setup: HookSetup, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def admin(setup: HookSetup, *args: str, timeout: float = 120, input: str = "") -> subprocess.CompletedProcess[str]:
     env = setup.env | {"PATH": "/usr/bin:/bin"}
-    return subprocess.run([installed_hook(), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([installed_hook(), *args], env=env, capture_output=True, text=True, timeout=timeout, input=input)
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def test_check_config_errors_name_the_key_path(tmp_path: Path) -> None:
 
 def test_simulate_plays_the_phases_and_leaves_everything_running(guest_with_stacks: Any) -> None:
     setup, (db, web) = guest_with_stacks
-    r = admin(setup, "simulate", str(VMID), "--type", "lxc", "--mode", "snapshot", "--pause", "0.5")
+    r = admin(setup, "simulate", str(VMID), "--type", "lxc", "--mode", "snapshot", "--pause", "0.5", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"pre-stop {VMID}: stopped {db.name}, {web.name}" in r.stdout
     assert f"post-restart {VMID}: started {web.name}, {db.name}" in r.stdout
@@ -79,15 +80,101 @@ def test_simulate_dry_run_changes_nothing(guest_with_stacks: Any) -> None:
     assert compose.running_services(db) == {"app"} and not setup.marker_path(VMID).exists()
 
 
-def test_status_shows_a_marker(guest_with_stacks: Any) -> None:
+def test_simulate_asks_before_stopping_anything(guest_with_stacks: Any) -> None:
     setup, (db, web) = guest_with_stacks
+    for answer in ("", "n\n"):  # no terminal (EOF), or a no
+        r = admin(setup, "simulate", str(VMID), "--type", "lxc", "--mode", "snapshot", "--pause", "0.5", input=answer)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "this REALLY stops the stacks a backup would stop" in r.stdout
+        assert "pre-stop" not in r.stdout
+        assert compose.running_services(db) == {"app"} and not setup.marker_path(VMID).exists()
+    r = admin(setup, "simulate", str(VMID), "--type", "lxc", "--mode", "snapshot", "--pause", "0.5", input="y\n")
+    assert r.returncode == 0 and f"pre-stop {VMID}: stopped {db.name}, {web.name}" in r.stdout, r.stdout + r.stderr
+
+
+def test_status_shows_a_marker_and_exits_1_while_anything_is_down_or_unknown(guest_with_stacks: Any, test_guest: Any) -> None:
+    setup, (db, web) = guest_with_stacks
+    r = admin(setup, "status")
+    assert (r.returncode, r.stdout.strip()) == (0, f"{VMID}: no marker"), r.stdout + r.stderr
     setup.marker_path(VMID).write_text("not json")
     r = admin(setup, "status")
-    assert r.returncode == 0
+    assert r.returncode == 1
     assert f"{VMID}: marker unknown: marker: not JSON" in r.stdout, r.stdout
     setup.marker_path(VMID).unlink()
+    test_guest.stop_sshd()
     r = admin(setup, "status")
-    assert f"{VMID}: no marker" in r.stdout
+    assert r.returncode == 1 and f"{VMID}: marker unknown:" in r.stdout, r.stdout
+    assert admin(setup, "status", "--no-connect").returncode == 0  # the node's records alone: nothing down
+
+
+def test_status_exits_1_for_a_marker_of_a_job_that_is_over(guest_with_stacks: Any) -> None:
+    setup, (db, web) = guest_with_stacks
+    r = admin(setup, "simulate", str(VMID), "--type", "lxc", "--mode", "snapshot", "--pause", "0.5", "--yes")
+    assert r.returncode == 0
+    # a marker as a job that died would leave it: written by a pid that is gone
+    from vzdump_hook.job import JobId, node_name
+    from vzdump_hook.marker import Marker
+
+    gone = JobId(node_name(), "", 999999, 1)
+    setup.marker_path(VMID).write_bytes(Marker(gone, VMID, "lxc", "snapshot", time.time(), time.time() + 600, "stopped", ()).to_json())
+    r = admin(setup, "status")
+    assert r.returncode == 1 and f"{VMID}: MARKER of job" in r.stdout and "job over" in r.stdout, r.stdout + r.stderr
+
+
+def test_check_no_connect_validates_without_contacting_guests(guest_with_stacks: Any, test_guest: Any) -> None:
+    setup, _ = guest_with_stacks
+    test_guest.stop_sshd()
+    r = admin(setup, "check", "--no-connect")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[0] == f"config {setup.config}: ok, 1 guest(s) handled"
+    assert "FAILED" not in r.stdout and "running stacks" not in r.stdout
+    assert admin(setup, "check").returncode == 1  # with connecting: the guest is off
+
+
+def test_check_warns_about_contradicting_settings(tmp_path: Path, test_guest: Any) -> None:
+    setup = HookSetup(tmp_path)
+    setup.write({VMID: (test_guest, {"stacks": ["db", {"name": "web", "stop_timeout": 3600}], "max_downtime": 60, "exclude": ["x"]})})
+    r = admin(setup, "check", "--no-connect")
+    assert r.returncode == 0, r.stdout + r.stderr
+    warnings = [line.strip() for line in r.stdout.splitlines() if "WARNING" in line]
+    assert warnings == [
+        f"WARNING: guests.{VMID}.stop_timeout: the stop timeouts of its stacks add up to 3630 s, longer than max_downtime (60 s): "
+        "the guest's recovery may start stacks while the backup still needs them down",
+        f'WARNING: guests.{VMID}.exclude: ignored: stacks is an explicit list (exclude only applies to stacks = "auto")',
+    ], r.stdout
+
+
+def test_version_is_the_packages(tmp_path: Path) -> None:
+    import tomllib
+
+    version = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["version"]
+    r = admin(HookSetup(tmp_path), "--version")
+    assert (r.returncode, r.stdout) == (0, f"vzdump-hook {version}\n")
+
+
+def test_trust_shows_the_fingerprint_and_writes_only_after_confirmation(guest_with_stacks: Any, test_guest: Any) -> None:
+    setup, _ = guest_with_stacks
+    kh = Path(test_guest.known_hosts_file)
+    kh.write_text("")
+    assert admin(setup, "check").returncode == 1  # unknown host key
+    r = admin(setup, "trust", str(VMID), input="n\n")
+    assert r.returncode == 1 and kh.read_text() == ""
+    assert f"host key {test_guest.host_key_fingerprint}" in r.stdout.replace("ssh-ed25519 ", ""), r.stdout
+    assert "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub" in r.stdout
+    r = admin(setup, "trust", str(VMID), input="y\n")
+    assert r.returncode == 0 and "added to" in r.stdout, r.stdout + r.stderr
+    assert admin(setup, "check").returncode == 0
+    r = admin(setup, "trust", str(VMID))
+    assert r.returncode == 0 and "already trusted" in r.stdout
+    line = kh.read_text().split()
+    kh.write_text(f"{line[0]} {line[1]} {OTHER_ED25519}\n")  # another key for the same guest
+    r = admin(setup, "trust", str(VMID), "--yes")
+    assert r.returncode == 1 and "ANOTHER ssh-ed25519 key" in r.stderr, r.stdout + r.stderr
+    assert OTHER_ED25519 in kh.read_text()
+
+
+# an ed25519 public key that is not the test guest's
+OTHER_ED25519 = "AAAAC3NzaC1lZDI1NTE5AAAAIIYR+cnWRf0PCZBle9fT0tt2bBufO9Mvdk7NJGef2xfD"
 
 
 def test_recover_without_marker_and_usage(guest_with_stacks: Any) -> None:

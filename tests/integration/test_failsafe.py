@@ -171,8 +171,8 @@ def test_launcher_admin_words_are_the_programs() -> None:
 
 
 def recorder(tmp: Path, fail: str = "", code: int = 3, hang: str = "") -> tuple[str, Path]:
-    """A hook script of the admin's own: logs each call (argv, environment
-    ), fails with `code` when called with the arguments `fail`, hangs (with a child holding stdout) in `hang`."""
+    """A hook script of the admin's own: logs each call (argv, environment), fails with `code` when
+    called with the arguments `fail`, hangs (with a child holding stdout) in phase `hang`."""
     log = tmp / "chain.log"
     body = f"""
 echo "CALL $* | $(env | sort | tr '\\n' ' ')" >> {log}
