@@ -118,6 +118,28 @@ def test_shipped_example_config_is_valid() -> None:
     assert cfg.guests[101].stacks == (StackSpec("db"), StackSpec("web", 60.0))
 
 
+def test_shipped_example_names_every_key() -> None:
+    """The example is the reference for every key (README): each key the validator knows appears in
+    it, set or commented out, under its table."""
+    import dataclasses
+    import re
+
+    text = (REPO / "examples" / "config.toml").read_text()
+    tables: dict[str, set[str]] = {}
+    table = ""
+    for line in text.splitlines():
+        if m := re.match(r"^\[([a-z.0-9]+)\]", line):
+            table = m[1]
+        elif m := re.match(r"^#? ?([a-z_]+) = ", line):
+            tables.setdefault(table, set()).add(m[1])
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
+    assert names(config.HookSettings) <= tables["hook"]
+    assert set(config._GUEST_KEYS) - {"ssh", "pct", "agent", "enabled", "transport"} <= tables["defaults"]
+    assert names(config.SshConfig) - {"host"} <= tables["defaults.ssh"]
+    assert names(config.PctConfig) <= tables["defaults.pct"]
+    assert names(config.AgentConfig) <= tables["defaults.agent"]
+
+
 def test_compose_command_values() -> None:
     def cc(value: str) -> tuple[str, ...] | None:
         return parse(GUEST + f"compose_command = {value}\n").guests[101].compose_command
