@@ -695,3 +695,11 @@ def test_admin_commands_are_all_known_to_the_fast_entry_point() -> None:
     from vzdump_hook.cli import ADMIN_COMMANDS
 
     assert set(group.commands) == set(ADMIN_COMMANDS)
+
+
+def test_job_start_shows_contradicting_settings(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+    hook.configure('max_downtime = 10\nstop_timeout = 3600\nexclude = ["x"]')
+    assert hook("job-start") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("guests.101.stop_timeout: the stop timeouts of its stacks add up to 7200 s, longer than max_downtime (10 s)" in w for w in warnings), warnings
+    assert any("guests.101.exclude: ignored" in w for w in warnings), warnings

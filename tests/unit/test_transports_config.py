@@ -208,3 +208,13 @@ def test_the_hook_handles_a_tagged_guest_without_a_table(cluster: Path, tmp_path
     assert guest.down_stacks() == ["db"] and opened[0].transport == "pct"  # type: ignore[attr-defined]
     assert PhaseRunner(cfg, settings, job).run(Phase.POST_RESTART, GuestType.LXC, Mode.SNAPSHOT, 201) == 0
     assert guest.running_stacks() == ["db"] and not guest.files
+
+
+def test_a_tagged_vm_without_the_guest_agent_is_warned_about(cluster: Path) -> None:
+    me = node_name()
+    (cluster / "nodes" / me / "qemu-server" / "207.conf").write_text("name: agentful\ntags: vzdump-hook\nagent: enabled=1,fstrim_cloned_disks=1\n")
+    (cluster / "nodes" / me / "qemu-server" / "208.conf").write_text("name: off\ntags: vzdump-hook\nagent: 0\n[snap1]\nagent: 1\n")
+    warned = {int(w.split(":", 1)[0]) for w in tags.warnings(cluster_config(cluster))}
+    assert warned == {202, 208}  # 202 has no agent line, 208 has it off (its snapshot's does not count); 205 is ssh
+    (w,) = [w for w in tags.warnings(cluster_config(cluster)) if w.startswith("208:")]
+    assert "qm set 208 --agent enabled=1" in w
