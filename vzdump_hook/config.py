@@ -108,6 +108,19 @@ class GuestConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """[hook.notify]: a webhook told at job-end (report.py)."""
+
+    url: str
+    format: str = "json"  # json | ntfy | gotify | healthchecks
+    token_file: str = ""  # ntfy: a Bearer token, gotify: the app token; root-only file
+    timeout: float = 10.0
+
+
+NOTIFY_FORMATS = ("json", "ntfy", "gotify", "healthchecks")
+
+
+@dataclass(frozen=True)
 class HookSettings:
     state_dir: str = "/var/lib/vzdump-hook"
     run_dir: str = "/run/vzdump-hook"
@@ -118,6 +131,8 @@ class HookSettings:
     qmp_dir: str = "/var/run/qemu-server"  # QEMU's QMP sockets (VMID.qmp), asked for the backup job's start
     chain: tuple[str, ...] = ()  # other hook scripts, run with vzdump's arguments and environment (hook.py: chain)
     chain_timeout: float = 3600.0  # bound for one chained script in one phase; killed after it
+    metrics_file: str = ""  # node_exporter textfile written at job-end (report.py); "" = off
+    notify: NotifyConfig | None = None  # webhook at job-end (report.py)
 
 
 @dataclass(frozen=True)
@@ -324,6 +339,25 @@ def _chain(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
     return tuple(out)
 
 
+def _notify(p: _Problems, path: str, v: Any) -> NotifyConfig | None:
+    if not isinstance(v, dict):
+        p.add(path, "must be a table (url, format, token_file, timeout)")
+        return None
+    before = len(p.items)
+    _unknown(p, path, v, {"url", "format", "token_file", "timeout"})
+    url = _str(p, f"{path}.url", v.get("url"))
+    if url is not None and not url.startswith(("http://", "https://")):
+        p.add(f"{path}.url", f"must be an http:// or https:// URL (got {url!r})")
+    fmt = _str(p, f"{path}.format", v["format"], choices=NOTIFY_FORMATS) if "format" in v else "json"
+    token = _str(p, f"{path}.token_file", v["token_file"], absolute=True) if "token_file" in v else ""
+    if token and (problem := token_file_problem(token)):
+        p.add(f"{path}.token_file", problem)
+    timeout = _num(p, f"{path}.timeout", v["timeout"], lo=1, hi=60) if "timeout" in v else 10.0
+    if len(p.items) != before or url is None or fmt is None or token is None or timeout is None:
+        return None
+    return NotifyConfig(url, fmt, token, float(timeout))
+
+
 def token_file_problem(path: str) -> str | None:
     """Why the API token file at `path` must not be used (absent, not a file, not root's alone), or None."""
     try:
@@ -455,10 +489,15 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     if not isinstance(hook_raw, dict):
         p.add("hook", "must be a table")
     else:
-        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag", "qmp_dir", "chain", "chain_timeout"})
+        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag", "qmp_dir", "chain", "chain_timeout", "metrics_file", "notify"})
         vals: dict[str, Any] = {}
         if "chain" in hook_raw:
             vals["chain"] = _chain(p, "hook.chain", hook_raw["chain"])
+        if "metrics_file" in hook_raw:
+            mf = hook_raw["metrics_file"]
+            vals["metrics_file"] = mf if mf == "" else _str(p, "hook.metrics_file", mf, absolute=True)
+        if "notify" in hook_raw:
+            vals["notify"] = _notify(p, "hook.notify", hook_raw["notify"])
         if "chain_timeout" in hook_raw:
             n = _num(p, "hook.chain_timeout", hook_raw["chain_timeout"], lo=1, hi=7 * 86400)
             vals["chain_timeout"] = None if n is None else float(n)

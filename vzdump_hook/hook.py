@@ -79,13 +79,16 @@ class PhaseRunner:
             if step is Step.SWEEP:
                 self.report_config()
                 self.sweep()
+                if self.settings.notify is not None:
+                    self.tell_outside(ending=False)  # what earlier jobs could not deliver
             elif step is Step.FINISH:
                 down = self.finish(phase)
-                broken = self.problem is not None or self.state.config_error() is not None
-                if broken:
-                    why = _first_line(self.problem) if self.problem is not None else self.state.config_error()
+                why = _first_line(self.problem) if self.problem is not None else self.state.config_error()
+                if why is not None:
                     log.error("%s: the config was unusable, guests were backed up WITHOUT quiescing: %s", phase.value, why)
-                return orchestrator.exit_status(phase, Outcome(still_down=down, config_error=broken))
+                if (self.settings.metrics_file or self.settings.notify) and (phase is Phase.JOB_END or not self.state.flag("reported")):
+                    self.tell_outside(ending=True, config_problem=why)  # job-abort: only when job-end did not
+                return orchestrator.exit_status(phase, Outcome(still_down=down, config_error=why is not None))
             return 0
         assert vmtype is not None and mode is not None and vmid is not None
         if vmtype is GuestType.QEMU and phase in orchestrator.WATCHER_ENDS:
@@ -420,6 +423,24 @@ class PhaseRunner:
                 except Exception as e:
                     log.warning("history not written: %s", e)
         return bool(down)
+
+    def tell_outside(self, ending: bool, config_problem: str | None = None) -> None:
+        """The metrics textfile and the webhook (report.py). `ending` (job-end, after every resume
+        attempt): this job's records and message; else only the undelivered notifications of
+        earlier jobs are retried. Never raises: reporting does not change a backup's outcome."""
+        from . import report
+
+        try:
+            if not ending:
+                report.notify(self.settings, None)
+                return
+            records = self.state.records()
+            if records:
+                report.update_metrics(self.settings, records)
+            report.notify(self.settings, report.job_message(self.job.node, str(self.job), records, config_problem))
+            self.state.set_flag("reported")
+        except Exception as e:
+            log.warning("report: %s: %s", type(e).__name__, e)
 
     def _finish_one(self, rec: GuestRecord, phase: Phase) -> None:
         guest = self._guest(rec.vmid, rec)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from .config import HookSettings
+from .config import HookSettings, NotifyConfig
 from .errors import HookError
 from .job import JobId
 from .marker import StackRecord
@@ -108,6 +108,8 @@ def remembered_settings(state_dir: str) -> HookSettings | None:
         with open(os.path.join(state_dir, SETTINGS_FILE)) as f:
             d = json.load(f)
         d["chain"] = tuple(d.get("chain", ()))
+        if d.get("notify") is not None:
+            d["notify"] = NotifyConfig(**d["notify"])
         return HookSettings(**d)
     except (OSError, ValueError, TypeError, AttributeError):
         return None
@@ -172,6 +174,15 @@ class HostState:
         os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
         with open(os.path.join(self.job_dir, "job.json"), "w") as f:
             json.dump({**self.job.to_dict(), "started": time.time()}, f)
+
+    def set_flag(self, name: str) -> None:
+        """Remember `name` for later phases of this job (an empty file in the job directory)."""
+        os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
+        with open(os.path.join(self.job_dir, f"flag-{name}"), "w"):
+            pass
+
+    def flag(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.job_dir, f"flag-{name}"))
 
     # -- the config's state for this job --------------------------------------------------------
 
