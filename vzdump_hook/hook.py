@@ -365,25 +365,33 @@ class PhaseRunner:
         sweep_deadline = time.monotonic() + budget
         import shutil
 
-        recorded: dict[int, tuple[GuestConfig, str]] = {}  # vmid -> settings, the over job's directory
+        recorded: dict[int, GuestConfig] = {}  # guests whose stacks an over job may have left down
+        kept: dict[str, set[int]] = {}  # those jobs' directories, kept until their guests are up
         for job, directory in self.state.other_jobs():
             if job is None or job.is_over() is not True:
                 continue
-            for r in self.state.records(directory):
-                if r.status.pending and (g := self._recorded_guest(r)) is not None:
-                    recorded[g.vmid] = (g, directory)
-            if not any(d == directory for _, d in recorded.values()):
+            try:
+                pending = [r for r in self.state.records(directory) if r.status.pending]
+            except HookError as e:
+                log.warning("job-start: %s", e)
+                pending = []
+            for r in pending:
+                if (g := self._recorded_guest(r)) is not None:
+                    recorded[g.vmid] = g
+                    kept.setdefault(directory, set()).add(g.vmid)
+            if directory not in kept:
                 shutil.rmtree(directory, ignore_errors=True)
         members = [m.guest for m in tags.members(self.cfg, self.job.node) if m.guest is not None] if self.cfg is not None else []
-        guests = [g for g, _ in recorded.values()]
+        guests = list(recorded.values())
         guests += [g for g in members if g.vmid not in recorded and pve.guest_is_local(self.settings.pve_dir, self.job.node, g.vmid) is not False]
         if not guests:
             return
         with ThreadPoolExecutor(max_workers=min(8, len(guests))) as pool:
             results = list(pool.map(lambda g: recover_guest(g, self.job, self.state, sweep_deadline), guests))
-        still_down = {d for g, (_, down) in zip(guests, results, strict=True) if down and g.vmid in recorded for d in [recorded[g.vmid][1]]}
-        for directory in {d for _, d in recorded.values()} - still_down:  # kept while a recorded guest is down
-            shutil.rmtree(directory, ignore_errors=True)
+        down = {g.vmid for g, (_, is_down) in zip(guests, results, strict=True) if is_down}
+        for directory, vmids in kept.items():
+            if not vmids & down:
+                shutil.rmtree(directory, ignore_errors=True)
         found = [text for text, _ in results if text]
         for line in found:
             log.info("job-start %s", line)
