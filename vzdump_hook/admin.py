@@ -215,7 +215,8 @@ def guest() -> None:
 @config_option
 def guest_install_command(vmid: int, dry_run: bool, no_restrict: bool, identity_file: str | None, authorized_keys: str, config_path: str | None) -> None:
     """Deploy the guest side to VMID over its transport; idempotent. Exit 1 if it could not."""
-    g = _targets(_load(config_path), vmid)[0]
+    cfg = _load(config_path)
+    g = _targets(cfg, vmid)[0]
     click.echo(f"{vmid} {g.describe_target()}: {'what would change (dry run)' if dry_run else 'installing the guest side'}")
     inst = guest_install.Installer(g, guest_install.Layout.from_env(), click.echo, dry_run=dry_run, restrict=not no_restrict,
                                    authorized_keys=authorized_keys, identity_file=identity_file)
@@ -223,6 +224,8 @@ def guest_install_command(vmid: int, dry_run: bool, no_restrict: bool, identity_
         inst.run()
     except HookError as e:
         raise click.ClickException(describe(e)) from None
+    if not dry_run:
+        guest_install.forget_recovery_answer(settings_with_env(cfg.hook, os.environ).state_dir, vmid)
     click.echo(f"{vmid}: {len(inst.changed)} change(s){' to make' if dry_run else ''}")
 
 

@@ -31,6 +31,7 @@ RUN_DIR_ENV = "VZDUMP_HOOK_RUN_DIR"  # overrides for tests and development; vzdu
 STATE_DIR_ENV = "VZDUMP_HOOK_STATE_DIR"
 HARD_GRACE = 15.0  # seconds past the phase deadline before the watchdog ends the process
 RETRY_WAIT = 10.0  # seconds to wait for a guest at a resume retry
+RECOVERY_CHECK = 10.0  # backup-start: at most this long asking whether the guest's recovery program is current
 LAUNCHER_OFFSET = 100  # exit_process(): the program's non-zero statuses as the launcher receives them
 
 
@@ -172,7 +173,24 @@ class PhaseRunner:
         will = ", ".join(p.selected) if p.selected else "nothing (no selected stack is running)"
         extra = f"; not running: {', '.join(p.missing)}" if p.missing else ""
         log.info("backup-start %d: %s answers, will stop %s (%s)%s in %.1f s", vmid, ctl.t.target, will, compose, extra, time.monotonic() - start)
+        if p.selected:
+            self._recovery_note(ctl, p.selected)
         return 0
+
+    def _recovery_note(self, ctl: GuestController, stacks: tuple[str, ...]) -> None:
+        """Say when a restore of this backup would come up with its stacks down (no current recovery
+        program in the guest). Bounded; never fails the backup."""
+        from . import guest_install
+
+        try:
+            gap = guest_install.recovery_gap(ctl.t, ctl.guest, self.settings.state_dir, min(self.deadline, time.monotonic() + RECOVERY_CHECK))
+        except (HookError, OSError) as e:
+            log.debug("backup-start %d: guest side not checked: %s", ctl.guest.vmid, e)
+            return
+        if gap is not None:
+            log.warning("backup-start %d: guest side: recovery %s: a restore of this backup comes up with %s stopped "
+                        "(docker does not start containers stopped by hand): `vzdump-hook guest install %d`",
+                        ctl.guest.vmid, gap, ", ".join(stacks), ctl.guest.vmid)
 
     def _resume_stale(self, ctl: GuestController, m: Marker, where: str) -> None:
         """Start what a marker of another job lists. At backup-start vzdump holds this guest's backup
