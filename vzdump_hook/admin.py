@@ -69,10 +69,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @config_option
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds per guest.")
 @click.option("--no-connect", is_flag=True, help="Validate the config (and the node's side) only; contact no guest.")
-def check(vmid: int | None, config_path: str | None, timeout: float, no_connect: bool) -> None:
-    """Validate the config, reach each guest, show what a backup would stop. Changes nothing.
-    Exit 1 on any problem (warnings alone: 0)."""
+@click.option("--cluster", "cluster_", is_flag=True, help="Only: which nodes of the cluster run the hook, and which version.")
+def check(vmid: int | None, config_path: str | None, timeout: float, no_connect: bool, cluster_: bool) -> None:
+    """Validate the config, reach each guest, show what a backup would stop. Changes nothing in the
+    guests. Exit 1 on any problem (warnings alone: 0)."""
+    if cluster_:
+        _check_cluster(config_path)
+        return
     cfg = _load(config_path)
+    _report_node(cfg.hook.pve_dir)
     guests = _targets(cfg, vmid)
     members = tags.members(cfg) if vmid is None else []
     handled = len(guests)
@@ -127,6 +132,39 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
         click.echo(text)
     if not node_ok or not all(ok for _, ok in results):
         sys.exit(1)
+
+
+def _report_node(pve_dir: str) -> None:
+    from . import cluster
+
+    try:
+        cluster.report(pve_dir, JobId.current().node)
+    except OSError as e:
+        click.echo(f"  {pve_dir}: this node's report for `check --cluster` not written: {e.strerror or e}")
+
+
+def _check_cluster(config_path: str | None) -> None:
+    from . import cluster
+
+    try:
+        pve_dir = configuration.load(config_path).hook.pve_dir
+    except ConfigError as e:
+        pve_dir = configuration.HookSettings().pve_dir
+        click.echo(f"config: {e} (reading the cluster from {pve_dir})")
+    _report_node(pve_dir)
+    me = cluster.version()
+    states = cluster.nodes(pve_dir)
+    if not states:
+        raise click.ClickException(f"{pve_dir}/nodes: not found: not a Proxmox VE node")
+    now = time.time()
+    bad = False
+    for n in states:
+        problem = n.problem(me, now)
+        bad = bad or problem is not None
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(n.at)) if n.at else "-"
+        script = "" if n.version is None else f", vzdump.conf script: {n.script or 'none (jobs with their own script option only)'}"
+        click.echo(f"{n.node}: " + (f"PROBLEM: {problem}" if problem else f"vzdump-hook {n.version}") + (f" (reported {when}{script})" if n.version else ""))
+    sys.exit(1 if bad else 0)
 
 
 @cli.command()

@@ -79,6 +79,7 @@ class PhaseRunner:
             step = orchestrator.plan(phase, None, None, None).step
             if step is Step.SWEEP:
                 self.report_config()
+                self.report_node()
                 self.sweep()
                 if self.settings.notify is not None:
                     self.tell_outside(ending=False)  # what earlier jobs could not deliver
@@ -373,6 +374,15 @@ class PhaseRunner:
         assert self.cfg is not None
         for w in configuration.warnings(self.cfg) + tags.warnings(self.cfg):
             log.warning("config %s: %s", self.cfg.source, w)
+
+    def report_node(self) -> None:
+        """What this node runs, for `check --cluster` on any node (cluster.py)."""
+        from . import cluster
+
+        try:
+            cluster.report(self.settings.pve_dir, self.job.node)
+        except OSError as e:
+            log.debug("job-start: node report not written: %s", e)
 
     def sweep(self) -> None:
         """Resume what jobs that are over left down: first from this node's records of them (with
