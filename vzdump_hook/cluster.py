@@ -50,10 +50,9 @@ def report(pve_dir: str, node: str, vzdump_conf: str = "/etc/vzdump.conf") -> No
             return  # unchanged and recent: no write to the cluster file system
     except (OSError, ValueError, AttributeError):
         pass
-    tmp = f"{path}.{os.getpid()}.tmp"  # the cluster file system renames atomically (no hard links)
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    from .state import write_atomic
+
+    write_atomic(path, json.dumps(data))  # the cluster file system renames atomically (no hard links)
 
 
 @dataclass(frozen=True)

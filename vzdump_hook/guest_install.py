@@ -570,8 +570,8 @@ def recovery_gap(t: Transport, guest: GuestConfig, state_dir: str, deadline: flo
     except (OSError, ValueError, KeyError, TypeError):
         pass
     recovery = inspect(t, guest, layout, deadline).recovery
+    from .state import write_atomic
+
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump({"want": key, "recovery": recovery, "at": now}, f)
-    os.replace(f"{path}.tmp", path)
+    write_atomic(path, json.dumps({"want": key, "recovery": recovery, "at": now}))
     return None if recovery == "current" else recovery

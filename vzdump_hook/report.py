@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import HookSettings, NotifyConfig
-from .state import GuestRecord, Status
+from .state import GuestRecord, Status, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,7 @@ def _label(v: str) -> str:
 
 def _write(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 # -- notifications -------------------------------------------------------------------------------

@@ -94,6 +94,12 @@ def remember_settings(settings: HookSettings, state_dir: str) -> None:
             if f.read() == text:
                 return
     os.makedirs(state_dir, mode=0o755, exist_ok=True)
+    write_atomic(path, text)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Replace the file at `path` with `text`: written to a temporary name, fsynced, renamed over it
+    (a reader sees the old or the new file, never a part; works on the cluster file system)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -143,13 +149,7 @@ class HostState:
 
     def save(self, rec: GuestRecord) -> None:
         os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
-        path = self._path(rec.vmid)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(rec.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(self._path(rec.vmid), rec.to_json())
 
     def records(self, job_dir: str | None = None) -> list[GuestRecord]:
         """Every guest record of this job (or of the job directory `job_dir`), in VMID order."""
