@@ -20,7 +20,7 @@ from .errors import ConfigError, HookError
 from .hook import RUN_DIR_ENV, STATE_DIR_ENV, recover_guest, settings_with_env, setup_logging
 from .job import JobId
 from .phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
-from .state import GuestRecord, HostState, Status
+from .state import GuestRecord, HostState, Status, forget_recovery_answers
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -152,7 +152,7 @@ def _check_cluster(config_path: str | None) -> None:
         pve_dir = configuration.HookSettings().pve_dir
         click.echo(f"config: {e} (reading the cluster from {pve_dir})")
     _report_node(pve_dir)
-    me = cluster.version()
+    me = cluster.installed_version()
     states = cluster.nodes(pve_dir)
     if not states:
         raise click.ClickException(f"{pve_dir}/nodes: not found: not a Proxmox VE node")
@@ -263,7 +263,7 @@ def guest_install_command(vmid: int, dry_run: bool, no_restrict: bool, identity_
     except HookError as e:
         raise click.ClickException(describe(e)) from None
     if not dry_run:
-        guest_install.forget_recovery_answer(settings_with_env(cfg.hook, os.environ).state_dir, vmid)
+        forget_recovery_answers(settings_with_env(cfg.hook, os.environ).state_dir, vmid)
     click.echo(f"{vmid}: {len(inst.changed)} change(s){' to make' if dry_run else ''}")
 
 

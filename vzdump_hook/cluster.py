@@ -16,7 +16,7 @@ STALE = 8 * 86400.0  # a report older than this may no longer be true
 _SCRIPT = re.compile(r"^\s*script\s*:\s*(\S.*?)\s*$", re.M)
 
 
-def version() -> str:
+def installed_version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as v
 
@@ -36,12 +36,12 @@ def vzdump_script(path: str = "/etc/vzdump.conf") -> str | None:
     return m[1] if m else None
 
 
-def report(pve_dir: str, node: str, vzdump_conf: str = "/etc/vzdump.conf") -> None:
+def report(pve_dir: str, node: str, vzdump_conf: str = "/etc/vzdump.conf", version: str | None = None) -> None:
     """Write this node's report (only on a PVE node: its directory under nodes/ exists). Raises OSError."""
     d = os.path.join(pve_dir, "nodes", node)
     if not os.path.isdir(d):
         return
-    data = {"version": version(), "script": vzdump_script(vzdump_conf), "at": round(time.time())}
+    data = {"version": version or installed_version(), "script": vzdump_script(vzdump_conf), "at": round(time.time())}
     path = os.path.join(d, FILE)
     try:
         with open(path) as f:

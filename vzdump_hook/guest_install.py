@@ -13,7 +13,6 @@ Through a restricted key the files can be checked (the wrapper's `status` verb) 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import os
@@ -533,45 +532,3 @@ class Installer:
 
 
 __all__ = ["FILES", "GUEST_ROOT_ENV", "Installer", "InstallError", "Layout", "Setup", "describe", "inspect", "restricted_keys"]
-
-
-# -- backup-start: would a restore of this backup come up? ----------------------------------------------
-
-RECHECK = 7 * 86400.0  # seconds a node trusts its last "recovery current" answer for a guest
-RECHECK_GAP = 86400.0  # ... and a "missing" or "outdated" one (`guest install` forgets it at once)
-CACHE_DIR = "guest-side"
-
-
-def forget_recovery_answer(state_dir: str, vmid: int) -> None:
-    """After `guest install`: the node's last answer for this guest no longer holds."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(state_dir, CACHE_DIR, f"{vmid}.json"))
-
-
-def recovery_gap(t: Transport, guest: GuestConfig, state_dir: str, deadline: float, now: float | None = None) -> str | None:
-    """backup-start: the guest's recovery program if it is not current ("NOT INSTALLED",
-    "OUTDATED (...)"), else None. A backup holds the stacks stopped, and docker does not start a
-    container stopped by hand when the restored guest boots: without the recovery program a restore
-    comes up with its apps down. The guest is asked only when this node has no answer for these
-    guest files (an upgrade changes them) younger than RECHECK (RECHECK_GAP for a gap). Raises
-    HookError, OSError."""
-    import json
-
-    now = time.time() if now is None else now
-    layout = Layout.from_env()
-    want = desired(guest, layout)
-    key = _sha(b"\0".join(want[k] for k in RECOVERY_FILES))
-    path = os.path.join(state_dir, CACHE_DIR, f"{guest.vmid}.json")
-    try:
-        with open(path) as f:
-            known = json.load(f)
-        if known["want"] == key and 0 <= now - known["at"] < (RECHECK if known["recovery"] == "current" else RECHECK_GAP):
-            return None if known["recovery"] == "current" else str(known["recovery"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    recovery = inspect(t, guest, layout, deadline).recovery
-    from .state import write_atomic
-
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    write_atomic(path, json.dumps({"want": key, "recovery": recovery, "at": now}))
-    return None if recovery == "current" else recovery

@@ -23,7 +23,16 @@ from .job import LAUNCHER_ENV, JobId
 from .marker import Marker
 from .orchestrator import Outcome, Step
 from .phases import GuestType, Mode, Phase, parse_phase
-from .state import GuestRecord, HostState, Status, remember_settings, remembered_settings
+from .state import (
+    GuestRecord,
+    HostState,
+    Status,
+    forget_recovery_answers,
+    keep_recovery_answer,
+    recovery_answer,
+    remember_settings,
+    remembered_settings,
+)
 
 log = logging.getLogger("vzdump_hook")
 
@@ -179,19 +188,24 @@ class PhaseRunner:
         return 0
 
     def _recovery_note(self, ctl: GuestController, stacks: tuple[str, ...]) -> None:
-        """Say when a restore of this backup would come up with its stacks down (no current recovery
-        program in the guest). Bounded; never fails the backup."""
-        from . import guest_install
+        """Say when a restore of this backup would come up with its stacks down: the backup holds
+        them stopped, and docker does not start a container stopped by hand when the restored guest
+        boots; only the guest's recovery program does. The guest is asked only when the node has no
+        trusted answer (state.recovery_answer). Bounded; never fails the backup."""
+        vmid, now = ctl.guest.vmid, time.time()
+        answer = recovery_answer(self.settings.state_dir, vmid, now)
+        if answer is None:
+            from . import guest_install
 
-        try:
-            gap = guest_install.recovery_gap(ctl.t, ctl.guest, self.settings.state_dir, min(self.deadline, time.monotonic() + RECOVERY_CHECK))
-        except (HookError, OSError) as e:
-            log.debug("backup-start %d: guest side not checked: %s", ctl.guest.vmid, e)
-            return
-        if gap is not None:
+            try:
+                answer = guest_install.inspect(ctl.t, ctl.guest, guest_install.Layout.from_env(), min(self.deadline, time.monotonic() + RECOVERY_CHECK)).recovery
+                keep_recovery_answer(self.settings.state_dir, vmid, answer, now)
+            except (HookError, OSError) as e:
+                log.debug("backup-start %d: guest side not checked: %s", vmid, e)
+                return
+        if answer != "current":
             log.warning("backup-start %d: guest side: recovery %s: a restore of this backup comes up with %s stopped "
-                        "(docker does not start containers stopped by hand): `vzdump-hook guest install %d`",
-                        ctl.guest.vmid, gap, ", ".join(stacks), ctl.guest.vmid)
+                        "(docker does not start containers stopped by hand): `vzdump-hook guest install %d`", vmid, answer, ", ".join(stacks), vmid)
 
     def _resume_stale(self, ctl: GuestController, m: Marker, where: str) -> None:
         """Start what a marker of another job lists. At backup-start vzdump holds this guest's backup
@@ -376,11 +390,14 @@ class PhaseRunner:
             log.warning("config %s: %s", self.cfg.source, w)
 
     def report_node(self) -> None:
-        """What this node runs, for `check --cluster` on any node (cluster.py)."""
+        """What this node runs, for `check --cluster` on any node (cluster.py); after an upgrade, the
+        answers about guests' recovery programs are stale (the guest files changed)."""
         from . import cluster
 
+        version = cluster.installed_version()
         try:
-            cluster.report(self.settings.pve_dir, self.job.node)
+            forget_recovery_answers(self.settings.state_dir, unless_version=version)
+            cluster.report(self.settings.pve_dir, self.job.node, version=version)
         except OSError as e:
             log.debug("job-start: node report not written: %s", e)
 

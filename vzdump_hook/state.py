@@ -121,6 +121,52 @@ def remembered_settings(state_dir: str) -> HookSettings | None:
         return None
 
 
+# -- what the node last heard of a guest's recovery program (backup-start's note, hook.py) -------------
+
+RECOVERY_DIR = "guest-side"
+RECHECK = 7 * 86400.0  # seconds a "current" answer is trusted
+RECHECK_GAP = 86400.0  # ... a "NOT INSTALLED" or "OUTDATED" one (`guest install` forgets it at once)
+
+
+def recovery_answer(state_dir: str, vmid: int, now: float) -> str | None:
+    """The node's last answer for the guest's recovery program while it is trusted, else None."""
+    try:
+        with open(os.path.join(state_dir, RECOVERY_DIR, f"{vmid}.json")) as f:
+            d = json.load(f)
+        answer, at = str(d["recovery"]), float(d["at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return answer if 0 <= now - at < (RECHECK if answer == "current" else RECHECK_GAP) else None
+
+
+def keep_recovery_answer(state_dir: str, vmid: int, answer: str, now: float) -> None:
+    d = os.path.join(state_dir, RECOVERY_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    write_atomic(os.path.join(d, f"{vmid}.json"), json.dumps({"recovery": answer, "at": now}))
+
+
+def forget_recovery_answers(state_dir: str, vmid: int | None = None, unless_version: str | None = None) -> None:
+    """Forget the answer for `vmid` (after `guest install`), or all of them when this node's version
+    is no longer `unless_version`'s (an upgrade changes the guest files: every answer is stale)."""
+    d = os.path.join(state_dir, RECOVERY_DIR)
+    if vmid is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(d, f"{vmid}.json"))
+        return
+    stamp = os.path.join(d, "version")
+    with contextlib.suppress(OSError):
+        with open(stamp) as f:
+            if f.read() == unless_version:
+                return
+    with contextlib.suppress(OSError):
+        for name in os.listdir(d):
+            if name.endswith(".json"):
+                os.unlink(os.path.join(d, name))
+    if unless_version is not None:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        write_atomic(stamp, unless_version)
+
+
 class LockTimeout(HookError):
     pass
 
