@@ -2,11 +2,13 @@
 what to do now and what exit status a failure earns. No I/O here; hook.py carries the plans out.
 
 Where the backup's point in time is decides the earliest safe resume (DESIGN.md §1):
-- LXC snapshot/suspend: the snapshot (or the frozen rsync pass) is done before `pre-restart`, but
-  vzdump calls `pre-restart` while the container is still FROZEN in suspend mode (and in snapshot
-  mode when it has several volumes: vzdump freezes it around the snapshots). A command sent into a
-  frozen container blocks until its timeout, so the resume happens at `post-restart`, which
-  vzdump calls right after the thaw.
+- LXC snapshot/suspend: the snapshot (or the frozen rsync pass) is done before `pre-restart`. In
+  suspend mode vzdump calls `pre-restart` while the container is still FROZEN (it thaws it right
+  after), and a command sent into a frozen container blocks until its timeout: the resume happens
+  at `post-restart`. In snapshot mode the sources say the container is thawed at `pre-restart`
+  (pve-guest-common AbstractConfig::snapshot_create freezes and thaws it around the volume
+  snapshots with the same cgroup freezer vzdump uses for several volumes), so `pre-restart` would
+  be safe there too; the resume stays at `post-restart` for now (one hook later).
 - LXC stop: the archive is written from the stopped container; the container runs again only at
   `post-restart`, which vzdump calls after `backup-end`.
 - QEMU (every mode): the point in time is the start of QEMU's backup job, after `post-restart` in
