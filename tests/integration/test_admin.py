@@ -46,7 +46,7 @@ def test_check_reports_an_unknown_host_key_with_its_fingerprint(guest_with_stack
     Path(test_guest.known_hosts_file).write_text("")
     r = admin(setup, "check")
     assert r.returncode == 1
-    assert test_guest.host_key_fingerprint in r.stdout and "ssh-keyscan" in r.stdout
+    assert test_guest.host_key_fingerprint in r.stdout and "`vzdump-hook trust VMID`" in r.stdout
 
 
 def test_check_config_errors_name_the_key_path(tmp_path: Path) -> None:

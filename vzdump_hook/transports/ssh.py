@@ -233,6 +233,6 @@ class _Refuse:
         cfg = self.cfg
         raise HostKeyError(
             f"ssh {cfg.user}@{cfg.host}:{cfg.port}: host key not in {cfg.known_hosts}: {fingerprint(key)}. "
-            f"To trust it, check this fingerprint on the guest (ssh-keygen -lf /etc/ssh/ssh_host_{key.get_name().removeprefix('ssh-')}_key.pub), then run: "
-            f"ssh-keyscan -p {cfg.port} {cfg.host} >> {cfg.known_hosts}"
+            "To trust it: `vzdump-hook trust VMID` shows it next to the command that prints the same fingerprint in the guest, "
+            "and adds it once you confirm"
         )
