@@ -164,12 +164,43 @@ def test_phase_order_running_guest(hook: Hook, vmtype: GuestType, mode: Mode) ->
         ("job-end",),
     ]
     assert result.phases() == [c.argv[0] for c in calls]
-    # a new process per phase, all children of the one "vzdump worker"
+    # a new process per phase, all children of the job's one "vzdump worker", which is not pytest
     assert len({c.pid for c in calls}) == len(calls)
-    assert {c.ppid for c in calls} == {os.getpid()}
+    (worker,) = {c.ppid for c in calls}
+    assert worker != os.getpid()
     assert result.guest(101).status is BackupStatus.OK
     assert result.guest(101).guest_state is GuestState.RUNNING
     assert result.point_in_time[101] is not None
+
+
+def test_each_job_has_its_own_worker_which_is_gone_after_the_job(hook: Hook) -> None:
+    seen: list[int | None] = []
+    run_job(hook.path, [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT)], on_phase=lambda phase, ctx: seen.append(ctx.worker_pid))
+    first = {c.ppid for c in hook.calls()}
+    assert set(seen) == first  # the callbacks name the hooks' parent
+    run_job(hook.path, [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT)])
+    second = {c.ppid for c in hook.calls()} - first
+    assert len(first) == 1 and len(second) == 1  # one worker per job, another for the next job
+    for pid in first | second:
+        assert not os.path.exists(f"/proc/{pid}")  # a job that is over: its worker is gone (and reaped)
+
+
+@pytest.mark.parametrize("after", ["job-start", "pre-stop", "pre-restart"])
+def test_a_worker_killed_between_two_hooks_runs_nothing_more(hook: Hook, after: str) -> None:
+    from tests.infra.vzdump import WorkerKilled
+
+    workers: list[int] = []
+
+    def on_phase(phase: str, ctx: Context) -> None:
+        if ctx.moment is Moment.AFTER_PHASE and phase == after:
+            assert ctx.worker_pid is not None
+            workers.append(ctx.worker_pid)
+            raise WorkerKilled
+
+    result = run_job(hook.path, [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT), GuestSpec(102, GuestType.LXC, Mode.SNAPSHOT)], on_phase=on_phase)
+    assert result.status is JobStatus.KILLED
+    assert [c.argv[0] for c in hook.calls()][-1] == after  # no abort, no log-end, no job-end
+    assert not os.path.exists(f"/proc/{workers[0]}")
 
 
 @pytest.mark.parametrize("vmtype", [LXC, QEMU])

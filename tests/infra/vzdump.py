@@ -5,8 +5,11 @@ Written from DESIGN.md §1 and checked against the sources it cites (pve-manager
 qemu-server ``PVE/VZDump/QemuServer.pm``). It does not import ``vzdump_hook``: it is the
 independent referee the package is tested against.
 
-How a hook is called (one new process per phase, all children of this Python process, as all
-phases of a real job are children of the one vzdump worker):
+How a hook is called (one new process per phase, all children of the job's own worker process,
+tests/infra/vzdump_worker.py, as all phases of a real job are children of the one vzdump worker; it
+is not the test's process, ends with the job, and a callback can SIGKILL it by raising
+:class:`WorkerKilled`; ``run_phase`` runs a hook as a child of the calling process instead, so
+phases played one by one are one job, the caller's):
 
 - argv ``HOOK PHASE`` for job phases, ``HOOK PHASE MODE VMID`` for guest phases; the hook path
   is used as given (vzdump does the same), the working directory is ``/``, stdin is /dev/null.
@@ -112,10 +115,13 @@ LXC rsync passes, the QEMU guest-agent fs-freeze/thaw and QMP socket (a test tha
 from __future__ import annotations
 
 import argparse
+import array
+import json
 import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -123,6 +129,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 DEFAULT_TIMEOUT = 600.0
 VZDUMP_VARS = frozenset({"STOREID", "DUMPDIR", "VMTYPE", "HOSTNAME", "TARGET", "LOGFILE"})
@@ -194,10 +201,16 @@ class JobStatus(StrEnum):
     ERRORS = "errors"  # "Backup job finished with errors": a guest failed
     FAILED = "failed"  # "Backup job failed": job-init/job-start/job-end failed
     HUNG = "hung"  # a hook outlived the safety timeout
+    KILLED = "killed"  # the vzdump worker was SIGKILLed (a callback raised WorkerKilled): nothing more ran
 
 
 class VzdumpError(Exception):
     """vzdump itself fails at this point (raise it from a callback to simulate that)."""
+
+
+class WorkerKilled(Exception):  # noqa: N818 - an event, not an error of the stand-in
+    """Raise it from a callback: the job's vzdump worker is SIGKILLed right there (OOM, a node-local
+    crash) and runs nothing more: no hook, no clean-up, no job-end."""
 
 
 _FAIL_MESSAGES = {
@@ -322,6 +335,7 @@ class Context:
     guest_state: GuestState | None = None
     phase: str | None = None
     record: PhaseRecord | None = None  # set after a phase
+    worker_pid: int | None = None  # the job's vzdump worker: the parent of its hooks
 
     @property
     def vmid(self) -> int | None:
@@ -436,6 +450,75 @@ def _fmt_time(seconds: float) -> str:
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vzdump_worker.py")
+
+
+class _Worker:
+    """The job's vzdump worker (tests/infra/vzdump_worker.py): a process of its own, the parent of
+    every hook of the job, as vzdump's one worker process is; it can be killed between two hooks."""
+
+    def __init__(self, cwd: str) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, WORKER, str(theirs.fileno())], stdin=subprocess.DEVNULL, env={},
+                                     cwd=cwd, pass_fds=(theirs.fileno(),))
+        theirs.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def spawn(self, argv: list[str], env: Mapping[str, str], out: int, err: int) -> int:
+        """Start a hook with stdout `out` and stderr `err`; its pid. Raises OSError when it cannot start."""
+        self.sock.settimeout(30)
+        self.sock.sendmsg([json.dumps({"argv": argv, "env": dict(env)}).encode()],
+                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [out, err]))])
+        reply = self._recv()
+        if "error" in reply:
+            raise OSError(0, reply["error"])
+        return int(reply["pid"])
+
+    def wait(self, timeout: float | None) -> int:
+        """The exit status of the running hook (subprocess's convention); TimeoutExpired."""
+        self.sock.settimeout(timeout)
+        try:
+            return int(self._recv()["status"])
+        except TimeoutError:
+            raise subprocess.TimeoutExpired("hook", timeout or 0) from None
+
+    def _recv(self) -> dict[str, Any]:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise RuntimeError("the stand-in's vzdump worker died")
+        reply: dict[str, Any] = json.loads(data)
+        return reply
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()  # the worker ends at EOF
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class _Spawned:
+    """A hook started by the worker, shaped like the Popen that _collect reads."""
+
+    def __init__(self, worker: _Worker, pid: int, out: int, err: int) -> None:
+        self.worker, self.pid = worker, pid
+        self.stdout, self.stderr = os.fdopen(out, "rb", buffering=0), os.fdopen(err, "rb", buffering=0)
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.worker.wait(timeout)
+        return self.returncode
+
+
 @dataclass
 class _Job:
     """Plays one vzdump job; mirrors the structure of ``PVE::VZDump::exec_backup(_task)``."""
@@ -456,6 +539,7 @@ class _Job:
     records: list[PhaseRecord] = field(default_factory=list, init=False)
     log: list[LogLine] = field(default_factory=list, init=False)
     guests: list[GuestResult] = field(default_factory=list, init=False)
+    worker: _Worker | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.storeid is None and self.dumpdir is None:
@@ -516,6 +600,7 @@ class _Job:
             guest_state=task.state if task else None,
             phase=phase,
             record=record,
+            worker_pid=self.worker.pid if self.worker else None,
         )
 
     def hook_phase(
@@ -532,15 +617,7 @@ class _Job:
             self.on_phase(phase, self._ctx(Moment.BEFORE_PHASE, task, phase))
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=self.cwd,
-                start_new_session=True,
-            )
+            proc = self._spawn(argv, env)
         except OSError as exc:
             raise VzdumpError(f"command '{cmdstr}' failed: {exc.strerror}") from exc
         output, returncode = self._collect(proc, start + self.timeout, vmid, phase)
@@ -568,8 +645,26 @@ class _Job:
             raise VzdumpError(f"command '{cmdstr}' failed: got signal {-returncode}")
         return record
 
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> _Spawned | subprocess.Popen[bytes]:
+        """Start a hook: by the job's worker (run_job), or as a child of this process (run_phase)."""
+        if self.worker is None:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=env, cwd=self.cwd, start_new_session=True)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            pid = self.worker.spawn(argv, env, out_w, err_w)
+        except OSError:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        return _Spawned(self.worker, pid, out_r, err_r)
+
     def _collect(
-        self, proc: subprocess.Popen[bytes], deadline: float, vmid: int | None, phase: str
+        self, proc: _Spawned | subprocess.Popen[bytes], deadline: float, vmid: int | None, phase: str
     ) -> tuple[list[OutputLine], int | None]:
         """Read stdout+stderr until both hit EOF, then reap; (lines, None) on timeout."""
         assert proc.stdout is not None and proc.stderr is not None
@@ -870,11 +965,18 @@ class _Job:
     def run(self, guests: Sequence[GuestSpec]) -> JobResult:
         """``PVE::VZDump::new`` (job-init) + ``exec_backup`` (job-start, guests, job-end)."""
         specs = sorted(guests, key=lambda g: g.vmid)
+        self.worker = _Worker(self.cwd)
         try:
             return self._run(specs)
         except _Hung as hung:
             self._say(f"hook hung: {' '.join(hung.record.argv)}", level="ERROR")
             return self._result(JobStatus.HUNG, "hook hung", specs, hang=hung.record)
+        except WorkerKilled:
+            self.worker.kill()
+            return self._result(JobStatus.KILLED, "vzdump worker killed", specs)
+        finally:
+            self.worker.close()
+
 
     def _run(self, specs: Sequence[GuestSpec]) -> JobResult:
         try:
@@ -968,7 +1070,9 @@ def run_phase(
     """Run a single phase (any name, e.g. one a future PVE adds) as vzdump would.
 
     Guest phases get MODE ``guest.effective_mode`` and the guest's variables. Non-zero exit is
-    returned in the record, not raised; a hang raises :class:`HookHang`.
+    returned in the record, not raised; a hang raises :class:`HookHang`. The hook is a child of the
+    calling process (not of a worker of its own): phases played one by one are one job, whose
+    "vzdump worker" is the caller.
     """
     job = _Job(
         os.fspath(hook),
