@@ -118,6 +118,7 @@ class HookSettings:
     qmp_dir: str = "/var/run/qemu-server"  # QEMU's QMP sockets (VMID.qmp), asked for the backup job's start
     chain: tuple[str, ...] = ()  # other hook scripts, run with vzdump's arguments and environment (hook.py: chain)
     chain_timeout: float = 3600.0  # bound for one chained script in one phase; killed after it
+    ledger_dir: str = ""  # "": pve_dir/priv/vzdump-hook/ledger on a PVE node, else state_dir/ledger (ledger.py)
 
 
 @dataclass(frozen=True)
@@ -455,7 +456,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     if not isinstance(hook_raw, dict):
         p.add("hook", "must be a table")
     else:
-        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag", "qmp_dir", "chain", "chain_timeout"})
+        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag", "qmp_dir", "chain", "chain_timeout", "ledger_dir"})
         vals: dict[str, Any] = {}
         if "chain" in hook_raw:
             vals["chain"] = _chain(p, "hook.chain", hook_raw["chain"])
@@ -469,7 +470,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
                 vals["tag"] = None
             else:
                 vals["tag"] = tag
-        for k in ("state_dir", "run_dir", "pve_dir", "qmp_dir"):
+        for k in ("state_dir", "run_dir", "pve_dir", "qmp_dir", "ledger_dir"):
             if k in hook_raw:
                 vals[k] = _str(p, f"hook.{k}", hook_raw[k], absolute=True)
         for k in ("phase_timeout", "sweep_timeout"):
