@@ -9,7 +9,6 @@ import logging
 import os
 import time
 from pathlib import Path
-
 from unittest.mock import patch
 
 import pytest
