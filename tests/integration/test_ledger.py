@@ -139,3 +139,34 @@ def test_status_shows_the_ledger_and_flags_disagreement(many: Any) -> None:
     assert lines[str(APP)].startswith(f"{APP}: no marker; ledger: quiesce by job") and "DISAGREES, no marker" in lines[str(APP)], r.stdout
     n = admin(setup, "status", "--no-connect")
     assert f"{APP}: ledger: quiesce by job" in n.stdout and "102" not in n.stdout, n.stdout
+
+
+def run_on_terminal(setup: HookSetup, *args: str) -> str:
+    """Run an admin command with its stdout on a pseudo-terminal; everything it wrote there."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([installed_hook(), *args], env=setup.env | {"PATH": "/usr/bin:/bin"}, stdout=follower, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the command closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=120)
+    os.close(leader)
+    return out.decode()
+
+
+@pytest.mark.parametrize("command", ["check", "status"])
+def test_progress_is_shown_on_a_terminal_only(many: Any, command: str) -> None:
+    setup, _, _ = many
+    shown = run_on_terminal(setup, command)
+    assert "\rcontacting 6 guests: 6/6 answered" in shown, shown
+    assert "\rcontacting 6 guests: 1/6 answered" in shown, shown
+    piped = admin(setup, command)
+    assert "contacting" not in piped.stdout and "\r" not in piped.stdout, piped.stdout
