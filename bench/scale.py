@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -171,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
           f"ssh connect_timeout {CONNECT_TIMEOUT:g} s; medians of {args.runs} runs (unreachable: 1 run); total {took:.0f} s.")
     print()
     names = [v for v, _ in variants]
-    header = f"{'configured guests':>17}  " + "  ".join(f"{row + ' ' + v:>26}" for row in ("job-start no marker", "job-start 50 unreachable", "one-guest job", "max RSS MiB") for v in names)
-    print(header)
-    print("-" * len(header))
+    cols = (("start", "job-start, no marker (s)", "{:.2f}"), ("cut", f"job-start, {MARKED} unreachable (s)", "{:.2f}"),
+            ("job", "one-guest job (s)", "{:.2f}"), ("rss", "max RSS (MiB)", "{:.1f}"))
+    print(f"cells: {' / '.join(names)}")
+    print("| configured guests | " + " | ".join(title for _, title, _ in cols) + " |")
+    print("|---:|" + "---:|" * len(cols))
     for n in sorted({1, *sizes}):
-        cells = []
-        for row, fmt in (("start", "{:.2f}"), ("cut", "{:.2f}"), ("job", "{:.2f}"), ("rss", "{:.1f}")):
-            cells += [f"{cell(v, row, n, fmt):>26}" for v in names]
-        print(f"{n:>17}  " + "  ".join(cells))
+        cells = [" / ".join(cell(v, row, n, fmt) for v in names) for row, _, fmt in cols]
+        print(f"| {n} | " + " | ".join(cells) + " |")
     print()
     verdicts = []
 
@@ -205,5 +204,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     sys.exit(main())

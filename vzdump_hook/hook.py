@@ -12,19 +12,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import chain, fanout, orchestrator, pve, tags
 from . import config as configuration
 from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, Resume, describe
-from .errors import ConfigError, ConnectError, HookError
+from .errors import ConfigError, HookError
 from .job import LAUNCHER_ENV, JobId
-from .ledger import FOUND, QUIESCE, Entry, Ledger, LedgerError
 from .marker import Marker
 from .orchestrator import Outcome, Step
 from .phases import GuestType, Mode, Phase, parse_phase
 from .state import GuestRecord, HostState, Status, remember_settings, remembered_settings
+
+if TYPE_CHECKING:
+    from .ledger import Entry, Ledger
 
 log = logging.getLogger("vzdump_hook")
 
@@ -67,11 +69,20 @@ class PhaseRunner:
         self.settings = settings
         self.job = job
         self.state = HostState(settings, job)
-        self.ledger = Ledger.for_settings(settings, job.node, settle=settings.phase_timeout + HARD_GRACE)
         self.deadline = time.monotonic() + settings.phase_timeout
+        self._ledger: Ledger | None = None
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger of outstanding markers (ledger.py; imported only by the phases that use it)."""
+        if self._ledger is None:
+            from .ledger import Ledger
+
+            self._ledger = Ledger.for_settings(self.settings, self.job.node, settle=self.settings.phase_timeout + HARD_GRACE)
+        return self._ledger
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -188,6 +199,8 @@ class PhaseRunner:
 
     def _entries(self, vmid: int) -> list[Entry] | None:
         """The guest's ledger entries before it is asked (None: unreadable, nothing is removed then)."""
+        from .ledger import LedgerError
+
         try:
             return self.ledger.of(vmid)
         except LedgerError as e:
@@ -203,6 +216,8 @@ class PhaseRunner:
         """The guest's entry, to be written right before its marker. When the ledger cannot be
         written, the guest is noted as unknown locally (the next job-start asks it); when that fails
         too, nothing is stopped: a marker the sweeps cannot learn of must not be written."""
+
+        from .ledger import QUIESCE, LedgerError
 
         def write() -> None:
             try:
@@ -411,6 +426,9 @@ class PhaseRunner:
                     recorded[g.vmid] = (g, directory)
             if not any(d == directory for _, d in recorded.values()):
                 shutil.rmtree(directory, ignore_errors=True)
+        from .ledger import LedgerError
+        from .recovery import Recovery, guest_of_entries, recover_guest
+
         members = {m.vmid: m.guest for m in tags.members(self.cfg, self.job.node) if m.guest is not None} if self.cfg is not None else {}
         try:
             entries, known = self.ledger.entries(), self.ledger.known()
@@ -493,80 +511,6 @@ class PhaseRunner:
         guest = self._guest(rec.vmid, rec)
         if guest is not None:
             self.resume(guest, phase, wait=True)
-
-
-def guest_of_entries(entries: list[Entry]) -> GuestConfig | None:
-    """The settings recorded in a guest's ledger entries (those of its quiesce first), or None."""
-    for e in sorted(entries, key=lambda e: e.kind != QUIESCE):
-        if e.guest_table:
-            try:
-                return configuration.validate_guest(e.vmid, e.guest_table)
-            except ConfigError as err:
-                log.warning("guest %d: settings in its ledger entry unusable (%s)", e.vmid, err)
-    return None
-
-
-@dataclass(frozen=True)
-class Recovery:
-    """What recover_guest() found and did: `down` when anything is still down or unknown; `covered`
-    when the ledger covers the guest now (no marker, or an entry for the one it holds)."""
-
-    text: str
-    down: bool
-    covered: bool
-
-
-def recover_guest(guest: GuestConfig, job: JobId, state: HostState, deadline: float, force: bool = False,
-                  ledger: Ledger | None = None, seen: list[Entry] | None = None) -> Recovery:
-    """Start what the guest's marker lists if the marker's job is provably over (or its deadline
-    passed, or `force`), and keep `ledger` (entries `seen` before asking; read here when None) in
-    step. A marker of a job that may still run is left alone: in a cluster sharing one config,
-    another node may be backing this guest up right now."""
-    ctl = GuestController(guest, job)
-    vmid = guest.vmid
-    if seen is None and ledger is not None:
-        try:
-            seen = ledger.of(vmid)
-        except LedgerError:
-            seen = None
-
-    def forget() -> bool:
-        if ledger is not None and seen:
-            ledger.clear(seen, job)
-        return True
-
-    def note() -> bool:
-        """Make sure an entry lists the guest: a marker is (or may be) in it."""
-        if ledger is None or seen:
-            return seen is not None
-        try:
-            ledger.add(vmid, FOUND, None, guest.table)
-            return True
-        except LedgerError as e:
-            log.warning("guest %d: %s", vmid, e)
-            return False
-
-    try:
-        m = ctl.read_marker(deadline)
-        if m is None:
-            return Recovery("", False, forget())
-        over = m.job.is_over()
-        if over is not True and not m.expired and not force:
-            return Recovery(f"{vmid}: marker of job {m.job} left alone (that job may still run, deadline not passed)", False, note())
-        with state.guest_lock(vmid, max(0.1, deadline - time.monotonic())):
-            r = ctl.resume(deadline)
-        why = "forced" if force and over is not True and not m.expired else "its job is over" if over else "its deadline passed"
-        text = f"{vmid}: marker of job {m.job} ({why}): started {', '.join(r.started) or 'nothing'}"
-        for p in r.problems:
-            text += f"; {p}"
-        text += f"; STILL DOWN: {', '.join(r.failed)}" if r.failed else ""
-        return Recovery(text, bool(r.failed), note() if r.marker_left else forget())
-    except ConnectError as e:
-        return Recovery(f"{vmid}: not reachable ({e})", True, note())
-    except HookError as e:
-        return Recovery(f"{vmid}: {describe(e)}", True, note())
-    finally:
-        ctl.close()
 
 
 def _first_line(e: Exception) -> str:
