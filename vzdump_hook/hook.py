@@ -566,7 +566,7 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
 def _load_config(env: Mapping[str, str]) -> tuple[Config | None, HookSettings, ConfigError | None]:
     """The config, or (None, the [hook] settings of the last valid config, why) when it cannot be used."""
     try:
-        cfg = configuration.load(env.get(configuration.CONFIG_ENV))
+        cfg = configuration.load(env.get(configuration.CONFIG_ENV), cache_dir=settings_with_env(HookSettings(), env).run_dir)
         return cfg, cfg.hook, None
     except ConfigError as e:
         return None, remembered_settings(settings_with_env(HookSettings(), env).state_dir) or HookSettings(), e
