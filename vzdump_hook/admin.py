@@ -159,7 +159,8 @@ def status(config_path: str | None, no_connect: bool, timeout: float) -> None:
     """Markers in the guests next to the ledger of outstanding markers, and this node's records of
     running and recent jobs. Exit 1 when stacks are down that no running backup explains (a marker
     or record of a job that is over, or not of this node), or a guest's state is unknown
-    (unreachable); 0 when everything runs. Where the ledger and a guest disagree, the line says so."""
+    (unreachable); 0 when everything runs. A guest PVE says is not running is not asked (its stacks
+    start with it). Where the ledger and a guest disagree, the line says so."""
     cfg = _load(config_path)
     settings = settings_with_env(cfg.hook, os.environ)
     jobs_dir = os.path.join(settings.run_dir, "jobs")
@@ -179,7 +180,8 @@ def status(config_path: str | None, no_connect: bool, timeout: float) -> None:
     ledger = _ledger(settings)
     entries = _ledger_entries(ledger)
     known = ledger.known()
-    click.echo(f"ledger {ledger.dir}: " + (f"{sum(map(len, entries.values()))} entr(ies) for guest(s) {', '.join(map(str, sorted(entries)))}" if entries else "no outstanding marker"))
+    count = sum(map(len, entries.values()))
+    click.echo(f"ledger {ledger.dir}: " + (f"{count} {'entry' if count == 1 else 'entries'} for guest(s) {', '.join(map(str, sorted(entries)))}" if entries else "no outstanding marker"))
     if no_connect:
         for vmid, es in sorted(entries.items()):
             click.echo(f"{vmid}: ledger: {'; '.join(e.describe() for e in es)}")
