@@ -6,20 +6,22 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import click
 
 from . import config as configuration
-from . import guest_install, orchestrator, tags
+from . import fanout, guest_install, orchestrator, pve, tags
 from .config import Config, GuestConfig
 from .controller import GuestController, describe
 from .errors import ConfigError, HookError
-from .hook import RUN_DIR_ENV, STATE_DIR_ENV, recover_guest, settings_with_env, setup_logging
+from .hook import HARD_GRACE, RUN_DIR_ENV, STATE_DIR_ENV, settings_with_env, setup_logging
 from .job import JobId
+from .ledger import Entry, Ledger, LedgerError
+from .marker import Marker
 from .phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
+from .recovery import Recovery, guest_of_entries, recover_guest
 from .state import GuestRecord, HostState, Status, forget_recovery_answers
 
 T = TypeVar("T")
@@ -42,12 +44,31 @@ def _targets(cfg: Config, vmid: int | None, all_: bool = True) -> list[GuestConf
     return [m.guest for m in tags.members(cfg) if m.guest is not None] if all_ else []
 
 
-def _parallel(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    todo = list(items)
-    if not todo:
-        return []
-    with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-        return list(pool.map(fn, todo))
+def _contact(fn: Callable[[T], R], items: Sequence[T], seconds: float) -> list[R | None]:
+    """fn(item) for every guest at once, within `seconds` (None: no answer by then); progress on a
+    terminal when there are more than a few."""
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    progress = fanout.progress_for(items, sys.stdout.isatty(), write, f"contacting {len(items)} guests")
+    try:
+        return fanout.run_all(fn, items, time.monotonic() + seconds, progress)
+    finally:
+        if progress is not None:
+            progress.end()
+
+
+def _ledger(settings: configuration.HookSettings) -> Ledger:
+    return Ledger.for_settings(settings, JobId.current().node, settle=settings.phase_timeout + HARD_GRACE)
+
+
+def _ledger_entries(ledger: Ledger) -> dict[int, list[Entry]]:
+    try:
+        return ledger.entries()
+    except LedgerError as e:
+        raise click.ClickException(str(e)) from None
 
 
 config_option = click.option("--config", "config_path", metavar="FILE", help=f"config file [default: ${configuration.CONFIG_ENV} or {configuration.DEFAULT_CONFIG_PATH}]")
@@ -127,7 +148,8 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
         lines.append(f"    {side}")
         return "\n".join(lines), True
 
-    results = _parallel(one, guests)
+    answers = _contact(one, guests, 2 * timeout + 5)
+    results = [a if a is not None else (f"{g.vmid} {g.describe_target()}: FAILED: no answer within {2 * timeout + 5:g} s", False) for g, a in zip(guests, answers, strict=True)]
     for text, _ in results:
         click.echo(text)
     if not node_ok or not all(ok for _, ok in results):
@@ -169,11 +191,14 @@ def _check_cluster(config_path: str | None) -> None:
 
 @cli.command()
 @config_option
-@click.option("--no-connect", is_flag=True, help="Only the node's records; do not ask the guests for markers.")
-def status(config_path: str | None, no_connect: bool) -> None:
-    """Markers in the guests and this node's records of running and recent jobs. Exit 1 when stacks
-    are down that no running backup explains (a marker or record of a job that is over, or not of
-    this node), or a guest's state is unknown (unreachable); 0 when everything runs."""
+@click.option("--no-connect", is_flag=True, help="Only the node's records and the ledger; do not ask the guests for markers.")
+@click.option("--timeout", default=15.0, show_default=True, help="Seconds for the guests to answer.")
+def status(config_path: str | None, no_connect: bool, timeout: float) -> None:
+    """Markers in the guests next to the ledger of outstanding markers, and this node's records of
+    running and recent jobs. Exit 1 when stacks are down that no running backup explains (a marker
+    or record of a job that is over, or not of this node), or a guest's state is unknown
+    (unreachable); 0 when everything runs. A guest PVE says is not running is not asked (its stacks
+    start with it). Where the ledger and a guest disagree, the line says so."""
     cfg = _load(config_path)
     settings = settings_with_env(cfg.hook, os.environ)
     jobs_dir = os.path.join(settings.run_dir, "jobs")
@@ -190,28 +215,65 @@ def status(config_path: str | None, no_connect: bool) -> None:
         running = os.path.exists(f"/proc/{pid}")
         click.echo(f"job {key} ({'running' if running else 'over'}): " + ("; ".join(_rec_line(r) for r in recs) if recs else "no guests"))
         bad = bad or (not running and any(r.status.pending for r in recs))
+    ledger = _ledger(settings)
+    entries = _ledger_entries(ledger)
+    known = ledger.known()
+    count = sum(map(len, entries.values()))
+    click.echo(f"ledger {ledger.dir}: " + (f"{count} {'entry' if count == 1 else 'entries'} for guest(s) {', '.join(map(str, sorted(entries)))}" if entries else "no outstanding marker"))
     if no_connect:
+        for vmid, es in sorted(entries.items()):
+            click.echo(f"{vmid}: ledger: {'; '.join(e.describe() for e in es)}")
         sys.exit(1 if bad else 0)
+
+    targets = {g.vmid: g for g in _targets(cfg, None)}
+    for vmid, es in entries.items():
+        if vmid not in targets and (g := guest_of_entries(es)) is not None:
+            targets[vmid] = g
+    node = JobId.current().node
+    asked: list[GuestConfig] = []
+    for vmid, g in sorted(targets.items()):
+        vmtype = pve.local_type(settings.pve_dir, node, vmid)
+        if vmtype and pve.guest_running(vmtype, vmid, settings.pve_dir, settings.qmp_dir) is False:
+            click.echo(f"{vmid}: not running (PVE), not asked; {_ledger_says(entries.get(vmid), vmid in known)}")
+        else:
+            asked.append(g)
 
     def one(g: GuestConfig) -> tuple[str, bool]:
         ctl = GuestController(g, JobId.current())
         try:
-            m = ctl.read_marker(time.monotonic() + 15)
+            m = ctl.read_marker(time.monotonic() + timeout)
         except HookError as e:
-            return f"{g.vmid}: marker unknown: {describe(e)}", True
+            return f"{g.vmid}: marker unknown: {describe(e)}; {_ledger_says(entries.get(g.vmid), g.vmid in known)}", True
         finally:
             ctl.close()
-        if m is None:
-            return f"{g.vmid}: no marker", False
-        over = m.job.is_over()
-        state = "job over" if over else "job running" if over is False else "job of another node"
-        line = f"{g.vmid}: MARKER of job {m.job} ({state}, {'expired' if m.expired else 'deadline ahead'}): {', '.join(s.name for s in m.stacks)}"
-        return line, over is not False or m.expired
+        return _marker_line(g.vmid, m, entries.get(g.vmid), g.vmid in known)
 
-    for line, down in _parallel(one, _targets(cfg, None)):
+    answers = _contact(one, asked, timeout + 5)
+    for g, a in zip(asked, answers, strict=True):
+        line, down = a if a is not None else (f"{g.vmid}: marker unknown: no answer within {timeout + 5:g} s", True)
         click.echo(line)
         bad = bad or down
     sys.exit(1 if bad else 0)
+
+
+def _ledger_says(es: list[Entry] | None, known: bool) -> str:
+    if es:
+        return "ledger: " + "; ".join(e.describe() for e in es)
+    return "ledger: no entry" if known else "ledger: does not cover it yet (the next job-start asks it)"
+
+
+def _marker_line(vmid: int, m: Marker | None, es: list[Entry] | None, known: bool) -> tuple[str, bool]:
+    """The status line of a guest that answered, and whether it counts as down."""
+    ledger = _ledger_says(es, known)
+    if m is None:
+        extra = ": DISAGREES, no marker (a crash between the two writes, or the guest recovered itself): the next job-start removes the entry" if es else ""
+        return f"{vmid}: no marker; {ledger}{extra}", False
+    over = m.job.is_over()
+    state = "job over" if over else "job running" if over is False else "job of another node"
+    line = f"{vmid}: MARKER of job {m.job} ({state}, {'expired' if m.expired else 'deadline ahead'}): {', '.join(s.name for s in m.stacks)}; {ledger}"
+    if not es and known:
+        line += f": DISAGREES, job-start would not ask this guest (`vzdump-hook recover {vmid}`)"
+    return line, over is not False or m.expired
 
 
 def _rec_line(r: GuestRecord) -> str:
@@ -231,11 +293,18 @@ def recover(vmid: int | None, all_: bool, force: bool, config_path: str | None) 
     cfg = _load(config_path)
     settings = settings_with_env(cfg.hook, os.environ)
     state = HostState(settings, JobId.current())
+    ledger = _ledger(settings)
     guests = _targets(cfg, vmid)
-    results = _parallel(lambda g: recover_guest(g, state.job, state, time.monotonic() + settings.sweep_timeout + g.command_timeout, force), guests)
-    for g, (text, _) in zip(guests, results, strict=True):
-        click.echo(text or f"{g.vmid}: no marker, nothing to do")
-    if any(down for _, down in results):
+    if all_ and vmid is None:
+        have = {g.vmid for g in guests}
+        guests += [g for v, es in sorted(_ledger_entries(ledger).items()) if v not in have and (g := guest_of_entries(es)) is not None]
+    seconds = settings.sweep_timeout + max((g.command_timeout for g in guests), default=0)
+    deadline = time.monotonic() + seconds
+    answers = _contact(lambda g: recover_guest(g, state.job, state, deadline, force, ledger=ledger), guests, seconds + 1)
+    results = [a if a is not None else Recovery(f"{g.vmid}: no answer within {seconds:g} s", True, False) for g, a in zip(guests, answers, strict=True)]
+    for g, r in zip(guests, results, strict=True):
+        click.echo(r.text or f"{g.vmid}: no marker, nothing to do")
+    if any(r.down for r in results):
         sys.exit(1)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -67,6 +68,7 @@ class Resume:
     failed: tuple[str, ...] = ()
     problems: tuple[str, ...] = field(default=())
     marker_removed: bool = False
+    marker_left: bool = False  # a marker is still in the guest (an invalid one, or one listing what failed)
 
 
 class GuestController:
@@ -125,8 +127,11 @@ class GuestController:
         m = self.read_marker(deadline)
         return Preflight(self.driver.compose or (), tuple(sorted(running)), tuple(s.name for s in chosen), tuple(missing), m)
 
-    def quiesce(self, vmtype: str, mode: str, deadline: float, inherited: tuple[StackRecord, ...] | None = None) -> Quiesce:
+    def quiesce(self, vmtype: str, mode: str, deadline: float, inherited: tuple[StackRecord, ...] | None = None,
+                before_marker: Callable[[], None] | None = None) -> Quiesce:
         """Write the marker (fsynced) listing the running selected stacks, then stop them.
+        `before_marker` runs right before the marker is written (the node's ledger entry); if it
+        raises HookError, nothing is written or stopped.
 
         Stacks an earlier marker lists (`inherited`, read from the guest when None) are kept in the
         new marker, so that nothing is dropped before it runs. A marker that cannot be read is never
@@ -152,6 +157,11 @@ class GuestController:
         m = Marker(self.job, self.guest.vmid, vmtype, mode, now, now + self.guest.max_downtime, "stopping", keep + to_stop)
         if not m.stacks:
             return Quiesce((), (), now, now)
+        if before_marker is not None:
+            try:
+                before_marker()
+            except HookError as e:
+                raise NothingStopped(str(e)) from e
         try:
             self._write_marker(m, deadline)  # before anything is stopped
         except ConnectError as e:
@@ -187,6 +197,7 @@ class GuestController:
         is missing or invalid, only `fallback` is started and the marker is left alone."""
         problems: list[str] = []
         m: Marker | None = None
+        invalid = False
         results: list[tuple[str, str]] = []
         if fallback:
             with ThreadPoolExecutor(max_workers=1) as pool:
@@ -195,18 +206,20 @@ class GuestController:
                 try:
                     m = reading.result()
                 except MarkerError as e:
+                    invalid = True
                     problems.append(f"{e}; left in place, starting what the node recorded instead")
         else:
             try:
                 m = self.read_marker(deadline)
             except MarkerError as e:
+                invalid = True
                 problems.append(f"{e}; left in place")
         done = {name for name, _ in results}
         stacks = tuple(s for s in (m.stacks if m is not None else ()) if s.name not in done)
         if not stacks and not results:
             if m is not None:  # nothing listed: nothing to start, the marker has served
                 self.t.remove_file(self.guest.marker_path, timeout=_left(deadline, self.guest.command_timeout))
-            return Resume((), (), tuple(problems), m is not None)
+            return Resume((), (), tuple(problems), m is not None, invalid)
         results += self._start_all(tuple(reversed(stacks)), deadline)
         started = tuple(name for name, err in results if not err)
         failed = tuple(name for name, err in results if err)
@@ -223,7 +236,7 @@ class GuestController:
                     self._write_marker(Marker(m.job, m.vmid, m.vmtype, m.mode, m.written_at, m.deadline, m.state, left), deadline)
                 except HookError as e:
                     problems.append(f"marker not updated (it still lists every stack): {e}")
-        return Resume(started, failed, tuple(problems), removed)
+        return Resume(started, failed, tuple(problems), removed, invalid or (m is not None and not removed))
 
     def _start_all(self, stacks: tuple[StackRecord, ...], deadline: float) -> list[tuple[str, str]]:
         def start(rec: StackRecord) -> tuple[str, str]:

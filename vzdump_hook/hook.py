@@ -11,14 +11,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-from . import chain, orchestrator, pve, tags
+from . import chain, fanout, orchestrator, pve, tags
 from . import config as configuration
 from .config import Config, GuestConfig, HookSettings, QuiescePolicy
-from .controller import GuestController, NothingStopped, describe
-from .errors import ConfigError, ConnectError, HookError
+from .controller import GuestController, NothingStopped, Resume, describe
+from .errors import ConfigError, HookError
 from .job import LAUNCHER_ENV, JobId
 from .marker import Marker
 from .orchestrator import Outcome, Step
@@ -33,6 +33,9 @@ from .state import (
     remember_settings,
     remembered_settings,
 )
+
+if TYPE_CHECKING:
+    from .ledger import Entry, Ledger
 
 log = logging.getLogger("vzdump_hook")
 
@@ -77,9 +80,19 @@ class PhaseRunner:
         self.job = job
         self.state = HostState(settings, job)
         self.deadline = time.monotonic() + settings.phase_timeout
+        self._ledger: Ledger | None = None
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger of outstanding markers (ledger.py; imported only by the phases that use it)."""
+        if self._ledger is None:
+            from .ledger import Ledger
+
+            self._ledger = Ledger.for_settings(self.settings, self.job.node, settle=self.settings.phase_timeout + HARD_GRACE)
+        return self._ledger
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -148,7 +161,7 @@ class PhaseRunner:
             log.warning("backup-start %d: called again while stacks of this job are down: keeping them for the resume", vmid)
             return 0
         rec = GuestRecord(vmid, vmtype.value, mode.value, dict(guest.table))
-        if mode is Mode.STOP and pve.guest_running(vmtype.value, vmid, self.settings.pve_dir) is False:
+        if mode is Mode.STOP and pve.guest_running(vmtype.value, vmid, self.settings.pve_dir, self.settings.qmp_dir) is False:
             rec.status = Status.SKIPPED
             self.state.save(rec)
             log.info("backup-start %d: guest not running: nothing to stop", vmid)
@@ -157,9 +170,10 @@ class PhaseRunner:
         ctl = GuestController(guest, self.job)
         try:
             with self.state.guest_lock(vmid, self.left()):
+                seen = self._entries(vmid)
                 p = ctl.preflight(self.deadline)
-                if p.marker is not None and p.marker.job != self.job:
-                    self._resume_stale(ctl, p.marker, "backup-start")
+                if p.marker is None or (p.marker.job != self.job and not self._resume_stale(ctl, p.marker, "backup-start").marker_left):
+                    self._forget(seen)
                 rec.status = Status.PREFLIGHT_OK
                 rec.compose = list(p.compose)
                 self.state.save(rec)
@@ -207,7 +221,7 @@ class PhaseRunner:
             log.warning("backup-start %d: guest side: recovery %s: a restore of this backup comes up with %s stopped "
                         "(docker does not start containers stopped by hand): `vzdump-hook guest install %d`", vmid, answer, ", ".join(stacks), vmid)
 
-    def _resume_stale(self, ctl: GuestController, m: Marker, where: str) -> None:
+    def _resume_stale(self, ctl: GuestController, m: Marker, where: str) -> Resume:
         """Start what a marker of another job lists. At backup-start vzdump holds this guest's backup
         lock, so no other job can be working on it: any other job's marker is stale."""
         r = ctl.resume(self.deadline)
@@ -215,6 +229,43 @@ class PhaseRunner:
         log.warning("%s %d: marker left by job %s (%s) found: started %s", where, ctl.guest.vmid, m.job, time.strftime("%Y-%m-%d %H:%M", time.localtime(m.written_at)), started)
         if r.failed:
             raise HookError(f"stale marker: could not start {', '.join(r.failed)}: {'; '.join(r.problems)}")
+        return r
+
+    # -- the ledger (ledger.py) ------------------------------------------------------------------
+
+    def _entries(self, vmid: int) -> list[Entry] | None:
+        """The guest's ledger entries before it is asked (None: unreadable, nothing is removed then)."""
+        from .ledger import LedgerError
+
+        try:
+            return self.ledger.of(vmid)
+        except LedgerError as e:
+            log.warning("guest %d: %s", vmid, e)
+            return None
+
+    def _forget(self, seen: list[Entry] | None) -> None:
+        """The guest holds no marker (any more): remove the entries read before it was asked."""
+        if seen:
+            self.ledger.clear(seen, self.job)
+
+    def _ledger_entry(self, guest: GuestConfig, vmtype: GuestType) -> Callable[[], None]:
+        """The guest's entry, to be written right before its marker. When the ledger cannot be
+        written, the guest is noted as unknown locally (the next job-start asks it); when that fails
+        too, nothing is stopped: a marker the sweeps cannot learn of must not be written."""
+
+        from .ledger import QUIESCE, LedgerError
+
+        def write() -> None:
+            try:
+                self.ledger.add(guest.vmid, QUIESCE, self.job, guest.table, vmtype.value)
+            except LedgerError as e:
+                try:
+                    self.ledger.mark_uncovered(guest.vmid)
+                except OSError as e2:
+                    raise LedgerError(f"{e}; not noted locally either ({e2})") from None
+                log.warning("pre-stop %d: %s; the next job-start asks this guest", guest.vmid, e)
+
+        return write
 
     # -- pre-stop ------------------------------------------------------------------------------
 
@@ -233,7 +284,7 @@ class PhaseRunner:
                 rec.status = Status.QUIESCING
                 self.state.save(rec)
                 try:
-                    q = ctl.quiesce(vmtype.value, mode.value, self.deadline)
+                    q = ctl.quiesce(vmtype.value, mode.value, self.deadline, before_marker=self._ledger_entry(guest, vmtype))
                 except NothingStopped as e:
                     rec.status = Status.NOTHING_STOPPED
                     rec.crash_consistent = True
@@ -340,6 +391,7 @@ class PhaseRunner:
     def _resume_locked(self, ctl: GuestController, rec: GuestRecord, where: str, wait: bool) -> bool:
         vmid = rec.vmid
         start = time.monotonic()
+        seen = self._entries(vmid)
         try:
             if wait:
                 # a guest that already failed to answer in an earlier phase gets a short wait: a dead
@@ -363,6 +415,8 @@ class PhaseRunner:
         rec.status = Status.RESUMED
         rec.resumed_at = time.time()
         self.state.save(rec)
+        if not r.marker_left:
+            self._forget(seen)
         try:
             self.state.record_history(rec)
         except Exception as e:  # history is for reports; it never fails a backup
@@ -404,7 +458,8 @@ class PhaseRunner:
     def sweep(self) -> None:
         """Resume what jobs that are over left down: first from this node's records of them (with
         the settings recorded at their quiesce, so a config broken since cannot strand stacks),
-        then the markers of the config's guests on this node."""
+        then the markers the ledger lists, and the guests it does not cover yet (unknown). Only
+        guests of this node that run are asked, all at once, within sweep_timeout."""
         start = time.monotonic()
         budget = min(self.left(), self.settings.sweep_timeout)
         sweep_deadline = time.monotonic() + budget
@@ -426,21 +481,52 @@ class PhaseRunner:
                     kept.setdefault(directory, set()).add(g.vmid)
             if directory not in kept:
                 shutil.rmtree(directory, ignore_errors=True)
-        members = [m.guest for m in tags.members(self.cfg, self.job.node) if m.guest is not None] if self.cfg is not None else []
-        guests = list(recorded.values())
-        guests += [g for g in members if g.vmid not in recorded and pve.guest_is_local(self.settings.pve_dir, self.job.node, g.vmid) is not False]
+        from .ledger import LedgerError
+        from .recovery import Recovery, guest_of_entries, recover_guest
+
+        members = {m.vmid: m.guest for m in tags.members(self.cfg, self.job.node) if m.guest is not None} if self.cfg is not None else {}
+        try:
+            entries, known = self.ledger.entries(), self.ledger.known()
+        except LedgerError as e:
+            log.warning("job-start: %s: every configured guest is asked", e)
+            entries, known = {}, set()
+        candidates = {vmid: g for vmid, g in members.items() if vmid not in known}
+        for vmid, es in entries.items():
+            if (g := guest_of_entries(es) or members.get(vmid)) is not None:
+                candidates[vmid] = g
+            else:
+                log.warning("job-start %d: in the ledger %s, but neither the config nor its entry says how to reach it: `vzdump-hook status`", vmid, self.ledger.dir)
+        candidates.update(recorded)
+        guests: list[GuestConfig] = []
+        waiting: set[int] = set()
+        for vmid, g in sorted(candidates.items()):
+            if vmid not in recorded and pve.guest_is_local(self.settings.pve_dir, self.job.node, vmid) is False:
+                continue  # another node's guest: that node asks it
+            vmtype = pve.local_type(self.settings.pve_dir, self.job.node, vmid) or next((e.vmtype for e in entries.get(vmid, ()) if e.vmtype), "")
+            if vmtype and pve.guest_running(vmtype, vmid, self.settings.pve_dir, self.settings.qmp_dir) is False:
+                log.info("job-start %d: not running (PVE), not asked: a marker in it waits for the guest-side recovery at boot, or for its next backup's backup-start", vmid)
+                waiting.add(vmid)
+                continue
+            guests.append(g)
         if not guests:
+            log.info("job-start: no guest of this node may hold a marker (%d configured, ledger %s): none asked", len(members), self.ledger.dir)
             return
-        with ThreadPoolExecutor(max_workers=min(8, len(guests))) as pool:
-            results = list(pool.map(lambda g: recover_guest(g, self.job, self.state, sweep_deadline), guests))
-        down = {g.vmid for g, (_, is_down) in zip(guests, results, strict=True) if is_down}
+        outcomes = fanout.run_all(lambda g: recover_guest(g, self.job, self.state, sweep_deadline, ledger=self.ledger, seen=entries.get(g.vmid, [])), guests, sweep_deadline + 1.0)
+        results = [o if o is not None else Recovery(f"{g.vmid}: no answer within the sweep's {budget:.0f} s", True, False) for g, o in zip(guests, outcomes, strict=True)]
+        try:
+            self.ledger.mark_known(g.vmid for g, r in zip(guests, results, strict=True) if r.covered)
+        except LedgerError as e:
+            log.warning("job-start: %s: the next job-start asks those guests again", e)
+        down = {g.vmid for g, r in zip(guests, results, strict=True) if r.down} | waiting
         for directory, vmids in kept.items():
-            if not vmids & down:
+            if not vmids & down:  # kept while a recorded guest is down
                 shutil.rmtree(directory, ignore_errors=True)
-        found = [text for text, _ in results if text]
+        found = [r.text for r in results if r.text]
         for line in found:
             log.info("job-start %s", line)
-        log.info("job-start: %d guest(s) checked for leftover markers in %.1f s%s", len(guests), time.monotonic() - start, "" if found else ", none found")
+        unknown = sum(1 for g in guests if g.vmid not in known and g.vmid not in entries)
+        why = f" ({len(guests) - unknown} in the ledger, {unknown} not covered by it yet)" if unknown else ""
+        log.info("job-start: %d guest(s) checked for leftover markers in %.1f s%s%s", len(guests), time.monotonic() - start, why, "" if found else ", none found")
 
     @staticmethod
     def _recorded_guest(rec: GuestRecord) -> GuestConfig | None:
@@ -460,8 +546,7 @@ class PhaseRunner:
         records = self.state.records()
         pending = [r for r in records if r.status.pending]
         if pending:
-            with ThreadPoolExecutor(max_workers=min(8, len(pending))) as pool:
-                list(pool.map(lambda r: self._finish_one(r, phase), pending))
+            fanout.run_all(lambda r: self._finish_one(r, phase), pending, self.deadline)
             records = self.state.records()
         if records:
             for line in summary(records):
@@ -499,35 +584,6 @@ class PhaseRunner:
         guest = self._guest(rec.vmid, rec)
         if guest is not None:
             self.resume(guest, phase, wait=True)
-
-
-def recover_guest(guest: GuestConfig, job: JobId, state: HostState, deadline: float, force: bool = False) -> tuple[str, bool]:
-    """Start what the guest's marker lists if the marker's job is provably over (or its deadline
-    passed, or `force`). Returns (what was found and done, True if anything is still down or unknown).
-    A marker of a job that may still run is left alone: in a cluster sharing one config, another
-    node may be backing this guest up right now."""
-    ctl = GuestController(guest, job)
-    vmid = guest.vmid
-    try:
-        m = ctl.read_marker(deadline)
-        if m is None:
-            return "", False
-        over = m.job.is_over()
-        if over is not True and not m.expired and not force:
-            return f"{vmid}: marker of job {m.job} left alone (that job may still run, deadline not passed)", False
-        with state.guest_lock(vmid, max(0.1, deadline - time.monotonic())):
-            r = ctl.resume(deadline)
-        why = "forced" if force and over is not True and not m.expired else "its job is over" if over else "its deadline passed"
-        text = f"{vmid}: marker of job {m.job} ({why}): started {', '.join(r.started) or 'nothing'}"
-        for p in r.problems:
-            text += f"; {p}"
-        return text + (f"; STILL DOWN: {', '.join(r.failed)}" if r.failed else ""), bool(r.failed)
-    except ConnectError as e:
-        return f"{vmid}: not reachable ({e})", True
-    except HookError as e:
-        return f"{vmid}: {describe(e)}", True
-    finally:
-        ctl.close()
 
 
 def _first_line(e: Exception) -> str:
@@ -583,7 +639,7 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
 def _load_config(env: Mapping[str, str]) -> tuple[Config | None, HookSettings, ConfigError | None]:
     """The config, or (None, the [hook] settings of the last valid config, why) when it cannot be used."""
     try:
-        cfg = configuration.load(env.get(configuration.CONFIG_ENV))
+        cfg = configuration.load(env.get(configuration.CONFIG_ENV), cache_dir=settings_with_env(HookSettings(), env).run_dir)
         return cfg, cfg.hook, None
     except ConfigError as e:
         return None, remembered_settings(settings_with_env(HookSettings(), env).state_dir) or HookSettings(), e

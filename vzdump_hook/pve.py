@@ -21,13 +21,25 @@ def guest_is_local(pve_dir: str, node: str, vmid: int) -> bool | None:
     return any(os.path.exists(os.path.join(base, kind, f"{vmid}.conf")) for kind in ("qemu-server", "lxc"))
 
 
-def guest_running(vmtype: str, vmid: int, pve_dir: str = "/etc/pve") -> bool | None:
-    """Whether the guest runs: a QEMU process from its pid file, or a container's cgroup."""
+def local_type(pve_dir: str, node: str, vmid: int) -> str | None:
+    """"qemu" or "lxc" for a guest that lives on `node`; None when it does not (or not a PVE node)."""
+    if not _is_pve(pve_dir):
+        return None
+    base = os.path.join(pve_dir, "nodes", node)
+    for kind, vmtype in (("qemu-server", "qemu"), ("lxc", "lxc")):
+        if os.path.exists(os.path.join(base, kind, f"{vmid}.conf")):
+            return vmtype
+    return None
+
+
+def guest_running(vmtype: str, vmid: int, pve_dir: str = "/etc/pve", qemu_run_dir: str = "/var/run/qemu-server") -> bool | None:
+    """Whether the guest runs: a QEMU process from its pid file (in qemu-server's run directory,
+    `[hook] qmp_dir`), or a container's cgroup."""
     if not _is_pve(pve_dir):
         return None
     if vmtype == "qemu":
         try:
-            with open(f"/var/run/qemu-server/{vmid}.pid") as f:
+            with open(os.path.join(qemu_run_dir, f"{vmid}.pid")) as f:
                 pid = int(f.read().strip())
         except (OSError, ValueError):
             return False

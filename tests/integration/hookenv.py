@@ -47,6 +47,7 @@ class HookSetup:
     tmp: Path
     guests: dict[int, TestGuest] = field(default_factory=dict)
     hook_table: dict[str, Any] = field(default_factory=dict)
+    markers: dict[int, Path] = field(default_factory=dict)  # marker paths set by a guest's table
 
     @property
     def config(self) -> Path:
@@ -62,7 +63,7 @@ class HookSetup:
         }
 
     def marker_path(self, vmid: int) -> Path:
-        return self.guests[vmid].workdir / "marker.json"
+        return self.markers.get(vmid, self.guests[vmid].workdir / "marker.json")
 
     def write(self, guests: Mapping[int, tuple[TestGuest, Mapping[str, Any]]]) -> Path:
         lines = []
@@ -75,9 +76,11 @@ class HookSetup:
             ssh = {"host": g.host, "port": g.port, "user": g.user, "identity_file": g.identity_file, "known_hosts": g.known_hosts_file, "connect_timeout": 5}
             ssh.update(table.get("ssh", {}))
             lines.append(f"ssh = {toml_value(ssh)}")
-            lines.append(f"marker_path = {toml_value(str(g.workdir / 'marker.json'))}")
+            if "marker_path" in table:
+                self.markers[vmid] = Path(table["marker_path"])
+            lines.append(f"marker_path = {toml_value(str(self.marker_path(vmid)))}")
             for k, v in table.items():
-                if k != "ssh":
+                if k not in ("ssh", "marker_path"):
                     lines.append(f"{k} = {toml_value(v)}")
         self.config.write_text("\n".join(lines) + "\n")
         return self.config

@@ -482,9 +482,11 @@ def test_sweep_only_touches_guests_on_this_node(hook: Hook) -> None:
     assert hook("job-start") == 0
     assert hook.open.call_count == 0
     assert hook.g.running_stacks() == APP_DOWN
-    # once the guest lives here, it is swept
+    # once the guest lives here (and runs: QEMU's pid file names a live process), it is swept
     (hook.pve_dir / "nodes" / node_name() / "qemu-server").mkdir(parents=True)
     (hook.pve_dir / "nodes" / node_name() / "qemu-server" / "101.conf").write_text("")
+    hook.qmp_dir.mkdir(exist_ok=True)
+    (hook.qmp_dir / "101.pid").write_text(f"{os.getpid()}\n")
     assert hook("job-start") == 0
     assert hook.g.running_stacks() == ALL_UP
 
