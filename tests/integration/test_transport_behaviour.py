@@ -4,9 +4,9 @@ bad output. Each transport talks to a real peer:
 - ``ssh``: OpenSSH's sshd in a network namespace (tests/infra/guest.py);
 - ``pct``: the `pct` stand-in, which runs the command with nsenter inside a container played by a
   mount + network namespace with its own /var/lib (tests/infra/pct_standin.py);
-- ``agent-https``: proxmoxer's https backend (requests, token auth, TLS verified against a CA made
+- ``agent-https``: the https client (requests, token auth, TLS verified against a CA made
   for the test) against the PVE API double, whose VM is such a namespace container (tests/infra/pve_api.py);
-- ``agent-pvesh``: proxmoxer's pvesh backend (the default, ``api = "local"``) with a `pvesh`
+- ``agent-pvesh``: the node's `pvesh` (the default, ``api = "local"``), played by a `pvesh`
   stand-in that forwards to the same double.
 
 The stacks are real docker compose projects on the host's engine, reached from inside each guest.

@@ -1,4 +1,4 @@
-"""agent transport: proxmoxer's real client code against the PVE API double (tests/infra/pve_api.py),
+"""agent transport: its pvesh and https clients against the PVE API double (tests/infra/pve_api.py),
 its VM being this host (commands run as plain processes: no namespaces needed here)."""
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def test_a_failed_file_write_leaves_no_parts(transport: AgentTransport, api: Pve
     assert not list(target.parent.iterdir())
 
 
-def test_proxmoxer_is_imported_only_when_a_command_is_sent() -> None:
+def test_requests_is_imported_only_when_a_command_is_sent() -> None:
     import subprocess
 
     code = (
