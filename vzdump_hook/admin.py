@@ -401,12 +401,7 @@ def enable(vzdump_conf: str, launcher: str | None, yes: bool, config_path: str |
 
     launcher = launcher or en.default_launcher()
     path = configuration.config_path(config_path)
-    try:
-        with open(vzdump_conf) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    p = en.plan(text, launcher)
+    p = en.plan(en.read(vzdump_conf), launcher)
     if p.already:
         click.echo(f"{vzdump_conf}: script: {launcher} (already enabled)")
         return
@@ -415,11 +410,7 @@ def enable(vzdump_conf: str, launcher: str | None, yes: bool, config_path: str |
                    f"vzdump-hook would run it in every phase, with vzdump's arguments and environment ([hook] chain in {path}).")
         if not yes and not click.confirm("Move it into [hook] chain and make vzdump-hook the script?", default=False):
             raise click.ClickException("nothing changed")
-        try:
-            with open(path) as f:
-                cfg_text = f.read()
-        except FileNotFoundError:
-            cfg_text = ""
+        cfg_text = en.read(path)
         try:
             new_cfg = en.with_chain(cfg_text, p.moved, path)
         except HookError as e:
@@ -454,12 +445,7 @@ def setup(vzdump_conf: str, launcher: str | None, config_path: str | None) -> No
 
     launcher = launcher or en.default_launcher()
     ok = node_setup.prepare(configuration.config_path(config_path), click.echo)
-    try:
-        with open(vzdump_conf) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    p = en.plan(text, launcher)
+    p = en.plan(en.read(vzdump_conf), launcher)
     if p.already:
         click.echo(f"{vzdump_conf}: enabled (script: {launcher})")
     else:

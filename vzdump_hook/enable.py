@@ -30,6 +30,15 @@ class Plan:
     already: bool  # vzdump.conf names the hook already, nothing else
 
 
+def read(path: str) -> str:
+    """The text of `path`, "" when it does not exist."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def plan(vzdump_conf: str, launcher: str = LAUNCHER) -> Plan:
     """What vzdump.conf becomes: its `script:` lines (there should be one) commented out and moved to
     the chain, one `script: LAUNCHER` line in place of the first."""
