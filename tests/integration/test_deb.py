@@ -152,6 +152,43 @@ def test_lintian_finds_no_error_and_every_warning_has_a_reason(debs: tuple[Path,
         assert not rules or p.lstrip().startswith("#"), f"an override without its reason: {rules}"
 
 
+AGENT_RUN = """
+import sys
+from vzdump_hook.config import AgentConfig
+from vzdump_hook.transports.agent import AgentTransport
+port, token_id = int(sys.argv[1]), sys.argv[2]
+for cfg in (AgentConfig(pvesh="/opt/vzdh/pvesh", node="testnode"),
+            AgentConfig(api="https", host="127.0.0.1", port=port, token_id=token_id, token_file="/opt/vzdh/token", verify="/opt/vzdh/ca.pem", node="testnode")):
+    r = AgentTransport(101, cfg).run(["sh", "-c", 'echo "agent says $0"', "hi"], timeout=30)
+    print(cfg.api, r.exit_status, r.stdout.strip())
+assert not [m for m in sys.modules if m.startswith("proxmoxer")]
+"""
+
+
+def run_agent_transport(root: Root, tmp_path: Path) -> list[str]:
+    """The packaged agent transport in the root against the PVE API double on this host's loopback: through
+    a `pvesh` stand-in in the root (/usr/bin/python3 and the double's pvesh client), and over HTTPS."""
+    from tests.infra import pve_api
+
+    api = pve_api.PveApiDouble(tmp_path / "api")
+    try:
+        api.add_vm(VMID)  # its commands run as processes of this host
+        d = root.file("/opt/vzdh")
+        d.mkdir(parents=True)
+        shutil.copy(pve_api.__file__, d / "pve_api.py")
+        shutil.copy(api.ca_file, d / "ca.pem")
+        (d / "pvesh.json").write_text(json.dumps({"url": api.url, "auth": f"PVEAPIToken={api.token_id}={api.secret}", "ca": "/opt/vzdh/ca.pem", "log": "/opt/vzdh/calls.jsonl"}))
+        (d / "pvesh").write_text('#!/bin/sh\nexec /usr/bin/python3 -I /opt/vzdh/pve_api.py pvesh /opt/vzdh/pvesh.json "$@"\n')
+        (d / "pvesh").chmod(0o755)
+        (d / "token").write_text(api.secret + "\n")
+        (d / "token").chmod(0o600)
+        out = root.ok("python3", "-c", AGENT_RUN, str(api.port), api.token_id)
+        assert len(api.calls("exec")) == 2
+        return out.splitlines()
+    finally:
+        api.close()
+
+
 def sha(path: Path) -> tuple[str, int]:
     return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode & 0o7777
 
@@ -171,8 +208,9 @@ def test_install_use_upgrade_and_purge(root: Root, debs: tuple[Path, Path], test
     cfg = etc / "config.toml"
     assert oct(cfg.stat().st_mode & 0o777) == "0o600" and "guests" not in tomllib.loads(cfg.read_text())
     wants = root.file("/etc/systemd/system/multi-user.target.wants/vzdump-hook-boot-recover.service")
-    assert os.readlink(wants) == "/lib/systemd/system/vzdump-hook-boot-recover.service"
-    assert "\nExecStart=/usr/bin/vzdump-hook recover --all\n" in root.file("/lib/systemd/system/vzdump-hook-boot-recover.service").read_text()
+    unit = os.readlink(wants)
+    assert unit in ("/lib/systemd/system/vzdump-hook-boot-recover.service", "/usr/lib/systemd/system/vzdump-hook-boot-recover.service")
+    assert "\nExecStart=/usr/bin/vzdump-hook recover --all\n" in root.file(unit).read_text()
     assert root.file("/usr/share/doc/vzdump-hook/config.example.toml").is_file()
     assert root.file("/usr/share/man/man8/vzdump-hook.8.gz").is_file()
 
@@ -219,6 +257,10 @@ def test_install_use_upgrade_and_purge(root: Root, debs: tuple[Path, Path], test
     assert f"pre-stop {VMID}: stopped {db.name}" in log and re.search(rf"(pre|post)-restart {VMID}: started {db.name}", log), log
     assert compose.running_services(db) == {"app"} and not (test_guest.workdir / "marker.json").exists()
     assert "resumed" in root.ok("vzdump-hook", "history", str(VMID))
+
+    # -- the agent transport with Debian's packages alone (no proxmoxer): pvesh, and HTTPS with a token --------
+    agent_out = run_agent_transport(root, tmp_path)
+    assert agent_out == ["local 0 agent says hi", "https 0 agent says hi"], agent_out
 
     # -- upgrade: a build with a higher version over it; what the admin made is not touched -------------------
     kept = {p: sha(etc / p) for p in ("config.toml", "id_ed25519", "id_ed25519.pub", "known_hosts")}
