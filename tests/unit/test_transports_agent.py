@@ -48,7 +48,7 @@ def transport(request: pytest.FixtureRequest, api: PveApiDouble, token: Path, tm
 
 
 def test_exec_polls_until_exited_and_returns_status_output_and_stdin(transport: AgentTransport, api: PveApiDouble) -> None:
-    api.exec_delay = 0.4  # the agent reports `exited: 0` for a while
+    api.exec_delay = 1.0  # the agent reports `exited: 0` for a while (long enough for 3 polls by pvesh on a loaded machine)
     r = transport.run(["sh", "-c", "cat; echo err >&2; exit 4"], timeout=10, stdin=b"hello\n")
     assert (r.exit_status, r.stdout, r.stderr) == (4, "hello\n", "err\n")
     assert len(api.calls("exec-status")) >= 3

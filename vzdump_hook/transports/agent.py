@@ -252,7 +252,10 @@ class AgentTransport(Transport):
             raise TransportError(f"{self.target}: agent/exec answered no pid: {str(started)[:200]}", command=shown)
         delay = 0.05
         while True:
-            st = self._call("get", "exec-status", deadline, shown, pid=pid)
+            try:
+                st = self._call("get", "exec-status", deadline, shown, pid=pid)
+            except CommandTimeout:  # the time ran out during a poll: the command's timeout, not the API's
+                raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s (pid {pid} may still run in the guest: the agent cannot stop it)", command=shown) from None
             if not isinstance(st, dict) or "exited" not in st:
                 raise TransportError(f"{self.target}: agent/exec-status answered no state: {str(st)[:200]}", command=shown)
             if st["exited"] not in (0, False):
