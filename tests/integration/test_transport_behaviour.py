@@ -310,9 +310,9 @@ def test_pct_gets_an_argv_and_no_inherited_environment(reach: Reach, tmp_path: P
 def test_agent_requests_follow_the_pve_api(reach: Reach) -> None:
     api: PveApiDouble = reach.peer
     with reach.transport() as t:
-        t.run(["sh", "-c", "sleep 0.3; echo done"], timeout=20)
+        t.run(["sh", "-c", "sleep 1; echo done"], timeout=20)  # long enough to be polled twice through a pvesh that costs a process start
     execs = api.calls("exec")
-    assert execs[-1]["command"] == ["sh", "-c", "sleep 0.3; echo done"]  # an array: the key repeated, not one shell string
+    assert execs[-1]["command"] == ["sh", "-c", "sleep 1; echo done"]  # an array: the key repeated, not one shell string
     polls = api.calls("exec-status")
     assert len(polls) >= 2 and all(p["pid"] == polls[-1]["pid"] for p in polls[-2:])
     # the pid is forgotten once its result was fetched, as QEMU does
