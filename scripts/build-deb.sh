@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Debian package vzdump-hook_*_all.deb from this checkout (its files as they are, new ones
-# included, ignored ones not) with Debian's tooling (debhelper, dh-python/pybuild) in a temporary copy;
+# included, ignored ones not; or from an unpacked source tree) with Debian's tooling (debhelper, dh-python/pybuild) in a temporary copy;
 # prints the path of the .deb. Needs: apt-get install debhelper dh-python pybuild-plugin-pyproject
 # python3-all python3-setuptools python3-click (scripts/setup-test-host.sh installs them).
 #   scripts/build-deb.sh [OUTDIR [VERSION]]   OUTDIR: default ./dist; VERSION: default debian/changelog's
@@ -11,8 +11,12 @@ version=${2:-}
 work=$(mktemp -d /tmp/vzdh-deb.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 mkdir "$work/vzdump-hook"
-(cd "$src" && git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf -) 2>/dev/null \
-  | tar -C "$work/vzdump-hook" -xf -
+if git -C "$src" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  (cd "$src" && git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf -) 2>/dev/null \
+    | tar -C "$work/vzdump-hook" -xf -
+else  # an unpacked source tree
+  tar -C "$src" --exclude=./.venv --exclude=./dist --exclude=./.git -cf - . | tar -C "$work/vzdump-hook" -xf -
+fi
 cd "$work/vzdump-hook"
 if [ -n "$version" ]; then
   # a build of another version (tests: an upgrade): a changelog entry on top
