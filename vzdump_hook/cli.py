@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-ADMIN_COMMANDS = frozenset({"check", "status", "recover", "simulate", "history", "guest", "trust", "enable"})
+ADMIN_COMMANDS = frozenset({"check", "status", "recover", "simulate", "history", "guest", "trust", "enable", "setup"})
 
 
 def main(argv: list[str] | None = None) -> None:

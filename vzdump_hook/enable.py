@@ -10,7 +10,15 @@ from dataclasses import dataclass
 
 from .errors import HookError
 
-LAUNCHER = "/usr/local/bin/vzdump-hook"
+LAUNCHER = "/usr/local/bin/vzdump-hook"  # scripts/install.sh
+PACKAGED_LAUNCHER = "/usr/bin/vzdump-hook"  # the Debian package
+DEBIAN_SITE = "/usr/lib/python3/dist-packages/"
+
+
+def default_launcher(module_file: str = __file__) -> str:
+    """The launcher of this installation: the Debian package's when this module is Debian's system
+    python3 package (dist-packages under /usr/lib), else scripts/install.sh's."""
+    return PACKAGED_LAUNCHER if os.path.realpath(module_file).startswith(DEBIAN_SITE) else LAUNCHER
 _SCRIPT = re.compile(r"^\s*script\s*:\s*(?P<path>\S.*?)\s*$")
 _HOOK_TABLE = re.compile(r"^\s*\[\s*hook\s*\]\s*(#.*)?$")
 
@@ -20,6 +28,15 @@ class Plan:
     vzdump_conf: str  # the new text of vzdump.conf
     moved: tuple[str, ...]  # scripts that go into [hook] chain
     already: bool  # vzdump.conf names the hook already, nothing else
+
+
+def read(path: str) -> str:
+    """The text of `path`, "" when it does not exist."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
 
 
 def plan(vzdump_conf: str, launcher: str = LAUNCHER) -> Plan:
@@ -91,3 +108,14 @@ def write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, real)
+
+
+def job_scripts(pve_dir: str) -> tuple[str, list[str]]:
+    """jobs.cfg of `pve_dir` and the scripts its backup jobs set themselves (those jobs do not run vzdump.conf's)."""
+    jobs = os.path.join(pve_dir, "jobs.cfg")
+    try:
+        with open(jobs) as f:
+            own = [line.split(None, 1)[1].strip() for line in f if line.strip().startswith("script ")]
+    except (OSError, IndexError):
+        own = []
+    return jobs, sorted(set(own))

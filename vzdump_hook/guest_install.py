@@ -101,20 +101,28 @@ def _installed_from() -> str:
     return unquote(url.path) if url is not None and url.scheme == "file" else ""
 
 
-def guest_files_dir() -> Path:
-    """examples/guest/ of this installation: $VZDUMP_HOOK_GUEST_FILES, the checkout next to the package
-    (editable install), the directory pip installed it from (scripts/install.sh), share/ of the venv.
-    Raises InstallError when none has the files."""
+PACKAGED = "/usr/share/vzdump-hook"  # the Debian package's files: guest/ (examples/guest), node/ (examples/node)
+
+
+def shipped_dirs(sub: str) -> list[str]:
+    """Where examples/`sub` of this installation may be, most specific first: the checkout next to the
+    package (editable install), the directory pip installed it from (scripts/install.sh), share/ of the
+    prefix (a venv), the Debian package's /usr/share/vzdump-hook/`sub`."""
     import sys
 
     source = _installed_from()
-    candidates = [
-        os.environ.get(GUEST_FILES_ENV, ""),
-        str(Path(__file__).resolve().parent.parent / "examples" / "guest"),
-        os.path.join(source, "examples", "guest") if source else "",
-        os.path.join(sys.prefix, "share", "vzdump-hook", "guest"),
+    return [
+        str(Path(__file__).resolve().parent.parent / "examples" / sub),
+        os.path.join(source, "examples", sub) if source else "",
+        os.path.join(sys.prefix, "share", "vzdump-hook", sub),
+        os.path.join(PACKAGED, sub),
     ]
-    for c in candidates:
+
+
+def guest_files_dir() -> Path:
+    """examples/guest/ of this installation: $VZDUMP_HOOK_GUEST_FILES, else the first of shipped_dirs("guest")
+    that has every file. Raises InstallError when none has the files."""
+    for c in [os.environ.get(GUEST_FILES_ENV, ""), *shipped_dirs("guest")]:
         if c and all(os.path.isfile(os.path.join(c, f.source)) for f in FILES if f.source):
             return Path(c)
     raise InstallError(f"the guest-side files (examples/guest/ of the vzdump-hook sources) are not found; set {GUEST_FILES_ENV}=/path/to/vzdump-hook/examples/guest")

@@ -4,9 +4,9 @@ bad output. Each transport talks to a real peer:
 - ``ssh``: OpenSSH's sshd in a network namespace (tests/infra/guest.py);
 - ``pct``: the `pct` stand-in, which runs the command with nsenter inside a container played by a
   mount + network namespace with its own /var/lib (tests/infra/pct_standin.py);
-- ``agent-https``: proxmoxer's https backend (requests, token auth, TLS verified against a CA made
+- ``agent-https``: the https client (requests, token auth, TLS verified against a CA made
   for the test) against the PVE API double, whose VM is such a namespace container (tests/infra/pve_api.py);
-- ``agent-pvesh``: proxmoxer's pvesh backend (the default, ``api = "local"``) with a `pvesh`
+- ``agent-pvesh``: the node's `pvesh` (the default, ``api = "local"``), played by a `pvesh`
   stand-in that forwards to the same double.
 
 The stacks are real docker compose projects on the host's engine, reached from inside each guest.
@@ -310,9 +310,9 @@ def test_pct_gets_an_argv_and_no_inherited_environment(reach: Reach, tmp_path: P
 def test_agent_requests_follow_the_pve_api(reach: Reach) -> None:
     api: PveApiDouble = reach.peer
     with reach.transport() as t:
-        t.run(["sh", "-c", "sleep 0.3; echo done"], timeout=20)
+        t.run(["sh", "-c", "sleep 1; echo done"], timeout=20)  # long enough to be polled twice through a pvesh that costs a process start
     execs = api.calls("exec")
-    assert execs[-1]["command"] == ["sh", "-c", "sleep 0.3; echo done"]  # an array: the key repeated, not one shell string
+    assert execs[-1]["command"] == ["sh", "-c", "sleep 1; echo done"]  # an array: the key repeated, not one shell string
     polls = api.calls("exec-status")
     assert len(polls) >= 2 and all(p["pid"] == polls[-1]["pid"] for p in polls[-2:])
     # the pid is forgotten once its result was fetched, as QEMU does

@@ -8,6 +8,7 @@ the request in SSH_ORIGINAL_COMMAND. The real sshd is in tests/integration/test_
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from collections.abc import Sequence
@@ -324,7 +325,22 @@ def test_guest_files_of_a_non_editable_install(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(gi, "_installed_from", lambda: str(REPO))
     assert gi.guest_files_dir() == REPO / "examples" / "guest"
     monkeypatch.setattr(gi, "_installed_from", lambda: "")
+    monkeypatch.setattr(gi, "PACKAGED", "/nonexistent")
     with pytest.raises(InstallError, match=gi.GUEST_FILES_ENV):
+        gi.guest_files_dir()
+
+
+def test_guest_files_of_the_debian_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # the .deb: the package in /usr/lib/python3/dist-packages, the files in /usr/share/vzdump-hook/guest
+    # (tests/integration/test_deb.py installs the real package into a Debian root)
+    monkeypatch.delenv(gi.GUEST_FILES_ENV, raising=False)
+    monkeypatch.setattr(gi, "__file__", "/usr/lib/python3/dist-packages/vzdump_hook/guest_install.py")
+    monkeypatch.setattr(gi, "_installed_from", lambda: "")
+    monkeypatch.setattr(gi, "PACKAGED", str(tmp_path))
+    shutil.copytree(REPO / "examples" / "guest", tmp_path / "guest")
+    assert gi.guest_files_dir() == tmp_path / "guest"
+    (tmp_path / "guest" / "vzdump-hook-wrapper").unlink()  # incomplete: not used
+    with pytest.raises(InstallError):
         gi.guest_files_dir()
 
 

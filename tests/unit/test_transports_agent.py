@@ -1,4 +1,4 @@
-"""agent transport: proxmoxer's real client code against the PVE API double (tests/infra/pve_api.py),
+"""agent transport: its pvesh and https clients against the PVE API double (tests/infra/pve_api.py),
 its VM being this host (commands run as plain processes: no namespaces needed here)."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def transport(request: pytest.FixtureRequest, api: PveApiDouble, token: Path, tm
 
 
 def test_exec_polls_until_exited_and_returns_status_output_and_stdin(transport: AgentTransport, api: PveApiDouble) -> None:
-    api.exec_delay = 0.4  # the agent reports `exited: 0` for a while
+    api.exec_delay = 1.0  # the agent reports `exited: 0` for a while (long enough for 3 polls by pvesh on a loaded machine)
     r = transport.run(["sh", "-c", "cat; echo err >&2; exit 4"], timeout=10, stdin=b"hello\n")
     assert (r.exit_status, r.stdout, r.stderr) == (4, "hello\n", "err\n")
     assert len(api.calls("exec-status")) >= 3
@@ -176,7 +176,7 @@ def test_a_failed_file_write_leaves_no_parts(transport: AgentTransport, api: Pve
     assert not list(target.parent.iterdir())
 
 
-def test_proxmoxer_is_imported_only_when_a_command_is_sent() -> None:
+def test_requests_is_imported_only_when_a_command_is_sent() -> None:
     import subprocess
 
     code = (

@@ -1,4 +1,4 @@
-"""agent transport (QEMU): commands through the QEMU guest agent, over the Proxmox VE API (proxmoxer).
+"""agent transport (QEMU): commands through the QEMU guest agent, over the Proxmox VE API.
 
 `agent/exec` starts the command and answers a pid at once; `agent/exec-status` says `exited: 0` until
 it has ended, then once gives exit code and output (PVE decodes the agent's base64: the bytes come as
@@ -6,9 +6,10 @@ one JSON character each). The agent keeps at most 16 MiB per stream and flags th
 stdin goes as `input-data` (text, at most 64 KiB, and the HTTPS request at most 64 KiB in all);
 files that do not fit go through `agent/file-write` in parts, then one command assembles them.
 
-The API is reached with proxmoxer: backend `local` (the node's own `pvesh`, as root: no credentials)
-or `https` with an API token whose secret is in a file only root can read; TLS is always verified.
-proxmoxer (and requests) are imported only when a command is sent.
+The API is reached without a client library (the two calls need none, and Debian 12's python3-proxmoxer
+is 1.2.0): `api = "local"` runs the node's own `pvesh` by absolute path, as root, with no credentials;
+`api = "https"` sends requests (imported only then) with an API token whose secret is in a file only
+root can read; TLS is always verified.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ INPUT_LIMIT = 64 * 1024  # PVE: input-data maxLength
 BODY_LIMIT = 60 * 1024  # pveproxy refuses request bodies over 64 KiB; keep a margin for the form encoding
 PART = 30 * 1024  # raw bytes per file-write (base64: 40 KiB, under file-write's 60 KiB content limit)
 REQUEST_CAP = 30.0  # one API request never waits longer than this
+_HTTP_STATUS = re.compile(r"^(\d{3}) [A-Za-z]", re.M)  # pvesh prints an API error's status first
 _AGENT_OFF = re.compile(r"guest agent is not running|no qemu guest agent configured|not running|got timeout", re.I)
 
 # Joins the parts written by file-write into $1 atomically, then removes them (see base._WRITE_SCRIPT).
@@ -50,6 +52,30 @@ sync -- "$tmp" 2>/dev/null || sync
 mv -f -- "$tmp" "$dst"
 sync -- "$dir" 2>/dev/null || sync
 """
+
+
+class ApiError(Exception):
+    """The API (or pvesh) answered an error: its HTTP status, message and per-parameter errors."""
+
+    def __init__(self, status_code: int, content: str, errors: Any = None) -> None:
+        super().__init__(f"{status_code} {content}")
+        self.status_code = status_code
+        self.content = content
+        self.errors = errors
+
+
+def _json_answer(text: str) -> Any:
+    """pvesh's JSON output (None when empty). Lines before the JSON (notes that some pvesh versions print
+    on stdout) are skipped; lines are split at "\n" only, as out-data may hold U+0085 or U+2028."""
+    at = 0
+    while text.strip():
+        try:
+            return json.loads(text[at:])
+        except ValueError:
+            at = text.find("\n", at) + 1
+            if at == 0:
+                raise ApiError(500, f"pvesh answered no JSON: {text[:200]!r}") from None
+    return None
 
 
 def output_bytes(value: Any) -> bytes:
@@ -89,46 +115,35 @@ class AgentTransport(Transport):
 
     # -- the API ---------------------------------------------------------------------------------
 
-    def _agent(self) -> Any:
+    def _request(self, method: str, path: str, args: dict[str, Any]) -> Any:
+        """One API request (GET or POST) on `path` below /api2/json; the answer's `data`. Raises ApiError."""
+        if self.cfg.api == "local":
+            return self._pvesh(method, path, args)
         with self._lock:
             if self._api is None:
-                self._api = self._local_api() if self.cfg.api == "local" else self._https_api()
-            return self._api.nodes(self.node).qemu(self.vmid).agent
+                self._api = self._https_session()
+        return self._https(method, path, args)
 
-    def _local_api(self) -> Any:
-        from proxmoxer.backends.command_base import CommandBaseSession, JsonSimpleSerializer
-        from proxmoxer.core import ProxmoxResource
+    def _pvesh(self, method: str, path: str, args: dict[str, Any]) -> Any:
+        """The node's own pvesh, by absolute path, as root: no credentials, no client library."""
+        argv = [self.cfg.pvesh, "get" if method == "GET" else "create", path]
+        for key, value in args.items():
+            for item in value if isinstance(value, list) else [value]:
+                argv += [f"-{key}", str(item)]  # pvesh (Getopt::Long) takes a value that starts with '-'
+        argv += ["--output-format", "json"]
+        status, out, err = run_local(argv, None, self._tl.timeout, shown=" ".join(argv[:3]), target=self.target)
+        if status != 0:
+            text = err.decode("utf-8", "replace").strip()
+            code = next((int(m[1]) for m in _HTTP_STATUS.finditer(text)), 500)  # pvesh: "400 Parameter verification failed."
+            raise ApiError(code, text or f"pvesh exited {status}")
+        return _json_answer(out.decode("utf-8", "replace"))
 
-        transport = self
-
-        class PveshSession(CommandBaseSession):  # type: ignore[misc]
-            """proxmoxer's pvesh backend, with pvesh by absolute path, the request's timeout and a kill."""
-
-            def _exec(self, cmd: list[str]) -> tuple[str, str, int]:
-                argv = [transport.cfg.pvesh, *cmd[1:]]
-                status, out, err = run_local(argv, None, transport._tl.timeout, shown=" ".join(argv[:3]), target=transport.target)
-                return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), status
-
-        class PveshJson(JsonSimpleSerializer):  # type: ignore[misc]
-            """JSON of pvesh's whole output first: proxmoxer's line-wise retry splits at U+0085 (byte 0x85 in out-data)."""
-
-            def loads(self, response: Any) -> Any:
-                try:
-                    return json.loads(response.content)
-                except ValueError:
-                    return super().loads(response)
-
-        return ProxmoxResource(base_url="", session=PveshSession(service="PVE"), serializer=PveshJson())
-
-    def _https_api(self) -> Any:
+    def _https_session(self) -> Any:
         cfg = self.cfg
         try:
-            import requests  # noqa: F401  (proxmoxer's https backend exits the process without it)
+            import requests
         except ImportError:
-            raise ConnectError(f"{self.target}: the https API needs the Python package requests (pip install requests)") from None
-        from proxmoxer.backends.https import Backend
-        from proxmoxer.core import ProxmoxResource
-
+            raise ConnectError(f"{self.target}: api = 'https' needs the Python package requests (Debian: python3-requests)") from None
         try:
             with open(cfg.token_file, encoding="utf-8") as f:
                 secret = f.read().strip()
@@ -138,9 +153,25 @@ class AgentTransport(Transport):
             raise ConnectError(f"{self.target}: the API token file {cfg.token_file} is empty")
         if isinstance(cfg.verify, str) and not os.path.isfile(cfg.verify):
             raise ConnectError(f"{self.target}: CA file {cfg.verify} (agent.verify) not found: give the CA that signed the API's certificate")
-        user, _, token_name = cfg.token_id.partition("!")
-        backend = Backend(cfg.host, port=cfg.port, user=user, token_name=token_name, token_value=secret, verify_ssl=cfg.verify, timeout=REQUEST_CAP)
-        return ProxmoxResource(base_url=backend.get_base_url(), session=_Timed(backend.get_session(), self._tl), serializer=backend.get_serializer())
+        session = requests.Session()
+        session.headers["Authorization"] = f"PVEAPIToken={cfg.token_id}={secret}"
+        session.verify = cfg.verify
+        session.trust_env = False  # no proxy or CA bundle from the environment: the config says where the API is
+        return session
+
+    def _https(self, method: str, path: str, args: dict[str, Any]) -> Any:
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        url = f"https://{host}:{self.cfg.port}/api2/json{path}"
+        form = {"data": args} if method == "POST" else {"params": args}
+        resp = self._api.request(method, url, timeout=self._tl.timeout, **form)  # lists go as repeated keys, as PVE takes them
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if resp.status_code >= 400:
+            errors = body.get("errors") if isinstance(body, dict) else None
+            raise ApiError(resp.status_code, resp.reason or "", errors)
+        return body.get("data") if isinstance(body, dict) else None
 
     def _call(self, verb: str, what: str, deadline: float, shown: str, **args: Any) -> Any:
         """One API request on agent/`what`, bounded by `deadline`; errors mapped to transport errors."""
@@ -148,20 +179,18 @@ class AgentTransport(Transport):
         if left <= 0:
             raise CommandTimeout(f"{self.target}: no time left for agent/{what}", command=shown)
         self._tl.timeout = min(left, REQUEST_CAP)
-        from proxmoxer.core import ResourceException
-
         try:
-            return getattr(getattr(self._agent(), what), verb)(**args)
-        except ResourceException as e:
+            return self._request("POST" if verb == "post" else "GET", f"/nodes/{self.node}/qemu/{self.vmid}/agent/{what}", args)
+        except ApiError as e:
             raise self._api_error(what, e, shown) from None
         except (CommandTimeout, ConnectError) as e:
             if isinstance(e, CommandTimeout) and self.cfg.api == "local":
                 raise CommandTimeout(f"{self.target}: pvesh gave no answer for agent/{what} within {self._tl.timeout:.1f} s", command=shown) from None
             raise
-        except Exception as e:  # requests' exceptions (only the https backend raises them)
+        except Exception as e:  # requests' exceptions (only the https API raises them)
             raise self._request_error(what, e, shown) from None
 
-    def _api_error(self, what: str, e: Any, shown: str) -> TransportError:
+    def _api_error(self, what: str, e: ApiError, shown: str) -> TransportError:
         text = " ".join(str(x).strip() for x in (e.content, e.errors or "") if x)
         if e.status_code == 401:
             return ConnectError(f"{self.target}: the API refused the token {self.cfg.token_id} ({e.status_code} {text}): check token_id and {self.cfg.token_file}", command=shown)
@@ -223,7 +252,10 @@ class AgentTransport(Transport):
             raise TransportError(f"{self.target}: agent/exec answered no pid: {str(started)[:200]}", command=shown)
         delay = 0.05
         while True:
-            st = self._call("get", "exec-status", deadline, shown, pid=pid)
+            try:
+                st = self._call("get", "exec-status", deadline, shown, pid=pid)
+            except CommandTimeout:  # the time ran out during a poll: the command's timeout, not the API's
+                raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s (pid {pid} may still run in the guest: the agent cannot stop it)", command=shown) from None
             if not isinstance(st, dict) or "exited" not in st:
                 raise TransportError(f"{self.target}: agent/exec-status answered no state: {str(st)[:200]}", command=shown)
             if st["exited"] not in (0, False):
@@ -270,12 +302,3 @@ class AgentTransport(Transport):
         self.run(sh(_ASSEMBLE_SCRIPT, path, *parts), timeout=deadline - time.monotonic()).check(f"cannot write {path}")
 
 
-class _Timed:
-    """A requests session whose every request has the timeout of the thread's current API call."""
-
-    def __init__(self, session: Any, tl: threading.local) -> None:
-        self.session = session
-        self.tl = tl
-
-    def request(self, method: str, url: str, data: Any = None, params: Any = None, headers: Any = None) -> Any:
-        return self.session.request(method, url, data=data, params=params, headers=headers, timeout=self.tl.timeout)

@@ -107,8 +107,7 @@ class SshTransport(Transport):
                 timeout=timeout,
                 banner_timeout=timeout,
                 auth_timeout=timeout,
-                channel_timeout=timeout,
-            )
+            )  # no channel_timeout (paramiko >= 3.2; Debian 12 has 2.12): every open_session below has its own
         except HostKeyError:
             client.close()
             raise
