@@ -21,6 +21,7 @@ from .hook import RUN_DIR_ENV, STATE_DIR_ENV, recover_guest, settings_with_env, 
 from .job import JobId
 from .phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
 from .state import GuestRecord, HostState, Status
+from .text import escape
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -90,7 +91,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float) -> None:
             p = ctl.preflight(time.monotonic() + timeout)
             side = guest_install.describe(ctl.t, g, time.monotonic() + timeout)
         except HookError as e:
-            return f"{g.vmid} {g.describe_target()}: FAILED: {describe(e)}", False
+            return escape(f"{g.vmid} {g.describe_target()}: FAILED: {describe(e)}"), False
         finally:
             ctl.close()
         lines = [f"{g.vmid} {g.describe_target()}: ok in {time.monotonic() - start:.1f} s, compose: {' '.join(p.compose)}"]
@@ -104,7 +105,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float) -> None:
             age = time.time() - p.marker.written_at
             lines.append(f"    MARKER present: job {p.marker.job}, {age:.0f} s old, lists {', '.join(s.name for s in p.marker.stacks)} (`vzdump-hook recover {g.vmid}`)")
         lines.append(f"    {side}")
-        return "\n".join(lines), True
+        return "\n".join(escape(line) for line in lines), True
 
     results = _parallel(one, guests)
     for text, _ in results:
@@ -150,7 +151,7 @@ def status(config_path: str | None, no_connect: bool) -> None:
         return f"{g.vmid}: MARKER of job {m.job} ({state}, {'expired' if m.expired else 'deadline ahead'}): {', '.join(s.name for s in m.stacks)}"
 
     for line in _parallel(one, _targets(cfg, None)):
-        click.echo(line)
+        click.echo(escape(line))
 
 
 def _rec_line(r: GuestRecord) -> str:
@@ -173,7 +174,7 @@ def recover(vmid: int | None, all_: bool, force: bool, config_path: str | None) 
     guests = _targets(cfg, vmid)
     results = _parallel(lambda g: recover_guest(g, state.job, state, time.monotonic() + settings.sweep_timeout + g.command_timeout, force), guests)
     for g, (text, _) in zip(guests, results, strict=True):
-        click.echo(text or f"{g.vmid}: no marker, nothing to do")
+        click.echo(escape(text) or f"{g.vmid}: no marker, nothing to do")
     if any(down for _, down in results):
         sys.exit(1)
 
