@@ -184,6 +184,8 @@ def parse(data: bytes) -> Marker:
     """A Marker from bytes read off a guest. Raises MarkerError naming what is wrong (and nothing else)."""
     if len(data) > MAX_SIZE:
         raise MarkerError(f"marker: larger than {MAX_SIZE} bytes")
+    if not data.isascii():  # the hook writes \u escapes (json.dumps), and the guest parser reads bytes: both refuse the rest
+        raise MarkerError("marker: not ASCII")
     try:
         d = json.loads(data, object_pairs_hook=_duplicates_refused, parse_constant=_no_constant)
         # \ud800-style escapes decode to lone surrogates, which no command line can carry
