@@ -24,7 +24,9 @@ HEAD: dict[str, Any] = {"schema": 1, "tool": "vzdump-hook", "job": {"node": "pve
 
 
 def doc() -> dict[str, Any]:
-    return {**json.loads(json.dumps(HEAD)), "stacks": [dict(STACK)]}
+    """A fresh (deep) copy of the valid marker document."""
+    d: dict[str, Any] = json.loads(json.dumps({**HEAD, "stacks": [STACK]}))
+    return d
 
 
 def layout(d: dict[str, Any]) -> bytes:
