@@ -529,3 +529,12 @@ def test_parsing_is_linear_on_duplicate_keys(guest: Guest) -> None:
     code, out = recover(guest)
     assert code == 2 and "duplicate key" in out, out
     assert time.monotonic() - start < 10
+
+
+def test_a_stack_of_no_existing_project_cannot_name_another_projects_container(guest: Guest) -> None:
+    # found by tests/fuzz/test_fuzz_recover.py: a project with no container has no labels to check,
+    # and the containers it lists were started by id
+    guest.docker.add_project("db", ("app",), running=False)
+    rec = StackRecord("evil", ("docker", "compose"), "/srv/evil", (), (cid("db", 0),), True, ())
+    _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100), f"container {cid('db', 0)[:12]} is not one of that project")
+    assert guest.docker.running() == {"db": False}
