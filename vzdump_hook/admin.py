@@ -21,7 +21,7 @@ from .hook import RUN_DIR_ENV, STATE_DIR_ENV, recover_guest, settings_with_env, 
 from .job import JobId
 from .phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
 from .state import GuestRecord, HostState, Status
-from .text import escape
+from .text import escape, escape_lines
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -195,7 +195,8 @@ def guest_install_command(vmid: int, dry_run: bool, no_restrict: bool, identity_
     """Deploy the guest side to VMID over its transport; idempotent. Exit 1 if it could not."""
     g = _targets(_load(config_path), vmid)[0]
     click.echo(f"{vmid} {g.describe_target()}: {'what would change (dry run)' if dry_run else 'installing the guest side'}")
-    inst = guest_install.Installer(g, guest_install.Layout.from_env(), click.echo, dry_run=dry_run, restrict=not no_restrict,
+    # its diffs show the guest's files: escaped, line by line
+    inst = guest_install.Installer(g, guest_install.Layout.from_env(), lambda text: click.echo(escape_lines(text)), dry_run=dry_run, restrict=not no_restrict,
                                    authorized_keys=authorized_keys, identity_file=identity_file)
     try:
         inst.run()

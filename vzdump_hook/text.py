@@ -22,3 +22,8 @@ def escape(text: str) -> str:
     """`text` with every control character (newline, ESC, ...) written as a `\\xNN`/`\\uNNNN` escape."""
     return _UNSAFE.sub(_code, text)
 
+
+
+def escape_lines(text: str) -> str:
+    """A block of lines (a diff of guest files) with every line escaped; its line breaks stay."""
+    return "\n".join(escape(line) for line in text.split("\n"))

@@ -9,7 +9,7 @@ import pytest
 
 from vzdump_hook import hook as hookmod
 from vzdump_hook.errors import ConfigError, TransportError
-from vzdump_hook.text import escape
+from vzdump_hook.text import escape, escape_lines
 
 FORGERIES = [
     "db\nvzdump-hook: all stacks running",
@@ -62,3 +62,7 @@ def test_a_config_error_keeps_its_lines() -> None:
     # the node's own config (root's file) is no guest text: each problem stays on its line
     out = _task_log("config: %s", ConfigError(["guests.101.ssh: missing", "guests.102: bad"], "/etc/x.toml"))
     assert out.splitlines()[1:] == ["  guests.101.ssh: missing", "  guests.102: bad"]
+
+
+def test_escape_lines_keeps_the_line_breaks_only() -> None:
+    assert escape_lines("-a\x1b[2J\n+b\r\n") == "-a\\x1b[2J\n+b\\x0d\n"
