@@ -222,6 +222,10 @@ def refused_commands(g: Guest) -> dict[str, str | None]:
         "stop timeout not a number": f"docker stop -t x {real}",
         "status with metacharacters": "vzdump-hook-wrapper status; id",
         "status with more words": "vzdump-hook-wrapper status a b",
+        # found by tests/fuzz/test_fuzz_wrapper.py: lines shlex.join never writes
+        "status after a space": " /usr/local/sbin/vzdump-hook-wrapper status",
+        "status of a relative path": "sbin/vzdump-hook-wrapper status",
+        "status with a trailing space": "vzdump-hook-wrapper status ",
     }
 
 
