@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.fuzz.profile import budget
@@ -41,7 +41,7 @@ def stacks(draw: st.DrawFn, projects: dict[str, dict[str, Any]], mdir: str) -> d
     files = [f for p in projects.values() for f in p["files"]] + ["/tmp/evil/compose.yaml", f"{mdir}/marker.json", "/etc/passwd"]
     ids = [cid(n, i) for n in projects for i in range(2)] + [cid("nope", 0), "ab" * 32]
     real = projects.get(name)
-    exact = real is not None and draw(st.booleans())  # the stack as docker has it, or anything
+    exact = real is not None and draw(st.integers(0, 3)) > 0  # mostly the stack as docker has it, else anything
     return {
         "name": name,
         "driver": "compose",
@@ -103,7 +103,12 @@ def test_recovery_starts_nothing_outside_the_validated_project(shell: str, tmp_p
     mdir = str(g.marker.parent)
     outcomes: dict[int, int] = {}
 
+    db = projects["db"]
+    as_written = {"name": "db", "driver": "compose", "compose": ["docker", "compose"], "workdir": db["workdir"], "files": db["files"],
+                  "containers": [cid("db", 0), cid("db", 1)], "stopped": True, "services": ["app", "worker"]}
+
     @budget(10)
+    @example([as_written])  # (a control: a marker that is used)
     @given(st.lists(stacks(projects, mdir), min_size=1, max_size=3))
     def nothing_else(stack_list: list[dict[str, Any]]) -> None:
         g.docker.save({"projects": {}})
