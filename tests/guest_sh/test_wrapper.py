@@ -226,6 +226,8 @@ def refused_commands(g: Guest) -> dict[str, str | None]:
         "status after a space": " /usr/local/sbin/vzdump-hook-wrapper status",
         "status of a relative path": "sbin/vzdump-hook-wrapper status",
         "status with a trailing space": "vzdump-hook-wrapper status ",
+        "stop without ids": "docker stop -t 0",
+        "start without ids": "docker start ",
     }
 
 
