@@ -23,6 +23,7 @@ from .marker import Marker
 from .phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
 from .recovery import Recovery, guest_of_entries, recover_guest
 from .state import GuestRecord, HostState, Status, forget_recovery_answers
+from .text import escape, escape_lines
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -132,7 +133,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
             p = ctl.preflight(time.monotonic() + timeout)
             side = guest_install.describe(ctl.t, g, time.monotonic() + timeout)
         except HookError as e:
-            return f"{g.vmid} {g.describe_target()}: FAILED: {describe(e)}", False
+            return escape(f"{g.vmid} {g.describe_target()}: FAILED: {describe(e)}"), False
         finally:
             ctl.close()
         lines = [f"{g.vmid} {g.describe_target()}: ok in {time.monotonic() - start:.1f} s, compose: {' '.join(p.compose)}"]
@@ -146,7 +147,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
             age = time.time() - p.marker.written_at
             lines.append(f"    MARKER present: job {p.marker.job}, {age:.0f} s old, lists {', '.join(s.name for s in p.marker.stacks)} (`vzdump-hook recover {g.vmid}`)")
         lines.append(f"    {side}")
-        return "\n".join(lines), True
+        return "\n".join(escape(line) for line in lines), True
 
     answers = _contact(one, guests, 2 * timeout + 5)
     results = [a if a is not None else (f"{g.vmid} {g.describe_target()}: FAILED: no answer within {2 * timeout + 5:g} s", False) for g, a in zip(guests, answers, strict=True)]
@@ -251,7 +252,7 @@ def status(config_path: str | None, no_connect: bool, timeout: float) -> None:
     answers = _contact(one, asked, timeout + 5)
     for g, a in zip(asked, answers, strict=True):
         line, down = a if a is not None else (f"{g.vmid}: marker unknown: no answer within {timeout + 5:g} s", True)
-        click.echo(line)
+        click.echo(escape(line))
         bad = bad or down
     sys.exit(1 if bad else 0)
 
@@ -303,7 +304,7 @@ def recover(vmid: int | None, all_: bool, force: bool, config_path: str | None) 
     answers = _contact(lambda g: recover_guest(g, state.job, state, deadline, force, ledger=ledger), guests, seconds + 1)
     results = [a if a is not None else Recovery(f"{g.vmid}: no answer within {seconds:g} s", True, False) for g, a in zip(guests, answers, strict=True)]
     for g, r in zip(guests, results, strict=True):
-        click.echo(r.text or f"{g.vmid}: no marker, nothing to do")
+        click.echo(escape(r.text) or f"{g.vmid}: no marker, nothing to do")
     if any(r.down for r in results):
         sys.exit(1)
 
@@ -325,7 +326,8 @@ def guest_install_command(vmid: int, dry_run: bool, no_restrict: bool, identity_
     cfg = _load(config_path)
     g = _targets(cfg, vmid)[0]
     click.echo(f"{vmid} {g.describe_target()}: {'what would change (dry run)' if dry_run else 'installing the guest side'}")
-    inst = guest_install.Installer(g, guest_install.Layout.from_env(), click.echo, dry_run=dry_run, restrict=not no_restrict,
+    # its diffs show the guest's files: escaped, line by line
+    inst = guest_install.Installer(g, guest_install.Layout.from_env(), lambda text: click.echo(escape_lines(text)), dry_run=dry_run, restrict=not no_restrict,
                                    authorized_keys=authorized_keys, identity_file=identity_file)
     try:
         inst.run()

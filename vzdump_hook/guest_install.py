@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import posixpath
 import re
 import shlex
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import HookError
+from .text import escape
 from .transports import open_transport
 from .transports.base import sh
 
@@ -157,9 +159,10 @@ def _sha(data: bytes) -> str:
 
 # -- inspecting -----------------------------------------------------------------------------------------
 
-# Prints, per path, its sha256 (or missing/unknown), then the timer's state ($1: check systemd or not).
+# Prints, per path, its sha256 (or missing/unknown), then the timer's state ($1: check systemd or not),
+# then whether the marker's directory ($2) is this user's alone, as the wrapper's `status` does.
 _HASH_SCRIPT = r"""
-systemd=$1; shift
+systemd=$1 mdir=$2; shift 2
 for f; do
   if [ ! -f "$f" ]; then echo missing
   elif command -v sha256sum >/dev/null 2>&1; then sha256sum < "$f" | cut -d ' ' -f 1
@@ -169,6 +172,14 @@ if [ "$systemd" != yes ]; then echo "timer not-checked"
 elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
   echo "timer $(systemctl is-enabled vzdump-hook-recover.timer 2>/dev/null || echo disabled) $(systemctl is-active vzdump-hook-recover.timer 2>/dev/null)"
 else echo "timer no-systemd"; fi
+if [ -L "$mdir" ]; then echo "marker-dir INSECURE: $mdir is a symlink"
+elif [ ! -d "$mdir" ]; then echo "marker-dir missing"
+else
+  s=$(stat -c '%u %a' -- "$mdir" 2>/dev/null)
+  if [ "${s% *}" != "$(id -u)" ]; then echo "marker-dir INSECURE: $mdir is owned by uid ${s% *}, not by uid $(id -u)"
+  else case ${s#* } in *00) echo "marker-dir ok" ;; *) echo "marker-dir INSECURE: $mdir has mode ${s#* }: others than its owner may use it" ;; esac
+  fi
+fi
 """
 
 
@@ -180,6 +191,7 @@ class Setup:
     restricted: bool | None = None
     timer: str = "unknown"
     error: str = ""
+    marker_dir: str = "unknown"  # ok, missing (made at the first backup), INSECURE: why
 
     def _state(self, keys: tuple[str, ...]) -> str:
         states = [self.files.get(k, "unknown") for k in keys]
@@ -226,7 +238,12 @@ class Setup:
         todo = ""
         if not self.complete or (self.restricted is False and transport == "ssh"):
             todo = f": `vzdump-hook guest install {vmid}`" + (" with an unrestricted key (--identity-file)" if self.restricted else "")
-        return f"guest side: {rec}; {key}{todo}"
+        mdir = f"; marker directory {self.marker_dir} (make it the SSH user's, mode 0700)" if self.marker_dir.startswith("INSECURE") else ""
+        return f"guest side: {rec}; {key}{mdir}{todo}"
+
+
+def _marker_dir(text: str) -> str:
+    return next((escape(ln[len("marker-dir ") :].strip()) for ln in text.splitlines() if ln.startswith("marker-dir ")), "unknown")
 
 
 def _parse_status(text: str) -> tuple[dict[str, str], bool | None, str]:
@@ -261,17 +278,18 @@ def inspect(t: Transport, guest: GuestConfig, layout: Layout, deadline: float) -
     if r.ok:
         shas, restricted, timer = _parse_status(r.stdout)
         if restricted:
-            return Setup(_compare(shas, want), True, timer)
+            return Setup(_compare(shas, want), True, timer, marker_dir=_marker_dir(r.stdout))
     elif "vzdump-hook-wrapper: refused" in r.stderr:
         return Setup({}, True, "unknown", "the wrapper does not know `status` (an older version?)")
     paths = [layout.path(f.key) for f in FILES]
-    r = t.run(sh(_HASH_SCRIPT, "yes" if layout.systemd else "no", *paths), timeout=max(0.1, min(TIMEOUT, deadline - time.monotonic())))
+    mdir = posixpath.dirname(guest.marker_path)
+    r = t.run(sh(_HASH_SCRIPT, "yes" if layout.systemd else "no", mdir, *paths), timeout=max(0.1, min(TIMEOUT, deadline - time.monotonic())))
     if not r.ok:
         raise InstallError(f"cannot look at the guest's files: {(r.stderr or r.stdout).strip()[-200:]}")
     lines = r.stdout.splitlines()
     shas = {f.key: line.strip() for f, line in zip(FILES, lines, strict=False)}
     timer = next((ln[len("timer ") :].strip() for ln in lines if ln.startswith("timer ")), "unknown")
-    return Setup(_compare(shas, want), False, timer)
+    return Setup(_compare(shas, want), False, timer, marker_dir=_marker_dir(r.stdout))
 
 
 def describe(t: Transport, guest: GuestConfig, deadline: float) -> str:

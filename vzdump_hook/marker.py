@@ -21,6 +21,7 @@ from .errors import MarkerError
 from .job import JobId
 
 SCHEMA = 1
+TOOL = "vzdump-hook"
 MAX_SIZE = 64 * 1024
 ALLOWED_COMPOSE = (("docker", "compose"), ("docker-compose",))
 _CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
@@ -66,7 +67,7 @@ class Marker:
     def to_json(self) -> bytes:
         head = {
             "schema": SCHEMA,
-            "tool": "vzdump-hook",
+            "tool": TOOL,
             "job": self.job.to_dict(),
             "vmid": self.vmid,
             "vmtype": self.vmtype,
@@ -87,15 +88,76 @@ class Marker:
         return tuple(s for s in self.stacks if s.stopped)
 
 
+# Bounds: a time is seconds since the epoch before the year 2286; an integer has at most 15 digits.
+# The guest's parser (examples/guest/vzdump-hook-recover) applies the same ones.
+MAX_TIME = 1e10
+MAX_INT = 10**15
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _duplicates_refused(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise MarkerError(f"marker: duplicate key {dup[:40]!r}")
+    return d
+
+
+def _no_constant(word: str) -> Any:
+    raise MarkerError(f"marker: not JSON ({word})")
+
+
+def _check_strings(v: Any, where: str) -> None:
+    """Every string (keys too) is free of control characters, as the guest's parser wants it."""
+    if isinstance(v, str):
+        if _CONTROL.search(v):
+            raise MarkerError(f"marker: {where or 'a string'} has a control character")
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_strings(k, where)
+            _check_strings(x, f"{where}.{k}" if where else k)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _check_strings(x, f"{where}[{i}]")
+
+
 def _req(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if key not in d:
         raise MarkerError(f"marker: {where}{key} missing")
     value = d[key]
-    if isinstance(value, bool) and kind is not bool:
-        raise MarkerError(f"marker: {where}{key} has the wrong type")
-    if not isinstance(value, kind):
+    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
         raise MarkerError(f"marker: {where}{key} has the wrong type")
     return value
+
+
+def _int(d: dict[str, Any], key: str, where: str) -> int:
+    v: int = _req(d, key, int, where)
+    if not 0 <= v < MAX_INT:
+        raise MarkerError(f"marker: {where}{key} out of range")
+    return v
+
+
+def _time(d: dict[str, Any], key: str) -> float:
+    v = _req(d, key, (int, float), "")
+    if isinstance(v, int) and not 0 <= v < MAX_TIME:  # before float(): a 400-digit int overflows
+        raise MarkerError(f"marker: {key} out of range")
+    if not 0 <= float(v) < MAX_TIME:  # (NaN fails this too)
+        raise MarkerError(f"marker: {key} out of range")
+    return float(v)
+
+
+def _strings(d: dict[str, Any], key: str, where: str, ok: Any, what: str, *, optional: bool = False) -> tuple[str, ...]:
+    if optional and key not in d:
+        return ()
+    items = _req(d, key, list, where)
+    if not all(isinstance(x, str) and ok(x) for x in items):
+        raise MarkerError(f"marker: {where}{key} must be {what}")
+    return tuple(items)
+
+
+def _path(p: str) -> bool:
+    return bool(p) and len(p) <= 4096
 
 
 def _stack(d: Any, i: int) -> StackRecord:
@@ -109,43 +171,41 @@ def _stack(d: Any, i: int) -> StackRecord:
     if compose not in ALLOWED_COMPOSE:
         raise MarkerError(f"marker: {where}compose must be one of {ALLOWED_COMPOSE}")
     workdir = _req(d, "workdir", str, where)
-    if not workdir.startswith("/") or "\n" in workdir or len(workdir) > 4096:
+    if not workdir.startswith("/") or len(workdir) > 4096:
         raise MarkerError(f"marker: {where}workdir must be an absolute path")
-    files = tuple(_req(d, "files", list, where))
-    if not all(isinstance(f, str) and f and "\n" not in f and len(f) <= 4096 for f in files):
-        raise MarkerError(f"marker: {where}files must be a list of paths")
-    containers = tuple(_req(d, "containers", list, where))
-    if not all(isinstance(c, str) and _CONTAINER_ID.fullmatch(c) for c in containers):
-        raise MarkerError(f"marker: {where}containers must be container ids")
+    files = _strings(d, "files", where, _path, "a list of paths")
+    containers = _strings(d, "containers", where, _CONTAINER_ID.fullmatch, "container ids")
     stopped = _req(d, "stopped", bool, where)
-    services = tuple(d.get("services", ()))
-    if not all(isinstance(s, str) and _SERVICE.fullmatch(s) for s in services):
-        raise MarkerError(f"marker: {where}services must be compose service names")
+    services = _strings(d, "services", where, _SERVICE.fullmatch, "compose service names", optional=True)
     return StackRecord(name, compose, workdir, files, containers, stopped, services)
 
 
 def parse(data: bytes) -> Marker:
-    """A Marker from bytes read off a guest. Raises MarkerError naming what is wrong."""
+    """A Marker from bytes read off a guest. Raises MarkerError naming what is wrong (and nothing else)."""
     if len(data) > MAX_SIZE:
         raise MarkerError(f"marker: larger than {MAX_SIZE} bytes")
+    if not data.isascii():  # the hook writes \u escapes (json.dumps), and the guest parser reads bytes: both refuse the rest
+        raise MarkerError("marker: not ASCII")
     try:
-        d = json.loads(data)
+        d = json.loads(data, object_pairs_hook=_duplicates_refused, parse_constant=_no_constant)
         # \ud800-style escapes decode to lone surrogates, which no command line can carry
         json.dumps(d, ensure_ascii=False).encode()
     except (ValueError, UnicodeError, RecursionError) as e:
         raise MarkerError(f"marker: not JSON ({type(e).__name__})") from None
     if not isinstance(d, dict):
         raise MarkerError("marker: not a JSON object")
-    if d.get("schema") != SCHEMA:
-        raise MarkerError(f"marker: schema {d.get('schema')!r}, this version reads {SCHEMA}")
-    j = _req(d, "job", dict, "")
+    schema = d.get("schema")
+    if type(schema) is not int or schema != SCHEMA:
+        raise MarkerError(f"marker: schema {str(schema)[:20]!r}, this version reads {SCHEMA}")
     try:
-        node, boot, pid, start = j["node"], j["boot"], j["pid"], j["start"]
-    except KeyError:
-        raise MarkerError("marker: job must have node, boot, pid, start") from None
-    if not (isinstance(node, str) and isinstance(boot, str) and type(pid) is int and type(start) is int):
-        raise MarkerError("marker: job node/boot must be strings, pid/start integers")
-    job = JobId(node, boot, pid, start)
+        _check_strings(d, "")
+    except RecursionError:
+        raise MarkerError("marker: nested too deeply") from None
+    tool = d.get("tool", TOOL)
+    if tool != TOOL:
+        raise MarkerError(f"marker: tool {str(tool)[:40]!r}: not written by {TOOL}")
+    j = _req(d, "job", dict, "")
+    job = JobId(_req(j, "node", str, "job."), _req(j, "boot", str, "job."), _int(j, "pid", "job."), _int(j, "start", "job."))
     stacks = _req(d, "stacks", list, "")
     if len(stacks) > 256:
         raise MarkerError("marker: too many stacks")
@@ -154,11 +214,11 @@ def parse(data: bytes) -> Marker:
         raise MarkerError(f"marker: state {state[:20]!r} unknown")
     return Marker(
         job=job,
-        vmid=_req(d, "vmid", int, ""),
+        vmid=_int(d, "vmid", ""),
         vmtype=_req(d, "vmtype", str, ""),
         mode=_req(d, "mode", str, ""),
-        written_at=float(_req(d, "written_at", (int, float), "")),
-        deadline=float(_req(d, "deadline", (int, float), "")),
+        written_at=_time(d, "written_at"),
+        deadline=_time(d, "deadline"),
         state=state,
         stacks=tuple(_stack(s, i) for i, s in enumerate(stacks)),
     )

@@ -75,6 +75,7 @@ def make_guest(shell: str, root: Path, busybox_bin: Path) -> Guest:
         sh, path = [str(busybox_bin / "sh")], f"{fake.bin_dir}:{busybox_bin}"
     g = Guest(shell, sh, root, fake, path, root / "guest.conf", root / "var" / "lib" / "vzdump-hook" / "marker.json")
     g.marker.parent.mkdir(parents=True)
+    g.marker.parent.chmod(0o700)  # as the guest install makes it: root's, 0700
     return g
 
 

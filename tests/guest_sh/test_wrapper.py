@@ -6,6 +6,8 @@ wrapper, so a change in the commands the hook sends that the wrapper does not kn
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import subprocess
 import time
@@ -19,7 +21,7 @@ from tests.guest_sh.fakedocker import cid
 from vzdump_hook import config as configuration
 from vzdump_hook.controller import GuestController
 from vzdump_hook.job import JobId
-from vzdump_hook.marker import StackRecord
+from vzdump_hook.marker import Marker, StackRecord
 from vzdump_hook.stacks import compose as compose_mod
 from vzdump_hook.stacks.compose import ComposeDriver
 from vzdump_hook.transports import base
@@ -133,12 +135,18 @@ def test_recreated_containers_are_checked_through_the_wrapper(guest: Guest) -> N
     assert not [ln for ln in log_lines(guest) if "REFUSED" in ln], log_lines(guest)
 
 
+def a_marker(vmid: int = 101, tool: str = "vzdump-hook") -> bytes:
+    m = Marker(JobId("pve1", "b", 1, 2), vmid, "qemu", "snapshot", 1700000000.0, 1700000060.0, "stopped", ())
+    return m.to_json().replace(b'"vzdump-hook"', json.dumps(tool).encode())
+
+
 def test_file_verbs_through_the_wrapper(guest: Guest) -> None:
     t = WrapperTransport(guest)
+    data = a_marker()
     assert t.read_file(str(guest.marker), limit=100, timeout=10) is None
-    t.write_file(str(guest.marker), b'{"x": 1}\n', timeout=10)
-    assert guest.marker.read_bytes() == b'{"x": 1}\n' and (guest.marker.stat().st_mode & 0o777) == 0o600
-    assert t.read_file(str(guest.marker), limit=3, timeout=10) == b'{"x"'  # limit + 1: an oversized file is noticed
+    t.write_file(str(guest.marker), data, timeout=10)
+    assert guest.marker.read_bytes() == data and (guest.marker.stat().st_mode & 0o777) == 0o600
+    assert t.read_file(str(guest.marker), limit=3, timeout=10) == data[:4]  # limit + 1: an oversized file is noticed
     t.remove_file(str(guest.marker), timeout=10)
     assert not guest.marker.exists()
 
@@ -147,9 +155,10 @@ def test_a_marker_path_that_needs_quoting(guest: Guest) -> None:
     odd = guest.root / "mark er's dir" / "m.json"
     guest.write_conf(MARKER=str(odd), LOG=str(guest.root / LOG_NAME))
     t = WrapperTransport(guest)
-    t.write_file(str(odd), b"data", timeout=10)
-    assert odd.read_bytes() == b"data"
-    assert t.read_file(str(odd), limit=100, timeout=10) == b"data"
+    t.write_file(str(odd), a_marker(), timeout=10)
+    assert odd.read_bytes() == a_marker()
+    assert (odd.parent.stat().st_mode & 0o777) == 0o700
+    assert t.read_file(str(odd), limit=100000, timeout=10) == a_marker()
 
 
 def test_status_verb(guest: Guest) -> None:
@@ -213,6 +222,12 @@ def refused_commands(g: Guest) -> dict[str, str | None]:
         "stop timeout not a number": f"docker stop -t x {real}",
         "status with metacharacters": "vzdump-hook-wrapper status; id",
         "status with more words": "vzdump-hook-wrapper status a b",
+        # found by tests/fuzz/test_fuzz_wrapper.py: lines shlex.join never writes
+        "status after a space": " /usr/local/sbin/vzdump-hook-wrapper status",
+        "status of a relative path": "sbin/vzdump-hook-wrapper status",
+        "status with a trailing space": "vzdump-hook-wrapper status ",
+        "stop without ids": "docker stop -t 0",
+        "start without ids": "docker start ",
     }
 
 
@@ -254,3 +269,108 @@ def test_every_allowed_call_is_logged(guest: Guest) -> None:
         assert forced(guest, shlex.join(argv)).returncode in (0, 3)
     lines = log_lines(guest)
     assert [ln.split(": ", 2)[-1] for ln in lines] == ["allowed: connect check", "allowed: detect compose", f"allowed: read marker {guest.marker}"]
+
+
+# -- marker writes (issue 9): only a valid marker of this guest, at most 64 KiB ---------------------------
+
+
+def write_cmd(g: Guest) -> str:
+    return shell_join(sh(base._WRITE_SCRIPT, str(g.marker)))
+
+
+@pytest.mark.parametrize("case", ["not-json", "other-guest", "other-tool", "no-tool", "over-64k", "50-mib", "hostile-deadline", "duplicate-key"])
+def test_an_invalid_marker_is_never_written(guest: Guest, case: str) -> None:
+    guest.write_conf(MARKER=str(guest.marker), LOG=str(guest.root / LOG_NAME), ROOT=str(guest.root), VMID="101")
+    good = a_marker()
+    data = {
+        "not-json": b"this is not json",
+        "other-guest": a_marker(vmid=202),
+        "other-tool": a_marker(tool="someone-else"),
+        "no-tool": good.replace(b' "tool": "vzdump-hook",\n', b""),
+        "over-64k": good.replace(b'"mode"', b'"pad": "' + b"x" * 70000 + b'", "mode"'),
+        "50-mib": b" " * (50 * 1024 * 1024) + good,
+        "hostile-deadline": good.replace(b'"deadline": ', b'"deadline": 1e300, "x": '),
+        "duplicate-key": good.replace(b'"state": "stopped"', b'"state": "stopped", "state": "stopped"'),
+    }[case]
+    assert data != good
+    guest.marker.write_bytes(good)
+    guest.marker.chmod(0o600)
+    p = forced(guest, write_cmd(guest), stdin=data)
+    assert p.returncode == 126 and b"refused: write:" in p.stderr, (p.returncode, p.stderr)
+    assert guest.marker.read_bytes() == good
+    assert sorted(x.name for x in guest.marker.parent.iterdir()) == ["marker.json"]
+    assert not list((guest.root / "tmp").iterdir())
+
+
+def test_a_valid_marker_of_this_guest_is_written(guest: Guest) -> None:
+    guest.write_conf(MARKER=str(guest.marker), LOG=str(guest.root / LOG_NAME), ROOT=str(guest.root), VMID="101")
+    p = forced(guest, write_cmd(guest), stdin=a_marker())
+    assert p.returncode == 0, p.stderr
+    assert guest.marker.read_bytes() == a_marker()
+    assert not list((guest.root / "tmp").iterdir())
+
+
+def test_planted_symlinks_at_temp_names_are_not_followed(guest: Guest) -> None:
+    # the old temp name was MARKER.tmp.$$: a symlink planted there for every pid was followed
+    victim = guest.root / "victim"
+    victim.write_text("untouched")
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    for pid in range(2, min(pid_max, 100000)):
+        (guest.marker.parent / f"marker.json.tmp.{pid}").symlink_to(victim)
+    p = forced(guest, write_cmd(guest), stdin=a_marker())
+    assert p.returncode == 0, p.stderr
+    assert victim.read_text() == "untouched" and guest.marker.read_bytes() == a_marker()
+
+
+def _make_insecure(g: Guest, case: str) -> str:
+    g.marker.write_bytes(a_marker())
+    g.marker.chmod(0o600)
+    if case == "dir-mode":
+        g.marker.parent.chmod(0o755)
+        return "has mode 755"
+    if case == "file-mode":
+        g.marker.chmod(0o666)
+        return "has mode 666"
+    if case == "file-owner":
+        os.chown(g.marker, 1000, 1000)
+        return "is owned by uid 1000"
+    if case == "file-symlink":
+        real = g.root / "real.json"
+        g.marker.rename(real)
+        g.marker.symlink_to(real)
+        return "is a symlink"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["dir-mode", "file-mode", "file-owner", "file-symlink"])
+def test_an_insecure_marker_is_neither_read_written_nor_removed(guest: Guest, case: str) -> None:
+    why = _make_insecure(guest, case)
+    before = guest.marker.read_bytes()
+    for verb, cmd, stdin in (
+        ("read", shell_join(sh(base._READ_SCRIPT, str(guest.marker), "100")), b""),
+        ("write", write_cmd(guest), a_marker()),
+        ("remove", shell_join(sh(base._REMOVE_SCRIPT, str(guest.marker))), b""),
+    ):
+        p = forced(guest, cmd, stdin=stdin)
+        err = p.stderr.decode()
+        assert p.returncode == 126 and f"refused: {verb}: INSECURE:" in err and why in err, err
+        assert p.stdout == b""
+    assert guest.marker.read_bytes() == before
+    st = forced(guest, f"{guest.root}/usr/local/sbin/vzdump-hook-wrapper status").stdout.decode()
+    assert "marker-dir INSECURE: " in st and why in st, st
+
+
+def test_status_says_the_marker_directory_is_fine(guest: Guest) -> None:
+    st = forced(guest, f"{guest.root}/usr/local/sbin/vzdump-hook-wrapper status").stdout.decode()
+    assert "marker-dir ok" in st.splitlines(), st
+
+
+def test_a_compose_file_in_the_markers_directory_is_refused(guest: Guest) -> None:
+    mdir = str(guest.marker.parent)
+    guest.docker.add_project("db", ("app",), workdir="/srv/db", files=[f"{mdir}/compose.yaml"])
+    guest.docker.add_project("web", ("app",), workdir=mdir, files=[])
+    for cmd in (shell_join(sh(compose_mod._IN_DIR, "/srv/db", "docker", "compose", "-p", "db", "-f", f"{mdir}/compose.yaml", "start")),
+                shell_join(sh(compose_mod._IN_DIR, mdir, "docker", "compose", "-p", "web", "start"))):
+        p = forced(guest, cmd)
+        assert p.returncode == 126 and b"marker's directory" in p.stderr, p.stderr
+    assert no_changing_calls(guest.docker.argvs())

@@ -150,6 +150,7 @@ def test_restored_backup_comes_up_with_its_stacks_running(setup: HookSetup, test
     def point_in_time(ctx: Context) -> None:  # what the backup captures: the stopped stacks and the marker
         captured["data"] = marker.read_bytes()
         captured["mtime"] = marker.stat().st_mtime
+        captured["mode"] = marker.stat().st_mode & 0o777
         captured["running"] = running([db, web, other])
 
     result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env,
@@ -162,6 +163,7 @@ def test_restored_backup_comes_up_with_its_stacks_running(setup: HookSetup, test
     compose.stop(db)
     compose.stop(web)
     marker.write_bytes(captured["data"])
+    marker.chmod(captured["mode"])
     os.utime(marker, (captured["mtime"], captured["mtime"]))
     conf = write_guest_conf(test_guest, setup)
     time.sleep(max(0.0, captured["mtime"] + 3 - time.time()))  # the restored guest boots later than the backup ran

@@ -18,6 +18,8 @@ from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, r
 from tests.integration.hookenv import HookSetup, installed_hook, running
 from vzdump_hook import config as configuration
 from vzdump_hook.errors import TransportError
+from vzdump_hook.job import JobId
+from vzdump_hook.marker import Marker
 from vzdump_hook.stacks import compose as compose_mod
 from vzdump_hook.transports import base
 from vzdump_hook.transports.base import sh
@@ -113,8 +115,12 @@ def test_the_hooks_transport_moves_the_marker_and_nothing_else(restricted: Restr
     assert g.ssh is not None
     with SshTransport(g.ssh) as t:
         t.connect(10)
-        t.write_file(str(restricted.marker), b'{"m": 1}\n', timeout=10)
-        assert t.read_file(str(restricted.marker), limit=100, timeout=10) == b'{"m": 1}\n'
+        data = Marker(JobId("pve1", "b", 1, 2), VMID, "qemu", "snapshot", 1700000000.0, 1700000060.0, "stopped", ()).to_json()
+        t.write_file(str(restricted.marker), data, timeout=10)
+        assert t.read_file(str(restricted.marker), limit=1000, timeout=10) == data
+        with pytest.raises(TransportError, match="refused: write: invalid marker"):  # only a valid marker (issue 9)
+            t.write_file(str(restricted.marker), b'{"m": 1}\n', timeout=10)
+        assert restricted.marker.read_bytes() == data
         t.remove_file(str(restricted.marker), timeout=10)
         assert t.read_file(str(restricted.marker), limit=100, timeout=10) is None
         other = test_guest.workdir / "other.json"

@@ -139,3 +139,29 @@ def test_parallel_commands_on_one_connection(test_guest: Any) -> None:
         results = list(pool.map(lambda i: t.run(["sh", "-c", f"sleep 1; echo {i}"], timeout=10), range(8)))
         assert [r.stdout.strip() for r in results] == [str(i) for i in range(8)]
         assert time.monotonic() - start < 4
+
+
+def _bad_known_hosts_lines(g: Any) -> dict[str, str]:
+    good = Path(g.known_hosts_file).read_text().split("\n")[0].split()
+    key = f"{good[-2]} {good[-1]}"
+    return {
+        "revoked": f"@revoked {g.host} {key}",
+        "cert-authority": f"@cert-authority *.example {key}",
+        "truncated key": f"{g.host} {good[-2]} {good[-1][:40]}",
+        "not base64": f"{g.host} {good[-2]} AAAA!!!!",
+        "unknown key type": f"{g.host} ssh-foo AAAAB3NzaC1yc2E=",
+        "no key": f"{g.host}",
+    }
+
+
+@pytest.mark.parametrize("case", ["revoked", "cert-authority", "truncated key", "not base64", "unknown key type", "no key"])
+def test_an_unsupported_known_hosts_line_is_a_clear_error_for_that_file_only(test_guest: Any, tmp_path: Path, case: str) -> None:
+    bad = tmp_path / "bad_known_hosts"
+    lines = Path(test_guest.known_hosts_file).read_text().splitlines()
+    bad.write_text("\n".join(["# a comment", "", *lines, _bad_known_hosts_lines(test_guest)[case]]) + "\n")
+    with pytest.raises(ConnectError) as ei:
+        transport(test_guest, known_hosts=str(bad)).connect(5)
+    msg = str(ei.value)
+    assert f"{bad} line {len(lines) + 3}" in msg and "internal error" not in msg, msg
+    with transport(test_guest) as t:  # a guest whose file is fine connects
+        assert t.run(["true"], timeout=10).ok

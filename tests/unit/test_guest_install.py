@@ -251,6 +251,20 @@ def test_check_line_for_each_state(env: Env) -> None:
     assert s.recovery == "OUTDATED (vzdump-hook-recover, guest.conf)"
 
 
+@pytest.mark.parametrize("restrict", [False, True])
+def test_check_reports_an_insecure_marker_directory(env: Env, restrict: bool) -> None:
+    env.installer(restrict=restrict).run()
+    mdir = Path(env.guest.marker_path).parent
+    assert gi.inspect(env.opener(env.guest), env.guest, env.layout, 1e18).marker_dir == "missing"
+    mdir.mkdir(parents=True, mode=0o755)
+    mdir.chmod(0o755)
+    line = gi.describe(env.opener(env.guest), env.guest, 1e18)
+    assert f"marker directory INSECURE: {mdir} has mode 755" in line, line
+    mdir.chmod(0o700)
+    s = gi.inspect(env.opener(env.guest), env.guest, env.layout, 1e18)
+    assert s.marker_dir == "ok" and "INSECURE" not in s.line(VMID)
+
+
 def test_a_changed_marker_path_makes_the_settings_outdated(env: Env) -> None:
     env.installer(restrict=False).run()
     from dataclasses import replace

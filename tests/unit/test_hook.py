@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -735,3 +736,47 @@ def test_job_start_keeps_a_dead_jobs_record_while_its_guest_is_unreachable(hook:
     hook.g.unreachable = False
     assert hook("job-start") == 0
     assert hook.g.running_stacks() == ALL_UP and not os.path.exists(dead.state.job_dir)
+
+
+# -- one guest's hostile marker (issue 9) ------------------------------------------------------------
+
+HOSTILE_MARKERS = {
+    "services-int": b'"services": 5',
+    "services-null": b'"services": null',
+    "services-true": b'"services": true',
+    "deadline-400-digits": b'"deadline": ' + b"9" * 400,
+}
+
+
+def _hostile(data: bytes, case: str) -> bytes:
+    """`data` with the value of one key (a list or a number) replaced as HOSTILE_MARKERS says."""
+    repl = HOSTILE_MARKERS[case]
+    key = repl.split(b":")[0]
+    return re.sub(re.escape(key) + rb": (\[[^]]*\]|[0-9.]+)", repl, data, count=1)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_MARKERS))
+def test_a_hostile_marker_of_one_guest_changes_nothing_for_another(hook: Hook, case: str, caplog: pytest.LogCaptureFixture) -> None:
+    """101 is really down at job-end; 103 (also in this job) has replaced its marker with a hostile
+    one: job-end still fails, with 101's row and the still-DOWN warning."""
+    hook.guests[103] = FakeGuest()
+    hook.guests[103].add_project("app", 1)
+    hook.configure(extra='[guests.103]\nssh = { host = "10.0.0.103" }\nstacks = ["app"]\n')
+    assert hook("job-start") == 0
+    for vmid in (101, 103):
+        for step in ("backup-start", "pre-stop"):
+            assert hook(step, Mode.SNAPSHOT, vmid, QEMU) == 0
+    bad = _hostile(hook.guests[103].files[MARKER], case)
+    assert bad != hook.guests[103].files[MARKER]
+    hook.guests[103].files[MARKER] = bad
+    hook.g.projects["db"].start_fails = True
+    for vmid in (101, 103):
+        hook("backup-end", Mode.SNAPSHOT, vmid, QEMU)
+        hook("log-end", Mode.SNAPSHOT, vmid, QEMU)
+    caplog.clear()
+    assert hook("job-end") == 1
+    assert not [m for m in caplog.messages if "internal error" in m]
+    assert len([m for m in caplog.messages if m.startswith("101 ") and "STILL DOWN" in m]) == 1
+    assert len([m for m in caplog.messages if m.startswith("103 ")]) == 1
+    assert any("stacks still DOWN in guest(s) 101" in m for m in caplog.messages)
+

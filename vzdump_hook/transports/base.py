@@ -19,14 +19,16 @@ log = logging.getLogger(__name__)
 
 MAX_OUTPUT = 4 * 1024 * 1024  # bytes kept per stream; a guest cannot make the hook eat memory
 
-# Writes stdin to $1 atomically: temp file in the same directory, fsync, rename, fsync the directory.
+# Writes stdin to $1 atomically: a temp file of unpredictable name (mktemp) in the same directory,
+# fsync, rename, fsync the directory. A new directory is made 0700; a symlinked path is refused.
 # `sync FILE` is coreutils >= 8.24; busybox and older guests fall back to a global sync.
 _WRITE_SCRIPT = r"""
 set -eu
 umask 077
 dir=$(dirname -- "$1")
-mkdir -p -- "$dir"
-tmp="$1.tmp.$$"
+[ -d "$dir" ] || mkdir -p -m 0700 -- "$dir"
+if [ -L "$dir" ] || [ -L "$1" ]; then echo "$1: a symlink: refused" >&2; exit 1; fi
+tmp=$(mktemp "$1.XXXXXX")
 trap 'rm -f -- "$tmp"' EXIT
 cat > "$tmp"
 sync -- "$tmp" 2>/dev/null || sync

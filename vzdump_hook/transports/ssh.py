@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CommandTimeout, ConnectError, HostKeyError
+from ..text import escape
 from .base import MAX_OUTPUT, Transport, display, shell_join
 
 if TYPE_CHECKING:
@@ -48,6 +49,38 @@ def fingerprint(key: paramiko.PKey) -> str:
 
 def _known_hosts_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
+
+
+class KnownHostsLineError(ValueError):
+    """A known_hosts line this transport cannot use (it names the file and the line)."""
+
+
+def _check_known_hosts(paramiko: Any, path: str) -> None:
+    """Raise KnownHostsLineError for the first line of `path` that is not `HOSTS KEYTYPE BASE64-KEY`
+    with a complete key of a type paramiko knows: paramiko would ignore some (a silently missing key)
+    and raise an unexpected exception for others (`@revoked`, `@cert-authority`)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    for n, raw in enumerate(data.splitlines(), 1):
+        line = raw.decode("utf-8", "replace").strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        why = ""
+        if fields[0].startswith("@"):
+            why = f"{escape(fields[0][:20])} lines are not supported (remove it, or keep it in another file)"
+        elif len(fields) < 3:
+            why = "expected `HOSTS KEYTYPE KEY`"
+        else:
+            try:
+                blob = base64.b64decode(fields[2], validate=True)
+                key = paramiko.PKey.from_type_string(fields[1], blob)
+                if key.asbytes() != blob:
+                    raise ValueError("truncated")
+            except Exception:  # (binascii.Error, paramiko's UnknownKeyType, SSHException, ...)
+                why = f"not a complete {escape(fields[1][:40])} key"
+        if why:
+            raise KnownHostsLineError(f"known_hosts {path} line {n}: {why}")
 
 
 class SshTransport(Transport):
@@ -85,9 +118,12 @@ class SshTransport(Transport):
         cfg = self.cfg
         client = paramiko.SSHClient()
         try:
+            _check_known_hosts(paramiko, cfg.known_hosts)
             client.load_host_keys(cfg.known_hosts)
         except FileNotFoundError:
             pass  # every key is then unknown, and the refusal below says which file to fill
+        except KnownHostsLineError as e:
+            raise ConnectError(f"{self.target}: {e}") from None
         except (OSError, paramiko.SSHException) as e:
             raise ConnectError(f"{self.target}: cannot read known_hosts {cfg.known_hosts}: {e}") from None
         client.set_missing_host_key_policy(_Refuse(cfg))

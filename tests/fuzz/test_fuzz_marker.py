@@ -1,0 +1,89 @@
+"""Fuzzing the two marker parsers: marker.parse (the node) returns a valid Marker or raises MarkerError,
+nothing else; and the guest's awk parser (vzdump-hook-recover, run by mawk and busybox awk) accepts
+exactly the markers marker.parse accepts."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from tests.corpus.generate import doc, layout
+from tests.fuzz.profile import budget
+from tests.fuzz.strategies import marker_bytes
+from vzdump_hook import marker as markers
+from vzdump_hook.config import valid_stack_name
+from vzdump_hook.errors import MarkerError
+
+RECOVER = Path(__file__).resolve().parents[2] / "examples" / "guest" / "vzdump-hook-recover"
+PARSER = re.search(r"^PARSER='\n(.*?)^'$", RECOVER.read_text(), re.S | re.M).group(1)  # type: ignore[union-attr]
+
+
+def node_verdict(data: bytes) -> markers.Marker | None:
+    """The Marker, or None for a MarkerError; any other exception fails the test."""
+    try:
+        m = markers.parse(data)
+    except MarkerError:
+        return None
+    assert 0 <= m.vmid < markers.MAX_INT and 0 <= m.job.pid < markers.MAX_INT and 0 <= m.job.start < markers.MAX_INT
+    assert all(math.isfinite(t) and 0 <= t < markers.MAX_TIME for t in (m.written_at, m.deadline))
+    assert m.state in ("stopping", "stopped")
+    for s in m.stacks:
+        assert valid_stack_name(s.name) and s.compose in markers.ALLOWED_COMPOSE and s.workdir.startswith("/")
+        assert all(type(x) is str for x in (*s.files, *s.containers, *s.services))
+        assert type(s.stopped) is bool
+    return m
+
+
+@budget(300)
+@given(marker_bytes())
+def test_node_parser_returns_a_marker_or_a_marker_error(data: bytes) -> None:
+    node_verdict(data)
+
+
+@budget(300)
+@given(st.binary(max_size=300))
+def test_node_parser_on_random_bytes(data: bytes) -> None:
+    node_verdict(data)
+
+
+AWKS = {"mawk": ["mawk"], "busybox": ["busybox", "awk"]}
+
+
+def awk_verdict(awk: list[str], data: bytes, tmp: Path) -> bool:
+    """True when the guest's recovery program would use `data`: checked as it checks it first (size,
+    NUL bytes, ASCII), then by its awk parser, then its tool."""
+    if len(data) > 65536 or b"\0" in data or not data.isascii():
+        return False
+    f = tmp / "m.json"
+    f.write_bytes(data)
+    p = subprocess.run([*awk, PARSER, str(f)], capture_output=True, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"})
+    lines = p.stdout.split(b"\n")
+    assert lines[0] == b"ok" or lines[0].startswith(b"error "), p
+    # a marker of another tool is parsed, then left alone as FOREIGN (the node refuses it when parsing)
+    return lines[0] == b"ok" and lines[1] in (b"tool -", b"tool vzdump-hook")
+
+
+@pytest.mark.parametrize("awk", sorted(AWKS))
+def test_both_parsers_accept_the_same_markers(awk: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    if shutil.which(AWKS[awk][0]) is None:
+        pytest.skip(f"{awk} not installed")
+    tmp = tmp_path_factory.mktemp("awk")
+    seen = {True: 0, False: 0}
+
+    @budget(250)
+    @example(layout(doc()))  # (a control: a valid marker)
+    @given(marker_bytes())
+    def agree(data: bytes) -> None:
+        valid = node_verdict(data) is not None
+        assert valid == awk_verdict(AWKS[awk], data, tmp), data
+        seen[valid] += 1
+
+    agree()
+    assert seen[True] >= 1 and seen[False] >= 50, seen  # (a control: both verdicts were exercised)
