@@ -53,7 +53,11 @@ stop_timeout = 10
             env = {**os.environ, "VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp / "state")}
             print(f"== demo guest 101: sshd at {guest.host} (netns {guest.netns}), stacks {db.name} (PostgreSQL), {web.name}\n")
             print(f"== {config}:\n{config.read_text()}")
-            print("== vzdump-hook check")
+            # the guest side (recovery program, units); this demo guest shares the machine's root, so below a directory
+            env["VZDUMP_HOOK_GUEST_ROOT"] = str(tmp / "guest-root")
+            print("== vzdump-hook guest install 101 --no-restrict")
+            subprocess.run([hook, "guest", "install", "101", "--no-restrict"], env=env, check=True)
+            print("\n== vzdump-hook check")
             subprocess.run([hook, "check"], env=env, check=True)
             stop = threading.Event()
             down: list[float] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from .ledger import Entry, Ledger, LedgerError
 from .marker import Marker
 from .phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
 from .recovery import Recovery, guest_of_entries, recover_guest
-from .state import GuestRecord, HostState, Status, forget_recovery_answers
+from .state import GuestRecord, HostState, Status, forget_recovery_answers, keep_recovery_answer
 from .text import escape, escape_lines
 
 T = TypeVar("T")
@@ -131,7 +132,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
         start = time.monotonic()
         try:
             p = ctl.preflight(time.monotonic() + timeout)
-            side = guest_install.describe(ctl.t, g, time.monotonic() + timeout)
+            side, side_ok = _guest_side(ctl, g, settings.state_dir, time.monotonic() + timeout)
         except HookError as e:
             return escape(f"{g.vmid} {g.describe_target()}: FAILED: {describe(e)}"), False
         finally:
@@ -147,7 +148,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
             age = time.time() - p.marker.written_at
             lines.append(f"    MARKER present: job {p.marker.job}, {age:.0f} s old, lists {', '.join(s.name for s in p.marker.stacks)} (`vzdump-hook recover {g.vmid}`)")
         lines.append(f"    {side}")
-        return "\n".join(escape(line) for line in lines), True
+        return "\n".join(escape(line) for line in lines), side_ok
 
     answers = _contact(one, guests, 2 * timeout + 5)
     results = [a if a is not None else (f"{g.vmid} {g.describe_target()}: FAILED: no answer within {2 * timeout + 5:g} s", False) for g, a in zip(guests, answers, strict=True)]
@@ -155,6 +156,21 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
         click.echo(text)
     if not node_ok or not all(ok for _, ok in results):
         sys.exit(1)
+
+
+def _guest_side(ctl: GuestController, g: GuestConfig, state_dir: str, deadline: float) -> tuple[str, bool]:
+    """check's guest-side line, and whether it is no problem. A recovery program that is missing or
+    outdated is one: a restore of a backup would come up with its stacks stopped (docker does not
+    start containers stopped by hand); so is a marker directory others may write to. The answer is
+    kept for backup-start's note (state.recovery_answer)."""
+    try:
+        setup = guest_install.inspect(ctl.t, g, guest_install.Layout.from_env(), deadline)
+    except (HookError, OSError) as e:
+        return f"guest side: unknown ({e})", True
+    with contextlib.suppress(OSError):
+        keep_recovery_answer(state_dir, g.vmid, setup.recovery, time.time())
+    ok = setup.error != "" or (setup.recovery == "current" and not setup.marker_dir.startswith("INSECURE"))
+    return setup.line(g.vmid, g.transport), ok
 
 
 def _report_node(pve_dir: str) -> None:

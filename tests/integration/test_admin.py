@@ -35,7 +35,8 @@ def guest_with_stacks(tmp_path: Path, test_guest: Any, compose_project: Any) -> 
 def test_check_shows_what_would_be_stopped_and_changes_nothing(guest_with_stacks: Any) -> None:
     setup, (db, web) = guest_with_stacks
     r = admin(setup, "check")
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 1, r.stdout + r.stderr  # the guest has no recovery program: a problem
+    assert "guest side: recovery NOT INSTALLED" in r.stdout
     assert f"a backup stops: {db.name}, {web.name} (in this order, started in reverse)" in r.stdout
     assert "configured but not running (left alone): not-here" in r.stdout
     assert compose.running_services(db) == {"app"} and not setup.marker_path(VMID).exists()
@@ -165,7 +166,8 @@ def test_trust_shows_the_fingerprint_and_writes_only_after_confirmation(guest_wi
     assert "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub" in r.stdout
     r = admin(setup, "trust", str(VMID), input="y\n")
     assert r.returncode == 0 and "added to" in r.stdout, r.stdout + r.stderr
-    assert admin(setup, "check").returncode == 0
+    r = admin(setup, "check")
+    assert f"{VMID} ssh " in r.stdout and ": ok in " in r.stdout, r.stdout  # the host key is trusted now
     r = admin(setup, "trust", str(VMID))
     assert r.returncode == 0 and "already trusted" in r.stdout
     line = kh.read_text().split()
