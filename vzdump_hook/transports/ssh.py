@@ -74,9 +74,12 @@ def _check_known_hosts(paramiko: Any, path: str) -> None:
         else:
             try:
                 blob = base64.b64decode(fields[2], validate=True)
-                key = paramiko.PKey.from_type_string(fields[1], blob)
-                if key.asbytes() != blob:
-                    raise ValueError("truncated")
+                if hasattr(paramiko.PKey, "from_type_string"):
+                    key = paramiko.PKey.from_type_string(fields[1], blob)
+                else:  # paramiko < 3.2 (Debian 12 has 2.12)
+                    key = paramiko.hostkeys.HostKeyEntry.from_line(f"- {fields[1]} {fields[2]}").key
+                if key is None or key.asbytes() != blob:
+                    raise ValueError("unknown key type, or truncated")
             except Exception:  # (binascii.Error, paramiko's UnknownKeyType, SSHException, ...)
                 why = f"not a complete {escape(fields[1][:40])} key"
         if why:
