@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from . import chain, fanout, orchestrator, pve, tags
 from . import config as configuration
+from . import fanout, orchestrator, pve, tags
 from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, Resume, describe
 from .errors import ConfigError, HookError
@@ -624,7 +624,7 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
     if settings.chain and phase is Phase.PRE_STOP:
         # before the stop: the stop stays right before the point in time, and a failing script
         # fails the backup before anything is down
-        code = chain.run(settings.chain, args, env, settings.chain_timeout)
+        code = _run_chain(settings, args, env)
         if code:
             log.warning("%s: a chained script failed (exit %d): vzdump fails this guest's backup; nothing stopped", " ".join(args[:1] + args[2:3]), code)
             return code
@@ -632,8 +632,14 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
     code = _own_work(args, phase, env, cfg, settings, problem)
     timer.cancel()
     if settings.chain and phase is not Phase.PRE_STOP:
-        code = code or chain.run(settings.chain, args, env, settings.chain_timeout)
+        code = code or _run_chain(settings, args, env)
     return code
+
+
+def _run_chain(settings: HookSettings, args: list[str], env: Mapping[str, str]) -> int:
+    from . import chain  # subprocess: only phases with chained scripts pay for its import
+
+    return chain.run(settings.chain, args, env, settings.chain_timeout)
 
 
 def _load_config(env: Mapping[str, str]) -> tuple[Config | None, HookSettings, ConfigError | None]:
