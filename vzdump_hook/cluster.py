@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 
 FILE = "vzdump-hook.json"
 STALE = 8 * 86400.0  # a report older than this may no longer be true
-_SCRIPT = re.compile(r"^\s*script\s*:\s*(\S.*?)\s*$", re.M)
 
 
 def installed_version() -> str:
@@ -28,12 +26,14 @@ def installed_version() -> str:
 
 def vzdump_script(path: str = "/etc/vzdump.conf") -> str | None:
     """The hook script this node's vzdump.conf names, or None."""
+    from .enable import script_lines
+
     try:
         with open(path) as f:
-            m = _SCRIPT.search(f.read())
+            found = script_lines(f.read().splitlines())
     except OSError:
         return None
-    return m[1] if m else None
+    return found[0][1] if found else None
 
 
 def report(pve_dir: str, node: str, vzdump_conf: str = "/etc/vzdump.conf", version: str | None = None) -> None:

@@ -39,11 +39,16 @@ def read(path: str) -> str:
         return ""
 
 
+def script_lines(lines: list[str]) -> list[tuple[int, str]]:
+    """(index, path) of the `script:` lines of vzdump.conf's `lines`."""
+    return [(i, m["path"]) for i, line in enumerate(lines) if (m := _SCRIPT.match(line))]
+
+
 def plan(vzdump_conf: str, launcher: str = LAUNCHER) -> Plan:
     """What vzdump.conf becomes: its `script:` lines (there should be one) commented out and moved to
     the chain, one `script: LAUNCHER` line in place of the first."""
     lines = vzdump_conf.splitlines(keepends=True)
-    scripts = [(i, m["path"]) for i, line in enumerate(lines) if (m := _SCRIPT.match(line))]
+    scripts = script_lines(lines)
     others = tuple(dict.fromkeys(p for _, p in scripts if p != launcher))
     if [p for _, p in scripts] == [launcher]:
         return Plan(vzdump_conf, (), True)

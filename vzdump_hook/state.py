@@ -167,6 +167,17 @@ def forget_recovery_answers(state_dir: str, vmid: int | None = None, unless_vers
         write_atomic(stamp, unless_version)
 
 
+def _read_record(path: str) -> GuestRecord | None:
+    """The guest record at `path`, None if there is none. Raises HookError when it is unreadable."""
+    try:
+        with open(path) as f:
+            return GuestRecord.from_json(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HookError(f"host state {path} unreadable: {e}") from None
+
+
 class LockTimeout(HookError):
     pass
 
@@ -185,13 +196,7 @@ class HostState:
         return os.path.join(self.job_dir, f"guest-{vmid}.json")
 
     def load(self, vmid: int) -> GuestRecord | None:
-        try:
-            with open(self._path(vmid)) as f:
-                return GuestRecord.from_json(f.read())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise HookError(f"host state {self._path(vmid)} unreadable: {e}") from None
+        return _read_record(self._path(vmid))
 
     def save(self, rec: GuestRecord) -> None:
         os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
@@ -204,17 +209,8 @@ class HostState:
             names = os.listdir(job_dir)
         except FileNotFoundError:
             return []
-        out = []
-        for name in sorted(names):
-            if name.startswith("guest-") and name.endswith(".json"):
-                try:
-                    with open(os.path.join(job_dir, name)) as f:
-                        out.append(GuestRecord.from_json(f.read()))
-                except FileNotFoundError:
-                    continue
-                except (OSError, ValueError, KeyError, TypeError) as e:
-                    raise HookError(f"host state {os.path.join(job_dir, name)} unreadable: {e}") from None
-        return sorted(out, key=lambda r: r.vmid)
+        found = (_read_record(os.path.join(job_dir, n)) for n in names if n.startswith("guest-") and n.endswith(".json"))
+        return sorted((r for r in found if r is not None), key=lambda r: r.vmid)
 
     def write_job_info(self) -> None:
         os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
