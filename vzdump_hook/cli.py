@@ -12,6 +12,9 @@ ADMIN_COMMANDS = frozenset({"check", "status", "recover", "simulate", "history",
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] not in ADMIN_COMMANDS and not args[0].startswith("-"):
+        from .resident import tell_early
+
+        tell_early(args, os.environ)  # first: a resume point's start is sent before the rest is imported
         from .hook import exit_process, run_phase, setup_logging
 
         setup_logging(debug=bool(os.environ.get("VZDUMP_HOOK_DEBUG")))

@@ -135,6 +135,7 @@ class HookSettings:
     metrics_file: str = ""  # node_exporter textfile written at job-end (report.py); "" = off
     notify: NotifyConfig | None = None  # webhook at job-end (report.py)
     ledger_dir: str = ""  # "": pve_dir/priv/vzdump-hook/ledger on a PVE node, else state_dir/ledger (ledger.py)
+    resident: bool = True  # one process per guest from the stop to the start (resident.py); false: the phases alone
 
 
 @dataclass(frozen=True)
@@ -500,8 +501,10 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     if not isinstance(hook_raw, dict):
         p.add("hook", "must be a table")
     else:
-        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag", "qmp_dir", "chain", "chain_timeout", "metrics_file", "notify", "ledger_dir"})
+        _unknown(p, "hook", hook_raw, {"state_dir", "run_dir", "phase_timeout", "sweep_timeout", "pve_dir", "tag", "qmp_dir", "chain", "chain_timeout", "metrics_file", "notify", "ledger_dir", "resident"})
         vals: dict[str, Any] = {}
+        if "resident" in hook_raw:
+            vals["resident"] = _bool(p, "hook.resident", hook_raw["resident"])
         if "chain" in hook_raw:
             vals["chain"] = _chain(p, "hook.chain", hook_raw["chain"])
         if "metrics_file" in hook_raw:

@@ -15,13 +15,15 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from . import config as configuration
-from . import fanout, orchestrator, pve, tags
+from . import fanout, orchestrator, pve, resident, tags
 from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, Resume, describe
 from .errors import ConfigError, HookError
 from .job import LAUNCHER_ENV, JobId
+from .logs import setup_logging
 from .marker import Marker
 from .orchestrator import Outcome, Step
+from .resume import Resumer
 from .phases import GuestType, Mode, Phase, parse_phase
 from .state import (
     GuestRecord,
@@ -35,14 +37,13 @@ from .state import (
 )
 
 if TYPE_CHECKING:
-    from .ledger import Entry, Ledger
+    from .ledger import Ledger
 
 log = logging.getLogger("vzdump_hook")
 
 RUN_DIR_ENV = "VZDUMP_HOOK_RUN_DIR"  # overrides for tests and development; vzdump passes no environment
 STATE_DIR_ENV = "VZDUMP_HOOK_STATE_DIR"
 HARD_GRACE = 15.0  # seconds past the phase deadline before the watchdog ends the process
-RETRY_WAIT = 10.0  # seconds to wait for a guest at a resume retry
 RECOVERY_CHECK = 10.0  # backup-start: at most this long asking whether the guest's recovery program is current
 LAUNCHER_OFFSET = 100  # exit_process(): the program's non-zero statuses as the launcher receives them
 
@@ -80,19 +81,14 @@ class PhaseRunner:
         self.job = job
         self.state = HostState(settings, job)
         self.deadline = time.monotonic() + settings.phase_timeout
-        self._ledger: Ledger | None = None
+        self.resumer = Resumer(settings, job, self.state, self.deadline)
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
 
     @property
     def ledger(self) -> Ledger:
-        """The ledger of outstanding markers (ledger.py; imported only by the phases that use it)."""
-        if self._ledger is None:
-            from .ledger import Ledger
-
-            self._ledger = Ledger.for_settings(self.settings, self.job.node, settle=self.settings.phase_timeout + HARD_GRACE)
-        return self._ledger
+        return self.resumer.ledger
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -115,8 +111,8 @@ class PhaseRunner:
                 return orchestrator.exit_status(phase, Outcome(still_down=down, config_error=why is not None))
             return 0
         assert vmtype is not None and mode is not None and vmid is not None
-        if vmtype is GuestType.QEMU and phase in orchestrator.WATCHER_ENDS:
-            self.disarm_watcher(vmid)  # before the record is read: the watcher may be resuming
+        if phase.value in resident.TOLD_PHASES:
+            self.hear_resident(vmid, phase)  # before the record is read: the resident may be starting the stacks
         rec = self.state.load(vmid)
         guest = self._guest(vmid, rec)
         if guest is None:
@@ -133,11 +129,12 @@ class PhaseRunner:
             return self.preflight(guest, vmtype, mode)
         if plan.step is Step.QUIESCE:
             code = self.quiesce(guest, vmtype, mode, rec, plan.note_backup_job)
-            if plan.arm_watcher:
-                self.arm_watcher(guest, phase)
+            if plan.arm_watcher:  # suspend, stop: the resident watches once the stop is done
+                self._say_watching(vmid, phase)
             return code
         if plan.step is Step.ARM_WATCHER:
-            self.arm_watcher(guest, phase)
+            self.arm_resident(guest, vmtype, mode, phase, watching=True)
+            self._say_watching(vmid, phase)
         if plan.step is Step.RESUME:
             self.resume(guest, phase, plan.wait_for_guest)
         return 0
@@ -170,10 +167,10 @@ class PhaseRunner:
         ctl = GuestController(guest, self.job)
         try:
             with self.state.guest_lock(vmid, self.left()):
-                seen = self._entries(vmid)
+                seen = self.resumer.entries(vmid)
                 p = ctl.preflight(self.deadline)
                 if p.marker is None or (p.marker.job != self.job and not self._resume_stale(ctl, p.marker, "backup-start").marker_left):
-                    self._forget(seen)
+                    self.resumer.forget(seen)
                 rec.status = Status.PREFLIGHT_OK
                 rec.compose = list(p.compose)
                 self.state.save(rec)
@@ -233,21 +230,6 @@ class PhaseRunner:
 
     # -- the ledger (ledger.py) ------------------------------------------------------------------
 
-    def _entries(self, vmid: int) -> list[Entry] | None:
-        """The guest's ledger entries before it is asked (None: unreadable, nothing is removed then)."""
-        from .ledger import LedgerError
-
-        try:
-            return self.ledger.of(vmid)
-        except LedgerError as e:
-            log.warning("guest %d: %s", vmid, e)
-            return None
-
-    def _forget(self, seen: list[Entry] | None) -> None:
-        """The guest holds no marker (any more): remove the entries read before it was asked."""
-        if seen:
-            self.ledger.clear(seen, self.job)
-
     def _ledger_entry(self, guest: GuestConfig, vmtype: GuestType) -> Callable[[], None]:
         """The guest's entry, to be written right before its marker. When the ledger cannot be
         written, the guest is noted as unknown locally (the next job-start asks it); when that fails
@@ -283,6 +265,7 @@ class PhaseRunner:
             with self.state.guest_lock(vmid, self.left()):
                 rec.status = Status.QUIESCING
                 self.state.save(rec)
+                self.arm_resident(guest, vmtype, mode, Phase.PRE_STOP)
                 try:
                     q = ctl.quiesce(vmtype.value, mode.value, self.deadline, before_marker=self._ledger_entry(guest, vmtype))
                 except NothingStopped as e:
@@ -316,7 +299,7 @@ class PhaseRunner:
                     log.warning("pre-stop %d: stop failed: %s", vmid, err)
                 if abort:
                     log.warning("pre-stop %d: on_quiesce_error = abort: starting the stacks again and failing this guest's backup", vmid)
-                    self._resume_locked(ctl, rec, "pre-stop", wait=False)
+                    self.resumer.resume_locked(ctl, rec, "pre-stop", wait=False)
                 else:
                     log.warning("pre-stop %d: backup goes on crash-consistent (on_quiesce_error = continue)", vmid)
                 return orchestrator.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
@@ -337,33 +320,47 @@ class PhaseRunner:
         except HookError as e:
             log.info("pre-stop %d: early resume off (%s): the stacks start at backup-end", vmid, describe(e))
 
-    def arm_watcher(self, guest: GuestConfig, phase: Phase) -> None:
-        """Start the watcher that starts the stacks once QEMU's backup job has started."""
-        from .qemu import watcher
+    # -- the resident (resident.py) --------------------------------------------------------------
 
+    def arm_resident(self, guest: GuestConfig, vmtype: GuestType, mode: Mode, phase: Phase, watching: bool = False) -> None:
+        """Start the guest's resident (pre-stop: before the stop), or, where a QEMU guest's watch is
+        armed, one that watches at once if the first one is gone. Never fails the phase."""
+        if not self.settings.resident:
+            return
         rec = self.state.load(guest.vmid)
         if rec is None or not rec.status.pending:
             return
         try:
-            w = watcher.arm(self.state, guest.vmid, (rec.stop_started or time.time()) + guest.max_downtime)
+            info = resident.arm(self.state, guest, vmtype.value, mode.value, (rec.stop_started or time.time()) + guest.max_downtime,
+                                [s.name for s in rec.stacks], watching=watching)
         except HookError as e:
-            log.warning("%s %d: early resume off (%s): the stacks start at backup-end", phase.value, guest.vmid, describe(e))
+            log.warning("%s %d: no resident (%s): the phases start the stacks themselves", phase.value, guest.vmid, describe(e))
             return
-        if w is not None:
-            log.info("%s %d: watching %s: the stacks start once QEMU's backup job has started (job before: %s), at backup-end at the latest", phase.value, guest.vmid, w.qmp, w.before_job.describe())
+        if info.pid and watching and not info.watching:
+            log.debug("%s %d: resident %d already running (told this phase)", phase.value, guest.vmid, info.pid)
 
-    def disarm_watcher(self, vmid: int) -> None:
-        """End the guest's watcher (a resume under way is finished first) and log what it said."""
+    def _say_watching(self, vmid: int, phase: Phase) -> None:
         from .qemu import watcher
 
-        for line in watcher.disarm(self.state, vmid, wait=self.left() / 2):
-            text = line.removeprefix("vzdump-hook: ")
-            if text.startswith("WARNING: "):
-                log.warning("%s", text.removeprefix("WARNING: "))
-            elif text == line:  # not a log line of the watcher (a traceback?)
-                log.warning("watcher %d: %s", vmid, line)
-            else:
-                log.info("%s", text)
+        rec = self.state.load(vmid)
+        try:
+            w = watcher.load(watcher._paths(self.state, vmid))
+        except HookError:
+            w = None
+        if w is not None and rec is not None and rec.status.pending and self.settings.resident:
+            log.info("%s %d: watching %s: the stacks start once QEMU's backup job has started (job before: %s), at backup-end at the latest",
+                     phase.value, vmid, w.qmp, w.before_job.describe())
+
+    def hear_resident(self, vmid: int, phase: Phase | str) -> bool:
+        """Tell the guest's resident this phase (cli.py may have done it already) and log what it
+        says, and what an ended one left. True when it answered."""
+        name = phase.value if isinstance(phase, Phase) else phase
+        answer = resident.EARLY.pop(vmid) if vmid in resident.EARLY else resident.tell(self.state.job_dir, vmid, name)
+        lines = [(int(lv), str(t)) for lv, t in answer.get("lines", ())] if answer else []
+        lines += resident.leftover_lines(self.state.job_dir, vmid)
+        for level, text in lines:
+            log.log(level, text)
+        return answer is not None
 
     # -- resume --------------------------------------------------------------------------------
 
@@ -371,59 +368,9 @@ class PhaseRunner:
         """Start what this job stopped in `guest`, exactly once. True when nothing of it is down."""
         ctl = GuestController(guest, self.job)
         try:
-            return self.resume_with(ctl, phase.value, wait)
+            return self.resumer.resume_with(ctl, phase.value, wait)
         finally:
             ctl.close()
-
-    def resume_with(self, ctl: GuestController, where: str, wait: bool) -> bool:
-        """resume() over `ctl`, for `where` (a phase, or the watcher): under the guest's lock, only if
-        this job's record says the stacks are still down. True when nothing of it is down."""
-        try:
-            with self.state.guest_lock(ctl.guest.vmid, self.left()):
-                rec = self.state.load(ctl.guest.vmid)
-                if rec is None or not rec.status.pending:
-                    return True  # another phase or process did it
-                return self._resume_locked(ctl, rec, where, wait)
-        except HookError as e:
-            log.warning("%s %d: resume: %s", where, ctl.guest.vmid, describe(e))
-            return False
-
-    def _resume_locked(self, ctl: GuestController, rec: GuestRecord, where: str, wait: bool) -> bool:
-        vmid = rec.vmid
-        start = time.monotonic()
-        seen = self._entries(vmid)
-        try:
-            if wait:
-                # a guest that already failed to answer in an earlier phase gets a short wait: a dead
-                # guest must not add resume_wait to every remaining phase of the job
-                ctl.wait_ready(ctl.guest.resume_wait if rec.status is not Status.RESUME_FAILED else min(RETRY_WAIT, ctl.guest.resume_wait), self.deadline)
-            r = ctl.resume(self.deadline, fallback=tuple(rec.stacks))
-        except HookError as e:
-            rec.status = Status.RESUME_FAILED
-            rec.problems.append(f"{where}: resume: {describe(e)}")
-            self.state.save(rec)
-            log.warning("%s %d: resume failed: %s (retried at the next phase; job-end fails if still down)", where, vmid, describe(e))
-            return False
-        for p in r.problems:
-            log.warning("%s %d: %s", where, vmid, p)
-        if r.failed:
-            rec.status = Status.RESUME_FAILED
-            rec.problems += [f"{where}: {p}" for p in r.problems]
-            self.state.save(rec)
-            log.warning("%s %d: STILL DOWN: %s (retried at the next phase)", where, vmid, ", ".join(r.failed))
-            return False
-        rec.status = Status.RESUMED
-        rec.resumed_at = time.time()
-        self.state.save(rec)
-        if not r.marker_left:
-            self._forget(seen)
-        try:
-            self.state.record_history(rec)
-        except Exception as e:  # history is for reports; it never fails a backup
-            log.warning("history not written: %s", e)
-        down = f", down {rec.downtime:.1f} s" if rec.downtime is not None else ""
-        log.info("%s %d: started %s in %.1f s%s", where, vmid, ", ".join(r.started) or "nothing", time.monotonic() - start, down)
-        return True
 
     # -- job-start -----------------------------------------------------------------------------
 
@@ -541,8 +488,8 @@ class PhaseRunner:
     def finish(self, phase: Phase) -> bool:
         """Last resume attempts for this job's guests, then the summary table. True if anything is down."""
         for r in self.state.records():
-            if r.vmtype == GuestType.QEMU.value:
-                self.disarm_watcher(r.vmid)
+            if r.status.pending:
+                self.hear_resident(r.vmid, phase)  # its last attempt, with this phase's wait
         records = self.state.records()
         pending = [r for r in records if r.status.pending]
         if pending:
@@ -552,6 +499,13 @@ class PhaseRunner:
             for line in summary(records):
                 log.info("%s", line)
         down = [r.vmid for r in records if r.status.pending]
+        for r in records:
+            for level, text in resident.leftover_lines(self.state.job_dir, r.vmid):
+                log.log(level, text)
+        for _, info in resident.residents(self.settings.run_dir):
+            if JobId.from_dict(info.job) == self.job:
+                log.warning("%s %d: its resident keeps trying to start the stacks until %s (the marker's deadline)", phase.value, info.vmid,
+                            time.strftime("%H:%M:%S", time.localtime(info.deadline)))
         if down:
             log.warning("%s: stacks still DOWN in guest(s) %s: run `vzdump-hook recover` on %s", phase.value, ", ".join(map(str, down)), self.job.node)
         for r in records:
@@ -696,33 +650,3 @@ def exit_process(code: int) -> None:
     if code and os.environ.get(LAUNCHER_ENV):
         code += LAUNCHER_OFFSET
     os._exit(code)
-
-
-def setup_logging(debug: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(_Formatter())
-    root = logging.getLogger("vzdump_hook")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    root.propagate = False
-    if not debug:
-        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-
-
-class _Formatter(logging.Formatter):
-    """`vzdump-hook: [LEVEL: ]message`, one line per record: every argument (guest text: labels,
-    command output, marker fields) is escaped; the message templates and the node's config errors
-    are our own text."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        from .text import escape
-
-        level = "" if record.levelno < logging.WARNING else f"{record.levelname}: "
-        msg = record.msg if isinstance(record.msg, str) else escape(str(record.msg))
-        args = record.args
-        if isinstance(args, tuple) and args:
-            args = tuple(escape(a) if isinstance(a, str) else escape(str(a)) if isinstance(a, Exception) and not isinstance(a, ConfigError) else a for a in args)
-            msg = msg % args
-        elif args:
-            msg = record.getMessage()  # a mapping: rare, and only ever with our own values
-        return f"vzdump-hook: {level}{msg}"

@@ -73,5 +73,13 @@ class JobId:
             return True
         return process_start(self.pid) != self.start
 
+    def directory(self, run_dir: str) -> str:
+        """This job's directory under `run_dir` (host records, the residents' files)."""
+        return os.path.join(run_dir, "jobs", self.key)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> JobId:
+        return cls(str(d["node"]), str(d["boot"]), int(str(d["pid"])), int(str(d["start"])))
+
     def to_dict(self) -> dict[str, object]:
         return {"node": self.node, "boot": self.boot, "pid": self.pid, "start": self.start}

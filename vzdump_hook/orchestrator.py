@@ -5,10 +5,10 @@ Where the backup's point in time is decides the earliest safe resume (DESIGN.md 
 - LXC snapshot/suspend: the snapshot (or the frozen rsync pass) is done before `pre-restart`. In
   suspend mode vzdump calls `pre-restart` while the container is still FROZEN (it thaws it right
   after), and a command sent into a frozen container blocks until its timeout: the resume happens
-  at `post-restart`. In snapshot mode the sources say the container is thawed at `pre-restart`
-  (pve-guest-common AbstractConfig::snapshot_create freezes and thaws it around the volume
-  snapshots with the same cgroup freezer vzdump uses for several volumes), so `pre-restart` would
-  be safe there too; the resume stays at `post-restart` for now (one hook later).
+  at `post-restart`. In snapshot mode the container is thawed at `pre-restart` (pve-guest-common
+  AbstractConfig::snapshot_create freezes and thaws it around the volume snapshots, with the same
+  cgroup freezer vzdump uses for several volumes, so vzdump's own freeze is undone there too):
+  the resume happens at `pre-restart`.
 - LXC stop: the archive is written from the stopped container; the container runs again only at
   `post-restart`, which vzdump calls after `backup-end`.
 - QEMU (every mode): the point in time is the start of QEMU's backup job, after `post-restart` in
@@ -33,7 +33,7 @@ from .state import GuestRecord, Status
 _ALWAYS_AFTER = frozenset({Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END})
 
 RESUME_POINTS: dict[tuple[GuestType, Mode], frozenset[Phase]] = {
-    (GuestType.LXC, Mode.SNAPSHOT): _ALWAYS_AFTER | {Phase.POST_RESTART},
+    (GuestType.LXC, Mode.SNAPSHOT): _ALWAYS_AFTER | {Phase.PRE_RESTART, Phase.POST_RESTART},
     (GuestType.LXC, Mode.SUSPEND): _ALWAYS_AFTER | {Phase.POST_RESTART},
     # backup-end comes while the container is still stopped: wait for post-restart
     (GuestType.LXC, Mode.STOP): frozenset({Phase.POST_RESTART, Phase.BACKUP_ABORT, Phase.LOG_END}),
@@ -71,7 +71,7 @@ class Plan:
 def first_resume_point(vmtype: GuestType, mode: Mode) -> Phase:
     """The earliest hook at which resuming is safe on the success path (for messages)."""
     if vmtype is GuestType.LXC:
-        return Phase.POST_RESTART
+        return Phase.PRE_RESTART if mode is Mode.SNAPSHOT else Phase.POST_RESTART
     return Phase.BACKUP_END
 
 

@@ -188,7 +188,7 @@ class HostState:
     def __init__(self, settings: HookSettings, job: JobId) -> None:
         self.settings = settings
         self.job = job
-        self.job_dir = os.path.join(settings.run_dir, "jobs", job.key)
+        self.job_dir = job.directory(settings.run_dir)
 
     # -- per-guest records -----------------------------------------------------------------------
 

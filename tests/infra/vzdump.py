@@ -54,8 +54,10 @@ not running     backup-start (MODE=stop), [PIT], (transfer), backup-end, log-end
 
 LXC ``snapshot`` with ``snapshot_supported=False`` runs as ``suspend`` (MODE=suspend for every
 phase). LXC ``snapshot`` of a CT with more than one volume (``volumes > 1``): vzdump freezes
-the CT itself after ``pre-stop`` and thaws it after ``pre-restart`` (LXC.pm sets
-``snapshot_count``) - same hook order, but it changes the abort path (below).
+the CT itself after ``pre-stop`` (LXC.pm sets ``snapshot_count``); pve-guest-common's
+``AbstractConfig::snapshot_create`` thaws it once the volume snapshots are taken, so it runs again
+at ``pre-restart``; vzdump's own thaw after ``pre-restart`` finds it running - same hook order, but
+it changes the abort path (below).
 
 Callbacks (``ctx`` is a :class:`Context`; all run in the calling thread, between hooks):
 
@@ -825,6 +827,8 @@ class _Job:
             if lxc:
                 self._say("create storage snapshot 'vzdump'", vmid=spec.vmid)
                 self._point_in_time(task)
+                if freeze:  # snapshot_create thaws the CT after the volume snapshots (pve-guest-common)
+                    task.state = GuestState.RUNNING
                 self._fail(task, FailPoint.AFTER_POINT_IN_TIME)
             self.hook_phase(Phase.PRE_RESTART, task)
             if freeze:

@@ -17,7 +17,7 @@ ALL = [(t, m) for t in GuestType for m in Mode]
 
 # README "What happens when": where the stacks start again on the success path.
 FIRST_RESUME = {
-    (LXC, Mode.SNAPSHOT): Phase.POST_RESTART,  # pre-restart: the CT may still be frozen
+    (LXC, Mode.SNAPSHOT): Phase.PRE_RESTART,  # snapshot_create thawed the CT (pve-guest-common)
     (LXC, Mode.SUSPEND): Phase.POST_RESTART,
     (LXC, Mode.STOP): Phase.POST_RESTART,  # the CT runs again only after backup-end
     (QEMU, Mode.SNAPSHOT): Phase.BACKUP_END,  # the point in time is after post-restart
@@ -114,9 +114,12 @@ def test_lxc_stop_never_resumes_at_backup_end_or_pre_restart(status: Status) -> 
         assert plan(phase, LXC, Mode.STOP, record(status, LXC, Mode.STOP)).step is Step.NONE
 
 
-@pytest.mark.parametrize("mode", [Mode.SNAPSHOT, Mode.SUSPEND])
-def test_lxc_never_resumes_at_pre_restart_while_frozen(mode: Mode) -> None:
-    assert plan(Phase.PRE_RESTART, LXC, mode, record(Status.QUIESCED, LXC, mode)).step is Step.NONE
+def test_lxc_suspend_never_resumes_at_pre_restart_while_frozen() -> None:
+    assert plan(Phase.PRE_RESTART, LXC, Mode.SUSPEND, record(Status.QUIESCED, LXC, Mode.SUSPEND)).step is Step.NONE
+
+
+def test_lxc_snapshot_resumes_at_pre_restart_the_ct_is_thawed() -> None:
+    assert plan(Phase.PRE_RESTART, LXC, Mode.SNAPSHOT, record(Status.QUIESCED, LXC, Mode.SNAPSHOT)).step is Step.RESUME
 
 
 @pytest.mark.parametrize(("vmtype", "mode"), ALL)

@@ -1,0 +1,124 @@
+"""Starting what a job stopped in a guest, exactly once: the one resume path that every phase, the
+resident (resident.py) and the job's end share. Under the per-guest lock, and only while this job's
+host record says the stacks are down; the ledger entry goes once the guest holds no marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from .config import HookSettings
+from .controller import GuestController, describe
+from .errors import HookError
+from .job import JobId
+from .state import GuestRecord, HostState, Status
+
+if TYPE_CHECKING:
+    from .ledger import Entry, Ledger
+
+log = logging.getLogger("vzdump_hook.resume")
+
+RETRY_WAIT = 10.0  # seconds to wait for a guest that already failed to answer in this job
+LEDGER_SETTLE_GRACE = 15.0  # seconds past a phase's timeout before a ledger entry may be taken as stale
+
+
+class Resumer:
+    """Resumes guests of `job` within `deadline` (monotonic). The ledger is opened on first use."""
+
+    def __init__(self, settings: HookSettings, job: JobId, state: HostState, deadline: float) -> None:
+        self.settings = settings
+        self.job = job
+        self.state = state
+        self.deadline = deadline
+        self._ledger: Ledger | None = None
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger of outstanding markers (ledger.py; imported only by the phases that use it)."""
+        if self._ledger is None:
+            from .ledger import Ledger
+
+            self._ledger = Ledger.for_settings(self.settings, self.job.node, settle=self.settings.phase_timeout + LEDGER_SETTLE_GRACE)
+        return self._ledger
+
+    def entries(self, vmid: int) -> list[Entry] | None:
+        """The guest's ledger entries before it is asked (None: unreadable, nothing is removed then)."""
+        from .ledger import LedgerError
+
+        try:
+            return self.ledger.of(vmid)
+        except LedgerError as e:
+            log.warning("guest %d: %s", vmid, e)
+            return None
+
+    def forget(self, seen: list[Entry] | None) -> None:
+        """The guest holds no marker (any more): remove the entries read before it was asked."""
+        if seen:
+            self.ledger.clear(seen, self.job)
+
+    def resume_with(self, ctl: GuestController, where: str, wait: bool, remembered: GuestRecord | None = None) -> bool:
+        """Start what this job stopped in ctl's guest, for `where` (a phase, or the resident): under
+        the guest's lock, only if this job's record says the stacks are still down. `remembered`:
+        the record as its holder last saw it, used when the file is gone (run_dir wiped). True when
+        nothing of it is down."""
+        try:
+            with self.state.guest_lock(ctl.guest.vmid, self.left()):
+                rec = self.state.load(ctl.guest.vmid)
+                if rec is None and remembered is not None and remembered.status.pending:
+                    rec = remembered
+                if rec is None or not rec.status.pending:
+                    return True  # another phase or process did it
+                return self.resume_locked(ctl, rec, where, wait)
+        except HookError as e:
+            log.warning("%s %d: resume: %s", where, ctl.guest.vmid, describe(e))
+            return False
+
+    def resume_locked(self, ctl: GuestController, rec: GuestRecord, where: str, wait: bool) -> bool:
+        """resume_with() once the lock is held and `rec` is known to be pending."""
+        vmid = rec.vmid
+        start = time.monotonic()
+        seen = self.entries(vmid)
+        try:
+            if wait:
+                # a guest that already failed to answer in an earlier phase gets a short wait: a dead
+                # guest must not add resume_wait to every remaining phase of the job
+                ctl.wait_ready(ctl.guest.resume_wait if rec.status is not Status.RESUME_FAILED else min(RETRY_WAIT, ctl.guest.resume_wait), self.deadline)
+            r = ctl.resume(self.deadline, fallback=tuple(rec.stacks))
+        except HookError as e:
+            rec.status = Status.RESUME_FAILED
+            rec.problems.append(f"{where}: resume: {describe(e)}")
+            self._save(rec)
+            log.warning("%s %d: resume failed: %s (retried at the next phase; job-end fails if still down)", where, vmid, describe(e))
+            return False
+        for p in r.problems:
+            log.warning("%s %d: %s", where, vmid, p)
+        if r.failed:
+            rec.status = Status.RESUME_FAILED
+            rec.problems += [f"{where}: {p}" for p in r.problems]
+            self._save(rec)
+            log.warning("%s %d: STILL DOWN: %s (retried at the next phase)", where, vmid, ", ".join(r.failed))
+            return False
+        rec.status = Status.RESUMED
+        rec.resumed_at = time.time()
+        self._save(rec)
+        if not r.marker_left:
+            self.forget(seen)
+        try:
+            self.state.record_history(rec)
+        except Exception as e:  # history is for reports; it never fails a backup
+            log.warning("history not written: %s", e)
+        down = f", down {rec.downtime:.1f} s" if rec.downtime is not None else ""
+        log.info("%s %d: started %s in %.1f s%s", where, vmid, ", ".join(r.started) or "nothing", time.monotonic() - start, down)
+        return True
+
+    def _save(self, rec: GuestRecord) -> None:
+        """The record, if its job's directory still exists (an admin may have wiped run_dir)."""
+        try:
+            self.state.save(rec)
+        except OSError as e:
+            log.warning("guest %d: host record not written: %s", rec.vmid, e)
