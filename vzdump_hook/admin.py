@@ -13,7 +13,7 @@ from typing import TypeVar
 import click
 
 from . import config as configuration
-from . import fanout, guest_install, orchestrator, pve, tags
+from . import fanout, guest_install, orchestrator, pve, resident, tags
 from .config import Config, GuestConfig
 from .controller import GuestController, describe
 from .errors import ConfigError, HookError
@@ -232,6 +232,12 @@ def status(config_path: str | None, no_connect: bool, timeout: float) -> None:
         running = os.path.exists(f"/proc/{pid}")
         click.echo(f"job {key} ({'running' if running else 'over'}): " + ("; ".join(_rec_line(r) for r in recs) if recs else "no guests"))
         bad = bad or (not running and any(r.status.pending for r in recs))
+    for job_dir, info in resident.residents(settings.run_dir):
+        answer = resident.tell(job_dir, info.vmid, "", wait=2.0)
+        what = str(answer.get("state", "?")) if answer else "not answering"
+        stacks = ", ".join(map(str, answer.get("stacks", ()))) if answer else ""
+        click.echo(f"  resident {info.vmid} (pid {info.pid}, job {os.path.basename(job_dir)}): {escape(what)}, stacks "
+                   f"{escape(stacks) or '-'}; gives up at {time.strftime('%H:%M:%S', time.localtime(info.deadline))}")
     ledger = _ledger(settings)
     entries = _ledger_entries(ledger)
     known = ledger.known()

@@ -331,8 +331,7 @@ class PhaseRunner:
         if rec is None or not rec.status.pending:
             return
         try:
-            info = resident.arm(self.state, guest, vmtype.value, mode.value, (rec.stop_started or time.time()) + guest.max_downtime,
-                                [s.name for s in rec.stacks], watching=watching)
+            info = resident.arm(self.state, guest, vmtype.value, mode.value, (rec.stop_started or time.time()) + guest.max_downtime, watching=watching)
         except HookError as e:
             log.warning("%s %d: no resident (%s): the phases start the stacks themselves", phase.value, guest.vmid, describe(e))
             return

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +75,6 @@ class Info:
     watching: bool = False  # QEMU: look for the backup job's start at once (armed after post-restart)
     pid: int = 0
     pid_start: int = 0  # /proc start time of pid: a recycled pid is not ours
-    stacks: list[str] = field(default_factory=list)  # for `status`
 
 
 def paths(job_dir: str, vmid: int) -> tuple[str, str, str]:
@@ -124,7 +123,7 @@ def alive(info: Info) -> bool:
 
 def tell(job_dir: str, vmid: int, phase: str, wait: float = ANSWER_WAIT) -> dict[str, Any] | None:
     """Tell the resident of `vmid` that vzdump is at `phase` ("": only ask how it is). Its answer
-    ({"state", "resumed", "lines"}), or None when no resident answered within `wait` seconds."""
+    ({"state", "resumed", "lines", "stacks"}), or None when no resident answered within `wait` seconds."""
     _, _, sock_path = paths(job_dir, vmid)
     if not os.path.exists(sock_path):
         return None
@@ -163,8 +162,7 @@ def tell_early(args: list[str], env: Mapping[str, str]) -> None:
         EARLY[vmid] = tell(job_dir, vmid, args[0])
 
 
-def arm(state: HostState, guest: GuestConfig, vmtype: str, mode: str, deadline: float, stacks: list[str] | None = None,
-        watching: bool = False) -> Info:
+def arm(state: HostState, guest: GuestConfig, vmtype: str, mode: str, deadline: float, watching: bool = False) -> Info:
     """Start the resident of `guest` for this job, detached; one already running is kept. `deadline`:
     wall clock. Raises HookError when it cannot be started."""
     info_path, log_path, _ = paths(state.job_dir, guest.vmid)
@@ -172,7 +170,7 @@ def arm(state: HostState, guest: GuestConfig, vmtype: str, mode: str, deadline: 
     if old is not None and alive(old):
         return old
     settings = replace(state.settings, chain=(), notify=None)
-    info = Info(guest.vmid, vmtype, mode, state.job.to_dict(), asdict(settings), dict(guest.table), deadline, watching, stacks=stacks or [])
+    info = Info(guest.vmid, vmtype, mode, state.job.to_dict(), asdict(settings), dict(guest.table), deadline, watching)
     _save(info_path, info)
     pid = spawn([sys.executable, "-m", MODULE, info_path], log_path)
     info.pid, info.pid_start = pid, process_start(pid) or 0
@@ -426,7 +424,9 @@ class Resident:
                 phase = request.get("phase", "") if isinstance(request, dict) else ""
                 if isinstance(phase, str) and phase:
                     self._on_phase(phase)
-                answer = {"state": self.status, "resumed": self.status == "done", "lines": self.kept.take()}
+                rec = self.remembered
+                answer = {"state": self.status, "resumed": self.status == "done", "lines": self.kept.take(),
+                          "stacks": [s.name for s in rec.stacks] if rec is not None else []}
                 conn.sendall(json.dumps(answer).encode() + b"\n")
             except (OSError, ValueError) as e:
                 log.debug("resident %d: request dropped: %s", self.vmid, e)

@@ -24,7 +24,7 @@ VMID = 101
 # LXC: post-restart (pre-restart may still see the CT frozen); LXC stop: post-restart, after the CT is
 # started; QEMU: backup-end (the backup job, the point in time, starts after post-restart).
 RESUME_AT = {
-    ("lxc", "snapshot"): "post-restart",
+    ("lxc", "snapshot"): "pre-restart",  # the CT is thawed by snapshot_create (pve-guest-common)
     ("lxc", "suspend"): "post-restart",
     ("lxc", "stop"): "post-restart",
     ("qemu", "snapshot"): "backup-end",
@@ -280,8 +280,12 @@ def test_compose_stop_that_outlives_the_phase_deadline_is_bounded(setup: HookSet
     assert wait_until(lambda: compose.running_services(db) == {"app"}, 70), log
 
 
-def test_resume_fails_then_job_end_fails_and_recover_fixes(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+@pytest.mark.parametrize("resident", [False, True], ids=["phases-alone", "resident"])
+def test_resume_fails_then_job_end_fails_and_recover_fixes(resident: bool, setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+    """The guest drops out from backup-end on. Without a resident `recover` fixes it once it answers;
+    with one, the resident does, within 10 s of the guest answering again, with no admin command."""
     db, web, other = _stacks(compose_project)
+    setup.hook_table = {"resident": resident}
     setup.write({VMID: (test_guest, {"stacks": [db.name], "resume_wait": 2})})
 
     def on_phase(phase: str, ctx: Context) -> None:
@@ -296,6 +300,14 @@ def test_resume_fails_then_job_end_fails_and_recover_fixes(setup: HookSetup, hoo
     assert result.status is JobStatus.FAILED
     assert compose.running_services(db) == set()
     assert setup.marker_path(VMID).exists()  # nothing dropped
+    if resident:
+        assert f"job-end {VMID}: its resident keeps trying to start the stacks until " in log, log
+        test_guest.start_sshd()
+        answered = time.monotonic()
+        assert wait_until(lambda: compose.running_services(db) == {"app"} and not setup.marker_path(VMID).exists(), 20)
+        assert time.monotonic() - answered <= 10
+        assert wait_until(lambda: not _residents(setup), 5), "the resident ends once the stacks run"
+        return
     # the node side: `recover` once the guest answers. The job's vzdump worker ended with the job:
     # the marker's job is provably over, no --force needed
     test_guest.start_sshd()
@@ -320,8 +332,18 @@ def _dead_worker_job(hook: str, setup: HookSetup, *phases: str) -> str:
     return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60).stdout
 
 
+def _residents(setup: HookSetup) -> list[int]:
+    """pids of the live residents of this test's run directory."""
+    from vzdump_hook import resident
+
+    return [info.pid for _, info in resident.residents(setup.env["VZDUMP_HOOK_RUN_DIR"])]
+
+
 def test_stale_marker_from_a_dead_job_is_resumed_at_job_start(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+    """Without a resident (`[hook] resident = false`): the next job's job-start resumes. (With one,
+    the resident does it within seconds: tests/integration/test_resident.py.)"""
     db, web, other = _stacks(compose_project)
+    setup.hook_table = {"resident": False}
     setup.write({VMID: (test_guest, {"stacks": [db.name]})})
     out = _dead_worker_job(hook, setup, "backup-start", "pre-stop")
     assert compose.running_services(db) == set() and setup.marker_path(VMID).exists(), out

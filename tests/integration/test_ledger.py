@@ -56,7 +56,8 @@ def many(tmp_path: Path, test_guest: Any, compose_project: Any) -> tuple[HookSet
         qmp.mkdir(exist_ok=True)
         (qmp / f"{v}.pid").write_text(f"{os.getpid()}\n")
     setup = HookSetup(tmp_path)
-    setup.hook_table = {"pve_dir": str(pve), "qmp_dir": str(qmp)}
+    # a node crash takes the residents down with the worker: the ledger is what is left
+    setup.hook_table = {"pve_dir": str(pve), "qmp_dir": str(qmp), "resident": False}
     stacks = {101: [web.name], APP: [app.name]}
     setup.write({v: (test_guest, {"marker_path": str(tmp_path / "markers" / f"{v}.json"), "stacks": stacks.get(v, ["none"]),
                                   "compose_command": "docker compose", "stop_timeout": 10, "ssh": {"connect_timeout": 3}}) for v in VMIDS})

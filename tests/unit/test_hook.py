@@ -44,7 +44,7 @@ APP_DOWN = ["monitoring"]  # monitoring is not configured: never touched
 
 CONFIG = """
 [hook]
-resident = false  # the phases alone here (tests/unit/test_resident.py, tests/integration/test_resident.py)
+resident = {resident}  # false: the phases alone (the resident: tests/unit/test_resident.py, tests/integration/test_resident.py)
 pve_dir = "{pve_dir}"
 qmp_dir = "{qmp_dir}"
 phase_timeout = 30
@@ -74,6 +74,7 @@ class Hook:
         self.cfg_path = tmp_path / "config.toml"
         self.pve_dir = tmp_path / "pve"  # no nodes/ in it: not a PVE node, every guest is local and runs
         self.qmp_dir = tmp_path / "qmp"  # no QMP socket in it: no early resume for QEMU guests
+        self.resident = False  # [hook] resident: True where a test spawns (or stands in for) residents
         self.env = {
             configuration.CONFIG_ENV: str(self.cfg_path),
             RUN_DIR_ENV: str(tmp_path / "run"),
@@ -93,7 +94,7 @@ class Hook:
         return self.guests[101]
 
     def configure(self, extra: str = "", text: str | None = None) -> None:
-        self.cfg_path.write_text(text if text is not None else CONFIG.format(pve_dir=self.pve_dir, qmp_dir=self.qmp_dir, extra=extra))
+        self.cfg_path.write_text(text if text is not None else CONFIG.format(pve_dir=self.pve_dir, qmp_dir=self.qmp_dir, extra=extra, resident=str(self.resident).lower()))
 
     def __call__(self, phase: str, mode: Mode | str | None = None, vmid: int = 101, vmtype: GuestType | str = LXC) -> int:
         env = dict(self.env)
