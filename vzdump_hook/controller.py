@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from . import marker as markers
-from .errors import ConnectError, ControllerError, HookError, MarkerError
+from .errors import ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
 from .job import JobId
 from .marker import Marker, StackRecord
 from .stacks.compose import ComposeDriver, StopOutcome
@@ -164,6 +164,8 @@ class GuestController:
                 raise NothingStopped(str(e)) from e
         try:
             self._write_marker(m, deadline)  # before anything is stopped
+        except ConnectionLost:
+            raise  # the write may have landed: the later phases go by the marker
         except ConnectError as e:
             raise NothingStopped(f"marker not written: {e}") from e
         started = time.time()

@@ -59,6 +59,10 @@ class ConnectError(TransportError):
     """The guest could not be reached (refused, timed out, authentication, host key)."""
 
 
+class ConnectionLost(ConnectError):
+    """The connection went away while a command ran: it may or may not have had its effect."""
+
+
 class HostKeyError(ConnectError):
     """The guest's SSH host key is unknown or changed: refused, never auto-added."""
 

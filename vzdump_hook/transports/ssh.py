@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CommandTimeout, ConnectError, HostKeyError
+from ..errors import CommandTimeout, ConnectError, ConnectionLost, HostKeyError, TransportError
 from ..text import escape
 from .base import MAX_OUTPUT, Transport, display, shell_join
 
@@ -212,17 +212,24 @@ class SshTransport(Transport):
             chan.shutdown_write()
             # Done when the exit status is in AND the output has ended (EOF or close): OpenSSH may
             # send exit-status while output the command wrote is still in the pipe to sshd.
+            # paramiko sets status_event on any close too (the connection lost, a command killed
+            # by a signal): only exit_status != -1 says a status came.
             while True:
                 self._drain(chan, out, err)
+                got = chan.exit_status != -1
                 ended = chan.eof_received or chan.closed
-                if chan.status_event.is_set() and ended and not chan.recv_ready() and not chan.recv_stderr_ready():
+                if got and ended and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
                 if time.monotonic() >= deadline:
                     raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s", command=shown, stderr=err.decode("utf-8", "replace"))
-                if (chan.closed or not transport.is_active()) and not chan.status_event.is_set():
-                    raise ConnectError(f"{self.target}: connection lost while running a command", command=shown)
-                if chan.status_event.is_set():
-                    time.sleep(0.002)  # the rest of the output is on its way
+                if not transport.is_active() and not got:
+                    self.close()
+                    raise ConnectionLost(f"{self.target}: connection lost while running a command", command=shown)
+                if chan.closed and not got:
+                    raise TransportError(f"{self.target}: the command ended without an exit status (killed by a signal?)", command=shown,
+                                         stderr=err.decode("utf-8", "replace"))
+                if got or chan.status_event.is_set():
+                    time.sleep(0.002)  # the rest of the output (or the close's cause) is on its way
                 else:
                     chan.status_event.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             return chan.recv_exit_status(), bytes(out), bytes(err)
