@@ -26,12 +26,15 @@ Run as root from the repository: ``python3 bench/downtime.py [--transfer 20] [--
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from _common import PgPoller, machine, need_root, reproduce, scratch_dir  # first: puts the repository on sys.path
 
@@ -60,6 +63,29 @@ case "$1" in
 esac
 exec {hook} "$@"
 """
+
+
+SH_HOOK = """#!/bin/sh
+# The sh + OpenSSH reference for bench/downtime.py: stops the stack at pre-stop (after a synced marker
+# file, as vzdump-hook does) and starts it at the earliest safe point, one `ssh` per call:
+# lxc snapshot pre-restart, lxc suspend/stop post-restart, qemu backup-end (sh cannot watch QMP).
+[ "$3" = {vmid} ] || exit 0
+case "$1/$VMTYPE/$2" in
+  pre-stop/*) exec {ssh} {stop} ;;
+  pre-restart/lxc/snapshot | post-restart/lxc/suspend | post-restart/lxc/stop | backup-end/qemu/*) exec {ssh} {start} ;;
+esac
+exit 0
+"""
+
+
+def write_sh_hook(path: Path, guest: TestGuest, project: ComposeProject, marker: str) -> None:
+    ssh = guest.ssh_argv()
+    ssh[0] = shutil.which("ssh") or "/usr/bin/ssh"  # vzdump gives the hook no PATH
+    workdir, m = shlex.quote(str(project.workdir)), shlex.quote(marker)
+    stop = f"mkdir -p $(dirname {m}) && echo {project.name} > {m}.tmp && sync {m}.tmp && mv {m}.tmp {m} && cd {workdir} && docker compose stop"
+    start = f"cd {workdir} && docker compose start && rm -f {m}"
+    path.write_text(SH_HOOK.format(vmid=VMID, ssh=shlex.join(ssh), stop=shlex.quote(stop), start=shlex.quote(start)))
+    path.chmod(0o755)
 
 
 class Load(threading.Thread):
@@ -95,14 +121,15 @@ class Measurement:
     unavailable: float  # first failed poll -> accepting connections again
     to_point_in_time: float  # pre-stop start -> the backup's point in time
     resumed_at: str  # the phase whose hook started the stack
+    after_pit: float = float("nan")  # the point in time (QEMU: the backup job's start) -> accepting connections again
     ok: bool
     note: str = ""
 
 
 def resumed_phase(result: JobResult) -> str:
     for r in result.records:
-        if r.vmid == VMID and any(f"watcher {VMID}: started" in line for line in r.lines):
-            return "job start"  # the QEMU watcher (its lines come out at backup-end)
+        if r.vmid == VMID and any(f"resident {VMID}: QEMU backup job" in line for line in r.lines):
+            return "job start"  # the resident saw QEMU's backup job start
         if r.vmid == VMID and any(f"{r.phase} {VMID}: started" in line for line in r.lines):
             return str(r.phase)
     return "?"
@@ -161,11 +188,11 @@ def measure(hook: str, setup: HookSetup, guest: TestGuest, project: ComposeProje
     up = next((t for t, ok in samples[down[-1] + 1:] if ok), float("nan"))
     note = "" if result.ok else f"job {result.status.value}: {result.error}"
     return Measurement(up - t0, up - samples[down[0]][0], marks.get("pit", t0) - t0, resumed_phase(result),
-                       result.ok, note)
+                       result.ok, note, up - marks.get("pit", float("nan")))
 
 
 def fmt(x: float) -> str:
-    return "  -  " if x != x else f"{x:5.1f}"
+    return "  -  " if x != x else f"{x:5.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,10 +202,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop modes: seconds until the guest answers SSH after vzdump starts it (default 2)")
     parser.add_argument("--runs", type=int, default=1, help="runs per type/mode and variant; the median is shown")
     parser.add_argument("--orders", default=",".join(ORDERS), help=f"comma-separated subset of {','.join(ORDERS)}")
+    parser.add_argument("--variants", default="hook,sh,baseline", help="comma-separated subset of hook,sh,baseline (default: all)")
     parser.add_argument("--compose", choices=["v1", "v2"], default="v2")
     parser.add_argument("--no-load", action="store_true", help="no write load on PostgreSQL")
     args = parser.parse_args(argv)
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not set(variants) <= {"hook", "sh", "baseline"}:
+        parser.error(f"unknown variant(s) in {args.variants}")
     bad = [o for o in orders if o not in ORDERS]
     if bad:
         parser.error(f"unknown order(s) {bad}; choose from {ORDERS}")
@@ -207,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             wrapper = tmp / "baseline-hook"
             wrapper.write_text(BASELINE_WRAPPER.format(flagdir=tmp, hook=hook, config=baseline_config, run_dir=tmp / "baseline-run"))
             wrapper.chmod(0o755)
+            sh_hook = tmp / "sh-hook"
+            write_sh_hook(sh_hook, guest, project, str(setup.marker_path(VMID)) + ".sh")
             poller.start()
             if not args.no_load:
                 load = Load(project)
@@ -214,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)
             for order in orders:
                 for run in range(args.runs):
-                    for variant, path in (("hook", hook), ("baseline", str(wrapper))):
+                    for variant, path in [(v, p) for v, p in (("hook", hook), ("sh", str(sh_hook)), ("baseline", str(wrapper))) if v in variants]:
                         m = measure(path, setup, guest, project, poller, order, args.transfer, args.boot, qmp)
                         results.setdefault((order, variant), []).append(m)
                         print(f"  {order:14} {variant:8} run {run + 1}: down {fmt(m.downtime)} s "
@@ -242,19 +275,43 @@ def main(argv: list[str] | None = None) -> int:
     print("QEMU: QMP played by the QMP double; the point in time starts the backup job in it; the hook's watcher")
     print("      starts the stacks once query-backup reports that job (\"job start\" below)")
     print()
-    header = f"{'type/mode':14}  {'hook resumes at':15}  {'PIT after stop':>14}  {'hook':>6}  {'baseline':>8}  {'baseline/hook':>13}"
+    print("sh       = a sh + OpenSSH hook: synced marker file and `docker compose stop` at pre-stop, `docker compose start`")
+    print("           at the earliest safe point (lxc snapshot pre-restart, lxc suspend/stop post-restart, qemu backup-end)")
+    print()
+    print("hook/sh  = ratio of the time PostgreSQL was unavailable (first failed poll -> accepting again), in ()")
+    print()
+    header = (f"{'type/mode':14}  {'hook resumes at':15}  {'PIT after stop':>14}  {'hook':>13}  {'sh':>13}  {'baseline':>8}  "
+              f"{'hook/sh':>7}  {'baseline/hook':>13}  {'hook: up after PIT':>18}")
     print(header)
     print("-" * len(header))
     ratios: dict[str, float] = {}
+    sh_ratios: dict[str, float] = {}
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if a == a and b == b and b > 0 else float("nan")
+
     for order in orders:
-        h, b = med(order, "hook"), med(order, "baseline")
-        ratio = b / h if h == h and b == b and h > 0 else float("nan")
-        ratios[order] = ratio
+        h, sh, b = med(order, "hook"), med(order, "sh"), med(order, "baseline")
+        # against sh: the time PostgreSQL was really unavailable (first failed poll -> up), so that
+        # what each hook does before it issues the stop (Python's start, the resident) is not counted
+        ratios[order], sh_ratios[order] = ratio(b, h), ratio(med(order, "hook", "unavailable"), med(order, "sh", "unavailable"))
         resumed = next((m.resumed_at for m in results.get((order, "hook"), []) if m.ok), "?")
         pit = med(order, "hook", "to_point_in_time")
-        print(f"{order.replace('-', ' '):14}  {resumed:15}  {pit:12.1f} s  {fmt(h):>6}  {fmt(b):>8}  "
-              f"{('-' if ratio != ratio else f'{ratio:.1f}x'):>13}")
+        after = med(order, "hook", "after_pit")
+        hu, su = med(order, "hook", "unavailable"), med(order, "sh", "unavailable")
+        print(f"{order.replace('-', ' '):14}  {resumed:15}  {pit:12.1f} s  {fmt(h):>5} ({fmt(hu)})  {fmt(sh):>5} ({fmt(su)})  {fmt(b):>8}  "
+              f"{('-' if sh_ratios[order] != sh_ratios[order] else f'{sh_ratios[order]:.2f}'):>7}  "
+              f"{('-' if ratios[order] != ratios[order] else f'{ratios[order]:.1f}x'):>13}  {fmt(after):>16} s")
     print()
+    for order in orders:
+        if order in ("lxc-snapshot", "lxc-suspend") and sh_ratios[order] == sh_ratios[order]:
+            verdict = "PASS" if sh_ratios[order] <= 1.0 else "FAIL"
+            print(f"target {order}: app unavailable, hook/sh <= 1.0 (medians): {sh_ratios[order]:.2f} {verdict}")
+        if order == "qemu-snapshot" and "hook" in variants:
+            after = med(order, "hook", "after_pit")
+            if after == after:
+                print(f"target qemu-snapshot: PostgreSQL answers <= 0.5 s after QEMU's backup job starts (median): {after:.2f} s "
+                      f"{'PASS' if after <= 0.5 else 'FAIL'}")
     gains = [o for o in orders if ratios[o] == ratios[o] and ratios[o] >= 1.3]
     if gains:
         print("headline (app downtime, vzdump-hook vs. resume at backup-end): " + "; ".join(

@@ -17,9 +17,10 @@ from . import fanout, guest_install, orchestrator, pve, resident, tags
 from .config import Config, GuestConfig
 from .controller import GuestController, describe
 from .errors import ConfigError, HookError
-from .hook import HARD_GRACE, RUN_DIR_ENV, STATE_DIR_ENV, settings_with_env, setup_logging
+from .hook import HARD_GRACE, RUN_DIR_ENV, STATE_DIR_ENV, settings_with_env
 from .job import JobId
 from .ledger import Entry, Ledger, LedgerError
+from .logs import setup_logging
 from .marker import Marker
 from .phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
 from .recovery import Recovery, guest_of_entries, recover_guest

@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> None:
         from .resident import tell_early
 
         tell_early(args, os.environ)  # first: a resume point's start is sent before the rest is imported
-        from .hook import exit_process, run_phase, setup_logging
+        from .hook import exit_process, run_phase
+        from .logs import setup_logging
 
         setup_logging(debug=bool(os.environ.get("VZDUMP_HOOK_DEBUG")))
         exit_process(run_phase(args, os.environ))  # at once: every phase is bounded, no thread waited for

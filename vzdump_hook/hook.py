@@ -20,11 +20,11 @@ from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, Resume, describe
 from .errors import ConfigError, HookError
 from .job import LAUNCHER_ENV, JobId
-from .logs import setup_logging
+from .logs import setup_logging as setup_logging  # re-exported: hookmod.setup_logging in tests
 from .marker import Marker
 from .orchestrator import Outcome, Step
-from .resume import Resumer
 from .phases import GuestType, Mode, Phase, parse_phase
+from .resume import Resumer
 from .state import (
     GuestRecord,
     HostState,
@@ -502,7 +502,7 @@ class PhaseRunner:
             for level, text in resident.leftover_lines(self.state.job_dir, r.vmid):
                 log.log(level, text)
         for _, info in resident.residents(self.settings.run_dir):
-            if JobId.from_dict(info.job) == self.job:
+            if JobId.from_dict(info.job) == self.job and info.vmid in down:
                 log.warning("%s %d: its resident keeps trying to start the stacks until %s (the marker's deadline)", phase.value, info.vmid,
                             time.strftime("%H:%M:%S", time.localtime(info.deadline)))
         if down:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from .job import JobId, process_start
 
 if TYPE_CHECKING:
-    from .config import GuestConfig, HookSettings
+    from .config import GuestConfig
     from .controller import GuestController
     from .state import GuestRecord, HostState
 
@@ -325,7 +325,8 @@ class Resident:
         self.info = info
         self.info_path = info_path
         self.job = JobId.from_dict(info.job)
-        self.settings = HookSettings(**{k: tuple(v) if k == "chain" else v for k, v in info.settings.items()})
+        values: dict[str, Any] = {k: tuple(v) if k == "chain" else v for k, v in info.settings.items()}
+        self.settings = HookSettings(**values)
         self.state = HostState(self.settings, self.job)
         self.until = time.monotonic() + max(0.0, info.deadline - time.time())
         self.resumer = Resumer(self.settings, self.job, self.state, self.until)
@@ -340,6 +341,7 @@ class Resident:
         self.srv: socket.socket | None = None
         self.srv_inode = 0
         self.watch: Any = None  # qemu.watcher.JobWatch once armed
+        self.watch_tried = False  # armed once at most: after GiveUp, a phase starts the stacks
         self.ctl: GuestController | None = None
 
     @property
@@ -425,16 +427,21 @@ class Resident:
                 if isinstance(phase, str) and phase:
                     self._on_phase(phase)
                 rec = self.remembered
-                answer = {"state": self.status, "resumed": self.status == "done", "lines": self.kept.take(),
+                lines = self.kept.take()
+                answer = {"state": self.status, "resumed": self.status == "done", "lines": lines,
                           "stacks": [s.name for s in rec.stacks] if rec is not None else []}
-                conn.sendall(json.dumps(answer).encode() + b"\n")
+                try:
+                    conn.sendall(json.dumps(answer).encode() + b"\n")
+                except OSError:
+                    self.kept.lines[:0] = lines  # nobody read them: the next answer, or the log file, has them
+                    raise
             except (OSError, ValueError) as e:
                 log.debug("resident %d: request dropped: %s", self.vmid, e)
 
     def _on_phase(self, name: str) -> None:
         from . import orchestrator
         from .orchestrator import Step
-        from .phases import GuestType, Mode, Phase, parse_phase
+        from .phases import GuestType, Mode, parse_phase
 
         phase = parse_phase(name)
         rec = self._record()
@@ -480,7 +487,7 @@ class Resident:
             log.warning("resident %d: the marker's deadline has passed with the stacks still down: "
                         "the guest's recovery program starts them, or the next job-start", self.vmid)
             return True
-        if self.watch is None and self.info.vmtype == "qemu" and self.info.mode != "snapshot" and self._early() and rec.status.value != "quiescing":
+        if not self.watch_tried and self.info.vmtype == "qemu" and self.info.mode != "snapshot" and self._early() and rec.status.value != "quiescing":
             self._arm_watch()  # suspend, stop: the last hook before QEMU's backup job was pre-stop, now done
         if self.watch is not None and self._watch_tick():
             return True
@@ -494,8 +501,9 @@ class Resident:
     def _arm_watch(self) -> None:
         from .qemu import watcher
 
-        if self.watch is not None or not self._early():
+        if self.watch_tried or not self._early():
             return
+        self.watch_tried = True
         try:
             w = watcher.load(watcher._paths(self.state, self.vmid))
         except Exception as e:

@@ -85,7 +85,7 @@ def container_times(project: ComposeProject) -> dict[str, tuple[float, float]]:
 
 
 def watcher_processes(tag: str) -> list[int]:
-    """Processes running the watcher module with `tag` (this test's run directory) in their argv."""
+    """Processes running the resident (which watches QEMU) with `tag` (this test's run directory) in their argv."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -97,7 +97,7 @@ def watcher_processes(tag: str) -> list[int]:
                 state = f.read().rpartition(")")[2].split()[0]
         except OSError:
             continue
-        if "vzdump_hook.qemu.watcher" in argv and tag in argv and state not in ("Z", "X"):
+        if "vzdump_hook.resident" in argv and tag in argv and state not in ("Z", "X"):
             found.append(int(pid))
     return found
 
@@ -201,7 +201,7 @@ def test_stacks_start_right_after_the_job_start_not_at_backup_end(
     limit = (BOOT if mode is Mode.STOP else 0.0) + RESUME_WITHIN + SLACK
     assert took < limit, f"running again {took:.2f} s after the job start (limit {limit:.1f} s)\n{log}"
     assert started < job.phase_at["backup-end"] - TRANSFER / 2, log  # long before backup-end
-    assert f"watcher {VMID}: started {db.name} in " in log and f"backup-end {VMID}: started" not in log, log
+    assert f"resident {VMID}: started {db.name} in " in log and f"backup-end {VMID}: started" not in log, log
     armed_at = "post-restart" if mode is Mode.SNAPSHOT else "pre-stop"
     assert f"{armed_at} {VMID}: watching {qmp.path}" in log, log
     # arming did not hold vzdump up: the phase ended at once (the watcher keeps no stdout/stderr open)
@@ -225,7 +225,7 @@ def test_postgres_copy_taken_at_the_job_start_restores_clean(
     job = play(hook, setup, test_guest, qmp, [app.project], GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT), at_job_start=pit)
     log = job.log
     assert job.result.status is JobStatus.OK, log
-    assert f"watcher {VMID}: started {app.project.name}" in log, log
+    assert f"resident {VMID}: started {app.project.name}" in log, log
     started, _ = container_times(app.project)["db"]
     assert job.job_started is not None and 0 < started - job.job_started < RESUME_WITHIN + SLACK, log
     stop_began = job.record("pre-stop").start  # monotonic, as the writer's acknowledgements
@@ -245,7 +245,7 @@ def test_no_new_job_no_early_start(setup: HookSetup, hook: str, test_guest: Test
     assert job.result.status is JobStatus.OK, log
     started, _ = container_times(db)["app"]
     assert started > job.phase_at["backup-end"], log
-    assert f"backup-end {VMID}: started {db.name}" in log and f"watcher {VMID}: started" not in log, log
+    assert f"backup-end {VMID}: started {db.name}" in log and f"resident {VMID}: started" not in log, log
     _assert_no_watcher_left(setup)
 
 

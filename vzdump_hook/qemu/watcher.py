@@ -17,7 +17,6 @@ to `backup-end`, as without early resume.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import json
 import os
 import time
