@@ -121,9 +121,9 @@ class Measurement:
     unavailable: float  # first failed poll -> accepting connections again
     to_point_in_time: float  # pre-stop start -> the backup's point in time
     resumed_at: str  # the phase whose hook started the stack
-    after_pit: float = float("nan")  # the point in time (QEMU: the backup job's start) -> accepting connections again
     ok: bool
     note: str = ""
+    after_pit: float = float("nan")  # the point in time (QEMU: the backup job's start) -> accepting connections again
 
 
 def resumed_phase(result: JobResult) -> str:
