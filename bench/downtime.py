@@ -14,11 +14,11 @@ after backup-end (LXC stop) both columns measure the same thing; the ratio shows
 resume pays off.
 
 QEMU: the point in time is the start of QEMU's backup job, which the hook learns from QMP
-`query-backup` (its early-resume watcher, vzdump_hook/qemu/watcher.py). QEMU's QMP socket is played by
+`query-backup` (its resident, vzdump_hook/resident.py, with qemu/watcher.py). QEMU's QMP socket is played by
 the QMP double (tests/infra/qmp_double.py, `[hook] qmp_dir`): the stand-in's point in time starts the
 job in it (qemu stop: vzdump's shutdown removes the socket, the paused restart brings it back). QEMU
 already ran a backup job before (a leftover, which must not count). The baseline runs with
-`early_resume = false`, so the QEMU rows compare the watcher with resume-at-backup-end.
+`early_resume = false`, so the QEMU rows compare the early resume with resume-at-backup-end.
 
 Run as root from the repository: ``python3 bench/downtime.py [--transfer 20] [--runs 1]``.
 """
@@ -52,7 +52,7 @@ BASELINE_WRAPPER = """#!/bin/sh
 # Baseline for bench/downtime.py: vzdump-hook, but stacks may be started only from backup-end on.
 # pre-restart/post-restart calls that come before backup-end are dropped (exit 0); those vzdump makes
 # after backup-end (stop modes: restarting the guest) go through unchanged. QEMU: no early-resume
-# watcher (its config has early_resume = false; its own run directory: all jobs of this benchmark
+# early resume (its config has early_resume = false; its own run directory: all jobs of this benchmark
 # have the same vzdump "worker", this process, so they share a job directory).
 export VZDUMP_HOOK_CONFIG={config} VZDUMP_HOOK_RUN_DIR={run_dir}
 flag={flagdir}/backup-end-seen.$3
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.runs} run(s) per cell; total {took:.0f} s.")
     print("baseline = the same hook behind a wrapper that drops pre-restart/post-restart calls before backup-end")
     print("           (= stop at pre-stop, start at backup-end, or when the guest runs again after it), early_resume = false")
-    print("QEMU: QMP played by the QMP double; the point in time starts the backup job in it; the hook's watcher")
+    print("QEMU: QMP played by the QMP double; the point in time starts the backup job in it; the hook's resident")
     print("      starts the stacks once query-backup reports that job (\"job start\" below)")
     print()
     print("sh       = a sh + OpenSSH hook: synced marker file and `docker compose stop` at pre-stop, `docker compose start`")

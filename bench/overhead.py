@@ -5,16 +5,18 @@ Each phase is one process, started and reaped by the vzdump stand-in (tests/infr
 as vzdump does (emptied environment); the time is from process start to exit, median of --runs.
 
 - no-op phases: ``job-init``, and ``backup-start`` of a guest that is not in the config;
-- SSH phases, one whole job (lxc snapshot: the stack is started again at post-restart) on a test
+- SSH phases, one whole job (lxc snapshot: the stack is started again at pre-restart) on a test
   guest (sshd in a network namespace, tests/infra) with one tiny busybox compose stack.
 
 The sh hook does the minimum by hand with OpenSSH's ``ssh``: backup-start lists the stack's
-containers, pre-stop writes a marker file (synced) and runs ``docker compose stop``, post-restart runs
-``docker compose start`` and removes the marker; every other phase exits 0. vzdump-hook additionally
+containers, pre-stop writes a marker file (synced) and runs ``docker compose stop``, pre-restart (the
+earliest safe point) runs ``docker compose start`` and removes the marker; every other phase exits 0.
+vzdump-hook's pre-restart tells the guest's resident (armed at pre-stop), which starts the stack over
+its open session; the phase ends once the resident answers. vzdump-hook additionally
 finds the stacks, verifies the host key with paramiko, keeps host state and history, checks that
 every container runs again, and sweeps for leftover markers at job-start.
 
-Targets (reported, not asserted): resume path (post-restart) <= 150 ms over the sh hook; a no-op
+Targets (reported, not asserted): resume path (pre-restart) <= 150 ms over the sh hook; a no-op
 phase <= 80 ms wall.
 
 Run as root from the repository: ``python3 bench/overhead.py [--runs 10]``.
@@ -51,7 +53,7 @@ case "$1" in
     exec {ssh} {list} >/dev/null ;;
   pre-stop)
     exec {ssh} {stop} ;;
-  post-restart)
+  pre-restart)
     exec {ssh} {start} ;;
 esac
 exit 0
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     for phase in JOB_PHASES:
                         if phase in by_phase:
                             add(variant, phase, by_phase[phase])
-                    add(variant, "pre-stop + post-restart", by_phase.get("pre-stop", 0) + by_phase.get("post-restart", 0))
+                    add(variant, "pre-stop + pre-restart", by_phase.get("pre-stop", 0) + by_phase.get("pre-restart", 0))
                     if compose.running_services(project) != {"app"}:
                         failures.append(f"{variant} run {i + 1}: stack not running after the job\n{result.task_log()}")
                         compose.start(project)
@@ -135,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             compose.down(project, remove_dir=False)
     took = time.monotonic() - started
 
-    rows = ["no-op: job-init", "no-op: backup-start, guest not in config", *JOB_PHASES, "pre-stop + post-restart",
+    rows = ["no-op: job-init", "no-op: backup-start, guest not in config", *JOB_PHASES, "pre-stop + pre-restart",
             "whole job"]
     print()
     print(f"Per-phase wall time, process start to exit (ms), median of {args.noop_runs} (no-op) / {args.runs} (job) runs; "
           f"total {took:.0f} s.")
-    print("job: lxc snapshot, one busybox compose stack (compose v2), stack started again at post-restart.")
+    print("job: lxc snapshot, one busybox compose stack (compose v2), stack started again at pre-restart.")
     print()
     header = f"{'phase':42}  {'vzdump-hook':>11}  {'(min-max)':>11}  {'sh+ssh':>6}  {'diff':>5}  target"
     print(header)
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             ok = mh <= NOOP_TARGET
             verdicts.append(ok)
             target = f"<= {NOOP_TARGET * 1000:.0f} ms wall: {'PASS' if ok else 'FAIL'}"
-        elif row == "post-restart":
+        elif row == "pre-restart":
             ok = mh - msh <= RESUME_TARGET
             verdicts.append(ok)
             target = f"resume path <= sh + {RESUME_TARGET * 1000:.0f} ms: {'PASS' if ok else 'FAIL'}"

@@ -172,23 +172,36 @@ def test_run_dir_wiped_mid_job_the_resident_still_resumes(guest: Guest, vmtype: 
     guest.check_invariant(log)
 
 
-def test_hook_killed_in_the_middle_of_pre_stop_the_resident_resumes(guest: Guest, tmp_path: Path) -> None:
-    """The pre-stop hook is SIGKILLed once the marker is in the guest (the stop under way): vzdump
-    fails the guest's backup; the resident armed before the stop starts what the marker lists."""
+MID_PHASE = [("pre-stop", True), ("pre-stop", False), ("pre-restart", False), ("pre-restart", True)]
+
+
+@pytest.mark.parametrize(("phase", "with_resident"), MID_PHASE, ids=[f"{p}-{'resident' if r else 'phases-alone'}" for p, r in MID_PHASE])
+def test_hook_killed_in_the_middle_of_a_phase_nothing_stays_down(guest: Guest, tmp_path: Path, phase: str, with_resident: bool) -> None:
+    """LXC snapshot; the hook process is SIGKILLed in the middle of `phase`: pre-stop once the marker
+    is in the guest (the stop under way; vzdump then fails the guest's backup), pre-restart once the
+    stack runs again (before the marker is removed and the record written). The resident, or the
+    later phases, start what the marker lists; nothing is started twice or left down."""
+    guest.setup.hook_table["resident"] = with_resident
+    guest.setup.write({VMID: (guest.test_guest, {"stacks": [guest.app.name, guest.off.name], "resume_wait": 5, "command_timeout": 5})})
     marker = guest.setup.marker_path(VMID)
-    wrapper = tmp_path / "kill-pre-stop"
+    if phase == "pre-stop":
+        middle = f"[ ! -e {marker} ]"
+    else:
+        middle = f'[ -z "$(docker ps -q --filter label=com.docker.compose.project={guest.app.name} --filter status=running)" ]'
+    wrapper = tmp_path / "kill-mid-phase"
     wrapper.write_text(
         "#!/bin/sh\n"
-        f'[ "$1" = pre-stop ] || exec {installed_hook()} "$@"\n'
+        f'[ "$1" = {phase} ] || exec {installed_hook()} "$@"\n'
         f'VZDUMP_HOOK_LAUNCHER=$PPID {installed_hook()} "$@" & pid=$!  # the worker stays the job\n'
-        f'while kill -0 $pid 2>/dev/null && [ ! -e {marker} ]; do sleep 0.01; done\n'
+        f"while kill -0 $pid 2>/dev/null && {middle}; do sleep 0.01; done\n"
         "kill -KILL $pid; exit 137\n"
     )
     wrapper.chmod(0o755)
     result = run_job(str(wrapper), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=guest.setup.env, timeout=60)
     log = result.task_log()
-    pre_stop = next(r for r in result.records if r.phase == "pre-stop")
-    assert pre_stop.returncode == 137, log
+    killed = next(r for r in result.records if r.phase == phase)
+    assert killed.returncode == 137, log
+    _phase_bounds(result)
     guest.check_invariant(log)
 
 
