@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] not in ADMIN_COMMANDS and not args[0].startswith("-"):
         from .resident import tell_early
 
-        tell_early(args, os.environ)  # first: a resume point's start is sent before the rest is imported
+        if tell_early(args, os.environ):  # first: a resume point's start is sent before the rest is imported
+            sys.stdout.flush()
+            os._exit(0)  # the resident did all this phase had to do for the guest
         from .hook import exit_process, run_phase
         from .logs import setup_logging
 

@@ -73,6 +73,7 @@ class Info:
     guest: dict[str, Any]  # the guest's table, as recorded at pre-stop
     deadline: float  # wall clock: the marker's deadline
     watching: bool = False  # QEMU: look for the backup job's start at once (armed after post-restart)
+    chain: bool = False  # [hook] chain is set: a phase must go on to run the chained scripts
     pid: int = 0
     pid_start: int = 0  # /proc start time of pid: a recycled pid is not ours
 
@@ -150,16 +151,25 @@ def tell(job_dir: str, vmid: int, phase: str, wait: float = ANSWER_WAIT) -> dict
 EARLY: dict[int, dict[str, Any] | None] = {}  # vmid -> the answer to tell_early (cli.py), for hook.py
 
 
-def tell_early(args: list[str], env: Mapping[str, str]) -> None:
+def tell_early(args: list[str], env: Mapping[str, str]) -> bool:
     """cli.py, before the rest of the hook is imported: a guest phase after pre-stop is told to the
-    resident at once (it decides whether that is a resume point). Uses the run directory of the
-    environment or the default; a config that moves it is asked later, by hook.py."""
+    resident at once (it decides whether that is a resume point). True when the resident answered
+    that the phase has nothing left to do: its lines are printed and the phase may end. Uses the run
+    directory of the environment or the default; a config that moves it is asked later, by hook.py."""
     if len(args) < 3 or args[0] not in TOLD_PHASES or not args[2].isdigit():
-        return
+        return False
     vmid = int(args[2])
     job_dir = JobId.current().directory(env.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
-    if os.path.exists(paths(job_dir, vmid)[2]):
-        EARLY[vmid] = tell(job_dir, vmid, args[0])
+    if not os.path.exists(paths(job_dir, vmid)[2]):
+        return False
+    answer = EARLY[vmid] = tell(job_dir, vmid, args[0])
+    if answer is None or answer.get("final") is not True:
+        return False
+    for level, text in answer.get("lines", ()):
+        shown = "" if int(level) < logging.WARNING else f"{logging.getLevelName(int(level))}: "
+        print(f"vzdump-hook: {shown}{text}")
+    sys.stdout.flush()
+    return True
 
 
 def arm(state: HostState, guest: GuestConfig, vmtype: str, mode: str, deadline: float, watching: bool = False) -> Info:
@@ -170,7 +180,8 @@ def arm(state: HostState, guest: GuestConfig, vmtype: str, mode: str, deadline: 
     if old is not None and alive(old):
         return old
     settings = replace(state.settings, chain=(), notify=None)
-    info = Info(guest.vmid, vmtype, mode, state.job.to_dict(), asdict(settings), dict(guest.table), deadline, watching)
+    info = Info(guest.vmid, vmtype, mode, state.job.to_dict(), asdict(settings), dict(guest.table), deadline, watching,
+                chain=bool(state.settings.chain))
     _save(info_path, info)
     pid = spawn([sys.executable, "-m", MODULE, info_path], log_path)
     info.pid, info.pid_start = pid, process_start(pid) or 0
@@ -424,11 +435,10 @@ class Resident:
                     data += chunk
                 request = json.loads(data)
                 phase = request.get("phase", "") if isinstance(request, dict) else ""
-                if isinstance(phase, str) and phase:
-                    self._on_phase(phase)
+                final = self._on_phase(phase) if isinstance(phase, str) and phase else False
                 rec = self.remembered
                 lines = self.kept.take()
-                answer = {"state": self.status, "resumed": self.status == "done", "lines": lines,
+                answer = {"state": self.status, "resumed": self.status == "done", "lines": lines, "final": final,
                           "stacks": [s.name for s in rec.stacks] if rec is not None else []}
                 try:
                     conn.sendall(json.dumps(answer).encode() + b"\n")
@@ -438,25 +448,40 @@ class Resident:
             except (OSError, ValueError) as e:
                 log.debug("resident %d: request dropped: %s", self.vmid, e)
 
-    def _on_phase(self, name: str) -> None:
+    def _on_phase(self, name: str) -> bool:
+        """Act on a phase a hook told. True when that phase has nothing left to do for this guest
+        (the stacks run again, or they stay down by plan and the watch, if any, is armed): the hook
+        then ends at once, with the [hook] settings recorded at pre-stop (no chained scripts)."""
         from . import orchestrator
         from .orchestrator import Step
         from .phases import GuestType, Mode, parse_phase
+        from .state import Status
 
         phase = parse_phase(name)
         rec = self._record()
-        if phase is None or rec is None or not rec.status.pending:
-            return
+        if phase is None or rec is None:
+            return False
+        if not rec.status.pending:
+            return rec.status is Status.RESUMED and not phase.is_job_phase and not self.info.chain
         vmtype, mode = GuestType(self.info.vmtype), Mode(self.info.mode)
         if phase.is_job_phase:  # job-end, job-abort: the job's last attempt
             self._start(phase.value, wait=True)
-            return
-        early = bool(self.ctl and self.ctl.guest.early_resume)
-        plan = orchestrator.plan(phase, vmtype, mode, rec, early)
+            return False
+        plan = orchestrator.plan(phase, vmtype, mode, rec, self._early())
+        done = False
         if plan.step is Step.ARM_WATCHER:
             self._arm_watch()
+            if self.watch is not None:
+                log.info("%s %d: watching %s: the stacks start once QEMU's backup job has started (job before: %s), at backup-end at the latest",
+                         phase.value, self.vmid, self.watch.w.qmp, self.watch.w.before_job.describe())
+                done = True
         elif plan.step is Step.RESUME:
-            self._start(phase.value, wait=plan.wait_for_guest)
+            done = self._start(phase.value, wait=plan.wait_for_guest)
+        elif plan.step is Step.NONE:
+            if plan.note:
+                log.info("%s %d: %s", phase.value, self.vmid, plan.note)
+            done = True
+        return done and not self.info.chain
 
     # -- what it watches -------------------------------------------------------------------------
 

@@ -670,6 +670,31 @@ def test_told_early_by_cli_before_the_phase_runs(s: Setup, caplog: pytest.LogCap
     assert s.g.starts() == ["db", "web"] and s.ended()
 
 
+def test_a_phase_the_resident_did_all_of_ends_early_with_its_lines(s: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    """tell_early is True (cli.py then ends the phase without importing the rest of the hook) only
+    when the phase has nothing left to do: the stacks stay down by plan (lxc suspend pre-restart,
+    the CT still frozen), or the resident started them (post-restart); its lines are printed."""
+    s.run(Mode.SUSPEND, "backup-start", "pre-stop", vmtype=LXC)
+    capsys.readouterr()
+    assert residentmod.tell_early(["pre-restart", "suspend", "101"], s.hook.env) is True
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["vzdump-hook: pre-restart 101: stacks stay down until post-restart: the backup's point in time is still ahead"], out
+    assert s.g.running_stacks() == APP_DOWN
+    assert residentmod.tell_early(["post-restart", "suspend", "101"], s.hook.env) is True
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("vzdump-hook: post-restart 101: started db, web in "), out
+    assert s.g.running_stacks() == ALL_UP and s.record().status is Status.RESUMED
+
+
+def test_a_failed_start_is_never_ended_early(s: Setup) -> None:
+    s.run(Mode.SNAPSHOT, "backup-start", "pre-stop", vmtype=LXC)
+    s.g.unreachable = True
+    assert residentmod.tell_early(["pre-restart", "snapshot", "101"], s.hook.env) is False  # the phase goes on, resumes itself
+    s.g.unreachable = False
+    s.run(Mode.SNAPSHOT, "pre-restart", vmtype=LXC)
+    assert s.g.running_stacks() == ALL_UP and s.record().status is Status.RESUMED
+
+
 def test_a_resident_gone_before_post_restart_is_replaced_by_one_that_watches(s: Setup) -> None:
     s.spawn_with = s.stand_in
     s.run(Mode.SNAPSHOT, "backup-start", "pre-stop", "pre-restart")
