@@ -10,7 +10,6 @@ stopped before the job: nothing may start it). Contract: docs/controller-api.md.
 from __future__ import annotations
 
 import json
-import os
 import selectors
 import signal
 import stat
@@ -268,6 +267,7 @@ def test_second_job_stray_snapshotted_and_abort(served: Env) -> None:
     assert (busy.status_code, busy.json()["error"]["code"], busy.json()["open_job"]) == (409, "busy", {"job": "A", "vmid": VMID})
     stray = e.post("snapshotted", "C")
     assert (stray.status_code, stray.json()["known"], stray.json()["job_state"]) == (200, False, "unknown")
+    assert stray.json()["held"] == ["db", "web"]  # still held, for job A
     assert e.all_stopped()  # C's snapshotted did not touch A's stacks
     assert e.status()["open_job"]["job"] == "A"
 
@@ -385,7 +385,7 @@ def test_deadline_passed_starts_the_stacks(served: Env) -> None:
     itself and closes the job as `expired`."""
     e = served
     before = started_at(e.db)
-    resp = e.post("quiesce", "lost-1", deadline=time.time() + STOP_TIMEOUT + 8)
+    resp = e.post("quiesce", "lost-1", deadline=time.time() + STOP_TIMEOUT + 12)
     assert (resp.status_code, resp.json()["held"]) == (200, ["db", "web"]), resp.text
     bound = time.monotonic() + 60
     while not e.all_running():
