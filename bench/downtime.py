@@ -72,7 +72,13 @@ SH_HOOK = """#!/bin/sh
 [ "$3" = {vmid} ] || exit 0
 case "$1/$VMTYPE/$2" in
   pre-stop/*) exec {ssh} {stop} ;;
-  pre-restart/lxc/snapshot | post-restart/lxc/suspend | post-restart/lxc/stop | backup-end/qemu/*) exec {ssh} {start} ;;
+  pre-restart/lxc/snapshot | post-restart/lxc/suspend | post-restart/lxc/stop | backup-end/qemu/*)
+    # stop modes: the guest may still be booting; try for up to 2 minutes
+    i=0
+    while ! {ssh} {start}; do
+      i=$((i + 1)); [ $i -lt 120 ] || exit 0
+      sleep 1
+    done ;;
 esac
 exit 0
 """
@@ -175,6 +181,8 @@ def measure(hook: str, setup: HookSetup, guest: TestGuest, project: ComposeProje
     try:
         compose.wait_pg_ready(project, timeout=60)
     except TimeoutError:
+        compose.start(project)  # for the next runs: each must start from a running PostgreSQL
+        compose.wait_pg_ready(project, timeout=60)
         return Measurement(float("nan"), float("nan"), float("nan"), "?", False, "postgres did not come back")
     time.sleep(0.2)  # a few polls past the recovery
     t0 = marks.get("stop")
