@@ -16,8 +16,9 @@ from . import config as configuration
 from . import fanout, guest_install, orchestrator, pve, resident, tags
 from .config import Config, GuestConfig
 from .controller import GuestController, describe
+from .early import RUN_DIR_ENV
 from .errors import ConfigError, HookError
-from .hook import HARD_GRACE, RUN_DIR_ENV, STATE_DIR_ENV, settings_with_env
+from .hook import HARD_GRACE, STATE_DIR_ENV, settings_with_env
 from .job import JobId
 from .ledger import Entry, Ledger, LedgerError
 from .logs import setup_logging

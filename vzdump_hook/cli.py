@@ -12,7 +12,7 @@ ADMIN_COMMANDS = frozenset({"check", "status", "recover", "simulate", "history",
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] not in ADMIN_COMMANDS and not args[0].startswith("-"):
-        from .resident import tell_early
+        from .early import tell_early
 
         if tell_early(args, os.environ):  # first: a resume point's start is sent before the rest is imported
             sys.stdout.flush()

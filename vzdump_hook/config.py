@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from .early import DEFAULT_RUN_DIR
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/vzdump-hook/config.toml"
@@ -124,7 +125,7 @@ NOTIFY_FORMATS = ("json", "ntfy", "gotify", "healthchecks")
 @dataclass(frozen=True)
 class HookSettings:
     state_dir: str = "/var/lib/vzdump-hook"
-    run_dir: str = "/run/vzdump-hook"
+    run_dir: str = DEFAULT_RUN_DIR
     phase_timeout: float = 600.0
     sweep_timeout: float = 60.0
     pve_dir: str = "/etc/pve"

@@ -18,6 +18,7 @@ from . import config as configuration
 from . import fanout, orchestrator, pve, resident, tags
 from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, Resume, describe
+from .early import RUN_DIR_ENV  # overrides for tests and development; vzdump passes no environment
 from .errors import ConfigError, HookError
 from .job import LAUNCHER_ENV, JobId
 from .logs import setup_logging as setup_logging  # re-exported: hookmod.setup_logging in tests
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vzdump_hook")
 
-RUN_DIR_ENV = "VZDUMP_HOOK_RUN_DIR"  # overrides for tests and development; vzdump passes no environment
 STATE_DIR_ENV = "VZDUMP_HOOK_STATE_DIR"
 HARD_GRACE = 15.0  # seconds past the phase deadline before the watchdog ends the process
 RECOVERY_CHECK = 10.0  # backup-start: at most this long asking whether the guest's recovery program is current

@@ -11,7 +11,9 @@ import os
 import socket
 from dataclasses import dataclass
 
-LAUNCHER_ENV = "VZDUMP_HOOK_LAUNCHER"  # set by the sh launcher: the pid of its parent, the vzdump worker
+from .early import LAUNCHER_ENV, job_key, process_start, worker_pid
+
+__all__ = ["LAUNCHER_ENV", "JobId", "node_name", "process_start"]
 
 
 def _boot_id() -> str:
@@ -20,18 +22,6 @@ def _boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def process_start(pid: int) -> int | None:
-    """The start time of `pid` in clock ticks since boot, or None when no such process exists."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-    fields = data[data.rfind(b")") + 2 :].split()
-    return int(fields[19])
 
 
 def node_name() -> str:
@@ -48,7 +38,7 @@ class JobId:
 
     @property
     def key(self) -> str:
-        return f"{self.pid}-{self.start}"
+        return job_key(self.pid, self.start)
 
     def __str__(self) -> str:
         return f"{self.node}/{self.pid}"
@@ -58,10 +48,7 @@ class JobId:
         """The job of this process: its parent is the vzdump worker (or the shell of a manual run).
         Started by the launcher (examples/node/vzdump-hook), the worker is the launcher's parent,
         which the launcher passes in $VZDUMP_HOOK_LAUNCHER."""
-        ppid = os.getppid()
-        launcher = os.environ.get(LAUNCHER_ENV, "")
-        if launcher.isdigit() and int(launcher) > 1:
-            ppid = int(launcher)
+        ppid = worker_pid()
         return cls(node_name(), _boot_id(), ppid, process_start(ppid) or 0)
 
     def is_over(self) -> bool | None:

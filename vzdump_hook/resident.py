@@ -35,12 +35,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from .early import EARLY, TOLD_PHASES, Address, socket_path, tell
 from .job import JobId, process_start
+
+__all__ = ["EARLY", "TOLD_PHASES", "Info", "arm", "leftover_lines", "paths", "residents", "tell"]
 
 if TYPE_CHECKING:
     from .config import GuestConfig
@@ -50,11 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vzdump_hook.resident")  # not __name__: "__main__" when run with -m
 MODULE = "vzdump_hook.resident"
 
-DEFAULT_RUN_DIR = "/run/vzdump-hook"  # HookSettings.run_dir's default (config.py)
-RUN_DIR_ENV = "VZDUMP_HOOK_RUN_DIR"
-TOLD_PHASES = frozenset({"pre-restart", "post-restart", "backup-end", "backup-abort", "log-end"})
 POLL = 0.1  # seconds between two looks at the job, the record and QMP
-ANSWER_WAIT = 5.0  # a phase waits this long for the resident's answer, then resumes itself
 CONNECT_WAIT = 10.0  # the resident's first connect to the guest (while the hook stops the stacks)
 RETRY_FIRST, RETRY_MAX = 1.0, 5.0  # seconds between two starts after a failed one (doubling)
 HARD_GRACE = 15.0  # seconds past its deadline before its watchdog ends it
@@ -81,21 +79,7 @@ class Info:
 def paths(job_dir: str, vmid: int) -> tuple[str, str, str]:
     """(info file, log file, socket) of the resident of `vmid` in the job directory `job_dir`."""
     base = os.path.join(job_dir, f"resident-{vmid}")
-    return base + ".json", base + ".log", base + ".sock"
-
-
-@contextlib.contextmanager
-def _address(path: str) -> Iterator[str]:
-    """`path` as a unix socket address: a path longer than the kernel's 108 bytes goes through the
-    directory's descriptor (/proc/self/fd/N/NAME)."""
-    if len(path.encode()) < 100:
-        yield path
-        return
-    fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
-    finally:
-        os.close(fd)
+    return base + ".json", base + ".log", socket_path(job_dir, vmid)
 
 
 def _save(path: str, info: Info) -> None:
@@ -120,56 +104,6 @@ def alive(info: Info) -> bool:
 
 
 # -- the hook's side -----------------------------------------------------------------------------
-
-
-def tell(job_dir: str, vmid: int, phase: str, wait: float = ANSWER_WAIT) -> dict[str, Any] | None:
-    """Tell the resident of `vmid` that vzdump is at `phase` ("": only ask how it is). Its answer
-    ({"state", "resumed", "lines", "stacks"}), or None when no resident answered within `wait` seconds."""
-    _, _, sock_path = paths(job_dir, vmid)
-    if not os.path.exists(sock_path):
-        return None
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(wait)
-    try:
-        with _address(sock_path) as addr:
-            s.connect(addr)
-        s.sendall(json.dumps({"phase": phase}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n") and len(data) < 1 << 20:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        answer = json.loads(data)
-        return answer if isinstance(answer, dict) else None
-    except (OSError, ValueError):
-        return None
-    finally:
-        s.close()
-
-
-EARLY: dict[int, dict[str, Any] | None] = {}  # vmid -> the answer to tell_early (cli.py), for hook.py
-
-
-def tell_early(args: list[str], env: Mapping[str, str]) -> bool:
-    """cli.py, before the rest of the hook is imported: a guest phase after pre-stop is told to the
-    resident at once (it decides whether that is a resume point). True when the resident answered
-    that the phase has nothing left to do: its lines are printed and the phase may end. Uses the run
-    directory of the environment or the default; a config that moves it is asked later, by hook.py."""
-    if len(args) < 3 or args[0] not in TOLD_PHASES or not args[2].isdigit():
-        return False
-    vmid = int(args[2])
-    job_dir = JobId.current().directory(env.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
-    if not os.path.exists(paths(job_dir, vmid)[2]):
-        return False
-    answer = EARLY[vmid] = tell(job_dir, vmid, args[0])
-    if answer is None or answer.get("final") is not True:
-        return False
-    for level, text in answer.get("lines", ()):
-        shown = "" if int(level) < logging.WARNING else f"{logging.getLevelName(int(level))}: "
-        print(f"vzdump-hook: {shown}{text}")
-    sys.stdout.flush()
-    return True
 
 
 def arm(state: HostState, guest: GuestConfig, vmtype: str, mode: str, deadline: float, watching: bool = False) -> Info:
@@ -411,7 +345,7 @@ class Resident:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock_path)
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with _address(self.sock_path) as addr:
+        with Address(self.sock_path) as addr:
             srv.bind(addr)
         srv.listen(8)
         self.srv, self.srv_inode = srv, os.stat(self.sock_path).st_ino

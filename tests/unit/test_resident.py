@@ -36,6 +36,7 @@ from pytest_mock import MockerFixture
 
 from tests.infra.qmp_double import QmpDouble
 from vzdump_hook import config as configuration
+from vzdump_hook import early as earlymod
 from vzdump_hook import resident as residentmod
 from vzdump_hook.errors import HookError
 from vzdump_hook.hook import RUN_DIR_ENV
@@ -359,7 +360,7 @@ def test_a_resident_that_is_gone_leaves_the_resume_to_the_phase(s: Setup) -> Non
     assert sock.exists() and residentmod.tell(s.state().job_dir, 101, "") is None
     t0 = time.monotonic()
     s.run(Mode.SNAPSHOT, "pre-restart", vmtype=LXC)
-    assert time.monotonic() - t0 < residentmod.ANSWER_WAIT, "a refused connection is not waited for"
+    assert time.monotonic() - t0 < earlymod.ANSWER_WAIT, "a refused connection is not waited for"
     assert s.g.running_stacks() == ALL_UP and s.g.starts() == ["db", "web"]
 
 
@@ -656,9 +657,9 @@ def test_told_early_by_cli_before_the_phase_runs(s: Setup, caplog: pytest.LogCap
     """cli.py tells the resident before the rest of the hook is imported; the phase then prints the
     answer it got, and does not tell again."""
     s.run(Mode.SNAPSHOT, "backup-start", "pre-stop", vmtype=LXC)
-    residentmod.tell_early(["backup-start", "snapshot", "101"], s.hook.env)  # not a phase it is told
+    earlymod.tell_early(["backup-start", "snapshot", "101"], s.hook.env)  # not a phase it is told
     assert 101 not in residentmod.EARLY
-    residentmod.tell_early(["pre-restart", "snapshot", "101"], s.hook.env)
+    earlymod.tell_early(["pre-restart", "snapshot", "101"], s.hook.env)
     assert s.g.running_stacks() == ALL_UP, "started before the phase ran"
     answer = residentmod.EARLY[101]
     assert answer is not None and answer["resumed"] is True
@@ -676,11 +677,11 @@ def test_a_phase_the_resident_did_all_of_ends_early_with_its_lines(s: Setup, cap
     the CT still frozen), or the resident started them (post-restart); its lines are printed."""
     s.run(Mode.SUSPEND, "backup-start", "pre-stop", vmtype=LXC)
     capsys.readouterr()
-    assert residentmod.tell_early(["pre-restart", "suspend", "101"], s.hook.env) is True
+    assert earlymod.tell_early(["pre-restart", "suspend", "101"], s.hook.env) is True
     out = capsys.readouterr().out.splitlines()
     assert out == ["vzdump-hook: pre-restart 101: stacks stay down until post-restart: the backup's point in time is still ahead"], out
     assert s.g.running_stacks() == APP_DOWN
-    assert residentmod.tell_early(["post-restart", "suspend", "101"], s.hook.env) is True
+    assert earlymod.tell_early(["post-restart", "suspend", "101"], s.hook.env) is True
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].startswith("vzdump-hook: post-restart 101: started db, web in "), out
     assert s.g.running_stacks() == ALL_UP and s.record().status is Status.RESUMED
@@ -689,7 +690,7 @@ def test_a_phase_the_resident_did_all_of_ends_early_with_its_lines(s: Setup, cap
 def test_a_failed_start_is_never_ended_early(s: Setup) -> None:
     s.run(Mode.SNAPSHOT, "backup-start", "pre-stop", vmtype=LXC)
     s.g.unreachable = True
-    assert residentmod.tell_early(["pre-restart", "snapshot", "101"], s.hook.env) is False  # the phase goes on, resumes itself
+    assert earlymod.tell_early(["pre-restart", "snapshot", "101"], s.hook.env) is False  # the phase goes on, resumes itself
     s.g.unreachable = False
     s.run(Mode.SNAPSHOT, "pre-restart", vmtype=LXC)
     assert s.g.running_stacks() == ALL_UP and s.record().status is Status.RESUMED
