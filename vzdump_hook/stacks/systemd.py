@@ -22,8 +22,20 @@ from .base import StopOutcome
 log = logging.getLogger(__name__)
 
 # the properties the hook reads; the restricted wrapper accepts this exact list
-PROPERTIES = "Id,LoadState,ActiveState,Result,Restart,TriggeredBy,ExecMainCode,ExecMainStatus"
+PROPERTIES = "Id,LoadState,ActiveState,SubState,Result,Restart,TriggeredBy,ExecMainCode,ExecMainStatus"
 _UP = ("active", "activating", "reloading")
+
+
+def _up(props: dict[str, str]) -> bool:
+    """Running or starting; a unit waiting to be restarted after a failure (auto-restart) is not up."""
+    return props.get("ActiveState") in _UP and props.get("SubState") != "auto-restart"
+
+
+def _started(props: dict[str, str]) -> bool:
+    """Up after `systemctl start` returned (its job is done): active. A unit that failed and is being
+    restarted by Restart= shows activating (start-pre, auto-restart): not started."""
+    return props.get("ActiveState") in ("active", "reloading")
+
 _KILLED_RESULTS = ("timeout", "core-dump", "watchdog")
 _CLD_KILLED, _CLD_DUMPED, _SIGKILL = "2", "3", "9"
 
@@ -76,8 +88,8 @@ class SystemdDriver:
         tstate = dict(zip(all_triggers, self._show(all_triggers, deadline - time.monotonic()), strict=True)) if all_triggers else {}
         found: dict[str, StackRecord] = {}
         for s in specs:
-            up = tuple(u for u in s.units if state[u].get("ActiveState") in _UP)
-            held = tuple(t for t in triggers.get(s.name, ()) if tstate[t].get("ActiveState") in _UP)
+            up = tuple(u for u in s.units if _up(state[u]))
+            held = tuple(t for t in triggers.get(s.name, ()) if _up(tstate[t]))
             if up or held:
                 found[s.name] = StackRecord.systemd(s.name, up, held)
             for u in up:
@@ -121,7 +133,7 @@ class SystemdDriver:
         units = [*rec.units, *rec.triggers]
         res = self.t.run(["systemctl", "start", "--", *units], timeout=timeout)
         after = self._show(units, deadline - time.monotonic())
-        down = [f"{u} ({p.get('ActiveState', '?')})" for u, p in zip(units, after, strict=True) if p.get("ActiveState") not in _UP]
+        down = [f"{u} ({p.get('ActiveState', '?')}/{p.get('SubState', '?')})" for u, p in zip(units, after, strict=True) if not _started(p)]
         if down:
             detail = f" ({res.stderr.strip()[-300:]})" if not res.ok else ""
             raise ControllerError(f"stack {rec.name}: not running after start: {', '.join(down)}{detail}")
@@ -129,4 +141,4 @@ class SystemdDriver:
 
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
         units = [*rec.units, *rec.triggers]
-        return all(p.get("ActiveState") in _UP for p in self._show(units, timeout))
+        return all(_started(p) for p in self._show(units, timeout))
