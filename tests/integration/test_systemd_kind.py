@@ -6,9 +6,11 @@ stop, reports units systemd had to kill, and starts exactly what it stopped.
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ from vzdump_hook import marker as markers
 from vzdump_hook.config import Kind
 from vzdump_hook.controller import GuestController
 from vzdump_hook.job import JobId
+from vzdump_hook.marker import StackRecord
+from vzdump_hook.transports.base import Transport, shell_join
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +40,7 @@ UNITS = {
     "vzdh-tick.timer": "[Timer]\nOnActiveSec=1h\n[Install]\nWantedBy=timers.target\n",
     "vzdh-tick.service": "[Service]\nType=oneshot\nExecStart=/bin/true\n",
     "vzdh-idle.service": "[Service]\nExecStart=/bin/sleep infinity\n",
+    "vzdh-other.service": "[Service]\nExecStart=/bin/sleep infinity\n",  # in no stack
     # ignores SIGTERM: systemd kills it with SIGKILL once TimeoutStopSec= runs out
     "vzdh-stubborn.service": "[Service]\nExecStart=/bin/sh -c 'trap \"\" TERM; while :; do sleep 0.1; done'\nTimeoutStopSec=1\n"
                              "[Install]\nWantedBy=multi-user.target\n",
@@ -154,3 +159,123 @@ def test_a_unit_that_does_not_exist_is_missing_and_nothing_else_changes(guest: S
         assert not guest.file("/var/lib/vzdump-hook/marker.json").exists()
     finally:
         ctl.close()
+
+
+# -- the restricted key's wrapper and the guest's recovery program, against the same systemd ----------
+
+REPO = Path(__file__).resolve().parents[2]
+WRAPPER = "/usr/local/sbin/vzdump-hook-wrapper"
+RECOVER = "/usr/local/sbin/vzdump-hook-recover"
+CONF = "/etc/vzdump-hook/guest.conf"
+WLOG = "/var/log/vzdh-wrapper.log"
+ALLOWED = ("vzdh-app.service", "vzdh-sock.service", "vzdh-tick.service", "vzdh-idle.service")
+
+
+class WrapperTransport(Transport):
+    """Each argv as sshd runs a forced command in the guest: the wrapper, SSH_ORIGINAL_COMMAND set to the
+    line the ssh transport sends."""
+
+    name = "wrapper"
+
+    def __init__(self, g: SystemdGuest) -> None:
+        super().__init__(f"wrapper in ct{g.vmid}")
+        self.g = g
+
+    def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
+        p = self.g.run(["sh", WRAPPER, "--conf", CONF], input=stdin or b"", timeout=timeout,
+                       env={"SSH_ORIGINAL_COMMAND": shell_join(argv), "SSH_CONNECTION": "10.0.0.1 5555 10.0.0.2 22"})
+        return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def guest_files(guest: SystemdGuest) -> SystemdGuest:
+    for src, dst in (("vzdump-hook-wrapper", WRAPPER), ("vzdump-hook-recover", RECOVER)):
+        shutil.copy(REPO / "examples" / "guest" / src, guest.file(dst))
+        guest.file(dst).chmod(0o755)
+    guest.file(CONF).parent.mkdir(parents=True, exist_ok=True)
+    guest.file(CONF).write_text(f"MARKER=/var/lib/vzdump-hook/marker.json\nVMID={VMID}\nLOG={WLOG}\nDEADLINE_GRACE=0\n"
+                                f"KINDS=systemd\nUNITS={' '.join(ALLOWED)}\n")
+    return guest
+
+
+def forced(g: SystemdGuest, command: str) -> subprocess.CompletedProcess[bytes]:
+    return g.run(["sh", WRAPPER, "--conf", CONF], env={"SSH_ORIGINAL_COMMAND": command})
+
+
+def test_the_hook_quiesces_and_resumes_through_the_wrapper(guest_files: SystemdGuest) -> None:
+    g = guest_files
+    guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": [APP, IDLE], "stop_timeout": 10})
+    ctl = GuestController(guest, JobId("node", "boot", 1, 1), transport=WrapperTransport(g))
+    q = ctl.quiesce("lxc", "snapshot", soon())
+    assert not q.errors and [s.units for s in q.stacks] == [("vzdh-app.service",)]
+    assert [g.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["inactive"] * 3
+    r = ctl.resume(soon())
+    assert r.started == ("app",) and r.marker_removed, r.problems
+    assert [g.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["active"] * 3
+    lines = g.file(WLOG).read_text().splitlines()
+    assert not [ln for ln in lines if "REFUSED" in ln], lines
+    assert any("allowed: systemctl stop vzdh-sock.socket vzdh-tick.timer vzdh-app.service" in ln or
+               "allowed: systemctl stop vzdh-tick.timer vzdh-sock.socket vzdh-app.service" in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        ("systemctl stop -- systemd-journald.service", "not one of the units UNITS"),
+        ("systemctl start -- vzdh-other.service", "not one of the units UNITS"),  # exists, but in no stack
+        ("systemctl stop -- systemd-journald.socket", "does not trigger a unit UNITS"),
+        ("systemctl restart -- vzdh-app.service", "not one of vzdump-hook's commands"),
+        ("systemctl stop vzdh-app.service", "not one of vzdump-hook's commands"),
+        ("systemctl stop -- 'vzdh-app.service;reboot'", "not a unit name"),
+        ("systemctl stop -- --no-block", "not a unit name"),
+        ("systemctl stop -- ", "no unit"),
+        ("systemctl show --property=ExecStart -- vzdh-app.service", "not one of vzdump-hook's commands"),
+        ("docker ps --no-trunc -q", "this guest has no compose stacks"),
+    ],
+)
+def test_the_wrapper_refuses_what_the_settings_do_not_allow(guest_files: SystemdGuest, command: str, why: str) -> None:
+    p = forced(guest_files, command)
+    assert p.returncode == 126 and why in p.stderr.decode(), p
+    assert guest_files.state("vzdh-app.service") == "active" and guest_files.state("systemd-journald.service") == "active"
+    assert guest_files.state("vzdh-other.service") == "inactive"
+
+
+def test_the_recovery_program_starts_what_the_marker_lists(guest_files: SystemdGuest) -> None:
+    g = guest_files
+    ctl = controller(g, [APP])
+    try:
+        q = ctl.quiesce("lxc", "snapshot", soon())
+        assert q.stacks and g.state("vzdh-app.service") == "inactive"
+    finally:
+        ctl.close()
+    check = g.run(["sh", RECOVER, "--conf", CONF, "--check"])
+    assert check.returncode == 0 and b"the node is at work, nothing to do" in check.stdout, check  # deadline ahead, this boot
+    p = g.run(["sh", RECOVER, "--conf", CONF, "--force"])
+    assert p.returncode == 0 and b"started app; marker removed" in p.stdout, p
+    assert [g.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["active"] * 3
+    assert g.state("vzdh-sock.service") == "inactive" and not g.file("/var/lib/vzdump-hook/marker.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("stack", "why"),
+    [
+        (StackRecord.systemd("x", ("vzdh-other.service",)), "vzdh-other.service is not one of the units UNITS"),
+        (StackRecord.systemd("x", ("vzdh-app.service",), ("systemd-journald.socket",)), "systemd-journald.socket does not trigger a unit UNITS"),
+    ],
+)
+def test_the_recovery_program_starts_nothing_of_a_marker_listing_what_the_settings_do_not_allow(
+        guest_files: SystemdGuest, stack: StackRecord, why: str) -> None:
+    g = guest_files
+    g.ok(["systemctl", "stop", "vzdh-app.service", "systemd-journald.socket"])
+    try:
+        m = markers.Marker(JobId("node", "boot", 1, 1), VMID, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped", (stack,))
+        g.file("/var/lib/vzdump-hook/marker.json").write_bytes(m.to_json())
+        g.file("/var/lib/vzdump-hook/marker.json").chmod(0o600)
+        p = g.run(["sh", RECOVER, "--conf", CONF])
+        assert p.returncode == 2 and why.encode() in p.stderr, p
+        assert g.state("vzdh-app.service") == "inactive" and g.state("vzdh-other.service") == "inactive"
+        assert g.state("systemd-journald.socket") == "inactive"
+        assert g.file("/var/lib/vzdump-hook/marker.json").exists()
+    finally:
+        g.file("/var/lib/vzdump-hook/marker.json").unlink(missing_ok=True)
+        g.ok(["systemctl", "start", "vzdh-app.service", "systemd-journald.socket"])
