@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["ROOT_TAR", "SystemdGuest", "support_problem"]
@@ -56,9 +57,10 @@ def _init_of(pid: int) -> int:
 class SystemdGuest:
     """Container `vmid` booted from a copy of :data:`ROOT_TAR` under `workdir` (the pct stand-in's
     state directory). ``units`` (file name -> text) are installed in /etc/systemd/system and
-    ``enable`` ones are enabled before the boot."""
+    ``enable`` ones are enabled before the boot; ``prepare(root)`` runs last before it."""
 
-    def __init__(self, vmid: int, workdir: Path, units: dict[str, str] | None = None, enable: tuple[str, ...] = ()) -> None:
+    def __init__(self, vmid: int, workdir: Path, units: dict[str, str] | None = None, enable: tuple[str, ...] = (),
+                 prepare: Callable[[Path], None] | None = None) -> None:
         self.vmid = vmid
         self.workdir = Path(workdir)
         self.root = self.workdir / f"ct{vmid}-root"
@@ -74,6 +76,8 @@ class SystemdGuest:
         wants.mkdir(exist_ok=True)
         for name in enable:
             (wants / name).symlink_to(f"/etc/systemd/system/{name}")
+        if prepare is not None:
+            prepare(self.root)
         self.start()
 
     def start(self, timeout: float = 90.0) -> None:
