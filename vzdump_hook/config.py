@@ -76,6 +76,7 @@ class StackSpec:
     stop_timeout: float | None = None  # None: the guest's stop_timeout
     kind: Kind = Kind.COMPOSE
     units: tuple[str, ...] = ()  # systemd: the service units, in stop order
+    user: str = ""  # systemd: "" for system units, else the user whose `systemctl --user` units they are
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,12 @@ def valid_stack_name(name: str) -> bool:
 # guest's recovery program check the same pattern.
 _UNIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,240}\.service")
 MAX_UNITS = 32
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def valid_user(name: str) -> bool:
+    """A user name for --user units: lowercase letters, digits, '_', '-', not starting with a digit or '-'."""
+    return _USER.fullmatch(name) is not None
 
 
 def valid_unit(name: str) -> bool:
@@ -253,13 +260,14 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
         stop_timeout: float | None = None
         kind = Kind.COMPOSE
         units: tuple[str, ...] = ()
+        user = ""
         if isinstance(item, dict):
             k = item.get("kind", "compose")
             if k not in tuple(x.value for x in Kind):
                 p.add(f"{ipath}.kind", f"must be one of {', '.join(repr(x.value) for x in Kind)} (got {k!r})")
                 continue
             kind = Kind(k)
-            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | ({"units"} if kind is Kind.SYSTEMD else set()))
+            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | ({"units", "user"} if kind is Kind.SYSTEMD else set()))
             if "stop_timeout" in item:
                 stop_timeout = _num(p, f"{ipath}.stop_timeout", item["stop_timeout"], lo=1, hi=3600)
             if kind is Kind.SYSTEMD:
@@ -270,6 +278,12 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
                 if got is None:
                     continue
                 units = got
+                if "user" in item:
+                    u = item["user"]
+                    if not isinstance(u, str) or not valid_user(u) or u == "root":
+                        p.add(f"{ipath}.user", f"must be the name of the user whose --user units these are (lowercase letters, digits, '_', '-'; not root) (got {u!r})")
+                        continue
+                    user = u
             name = item.get("name")
             if name is None:
                 p.add(f"{ipath}.name", "missing")
@@ -284,13 +298,16 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
             p.add(ipath, f"{name!r} is listed twice")
             continue
         seen.add(name)
-        specs.append(StackSpec(name, stop_timeout, kind, units))
-    claimed: dict[str, str] = {}
+        specs.append(StackSpec(name, stop_timeout, kind, units, user))
+    claimed: dict[tuple[str, str], str] = {}
     for spec in specs:
         for u in spec.units:
-            if u in claimed:
-                p.add(path, f"unit {u} is in stacks {claimed[u]!r} and {spec.name!r}")
-            claimed[u] = spec.name
+            if (spec.user, u) in claimed:
+                p.add(path, f"unit {u} is in stacks {claimed[spec.user, u]!r} and {spec.name!r}")
+            claimed[spec.user, u] = spec.name
+    users = sorted({s.user for s in specs if s.user})
+    if len(users) > 1:
+        p.add(path, f"--user units of one user only (got {', '.join(users)})")
     return tuple(specs)
 
 

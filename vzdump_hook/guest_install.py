@@ -147,7 +147,10 @@ def conf_text(guest: GuestConfig, layout: Layout) -> bytes:
         f"ROOT={layout.root}\n"
         "# the stack kinds the node may act on through the wrapper, and the service units of its systemd stacks\n"
         f"KINDS={' '.join(k.value for k in kinds_of(guest))}\n"
-        f"UNITS={' '.join(u for spec in guest.stacks or () for u in spec.units)}\n"
+        f"UNITS={' '.join(u for spec in guest.stacks or () if not spec.user for u in spec.units)}\n"
+        "# the user whose --user units USER_UNITS are (systemd stacks with `user`)\n"
+        f"SYSTEMD_USER={next((spec.user for spec in guest.stacks or () if spec.user), '')}\n"
+        f"USER_UNITS={' '.join(u for spec in guest.stacks or () if spec.user for u in spec.units)}\n"
     ).encode()
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Kind, valid_stack_name, valid_unit
+from .config import Kind, valid_stack_name, valid_unit, valid_user
 from .errors import MarkerError
 from .job import JobId
 
@@ -45,14 +45,18 @@ class StackRecord:
     kind: Kind = Kind.COMPOSE
     units: tuple[str, ...] = ()  # systemd: the service units that were active (stop order)
     triggers: tuple[str, ...] = ()  # systemd: sockets and timers that were active, stopped first
+    user: str = ""  # systemd: "" system units, else the user whose --user units they are
 
     @classmethod
-    def systemd(cls, name: str, units: tuple[str, ...], triggers: tuple[str, ...] = (), stopped: bool = False) -> StackRecord:
-        return cls(name, (), "", (), (), stopped, kind=Kind.SYSTEMD, units=units, triggers=triggers)
+    def systemd(cls, name: str, units: tuple[str, ...], triggers: tuple[str, ...] = (), stopped: bool = False, user: str = "") -> StackRecord:
+        return cls(name, (), "", (), (), stopped, kind=Kind.SYSTEMD, units=units, triggers=triggers, user=user)
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind is Kind.SYSTEMD:
-            return {"name": self.name, "driver": "systemd", "units": list(self.units), "triggers": list(self.triggers), "stopped": self.stopped}
+            d: dict[str, Any] = {"name": self.name, "driver": "systemd", "units": list(self.units), "triggers": list(self.triggers), "stopped": self.stopped}
+            if self.user:
+                d["user"] = self.user
+            return d
         return {
             "name": self.name,
             "driver": "compose",
@@ -187,7 +191,11 @@ def _stack(d: Any, i: int) -> StackRecord:
         triggers = _strings(d, "triggers", where, _TRIGGER.fullmatch, "socket or timer unit names")
         if len(triggers) > 64:
             raise MarkerError(f"marker: {where}triggers: too many")
-        return StackRecord.systemd(name, units, triggers, _req(d, "stopped", bool, where))
+        stopped = _req(d, "stopped", bool, where)
+        user = _req(d, "user", str, where) if "user" in d else ""
+        if user and (not valid_user(user) or user == "root"):
+            raise MarkerError(f"marker: {where}user {user[:40]!r} is not a user name")
+        return StackRecord.systemd(name, units, triggers, stopped, user)
     if driver != "compose":
         raise MarkerError(f"marker: {where}driver {driver[:20]!r} unknown")
     compose = tuple(_req(d, "compose", list, where))
@@ -206,7 +214,7 @@ def _stack(d: Any, i: int) -> StackRecord:
 def record_from_dict(d: dict[str, Any]) -> StackRecord:
     """A StackRecord from its to_dict() form, as the host state keeps it (trusted: written by us)."""
     if d.get("driver") == "systemd":
-        return StackRecord.systemd(d["name"], tuple(d["units"]), tuple(d["triggers"]), d["stopped"])
+        return StackRecord.systemd(d["name"], tuple(d["units"]), tuple(d["triggers"]), d["stopped"], d.get("user", ""))
     return StackRecord(d["name"], tuple(d["compose"]), d["workdir"], tuple(d["files"]), tuple(d["containers"]), d["stopped"], tuple(d.get("services", ())))
 
 

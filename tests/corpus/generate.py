@@ -203,6 +203,12 @@ CASES: dict[str, tuple[bytes, str | None]] = {
     "trigger-timer-too-long": (systemd(triggers=["t" * 242 + ".timer"]), r"stacks\[0\]\.triggers"),
     "triggers-too-many": (systemd(triggers=[f"t{i}.timer" for i in range(65)]), r"stacks\[0\]\.triggers"),
     "systemd-stopped-missing": (systemd(stopped=DELETE), r"stacks\[0\]\.stopped"),
+    "user-int": (systemd(user=1000), r"stacks\[0\]\.user"),
+    "user-root": (systemd(user="root"), r"stacks\[0\]\.user"),
+    "user-upper": (systemd(user="Alice"), r"stacks\[0\]\.user"),
+    "user-option": (systemd(user="-alice"), r"stacks\[0\]\.user"),
+    "user-space": (systemd(user="al ice"), r"stacks\[0\]\.user"),
+    "user-too-long": (systemd(user="a" * 33), r"stacks\[0\]\.user"),
 }
 
 

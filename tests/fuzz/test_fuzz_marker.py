@@ -112,6 +112,12 @@ SYSTEMD_BOUNDS = {
     "no-triggers": (_systemd(triggers=[]), True),
     "64-triggers": (_systemd(triggers=[f"t{i}.timer" for i in range(64)]), True),
     "template-instance": (_systemd(units=["postgresql@15-main.service", "getty@tty1.service"]), True),
+    "user": (_systemd(user="alice"), True),
+    "user-empty": (_systemd(user=""), True),
+    "user-longest": (_systemd(user="_" + "a" * 31), True),
+    "user-one-longer": (_systemd(user="_" + "a" * 32), False),
+    "user-root": (_systemd(user="root"), False),
+    "user-digit-first": (_systemd(user="1alice"), False),
 }
 
 

@@ -23,6 +23,7 @@ from vzdump_hook.config import Kind
 from vzdump_hook.controller import GuestController
 from vzdump_hook.job import JobId
 from vzdump_hook.marker import StackRecord
+from vzdump_hook.stacks.systemd import systemctl
 from vzdump_hook.transports.base import Transport, shell_join
 
 pytestmark = pytest.mark.integration
@@ -46,6 +47,25 @@ UNITS = {
                              "[Install]\nWantedBy=multi-user.target\n",
 }
 ENABLE = ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer", "vzdh-stubborn.service")
+USER = "alice"  # a user with a manager of its own (lingering), whose --user units a stack lists
+USER_UNITS = {
+    "vzdh-uapp.service": "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=default.target\n",
+    "vzdh-utick.timer": "[Timer]\nOnActiveSec=1h\n[Install]\nWantedBy=timers.target\n",
+    "vzdh-utick.service": "[Service]\nType=oneshot\nExecStart=/bin/true\n",
+}
+
+
+def _with_user(root: Path) -> None:
+    """A user `alice` who lingers (her manager starts at boot), with USER_UNITS enabled for her."""
+    subprocess.run(["chroot", str(root), "useradd", "-m", "-u", "1500", USER], check=True, capture_output=True)
+    (root / "var/lib/systemd/linger").mkdir(parents=True, exist_ok=True)
+    (root / "var/lib/systemd/linger" / USER).write_text("")
+    units = root / "etc/systemd/user"
+    for name, text in USER_UNITS.items():
+        (units / name).write_text(text)
+    for name, target in (("vzdh-uapp.service", "default.target"), ("vzdh-utick.timer", "timers.target")):
+        (units / f"{target}.wants").mkdir(exist_ok=True)
+        (units / f"{target}.wants" / name).symlink_to(f"/etc/systemd/user/{name}")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +73,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemdGuest]:
     problem = support_problem()
     if problem:
         pytest.skip(problem)
-    g = SystemdGuest(VMID, tmp_path_factory.mktemp("sd"), UNITS, ENABLE)
+    g = SystemdGuest(VMID, tmp_path_factory.mktemp("sd"), UNITS, ENABLE, prepare=_with_user)
     g.ok(["mkdir", "-p", "/var/lib/vzdh"])
     try:
         yield g
@@ -64,6 +84,12 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemdGuest]:
 def controller(g: SystemdGuest, stacks: list[object], **over: object) -> GuestController:
     table = {"transport": "pct", "pct": {"path": make_pct(g.workdir)}, "stacks": stacks, "stop_timeout": 10, **over}
     return GuestController(configuration.validate_guest(VMID, table), JobId("node", "boot", 1, 1))
+
+
+def ustate(g: SystemdGuest, unit: str) -> str:
+    """ActiveState of one of alice's --user units, as her manager says."""
+    return g.ok(["runuser", "-u", USER, "--", "env", "XDG_RUNTIME_DIR=/run/user/1500", "systemctl", "--user", "show",
+                 "--property=ActiveState", "--value", "--", unit]).strip()
 
 
 def soon(s: float = 120) -> float:
@@ -81,6 +107,28 @@ def connects(path: Path) -> bool:
 
 APP = {"kind": "systemd", "name": "app", "units": ["vzdh-app.service", "vzdh-sock.service", "vzdh-tick.service"]}
 IDLE = {"kind": "systemd", "name": "idle", "units": ["vzdh-idle.service"]}
+UAPP = {"kind": "systemd", "name": "uapp", "units": ["vzdh-uapp.service", "vzdh-utick.service"], "user": USER}
+
+
+def test_user_units_are_stopped_and_started_by_the_users_manager(guest: SystemdGuest) -> None:
+    assert [ustate(guest, u) for u in ("vzdh-uapp.service", "vzdh-utick.timer")] == ["active", "active"]
+    ctl = controller(guest, [APP, UAPP])
+    try:
+        q = ctl.quiesce("lxc", "snapshot", soon())
+        assert not q.errors and not q.killed
+        app, uapp = q.stacks
+        assert (uapp.user, uapp.units, uapp.triggers) == (USER, ("vzdh-uapp.service",), ("vzdh-utick.timer",))
+        assert app.user == "" and app.units == ("vzdh-app.service",)
+        assert [ustate(guest, u) for u in ("vzdh-uapp.service", "vzdh-utick.timer")] == ["inactive", "inactive"]
+        assert guest.state("vzdh-app.service") == "inactive"
+        written = markers.parse(guest.file("/var/lib/vzdump-hook/marker.json").read_bytes())
+        assert written.stacks == q.stacks
+        r = ctl.resume(soon())
+        assert r.started == ("uapp", "app") and r.marker_removed, r.problems
+        assert [ustate(guest, u) for u in ("vzdh-uapp.service", "vzdh-utick.timer")] == ["active", "active"]
+        assert guest.state("vzdh-app.service") == "active"
+    finally:
+        ctl.close()
 
 
 def test_stops_active_units_and_their_triggers_marker_first_then_starts_exactly_those(guest: SystemdGuest) -> None:
@@ -194,7 +242,7 @@ def guest_files(guest: SystemdGuest) -> SystemdGuest:
         guest.file(dst).chmod(0o755)
     guest.file(CONF).parent.mkdir(parents=True, exist_ok=True)
     guest.file(CONF).write_text(f"MARKER=/var/lib/vzdump-hook/marker.json\nVMID={VMID}\nLOG={WLOG}\nDEADLINE_GRACE=0\n"
-                                f"KINDS=systemd\nUNITS={' '.join(ALLOWED)}\n")
+                                f"KINDS=systemd\nUNITS={' '.join(ALLOWED)}\nSYSTEMD_USER={USER}\nUSER_UNITS=vzdh-uapp.service vzdh-utick.service\n")
     return guest
 
 
@@ -204,14 +252,16 @@ def forced(g: SystemdGuest, command: str) -> subprocess.CompletedProcess[bytes]:
 
 def test_the_hook_quiesces_and_resumes_through_the_wrapper(guest_files: SystemdGuest) -> None:
     g = guest_files
-    guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": [APP, IDLE], "stop_timeout": 10})
+    guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": [APP, IDLE, UAPP], "stop_timeout": 10})
     ctl = GuestController(guest, JobId("node", "boot", 1, 1), transport=WrapperTransport(g))
     q = ctl.quiesce("lxc", "snapshot", soon())
-    assert not q.errors and [s.units for s in q.stacks] == [("vzdh-app.service",)]
+    assert not q.errors and [s.units for s in q.stacks] == [("vzdh-app.service",), ("vzdh-uapp.service",)]
     assert [g.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["inactive"] * 3
+    assert [ustate(g, u) for u in ("vzdh-uapp.service", "vzdh-utick.timer")] == ["inactive", "inactive"]
     r = ctl.resume(soon())
-    assert r.started == ("app",) and r.marker_removed, r.problems
+    assert r.started == ("uapp", "app") and r.marker_removed, r.problems
     assert [g.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["active"] * 3
+    assert [ustate(g, u) for u in ("vzdh-uapp.service", "vzdh-utick.timer")] == ["active", "active"]
     lines = g.file(WLOG).read_text().splitlines()
     assert not [ln for ln in lines if "REFUSED" in ln], lines
     assert any("allowed: systemctl stop vzdh-sock.socket vzdh-tick.timer vzdh-app.service" in ln or
@@ -231,6 +281,12 @@ def test_the_hook_quiesces_and_resumes_through_the_wrapper(guest_files: SystemdG
         ("systemctl stop -- ", "no unit"),
         ("systemctl show --property=ExecStart -- vzdh-app.service", "not one of vzdump-hook's commands"),
         ("docker ps --no-trunc -q", "this guest has no compose stacks"),
+        (shell_join(systemctl("bob", "stop", "--", "vzdh-uapp.service")), "--user units of bob are not allowed"),
+        (shell_join(systemctl("root", "stop", "--", "vzdh-app.service")), "not a user name"),
+        (shell_join(systemctl(USER, "stop", "--", "vzdh-app.service")), "not one of the units USER_UNITS"),
+        (shell_join(systemctl(USER, "stop", "--", "vzdh-utick.timer", "vzdh-sock.socket")), "does not trigger a unit USER_UNITS"),
+        (shell_join(systemctl(USER, "restart", "--", "vzdh-uapp.service")), "not one of vzdump-hook's commands"),
+        (shell_join(systemctl(USER, "stop", "--", "vzdh-uapp.service")).replace("--user", "--system"), "not one of vzdump-hook's commands"),
     ],
 )
 def test_the_wrapper_refuses_what_the_settings_do_not_allow(guest_files: SystemdGuest, command: str, why: str) -> None:
@@ -238,11 +294,12 @@ def test_the_wrapper_refuses_what_the_settings_do_not_allow(guest_files: Systemd
     assert p.returncode == 126 and why in p.stderr.decode(), p
     assert guest_files.state("vzdh-app.service") == "active" and guest_files.state("systemd-journald.service") == "active"
     assert guest_files.state("vzdh-other.service") == "inactive"
+    assert ustate(guest_files, "vzdh-uapp.service") == "active"
 
 
 def test_the_recovery_program_starts_what_the_marker_lists(guest_files: SystemdGuest) -> None:
     g = guest_files
-    ctl = controller(g, [APP])
+    ctl = controller(g, [APP, UAPP])
     try:
         q = ctl.quiesce("lxc", "snapshot", soon())
         assert q.stacks and g.state("vzdh-app.service") == "inactive"
@@ -251,8 +308,9 @@ def test_the_recovery_program_starts_what_the_marker_lists(guest_files: SystemdG
     check = g.run(["sh", RECOVER, "--conf", CONF, "--check"])
     assert check.returncode == 0 and b"the node is at work, nothing to do" in check.stdout, check  # deadline ahead, this boot
     p = g.run(["sh", RECOVER, "--conf", CONF, "--force"])
-    assert p.returncode == 0 and b"started app; marker removed" in p.stdout, p
+    assert p.returncode == 0 and b"started uapp, app; marker removed" in p.stdout, p
     assert [g.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["active"] * 3
+    assert [ustate(g, u) for u in ("vzdh-uapp.service", "vzdh-utick.timer")] == ["active", "active"]
     assert g.state("vzdh-sock.service") == "inactive" and not g.file("/var/lib/vzdump-hook/marker.json").exists()
 
 
@@ -261,6 +319,8 @@ def test_the_recovery_program_starts_what_the_marker_lists(guest_files: SystemdG
     [
         (StackRecord.systemd("x", ("vzdh-other.service",)), "vzdh-other.service is not one of the units UNITS"),
         (StackRecord.systemd("x", ("vzdh-app.service",), ("systemd-journald.socket",)), "systemd-journald.socket does not trigger a unit UNITS"),
+        (StackRecord.systemd("x", ("vzdh-app.service",), user=USER), "vzdh-app.service is not one of the units USER_UNITS"),
+        (StackRecord.systemd("x", ("vzdh-uapp.service",), user="bob"), "--user units of bob: SYSTEMD_USER"),
     ],
 )
 def test_the_recovery_program_starts_nothing_of_a_marker_listing_what_the_settings_do_not_allow(

@@ -49,7 +49,11 @@ def test_systemd_and_compose_entries_side_by_side_in_stop_order() -> None:
         ('{ kind = "systemd", name = "pg", units = ["--now.service"] }', "guests.101.stacks[0].units[0]: not a service unit name"),
         ('{ kind = "systemd", name = "pg", units = ["a\\\\x2db.service"] }', "guests.101.stacks[0].units[0]: not a service unit name"),
         ('{ kind = "systemd", name = "pg", units = ["a.service", "a.service"] }', "guests.101.stacks[0].units: a unit is listed twice"),
-        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = "alice" }', "guests.101.stacks[0].user: unknown key"),
+        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = "Alice" }', "guests.101.stacks[0].user: must be the name of the user"),
+        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = "root" }', "guests.101.stacks[0].user: must be the name of the user"),
+        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = "-x" }', "guests.101.stacks[0].user: must be the name of the user"),
+        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = 5 }', "guests.101.stacks[0].user: must be the name of the user"),
+        ('{ name = "db", user = "alice" }', "guests.101.stacks[0].user: unknown key"),
         ('{ kind = "podman", name = "pg" }', "guests.101.stacks[0].kind: must be one of 'compose', 'systemd'"),
         ('{ kind = "compose", name = "db", units = ["a.service"] }', "guests.101.stacks[0].units: unknown key"),
     ],
@@ -59,6 +63,13 @@ def test_a_bad_systemd_entry_is_named_by_its_key_path(entry: str, expected: str)
     assert any(p.startswith(expected) for p in got), got
 
 
+def test_user_units_of_one_user_beside_system_units() -> None:
+    g = parse(GUEST + 'stacks = [{ kind = "systemd", name = "a", units = ["x.service"] }, { kind = "systemd", name = "b", units = ["x.service"], user = "alice" }]\n').guests[101]
+    assert [(s.name, s.user) for s in g.stacks or ()] == [("a", ""), ("b", "alice")]  # the same unit name, two managers
+    got = problems(GUEST + 'stacks = [{ kind = "systemd", name = "a", units = ["x.service"], user = "bob" }, { kind = "systemd", name = "b", units = ["y.service"], user = "alice" }]\n')
+    assert got == ["guests.101.stacks: --user units of one user only (got alice, bob)"]
+
+
 def test_one_unit_in_two_stacks_is_refused() -> None:
     got = problems(GUEST + 'stacks = [{ kind = "systemd", name = "a", units = ["x.service"] }, { kind = "systemd", name = "b", units = ["x.service"] }]\n')
     assert got == ["guests.101.stacks: unit x.service is in stacks 'a' and 'b'"]
@@ -66,14 +77,15 @@ def test_one_unit_in_two_stacks_is_refused() -> None:
 
 def test_a_systemd_record_round_trips_through_the_marker_and_the_host_state() -> None:
     rec = StackRecord.systemd("pg", ("postgresql@15-main.service",), ("pg.socket", "backup.timer"), stopped=True)
+    user = StackRecord.systemd("app", ("app.service",), (), stopped=True, user="alice")
     compose = StackRecord("web", ("docker", "compose"), "/srv/web", ("/srv/web/compose.yaml",), ("ab" * 32,), True, ("app",))
-    m = Marker(JobId("n", "b", 1, 2), 101, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped", (compose, rec))
+    m = Marker(JobId("n", "b", 1, 2), 101, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped", (compose, rec, user))
     back = markers.parse(m.to_json())
-    assert back.stacks == (compose, rec) and back.stacks[1].kind is Kind.SYSTEMD
+    assert back.stacks == (compose, rec, user) and back.stacks[1].kind is Kind.SYSTEMD and back.stacks[2].user == "alice"
     line = [ln for ln in m.to_json().decode().splitlines() if '"pg"' in ln][0]
     assert '"driver": "systemd"' in line and '"units": ["postgresql@15-main.service"]' in line  # one stack per line
-    gr = GuestRecord(101, "lxc", "snapshot", {}, stacks=[compose, rec])
-    assert GuestRecord.from_json(gr.to_json()).stacks == [compose, rec]
+    gr = GuestRecord(101, "lxc", "snapshot", {}, stacks=[compose, rec, user])
+    assert GuestRecord.from_json(gr.to_json()).stacks == [compose, rec, user]
 
 
 def test_a_marker_of_an_unknown_kind_is_refused() -> None:

@@ -16,7 +16,7 @@ import time
 from ..config import Kind, StackSpec
 from ..errors import ControllerError
 from ..marker import StackRecord
-from ..transports.base import Transport
+from ..transports.base import Transport, sh
 from .base import StopOutcome
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,18 @@ _KILLED_RESULTS = ("timeout", "core-dump", "watchdog")
 _CLD_KILLED, _CLD_DUMPED, _SIGKILL = "2", "3", "9"
 
 
-def show_argv(units: list[str]) -> list[str]:
-    return ["systemctl", "show", f"--property={PROPERTIES}", "--", *units]
+# `systemctl --user` as USER ($1), for that user's service manager (its private socket in
+# XDG_RUNTIME_DIR); the restricted wrapper accepts this exact script
+AS_USER = 'u=$1; shift; exec runuser -u "$u" -- env XDG_RUNTIME_DIR="/run/user/$(id -u "$u")" systemctl --user "$@"'
+
+
+def systemctl(user: str, *args: str) -> list[str]:
+    """argv of `systemctl ARGS` for system units (user ""), or of `systemctl --user ARGS` as `user`."""
+    return ["systemctl", *args] if not user else sh(AS_USER, user, *args)
+
+
+def show_argv(units: list[str], user: str = "") -> list[str]:
+    return systemctl(user, "show", f"--property={PROPERTIES}", "--", *units)
 
 
 class SystemdDriver:
@@ -52,9 +62,10 @@ class SystemdDriver:
     def __init__(self, transport: Transport) -> None:
         self.t = transport
 
-    def _show(self, units: list[str], timeout: float) -> list[dict[str, str]]:
+    def _show(self, units: list[str], timeout: float, user: str = "") -> list[dict[str, str]]:
         """The properties of each unit, in the order given. Raises TransportError."""
-        res = self.t.run(show_argv(units), timeout=timeout).check("cannot ask systemd (is this guest's init systemd?)")
+        what = f"cannot ask {user}'s systemd (does {user} linger: loginctl enable-linger {user})" if user else "cannot ask systemd (is this guest's init systemd?)"
+        res = self.t.run(show_argv(units, user), timeout=timeout).check(what)
         blocks: list[dict[str, str]] = []
         for chunk in res.stdout.strip("\n").split("\n\n"):
             props: dict[str, str] = {}
@@ -74,8 +85,14 @@ class SystemdDriver:
         if not specs:
             return {}
         deadline = time.monotonic() + timeout
+        found: dict[str, StackRecord] = {}
+        for user in sorted({s.user for s in specs}):
+            found.update(self._running(tuple(s for s in specs if s.user == user), user, deadline))
+        return found
+
+    def _running(self, specs: tuple[StackSpec, ...], user: str, deadline: float) -> dict[str, StackRecord]:
         units = [u for s in specs for u in s.units]
-        state = dict(zip(units, self._show(units, timeout), strict=True))
+        state = dict(zip(units, self._show(units, deadline - time.monotonic(), user), strict=True))
         triggers: dict[str, list[str]] = {}
         for s in specs:
             for u in s.units:
@@ -85,13 +102,13 @@ class SystemdDriver:
                     if trig.endswith((".socket", ".timer")) and trig not in triggers.setdefault(s.name, []):
                         triggers[s.name].append(trig)
         all_triggers = sorted({t for ts in triggers.values() for t in ts})
-        tstate = dict(zip(all_triggers, self._show(all_triggers, deadline - time.monotonic()), strict=True)) if all_triggers else {}
+        tstate = dict(zip(all_triggers, self._show(all_triggers, deadline - time.monotonic(), user), strict=True)) if all_triggers else {}
         found: dict[str, StackRecord] = {}
         for s in specs:
             up = tuple(u for u in s.units if _up(state[u]))
             held = tuple(t for t in triggers.get(s.name, ()) if _up(tstate[t]))
             if up or held:
-                found[s.name] = StackRecord.systemd(s.name, up, held)
+                found[s.name] = StackRecord.systemd(s.name, up, held, user=user)
             for u in up:
                 if state[u].get("Restart") == "always":
                     log.info("systemd %s: %s has Restart=always: systemd does not restart a unit stopped by systemctl; its state is checked after the stop", s.name, u)
@@ -105,9 +122,9 @@ class SystemdDriver:
         start = time.monotonic()
         deadline = start + timeout
         try:
-            res = self.t.run(["systemctl", "stop", "--", *rec.triggers, *rec.units], timeout=timeout)
+            res = self.t.run(systemctl(rec.user, "stop", "--", *rec.triggers, *rec.units), timeout=timeout)
             units = [*rec.triggers, *rec.units]
-            after = dict(zip(units, self._show(units, deadline - time.monotonic()), strict=True))
+            after = dict(zip(units, self._show(units, deadline - time.monotonic(), rec.user), strict=True))
             killed: list[str] = []
             problems: list[str] = []
             for u, p in after.items():
@@ -131,8 +148,8 @@ class SystemdDriver:
         start = time.monotonic()
         deadline = start + timeout
         units = [*rec.units, *rec.triggers]
-        res = self.t.run(["systemctl", "start", "--", *units], timeout=timeout)
-        after = self._show(units, deadline - time.monotonic())
+        res = self.t.run(systemctl(rec.user, "start", "--", *units), timeout=timeout)
+        after = self._show(units, deadline - time.monotonic(), rec.user)
         down = [f"{u} ({p.get('ActiveState', '?')}/{p.get('SubState', '?')})" for u, p in zip(units, after, strict=True) if not _started(p)]
         if down:
             detail = f" ({res.stderr.strip()[-300:]})" if not res.ok else ""
@@ -141,4 +158,4 @@ class SystemdDriver:
 
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
         units = [*rec.units, *rec.triggers]
-        return all(_started(p) for p in self._show(units, timeout))
+        return all(_started(p) for p in self._show(units, timeout, rec.user))
