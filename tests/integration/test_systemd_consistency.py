@@ -147,7 +147,7 @@ def test_with_the_hook_the_copy_starts_clean_and_holds_every_acknowledged_row(
         pg_guest: SystemdGuest, writer: Writer, tmp_path: Path, scratch: Path, vmtype: str, mode: str) -> None:
     log, pit, stop_began, status = job(pg_guest, tmp_path, scratch, writer, vmtype, mode, configured=True)
     assert status is JobStatus.OK, log
-    assert f"pre-stop {VMID}: stopped pg" in log, log
+    assert f"pct {VMID} answers, will stop pg (no compose)" in log and f"pre-stop {VMID}: stopped pg" in log, log
     assert pit.pg_state in ("inactive", "failed") and pit.at is not None, log
     restored = restored_copy(scratch / "copy", scratch)
     assert restored.clean, f"the copy needed crash recovery:\n{restored.log}\n{log}"
