@@ -339,3 +339,36 @@ def test_the_recovery_program_starts_nothing_of_a_marker_listing_what_the_settin
     finally:
         g.file("/var/lib/vzdump-hook/marker.json").unlink(missing_ok=True)
         g.ok(["systemctl", "start", "vzdh-app.service", "systemd-journald.socket"])
+
+
+# -- the admin commands on a guest with systemd stacks --------------------------------------------------
+
+
+def test_check_status_and_recover_on_systemd_stacks(guest: SystemdGuest, tmp_path: Path) -> None:
+    from tests.integration.hookenv import installed_hook
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[hook]\npve_dir = "{tmp_path / "pve"}"\n[guests.{VMID}]\ntransport = "pct"\npct = {{ path = "{make_pct(guest.workdir)}" }}\n'
+                   'stacks = [{ kind = "systemd", name = "app", units = ["vzdh-app.service", "vzdh-sock.service", "vzdh-tick.service"] },'
+                   ' { kind = "systemd", name = "idle", units = ["vzdh-idle.service"] }]\n')
+    env = {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state"),
+           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+    def admin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([installed_hook(), *args], env=env, capture_output=True, text=True, timeout=120, cwd="/")
+
+    out = admin("check", str(VMID)).stdout
+    assert f"{VMID} pct {VMID}: ok in" in out and "compose: not used" in out, out
+    assert "running stacks: app" in out and "a backup stops: app" in out and "configured but not running (left alone): idle" in out, out
+    ctl = controller(guest, [APP, IDLE])
+    try:
+        assert ctl.quiesce("lxc", "snapshot", soon()).stacks
+    finally:
+        ctl.close()
+    assert guest.state("vzdh-app.service") == "inactive"
+    st = admin("status")
+    assert f"{VMID}: MARKER of job node/1" in st.stdout and "): app;" in st.stdout, st.stdout + st.stderr
+    r = admin("recover", "--force", str(VMID))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [guest.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["active"] * 3
+    assert guest.state("vzdh-idle.service") == "inactive" and not guest.file("/var/lib/vzdump-hook/marker.json").exists()
