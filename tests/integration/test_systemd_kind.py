@@ -344,7 +344,7 @@ def test_the_recovery_program_starts_nothing_of_a_marker_listing_what_the_settin
 # -- the admin commands on a guest with systemd stacks --------------------------------------------------
 
 
-def test_check_status_and_recover_on_systemd_stacks(guest: SystemdGuest, tmp_path: Path) -> None:
+def test_check_simulate_status_and_recover_on_systemd_stacks(guest: SystemdGuest, tmp_path: Path) -> None:
     from tests.integration.hookenv import installed_hook
 
     cfg = tmp_path / "config.toml"
@@ -360,6 +360,10 @@ def test_check_status_and_recover_on_systemd_stacks(guest: SystemdGuest, tmp_pat
     out = admin("check", str(VMID)).stdout
     assert f"{VMID} pct {VMID}: ok in" in out and "compose: not used" in out, out
     assert "running stacks: app" in out and "a backup stops: app" in out and "configured but not running (left alone): idle" in out, out
+    sim = admin("simulate", str(VMID), "--type", "lxc", "--pause", "0.5", "-y")
+    assert sim.returncode == 0 and f"pre-stop {VMID}: stopped app" in sim.stdout + sim.stderr, sim.stdout + sim.stderr
+    assert [guest.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["active"] * 3
+    assert not guest.file("/var/lib/vzdump-hook/marker.json").exists()
     ctl = controller(guest, [APP, IDLE])
     try:
         assert ctl.quiesce("lxc", "snapshot", soon()).stacks
