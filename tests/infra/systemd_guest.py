@@ -13,6 +13,7 @@ under :attr:`SystemdGuest.root`.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ ROOT_TAR = Path("/var/cache/vzdh-test/systemd-guest.tar")
 NSPAWN = "/usr/bin/systemd-nspawn"
 NSENTER = "/usr/bin/nsenter"
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+_OPEN: set[SystemdGuest] = set()  # closed at exit if a test run ends without closing them
 
 
 def support_problem() -> str | None:
@@ -78,6 +80,7 @@ class SystemdGuest:
             (wants / name).symlink_to(f"/etc/systemd/system/{name}")
         if prepare is not None:
             prepare(self.root)
+        _OPEN.add(self)
         self.start()
 
     def start(self, timeout: float = 90.0) -> None:
@@ -138,7 +141,14 @@ class SystemdGuest:
         self.leader = 0
 
     def close(self) -> None:
+        _OPEN.discard(self)
         self.stop()
         for name in (f"{self.vmid}.conf", f"{self.vmid}.pid", f"{self.vmid}.ns"):
             (self.workdir / name).unlink(missing_ok=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@atexit.register
+def _close_all() -> None:
+    for g in list(_OPEN):
+        g.close()
