@@ -14,6 +14,7 @@ under :attr:`SystemdGuest.root`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -132,10 +133,14 @@ class SystemdGuest:
         namespace ends every process in it); nspawn is killed if it does not end in 30 s."""
         if self._proc is not None and self._proc.poll() is None:
             if self.leader:
-                self.run(["systemctl", "poweroff", "-ff"], timeout=10)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.run(["systemctl", "poweroff", "-ff"], timeout=10)
             try:
                 self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # the guest's init is in a session of its own: killed first
+                if self.leader:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.leader, signal.SIGKILL)
                 os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait(timeout=10)
         self.leader = 0

@@ -33,7 +33,8 @@ SOCK = "/var/lib/vzdh/app.sock"
 # ExecStop of the app keeps a copy of the marker as it is when systemd stops the app
 MARKER_AT_STOP = "/var/lib/vzdh/marker-at-stop.json"
 UNITS = {
-    "vzdh-app.service": "[Service]\nExecStart=/bin/sleep infinity\nRestart=always\n"
+    # (no start rate limit: the tests start it more often than 5 times in 10 s)
+    "vzdh-app.service": "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep infinity\nRestart=always\n"
                         f"ExecStop=/bin/sh -c 'cp /var/lib/vzdump-hook/marker.json {MARKER_AT_STOP}; kill $MAINPID'\n"
                         "[Install]\nWantedBy=multi-user.target\n",
     "vzdh-sock.socket": f"[Socket]\nListenStream={SOCK}\n[Install]\nWantedBy=sockets.target\n",
@@ -49,7 +50,7 @@ UNITS = {
 ENABLE = ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer", "vzdh-stubborn.service")
 USER = "alice"  # a user with a manager of its own (lingering), whose --user units a stack lists
 USER_UNITS = {
-    "vzdh-uapp.service": "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=default.target\n",
+    "vzdh-uapp.service": "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=default.target\n",
     "vzdh-utick.timer": "[Timer]\nOnActiveSec=1h\n[Install]\nWantedBy=timers.target\n",
     "vzdh-utick.service": "[Service]\nType=oneshot\nExecStart=/bin/true\n",
 }
