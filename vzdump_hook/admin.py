@@ -139,7 +139,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
             return escape(f"{g.vmid} {g.describe_target()}: FAILED: {describe(e)}"), False
         finally:
             ctl.close()
-        lines = [f"{g.vmid} {g.describe_target()}: ok in {time.monotonic() - start:.1f} s, compose: {' '.join(p.compose)}"]
+        lines = [f"{g.vmid} {g.describe_target()}: ok in {time.monotonic() - start:.1f} s, compose: {' '.join(p.compose) or 'not used'}"]
         lines.append(f"    running stacks: {', '.join(p.running) or 'none'}")
         order = "in parallel" if g.parallel else "in this order, started in reverse"
         lines.append(f"    a backup stops: {', '.join(p.selected) or 'nothing'}" + (f" ({order})" if len(p.selected) > 1 else ""))

@@ -64,10 +64,20 @@ class AgentConfig:
     node: str = ""  # "": this node
 
 
+class Kind(str, Enum):
+    """What a stack is: how the hook finds, stops and starts it (one module per kind in stacks/)."""
+
+    COMPOSE = "compose"  # a docker compose project, found by its labels
+    SYSTEMD = "systemd"  # listed systemd service units (never discovered: see README)
+
+
 @dataclass(frozen=True)
 class StackSpec:
     name: str
     stop_timeout: float | None = None  # None: the guest's stop_timeout
+    kind: Kind = Kind.COMPOSE
+    units: tuple[str, ...] = ()  # systemd: the service units, in stop order
+    user: str = ""  # systemd: "" for system units, else the user whose `systemctl --user` units they are
 
 
 @dataclass(frozen=True)
@@ -208,21 +218,74 @@ def valid_stack_name(name: str) -> bool:
     return bool(name) and len(name) <= 128 and set(name) <= _STACK_NAME_CHARS and name[0].isalnum()
 
 
+# A systemd service unit name as the hook accepts it (no \\-escapes, no globs); the wrapper and the
+# guest's recovery program check the same pattern.
+_UNIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,240}\.service")
+MAX_UNITS = 32
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def valid_user(name: str) -> bool:
+    """A user name for --user units: lowercase letters, digits, '_', '-', not starting with a digit or '-'."""
+    return _USER.fullmatch(name) is not None
+
+
+def valid_unit(name: str) -> bool:
+    """A service unit name: letters, digits, ':', '_', '.', '@', '-', ending in .service."""
+    return _UNIT.fullmatch(name) is not None
+
+
+def _units(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
+    if not isinstance(v, list) or not v or len(v) > MAX_UNITS:
+        p.add(path, f"must be a list of 1-{MAX_UNITS} service unit names, e.g. [\"postgresql.service\"] (got {v!r})")
+        return None
+    for i, u in enumerate(v):
+        if not isinstance(u, str) or not valid_unit(u):
+            p.add(f"{path}[{i}]", f"not a service unit name (letters, digits, ':', '_', '.', '@', '-', ending in .service): {u!r}")
+            return None
+    if len(set(v)) != len(v):
+        p.add(path, "a unit is listed twice")
+        return None
+    return tuple(v)
+
+
 def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None:
     if v == "auto":
         return None
     if not isinstance(v, list) or not v:
-        p.add(path, f'must be "auto" or a non-empty list of compose project names (got {v!r})')
+        p.add(path, f'must be "auto" or a non-empty list of compose project names or stack tables (got {v!r})')
         return None
     specs: list[StackSpec] = []
     seen: set[str] = set()
     for i, item in enumerate(v):
         ipath = f"{path}[{i}]"
         stop_timeout: float | None = None
+        kind = Kind.COMPOSE
+        units: tuple[str, ...] = ()
+        user = ""
         if isinstance(item, dict):
-            _unknown(p, ipath, item, {"name", "stop_timeout"})
+            k = item.get("kind", "compose")
+            if k not in tuple(x.value for x in Kind):
+                p.add(f"{ipath}.kind", f"must be one of {', '.join(repr(x.value) for x in Kind)} (got {k!r})")
+                continue
+            kind = Kind(k)
+            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | ({"units", "user"} if kind is Kind.SYSTEMD else set()))
             if "stop_timeout" in item:
                 stop_timeout = _num(p, f"{ipath}.stop_timeout", item["stop_timeout"], lo=1, hi=3600)
+            if kind is Kind.SYSTEMD:
+                if "units" not in item:
+                    p.add(f"{ipath}.units", 'missing (the service units to stop, e.g. ["postgresql.service"]: systemd units are never discovered)')
+                    continue
+                got = _units(p, f"{ipath}.units", item["units"])
+                if got is None:
+                    continue
+                units = got
+                if "user" in item:
+                    u = item["user"]
+                    if not isinstance(u, str) or not valid_user(u) or u == "root":
+                        p.add(f"{ipath}.user", f"must be the name of the user whose --user units these are (lowercase letters, digits, '_', '-'; not root) (got {u!r})")
+                        continue
+                    user = u
             name = item.get("name")
             if name is None:
                 p.add(f"{ipath}.name", "missing")
@@ -230,13 +293,23 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
         else:
             name = item
         if not isinstance(name, str) or not valid_stack_name(name):
-            p.add(ipath, f"not a compose project name (lowercase letters, digits, '_', '-', '.'): {name!r}")
+            what = "a compose project name" if kind is Kind.COMPOSE else "a stack name"
+            p.add(f"{ipath}.name" if isinstance(item, dict) else ipath, f"not {what} (lowercase letters, digits, '_', '-', '.'): {name!r}")
             continue
         if name in seen:
             p.add(ipath, f"{name!r} is listed twice")
             continue
         seen.add(name)
-        specs.append(StackSpec(name, stop_timeout))
+        specs.append(StackSpec(name, stop_timeout, kind, units, user))
+    claimed: dict[tuple[str, str], str] = {}
+    for spec in specs:
+        for u in spec.units:
+            if (spec.user, u) in claimed:
+                p.add(path, f"unit {u} is in stacks {claimed[spec.user, u]!r} and {spec.name!r}")
+            claimed[spec.user, u] = spec.name
+    users = sorted({s.user for s in specs if s.user})
+    if len(users) > 1:
+        p.add(path, f"--user units of one user only (got {', '.join(users)})")
     return tuple(specs)
 
 

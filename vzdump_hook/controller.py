@@ -16,7 +16,8 @@ from . import marker as markers
 from .errors import ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
 from .job import JobId
 from .marker import Marker, StackRecord
-from .stacks.compose import ComposeDriver, StopOutcome
+from .stacks.base import StopOutcome
+from .stacks.kinds import Stacks
 from .transports import open_transport
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STOP_MARGIN = 30.0  # seconds for compose itself on top of the stop timeout
+STOP_MARGIN = 30.0  # seconds for compose / systemctl itself on top of the stop timeout
 
 
 def _left(deadline: float, cap: float | None = None) -> float:
@@ -78,7 +79,7 @@ class GuestController:
         self.guest = guest
         self.job = job
         self.t = transport if transport is not None else open_transport(guest)
-        self.driver = ComposeDriver(self.t, guest.compose_command)
+        self.driver = Stacks(self.t, guest)
 
     def close(self) -> None:
         self.t.close()
@@ -115,8 +116,8 @@ class GuestController:
         """(stacks to stop in stop order, configured stacks that are not running)."""
         if self.guest.stacks is None:
             return [running[n] for n in sorted(running) if n not in self.guest.exclude], []
-        chosen = [running[s.name] for s in self.guest.stacks if s.name in running]
-        missing = [s.name for s in self.guest.stacks if s.name not in running]
+        chosen = [running[s.name] for s in self.guest.stacks if s.name in running and running[s.name].kind is s.kind]
+        missing = [s.name for s in self.guest.stacks if s.name not in running or running[s.name].kind is not s.kind]
         return chosen, missing
 
     def preflight(self, deadline: float) -> Preflight:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import Kind
 from .errors import HookError
 from .text import escape
 from .transports import open_transport
@@ -144,7 +145,19 @@ def conf_text(guest: GuestConfig, layout: Layout) -> bytes:
         "# where the wrapper logs each call: syslog (tag vzdump-hook-wrapper, facility auth) or a file\n"
         "LOG=syslog\n"
         f"ROOT={layout.root}\n"
+        "# the stack kinds the node may act on through the wrapper, and the service units of its systemd stacks\n"
+        f"KINDS={' '.join(k.value for k in kinds_of(guest))}\n"
+        f"UNITS={' '.join(u for spec in guest.stacks or () if not spec.user for u in spec.units)}\n"
+        "# the user whose --user units USER_UNITS are (systemd stacks with `user`)\n"
+        f"SYSTEMD_USER={next((spec.user for spec in guest.stacks or () if spec.user), '')}\n"
+        f"USER_UNITS={' '.join(u for spec in guest.stacks or () if spec.user for u in spec.units)}\n"
     ).encode()
+
+
+def kinds_of(guest: GuestConfig) -> tuple[Kind, ...]:
+    """The stack kinds the guest's config uses, in a fixed order ("auto" is compose)."""
+    used = {Kind.COMPOSE} if guest.stacks is None else {s.kind for s in guest.stacks}
+    return tuple(k for k in Kind if k in used)
 
 
 def desired(guest: GuestConfig, layout: Layout) -> dict[str, bytes]:

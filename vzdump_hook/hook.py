@@ -190,7 +190,7 @@ class PhaseRunner:
             return orchestrator.exit_status(Phase.BACKUP_START, Outcome(preflight_failed=True, abort_policy=abort))
         finally:
             ctl.close()
-        compose = " ".join(p.compose)
+        compose = " ".join(p.compose) or "no compose"
         will = ", ".join(p.selected) if p.selected else "nothing (no selected stack is running)"
         extra = f"; not running: {', '.join(p.missing)}" if p.missing else ""
         log.info("backup-start %d: %s answers, will stop %s (%s)%s in %.1f s", vmid, ctl.t.target, will, compose, extra, time.monotonic() - start)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import valid_stack_name
+from .config import Kind, valid_stack_name, valid_unit, valid_user
 from .errors import MarkerError
 from .job import JobId
 
@@ -26,11 +26,14 @@ MAX_SIZE = 64 * 1024
 ALLOWED_COMPOSE = (("docker", "compose"), ("docker-compose",))
 _CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
 _SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# a socket or timer that triggers a listed service: held down for the window (stacks/systemd.py)
+_TRIGGER = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,240}\.(socket|timer)")
 
 
 @dataclass(frozen=True)
 class StackRecord:
-    """One compose project as the hook found and stopped it."""
+    """One stack as the hook found and stopped it: a compose project, or (kind systemd) the service
+    units that were active and the sockets and timers held down with them."""
 
     name: str
     compose: tuple[str, ...]
@@ -39,8 +42,21 @@ class StackRecord:
     containers: tuple[str, ...]  # ids of the containers that were running
     stopped: bool = False  # True once the hook issued the stop (the stack may be down)
     services: tuple[str, ...] = ()  # compose services that were running: only these are started again
+    kind: Kind = Kind.COMPOSE
+    units: tuple[str, ...] = ()  # systemd: the service units that were active (stop order)
+    triggers: tuple[str, ...] = ()  # systemd: sockets and timers that were active, stopped first
+    user: str = ""  # systemd: "" system units, else the user whose --user units they are
+
+    @classmethod
+    def systemd(cls, name: str, units: tuple[str, ...], triggers: tuple[str, ...] = (), stopped: bool = False, user: str = "") -> StackRecord:
+        return cls(name, (), "", (), (), stopped, kind=Kind.SYSTEMD, units=units, triggers=triggers, user=user)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.kind is Kind.SYSTEMD:
+            d: dict[str, Any] = {"name": self.name, "driver": "systemd", "units": list(self.units), "triggers": list(self.triggers), "stopped": self.stopped}
+            if self.user:
+                d["user"] = self.user
+            return d
         return {
             "name": self.name,
             "driver": "compose",
@@ -167,6 +183,21 @@ def _stack(d: Any, i: int) -> StackRecord:
     name = _req(d, "name", str, where)
     if not valid_stack_name(name):
         raise MarkerError(f"marker: {where}name {name[:40]!r} is not a compose project name")
+    driver = _req(d, "driver", str, where) if "driver" in d else "compose"
+    if driver == "systemd":
+        units = _strings(d, "units", where, valid_unit, "service unit names")
+        if not units or len(units) > 32:
+            raise MarkerError(f"marker: {where}units must list 1-32 units")
+        triggers = _strings(d, "triggers", where, _TRIGGER.fullmatch, "socket or timer unit names")
+        if len(triggers) > 64:
+            raise MarkerError(f"marker: {where}triggers: too many")
+        stopped = _req(d, "stopped", bool, where)
+        user = _req(d, "user", str, where) if "user" in d else ""
+        if user and (not valid_user(user) or user == "root"):
+            raise MarkerError(f"marker: {where}user {user[:40]!r} is not a user name")
+        return StackRecord.systemd(name, units, triggers, stopped, user)
+    if driver != "compose":
+        raise MarkerError(f"marker: {where}driver {driver[:20]!r} unknown")
     compose = tuple(_req(d, "compose", list, where))
     if compose not in ALLOWED_COMPOSE:
         raise MarkerError(f"marker: {where}compose must be one of {ALLOWED_COMPOSE}")
@@ -178,6 +209,13 @@ def _stack(d: Any, i: int) -> StackRecord:
     stopped = _req(d, "stopped", bool, where)
     services = _strings(d, "services", where, _SERVICE.fullmatch, "compose service names", optional=True)
     return StackRecord(name, compose, workdir, files, containers, stopped, services)
+
+
+def record_from_dict(d: dict[str, Any]) -> StackRecord:
+    """A StackRecord from its to_dict() form, as the host state keeps it (trusted: written by us)."""
+    if d.get("driver") == "systemd":
+        return StackRecord.systemd(d["name"], tuple(d["units"]), tuple(d["triggers"]), d["stopped"], d.get("user", ""))
+    return StackRecord(d["name"], tuple(d["compose"]), d["workdir"], tuple(d["files"]), tuple(d["containers"]), d["stopped"], tuple(d.get("services", ())))
 
 
 def parse(data: bytes) -> Marker:

@@ -22,7 +22,7 @@ from typing import Any
 from .config import HookSettings, NotifyConfig
 from .errors import HookError
 from .job import JobId
-from .marker import StackRecord
+from .marker import StackRecord, record_from_dict
 
 
 class Status(str, Enum):
@@ -73,10 +73,7 @@ class GuestRecord:
     def from_json(cls, text: str) -> GuestRecord:
         d = json.loads(text)
         d["status"] = Status(d["status"])
-        d["stacks"] = [
-            StackRecord(s["name"], tuple(s["compose"]), s["workdir"], tuple(s["files"]), tuple(s["containers"]), s["stopped"], tuple(s.get("services", ())))
-            for s in d["stacks"]
-        ]
+        d["stacks"] = [record_from_dict(s) for s in d["stacks"]]
         return cls(**d)
 
 

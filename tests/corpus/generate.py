@@ -56,6 +56,15 @@ def with_(path: str, value: Any) -> bytes:
 
 DELETE = object()
 RAW = layout(doc())
+SYSTEMD_STACK: dict[str, Any] = {"name": "db", "driver": "systemd", "units": ["db.service"], "triggers": ["db.socket"], "stopped": True}
+
+
+def systemd(**over: Any) -> bytes:
+    """The marker with its stack a systemd one (SYSTEMD_STACK), keys replaced (DELETE: removed)."""
+    d = doc()
+    stack = {**SYSTEMD_STACK, **over}
+    d["stacks"] = [{k: v for k, v in stack.items() if v is not DELETE}]
+    return layout(d)
 
 
 def raw_number(key: bytes, text: bytes) -> bytes:
@@ -174,6 +183,32 @@ CASES: dict[str, tuple[bytes, str | None]] = {
     "service-space": (with_("stacks.0.services", ["app worker"]), r"stacks\[0\]\.services"),
     "service-dash-first": (with_("stacks.0.services", ["-rm"]), r"stacks\[0\]\.services"),
     "service-too-long": (with_("stacks.0.services", ["a" * 129]), r"stacks\[0\]\.services"),
+    # the stack's kind (driver): compose when missing, else compose or systemd
+    "driver-int": (with_("stacks.0.driver", 1), r"stacks\[0\]\.driver"),
+    "driver-unknown": (with_("stacks.0.driver", "podman"), r"stacks\[0\]\.driver"),
+    "driver-systemd-with-compose-keys": (with_("stacks.0.driver", "systemd"), r"stacks\[0\]\.units"),
+    "unit-no-suffix": (systemd(units=["postgresql"]), r"stacks\[0\]\.units"),
+    "unit-socket": (systemd(units=["postgresql.socket"]), r"stacks\[0\]\.units"),
+    "unit-option": (systemd(units=["--now.service"]), r"stacks\[0\]\.units"),
+    "unit-glob": (systemd(units=["post*.service"]), r"stacks\[0\]\.units"),
+    "unit-escape": (systemd(units=["a\\x2d.service"]), r"stacks\[0\]\.units"),
+    "unit-space": (systemd(units=["a b.service"]), r"stacks\[0\]\.units"),
+    "unit-too-long": (systemd(units=["a" * 242 + ".service"]), r"stacks\[0\]\.units"),
+    "units-empty": (systemd(units=[]), r"stacks\[0\]\.units"),
+    "units-too-many": (systemd(units=[f"u{i}.service" for i in range(33)]), r"stacks\[0\]\.units"),
+    "units-string": (systemd(units="db.service"), r"stacks\[0\]\.units"),
+    "triggers-missing": (systemd(triggers=DELETE), r"stacks\[0\]\.triggers"),
+    "trigger-service": (systemd(triggers=["db.service"]), r"stacks\[0\]\.triggers"),
+    "trigger-path": (systemd(triggers=["db.path"]), r"stacks\[0\]\.triggers"),
+    "trigger-timer-too-long": (systemd(triggers=["t" * 242 + ".timer"]), r"stacks\[0\]\.triggers"),
+    "triggers-too-many": (systemd(triggers=[f"t{i}.timer" for i in range(65)]), r"stacks\[0\]\.triggers"),
+    "systemd-stopped-missing": (systemd(stopped=DELETE), r"stacks\[0\]\.stopped"),
+    "user-int": (systemd(user=1000), r"stacks\[0\]\.user"),
+    "user-root": (systemd(user="root"), r"stacks\[0\]\.user"),
+    "user-upper": (systemd(user="Alice"), r"stacks\[0\]\.user"),
+    "user-option": (systemd(user="-alice"), r"stacks\[0\]\.user"),
+    "user-space": (systemd(user="al ice"), r"stacks\[0\]\.user"),
+    "user-too-long": (systemd(user="a" * 33), r"stacks\[0\]\.user"),
 }
 
 

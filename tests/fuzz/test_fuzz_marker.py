@@ -14,11 +14,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.corpus.generate import doc, layout
+from tests.corpus.generate import SYSTEMD_STACK, doc, layout
 from tests.fuzz.profile import budget
 from tests.fuzz.strategies import marker_bytes
 from vzdump_hook import marker as markers
-from vzdump_hook.config import valid_stack_name
+from vzdump_hook.config import Kind, valid_stack_name, valid_unit
 from vzdump_hook.errors import MarkerError
 
 RECOVER = Path(__file__).resolve().parents[2] / "examples" / "guest" / "vzdump-hook-recover"
@@ -35,9 +35,13 @@ def node_verdict(data: bytes) -> markers.Marker | None:
     assert all(math.isfinite(t) and 0 <= t < markers.MAX_TIME for t in (m.written_at, m.deadline))
     assert m.state in ("stopping", "stopped")
     for s in m.stacks:
-        assert valid_stack_name(s.name) and s.compose in markers.ALLOWED_COMPOSE and s.workdir.startswith("/")
+        assert valid_stack_name(s.name) and type(s.stopped) is bool
+        if s.kind is Kind.SYSTEMD:
+            assert 1 <= len(s.units) <= 32 and all(valid_unit(u) for u in s.units)
+            assert all(type(t) is str and t.endswith((".socket", ".timer")) for t in s.triggers)
+            continue
+        assert s.compose in markers.ALLOWED_COMPOSE and s.workdir.startswith("/")
         assert all(type(x) is str for x in (*s.files, *s.containers, *s.services))
-        assert type(s.stopped) is bool
     return m
 
 
@@ -87,3 +91,39 @@ def test_both_parsers_accept_the_same_markers(awk: str, tmp_path_factory: pytest
 
     agree()
     assert seen[True] >= 1 and seen[False] >= 50, seen  # (a control: both verdicts were exercised)
+
+
+def _systemd(**over: object) -> bytes:
+    d = doc()
+    d["stacks"] = [{**SYSTEMD_STACK, **over}]
+    return layout(d)
+
+
+# systemd stacks at the bounds both parsers must draw in the same place
+SYSTEMD_BOUNDS = {
+    "longest-unit": (_systemd(units=["u" * 241 + ".service"]), True),
+    "unit-one-longer": (_systemd(units=["u" * 242 + ".service"]), False),
+    "longest-socket": (_systemd(triggers=["s" * 241 + ".socket"]), True),
+    "socket-one-longer": (_systemd(triggers=["s" * 242 + ".socket"]), False),
+    "longest-timer": (_systemd(triggers=["t" * 241 + ".timer"]), True),
+    "timer-one-longer": (_systemd(triggers=["t" * 242 + ".timer"]), False),
+    "shortest-names": (_systemd(units=["a.service"], triggers=["a.socket", "a.timer"]), True),
+    "32-units": (_systemd(units=[f"u{i}.service" for i in range(32)]), True),
+    "no-triggers": (_systemd(triggers=[]), True),
+    "64-triggers": (_systemd(triggers=[f"t{i}.timer" for i in range(64)]), True),
+    "template-instance": (_systemd(units=["postgresql@15-main.service", "getty@tty1.service"]), True),
+    "user": (_systemd(user="alice"), True),
+    "user-empty": (_systemd(user=""), True),
+    "user-longest": (_systemd(user="_" + "a" * 31), True),
+    "user-one-longer": (_systemd(user="_" + "a" * 32), False),
+    "user-root": (_systemd(user="root"), False),
+    "user-digit-first": (_systemd(user="1alice"), False),
+}
+
+
+@pytest.mark.parametrize("awk", sorted(AWKS))
+@pytest.mark.parametrize("case", sorted(SYSTEMD_BOUNDS))
+def test_both_parsers_draw_the_systemd_bounds_in_the_same_place(case: str, awk: str, tmp_path: Path) -> None:
+    data, valid = SYSTEMD_BOUNDS[case]
+    assert (node_verdict(data) is not None) == valid
+    assert awk_verdict(AWKS[awk], data, tmp_path) == valid

@@ -145,9 +145,13 @@ def main(argv: list[str]) -> int:
     if not pid or not _alive(pid):
         print(f"lxc-attach: {vmid}: ../src/lxc/attach.c: lxc_attach: 1136 Failed to get init pid", file=sys.stderr)
         return 1
+    try:  # a container with an init of its own (systemd_guest.py) is entered whole, as lxc-attach does
+        ns = (state / f"{vmid}.ns").read_text().split()
+    except OSError:
+        ns = ["-m", "-n"]
     os.environ.clear()
     os.environ["PATH"] = PCT_PATH
-    os.execv(NSENTER, [NSENTER, "-t", str(pid), "-m", "-n", "--", *extra])
+    os.execv(NSENTER, [NSENTER, "-t", str(pid), *ns, "--", *extra])
     return 255  # not reached
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 
-from ..config import valid_stack_name
+from ..config import Kind, valid_stack_name
 from ..errors import ControllerError
 from ..marker import ALLOWED_COMPOSE, StackRecord
 from ..transports.base import Transport, sh
+from .base import StopOutcome
 
 KILLED = 137  # 128 + SIGKILL: compose's stop timeout ran out and docker killed the container
 _ID = re.compile(r"[0-9a-f]{64}")
@@ -32,20 +32,10 @@ else echo none; fi
 _IN_DIR = 'cd -- "$1" 2>/dev/null || cd /; shift; exec "$@"'
 
 
-@dataclass(frozen=True)
-class StopOutcome:
-    name: str
-    seconds: float
-    killed: tuple[str, ...]  # containers that did not stop in time and were killed
-    error: str = ""
-
-    @property
-    def clean(self) -> bool:
-        return not self.killed and not self.error
-
-
 class ComposeDriver:
     """Compose stacks in one guest, reached through `transport`."""
+
+    kind = Kind.COMPOSE
 
     def __init__(self, transport: Transport, compose: tuple[str, ...] | None = None) -> None:
         self.t = transport

@@ -1,0 +1,37 @@
+"""What every stack kind shares: the outcome of a stop, and the interface of a driver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..config import Kind
+    from ..marker import StackRecord
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    name: str
+    seconds: float
+    killed: tuple[str, ...]  # containers / units that did not stop in time and were killed
+    error: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return not self.killed and not self.error
+
+
+class Driver(Protocol):
+    """One stack kind in one guest (stacks/compose.py, stacks/systemd.py)."""
+
+    kind: Kind
+
+    def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
+        """Stop the stack; never raises (the outcome carries the error)."""
+
+    def start(self, rec: StackRecord, timeout: float) -> float:
+        """Start what `rec` records; seconds taken. Raises HookError when it is not up afterwards."""
+
+    def is_up(self, rec: StackRecord, timeout: float) -> bool:
+        """Everything `rec` records runs."""

@@ -1,0 +1,64 @@
+"""Every stack kind of one guest behind one face: what runs, stop, start. A record's `kind` picks the
+driver (stacks/compose.py, stacks/systemd.py); only the kinds the guest's config uses are asked."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..config import Kind
+from .base import Driver, StopOutcome
+from .compose import ComposeDriver
+from .systemd import SystemdDriver
+
+if TYPE_CHECKING:
+    from ..config import GuestConfig
+    from ..marker import StackRecord
+    from ..transports.base import Transport
+
+
+class Stacks:
+    """The drivers of one guest, reached through `transport`."""
+
+    def __init__(self, transport: Transport, guest: GuestConfig) -> None:
+        self.guest = guest
+        self.compose_driver = ComposeDriver(transport, guest.compose_command)
+        self.systemd = SystemdDriver(transport)
+
+    @property
+    def compose(self) -> tuple[str, ...] | None:
+        """The compose command in use (None: not detected yet, or no compose stack configured)."""
+        return self.compose_driver.compose
+
+    @compose.setter
+    def compose(self, value: tuple[str, ...] | None) -> None:
+        self.compose_driver.compose = value
+
+    @property
+    def uses_compose(self) -> bool:
+        specs = self.guest.stacks
+        return specs is None or any(s.kind is Kind.COMPOSE for s in specs)
+
+    def running(self, timeout: float) -> dict[str, StackRecord]:
+        """Stacks with something up, by name: every running compose project (when the guest uses
+        compose), and the listed systemd stacks that have an active unit or trigger. A compose project
+        named as a listed stack of another kind is left out (names are unique in the config)."""
+        found: dict[str, StackRecord] = {}
+        specs = self.guest.stacks or ()
+        other = {s.name for s in specs if s.kind is not Kind.COMPOSE}
+        if self.uses_compose:
+            found.update((n, r) for n, r in self.compose_driver.running(timeout).items() if n not in other)
+        if other:
+            found.update(self.systemd.running(specs, timeout))
+        return found
+
+    def driver(self, rec: StackRecord) -> Driver:
+        return self.systemd if rec.kind is Kind.SYSTEMD else self.compose_driver
+
+    def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
+        return self.driver(rec).stop(rec, stop_timeout, timeout)
+
+    def start(self, rec: StackRecord, timeout: float) -> float:
+        return self.driver(rec).start(rec, timeout)
+
+    def is_up(self, rec: StackRecord, timeout: float) -> bool:
+        return self.driver(rec).is_up(rec, timeout)
