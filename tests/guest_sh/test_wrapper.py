@@ -82,7 +82,7 @@ def test_the_hook_quiesces_and_resumes_through_the_wrapper(guest: Guest) -> None
     assert [s.name for s in q.stacks] == ["db", "web"] and not q.errors and not q.killed
     assert guest.docker.running() == {"db": False, "web": False, "other": False}
     m = ctl.read_marker(deadline)
-    assert m is not None and m.state == "stopped" and [s.name for s in m.stacks] == ["db", "web"]
+    assert m is not None and m.state == "stopping" and [s.name for s in m.stacks] == ["db", "web"]
     r = ctl.resume(deadline)
     assert r.started == ("web", "db") and not r.failed and r.marker_removed, r.problems
     assert guest.docker.running() == {"db": True, "web": True, "other": False}
