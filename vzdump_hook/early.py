@@ -23,8 +23,8 @@ _LEVELS = {30: "WARNING", 40: "ERROR", 50: "CRITICAL"}  # logging's names, witho
 EARLY: dict[int, dict[str, Any] | None] = {}  # vmid -> the resident's answer to tell_early, for hook.py
 
 
-def process_start(pid: int) -> int | None:
-    """The start time of `pid` in clock ticks since boot, or None when no such process exists."""
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) of `pid`, None when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -32,7 +32,13 @@ def process_start(pid: int) -> int | None:
         return None
     # the command name (field 2) may contain spaces and parentheses: split after the last ')'
     fields = data[data.rfind(b")") + 2 :].split()
-    return int(fields[19])
+    return fields[0].decode(), int(fields[19])
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of `pid` in clock ticks since boot, or None when no such process exists."""
+    st = proc_stat(pid)
+    return None if st is None else st[1]
 
 
 def worker_pid() -> int:

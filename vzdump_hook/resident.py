@@ -39,8 +39,9 @@ from dataclasses import asdict, dataclass, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .early import EARLY, TOLD_PHASES, Address, socket_path, tell
+from .early import EARLY, TOLD_PHASES, Address, proc_stat, socket_path, tell
 from .job import JobId, process_start
+from .state import write_atomic
 
 __all__ = ["EARLY", "TOLD_PHASES", "Info", "arm", "leftover_lines", "paths", "residents", "tell"]
 
@@ -84,10 +85,7 @@ def paths(job_dir: str, vmid: int) -> tuple[str, str, str]:
 
 def _save(path: str, info: Info) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(info), f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(asdict(info)))
 
 
 def load(path: str) -> Info | None:
@@ -203,21 +201,10 @@ def spawn(argv: list[str], log_path: str) -> int:
     return int(data)
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time) of `pid` from /proc, None when there is no such process. (A
-    resident is not the hook's child: once it ends it may stay a zombie until init reaps it.)"""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])
-
-
 def running(pid: int, start: int) -> bool:
-    """Process `pid` exists, is the one started at `start`, and is not a zombie."""
-    st = _stat(pid)
+    """Process `pid` exists, is the one started at `start`, and is not a zombie (a resident is not
+    the hook's child: once it ends it may stay a zombie until init reaps it)."""
+    st = proc_stat(pid)
     return st is not None and st[1] == start and st[0] not in ("Z", "X")
 
 

@@ -800,7 +800,7 @@ print(pid, flush=True)
 
 
 def _gone(pid: int) -> bool:
-    st = residentmod._stat(pid)
+    st = earlymod.proc_stat(pid)
     return st is None or st[0] in ("Z", "X")
 
 

@@ -61,11 +61,10 @@ def _paths(state: HostState, vmid: int) -> str:
 
 
 def _save(path: str, w: Watch) -> None:
+    from ..state import write_atomic
+
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(w), f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(asdict(w)))
 
 
 def load(path: str) -> Watch | None:
