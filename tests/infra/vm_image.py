@@ -178,7 +178,6 @@ def _provision(img: VmImage) -> None:
         try:
             vm.start(timeout=900)
             vm.ok("test ! -e /var/lib/vzdh/images.tar && systemctl is-system-running --wait; systemctl --failed --no-legend | "
-                  "
                   "grep . >&2 && exit 1; journalctl --rotate >/dev/null; sync")
             vm.poweroff()
         finally:
