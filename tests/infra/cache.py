@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +33,8 @@ def cached(directory: Path, name: str, suffix: str, recipe: Any, build: Callable
 
     In: the cache directory, the artefact's name and suffix (``.tar``, or ``""`` for a directory), its
     recipe, and a builder that writes the artefact at the path it is given (a file or a directory).
-    Out: the path of the finished artefact. Older artefacts ``<name>-*<suffix>`` are removed first.
-    Raises whatever ``build`` raises (the partial artefact is removed).
+    Out: the path of the finished artefact. Older artefacts ``<name>-<other key><suffix>`` are removed
+    once it is in place. Raises whatever ``build`` raises (the partial artefact is removed).
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{name}-{recipe_key(recipe)}{suffix}"
@@ -41,8 +42,6 @@ def cached(directory: Path, name: str, suffix: str, recipe: Any, build: Callable
         fcntl.flock(lock, fcntl.LOCK_EX)
         if final.exists():
             return final
-        for old in directory.glob(f"{name}-*{suffix}"):
-            _remove(old)
         tmp = final.with_name(final.name + ".part")
         _remove(tmp)
         try:
@@ -51,6 +50,9 @@ def cached(directory: Path, name: str, suffix: str, recipe: Any, build: Callable
             _remove(tmp)
             raise
         tmp.rename(final)
+        for old in directory.glob(f"{name}-*{suffix}"):
+            if old != final and re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{16}}{re.escape(suffix)}(\.part)?", old.name):
+                _remove(old)
     return final
 
 

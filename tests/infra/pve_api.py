@@ -366,7 +366,8 @@ def _handler(api: PveApiDouble) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, status: int, reason: str, body: dict[str, Any]) -> None:
             raw = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            self.send_response(status, reason)
+            # the reason phrase goes out as the UTF-8 bytes PVE's Perl server writes (http.server wants latin-1 text)
+            self.send_response(status, reason.replace("\r", " ").replace("\n", " ").encode("utf-8").decode("latin-1"))
             self.send_header("Content-Type", "application/json;charset=UTF-8")
             self.send_header("Content-Length", str(len(raw)))
             self.end_headers()

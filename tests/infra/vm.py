@@ -226,7 +226,9 @@ class TestVm:
         """QEMU's command line (PVE-like devices; see the module docstring)."""
         i = self.index
         accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]
-        cmdline = (f"root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet systemd.show_status=0 "
+        # apparmor=0: Debian's kernel enables AppArmor, the image has no apparmor_parser, and docker
+        # refuses to start containers then (PVE guests differ; the hook does not depend on it)
+        cmdline = (f"root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet systemd.show_status=0 apparmor=0 "
                    f"ip={self.address}::10.233.{i}.1:255.255.255.0:{HOSTNAME}:eth0:off")
         return [
             QEMU, "-name", f"vzdh-vm-{self.vmid}", "-nodefaults", "-no-user-config", "-display", "none",

@@ -77,12 +77,10 @@ def test_the_pid_is_polled_until_exit_then_forgotten_by_the_agent(agent: Transpo
         agent._call("get", "exec-status", time.monotonic() + 30, "x", pid=int(polls[-1]["pid"]))  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("agent", ["https"], indirect=True)  # 16 MiB through TCG's virtio-serial: once is enough
 def test_output_over_the_agents_capture_limit_is_refused_not_used(agent: Transport) -> None:
-    with agent as t:
-        with pytest.raises(TransportError, match="truncated"):
-            t.run(["sh", "-c", f"head -c {QGA_MAX_OUTPUT + 4096} /dev/zero"], timeout=300)
-        r = t.run(["sh", "-c", f"head -c {QGA_MAX_OUTPUT - 4096} /dev/zero | tr '\\0' x; echo"], timeout=300)
-    assert len(r.stdout) == QGA_MAX_OUTPUT - 4096 + 1
+    with agent as t, pytest.raises(TransportError, match="truncated by the guest agent"):
+        t.run(["sh", "-c", f"head -c {QGA_MAX_OUTPUT + 4096} /dev/zero | tr '\\0' x"], timeout=600)
 
 
 def test_files_written_through_the_agent_arrive_byte_for_byte(agent: Transport, vm: TestVm) -> None:

@@ -4,8 +4,8 @@ The installed hook runs exactly as vzdump runs it (tests/infra/vzdump.py), QEMU 
 to the VM, whose own Docker engine runs a compose PostgreSQL 15 under a write load from inside the VM.
 At the stand-in's point in time the test does what vzdump does for a VM with the agent enabled:
 ``guest-fsfreeze-freeze`` through the real agent, start QEMU's backup job (upstream QEMU has no
-Proxmox ``backup``; ``drive-backup`` ``sync=full`` is the same copy-before-write job: the copy is the
-disk as it was when the job started), ``guest-fsfreeze-thaw``; the transfer is the job running to its
+Proxmox ``backup``; ``blockdev-backup`` ``sync=full`` is the same copy-before-write job: the copy is
+the disk as it was when the job started), ``guest-fsfreeze-thaw``; the transfer is the job running to its
 end. The copy is a raw ext4 disk; PGDATA is taken out of it with ``debugfs`` (no mount, no loop
 device) and started by a throw-away PostgreSQL on the host:
 
@@ -105,10 +105,15 @@ def play(vm: TestVm, app: App, setup: HookSetup, copy: Copy) -> JobResult:
     def at_point_in_time(ctx: Context) -> None:
         copy.acked = acked()
         copy.pg_running = "db" in vm_compose.running_services(vm, app.project)
+        # the target: a sparse raw file; zeroes are punched, not written (6 GiB disk, ~1.5 GiB of data)
+        size = next(b["inserted"]["image"]["virtual-size"] for b in vm.qmp("query-block") if b["device"] == "drive-virtio0")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(copy.disk), str(size)], check=True, timeout=60)
+        vm.qmp("blockdev-add", {"driver": "raw", "node-name": "vzdh-copy", "discard": "unmap", "detect-zeroes": "unmap",
+                                "file": {"driver": "file", "filename": str(copy.disk), "discard": "unmap"}})
         vm.qga.call("guest-fsfreeze-freeze", timeout=60)
         try:
-            vm.qmp("drive-backup", {"job-id": "vzdh-pit", "device": "drive-virtio0", "target": str(copy.disk),
-                                    "format": "raw", "sync": "full", "auto-dismiss": False})
+            vm.qmp("blockdev-backup", {"job-id": "vzdh-pit", "device": "drive0", "target": "vzdh-copy",
+                                       "sync": "full", "auto-dismiss": False})
             copy.job_started = time.time()
         finally:
             vm.qga.call("guest-fsfreeze-thaw", timeout=60)
@@ -119,6 +124,7 @@ def play(vm: TestVm, app: App, setup: HookSetup, copy: Copy) -> JobResult:
             job = {j["id"]: j for j in vm.qmp("query-jobs")}["vzdh-pit"]
             if job["status"] == "concluded":
                 vm.qmp("job-dismiss", {"id": "vzdh-pit"})
+                vm.qmp("blockdev-del", {"node-name": "vzdh-copy"})
                 assert "error" not in job, job
                 return
             assert time.monotonic() < until, f"backup job still {job['status']}"
