@@ -63,9 +63,10 @@ done
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def app(vm: TestVm) -> Iterator[App]:
-    """PostgreSQL in the VM's docker, table t, a writer in the VM acknowledging rows."""
+    """PostgreSQL in the VM's docker, table t, a writer in the VM acknowledging rows (one for the module:
+    setting it up costs minutes under TCG; each test leaves it running and writing)."""
     project = vm_compose.make(vm, "pg", {"db": "postgres"})
     vm_compose.up(vm, project)
     vm_compose.wait_pg_ready(vm, project)
