@@ -18,10 +18,12 @@
 from __future__ import annotations
 
 import base64
+import ctypes
 import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -31,11 +33,28 @@ from typing import Any
 
 from tests.infra.vm_image import HOSTNAME, VmImage
 
-__all__ = ["Qga", "TestVm", "VmError", "qmp"]
+__all__ = ["Qga", "TestVm", "VmError", "cleanup_stale", "qmp"]
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 MEMORY_MB = 1536
 _LOCK_DIR = Path("/run/vzdh-vm")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test process dies (no QEMU left behind a killed run)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def cleanup_stale() -> list[str]:
+    """Delete namespaces ``vzdhvm-<pid>`` of test processes that are gone (their veth pairs and routes
+    go with them). Out: the names deleted."""
+    removed = []
+    for line in _run(["ip", "netns", "list"], check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith("vzdhvm-") and name[7:].isdigit() and not Path(f"/proc/{name[7:]}").exists():
+            _run(["ip", "netns", "del", name], check=False)
+            removed.append(name)
+    return removed
 
 
 class VmError(RuntimeError):
@@ -253,7 +272,8 @@ class TestVm:
         self._network()
         t0 = time.monotonic()
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *self.argv()], stdin=subprocess.DEVNULL,
-                                     stdout=open(self.workdir / "qemu.log", "wb"), stderr=subprocess.STDOUT)
+                                     stdout=open(self.workdir / "qemu.log", "wb"), stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
         until = t0 + timeout
         while not self._ssh_ok():
             if self.proc.poll() is not None:

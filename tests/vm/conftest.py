@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.infra import vm_image
-from tests.infra.vm import QEMU, TestVm
+from tests.infra.vm import QEMU, TestVm, cleanup_stale
 
 VMID = 100
 from tests.conftest import VM_TIER_SKIP as TIER_SKIP  # the one skip CI lets through
@@ -40,6 +40,7 @@ def vm() -> Iterator[TestVm]:
     problem = vm_support_problem()
     if problem:
         pytest.skip(f"{TIER_SKIP} {problem}")
+    cleanup_stale()
     img = vm_image.image()
     qmp_dir = Path(tempfile.mkdtemp(prefix="vzdh-qs-", dir="/tmp"))  # unix socket paths must be short
     machine = TestVm(img, VMID, qmp_dir)
