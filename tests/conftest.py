@@ -1,7 +1,9 @@
 """Shared pytest set-up: the real-peer fixtures (tests/infra/fixtures.py).
 
 With VZDUMP_HOOK_NO_SKIP=1 (set by .ci/run) a skipped test counts as a failure: CI installs every
-peer, so a skip there means a broken set-up, not a machine that cannot run the test.
+peer, so a skip there means a broken set-up, not a machine that cannot run the test. The one
+exception: the VM tier (tests/vm/) on a machine that cannot run QEMU at all skips with a reason that
+starts with ``VM tier skipped on this machine:``, and the run's summary says so in one loud line.
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ from typing import Any
 import pytest
 
 pytest_plugins = ["tests.infra.fixtures"]
+VM_TIER_SKIP = "VM tier skipped on this machine:"  # tests/vm/conftest.py
+_vm_tier_skips: set[str] = set()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for reason in sorted(_vm_tier_skips):
+        terminalreporter.write_line(f"!!! {VM_TIER_SKIP} {reason} !!!", red=True, bold=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -20,5 +29,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     outcome = yield
     report = outcome.get_result()
     if os.environ.get("VZDUMP_HOOK_NO_SKIP") and report.skipped and not hasattr(report, "wasxfail"):
+        if VM_TIER_SKIP in str(report.longrepr):
+            _vm_tier_skips.add(str(report.longrepr).split(VM_TIER_SKIP, 1)[1].split("'")[0].strip())
+            return
         report.outcome = "failed"
         report.longrepr = f"skipped, but VZDUMP_HOOK_NO_SKIP is set: {report.longrepr}"

@@ -24,8 +24,15 @@ Written from qemu-server's ``PVE/API2/Qemu/Agent.pm`` and ``PVE/QemuServer/Agent
 - TLS with a certificate for 127.0.0.1/localhost signed by a CA made per server (``ca_file``), so a
   client verifies it for real.
 
-A VM is a :class:`tests.infra.pct_standin.NsContainer` (commands run in its namespaces), or ``None``
-for the host itself (unit tests).
+A VM is a :class:`tests.infra.pct_standin.NsContainer` (commands run in its namespaces), ``None``
+for the host itself (unit tests), or a real VM's guest agent (``qga``: a :class:`tests.infra.vm.Qga`).
+With ``qga`` the double plays only what PVE adds (auth, paths, parameter checks, the agent checks) and
+forwards as qemu-server's ``PVE/QemuServer/Agent.pm`` does: ``exec`` -> ``guest-exec`` (``path``,
+``arg``, ``capture-output: true``, ``input-data`` base64), ``exec-status`` -> ``guest-exec-status``
+(out-data/err-data base64-decoded, everything else as the agent answers it), ``file-write`` ->
+``guest-file-open`` (mode ``wb``) / ``guest-file-write`` (``buf-b64``) / ``guest-file-close``,
+``fsfreeze-freeze``/``-thaw``/``-status`` and ``ping`` -> ``guest-*``. An agent error becomes
+``Agent error: <desc>`` (HTTP 500).
 """
 
 from __future__ import annotations
@@ -101,10 +108,21 @@ class Vm:
     container: Any = None
     agent_configured: bool = True  # `agent: 1` in the VM config
     agent_running: bool = True  # qemu-ga answers in the guest
+    qga: Any = None  # a real agent (tests.infra.vm.Qga): requests are forwarded to it
 
     @property
     def running(self) -> bool:
         return self.container is None or bool(self.container.running)
+
+    def agent(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Forward one command to the real agent. Raises _ApiError 500 ``Agent error: <desc>``."""
+        from tests.infra.vm import VmError
+
+        try:
+            return self.qga.call(command, arguments)
+        except VmError as exc:
+            desc = str(exc).split(": ", 2)[-1]
+            raise _ApiError(500, f"Agent error: {desc}") from None
 
 
 @dataclass
@@ -189,6 +207,11 @@ class PveApiDouble:
         stream.close()
 
     def exec(self, vm: Vm, command: list[str], input_data: bytes | None) -> int:
+        if vm.qga is not None:
+            args: dict[str, Any] = {"capture-output": True, "path": command[0], "arg": command[1:]}
+            if input_data is not None:
+                args["input-data"] = base64.b64encode(input_data).decode()
+            return int(vm.agent("guest-exec", args)["pid"])
         try:
             popen = subprocess.Popen(self._argv(vm, command), stdin=subprocess.PIPE if input_data is not None else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=GUEST_ENV, cwd="/")
@@ -216,6 +239,12 @@ class PveApiDouble:
         return popen.pid
 
     def exec_status(self, vm: Vm, pid: int) -> dict[str, Any]:
+        if vm.qga is not None:
+            res: dict[str, Any] = vm.agent("guest-exec-status", {"pid": pid})
+            for key in ("out-data", "err-data"):
+                if res.get(key):
+                    res[key] = base64.b64decode(res[key]).decode("latin-1")
+            return res
         with self._lock:
             proc = self._procs.get((vm.vmid, pid))
         if proc is None:
@@ -240,6 +269,11 @@ class PveApiDouble:
         return res
 
     def file_write(self, vm: Vm, path: str, data: bytes) -> None:
+        if vm.qga is not None:
+            handle = vm.agent("guest-file-open", {"path": path, "mode": "wb"})
+            vm.agent("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(data).decode()})
+            vm.agent("guest-file-close", {"handle": handle})
+            return
         r = subprocess.run(self._argv(vm, ["/bin/sh", "-c", 'exec cat > "$1"', "sh", path]), input=data, capture_output=True, env=GUEST_ENV, timeout=30)
         if r.returncode != 0:
             raise _ApiError(500, f"Agent error: failed to open file '{path}' (mode: 'wb'): No such file or directory")
@@ -261,6 +295,9 @@ class PveApiDouble:
             ("GET", "exec-status"): {"pid": "integer"},
             ("POST", "file-write"): {"file": "string", "content": "string", "encode": "boolean"},
             ("POST", "ping"): {},
+            ("POST", "fsfreeze-freeze"): {},
+            ("POST", "fsfreeze-thaw"): {},
+            ("POST", "fsfreeze-status"): {},
         }.get((method, what))
         if schema is None:
             raise _ApiError(501, f"Method '{method} {path}' not implemented")
@@ -295,7 +332,13 @@ class PveApiDouble:
             raise _ApiError(500, f"VM {vmid} not running")
         if not vm.agent_running:
             raise _ApiError(500, "QEMU guest agent is not running")
+        if what.startswith("fsfreeze-"):
+            if vm.qga is None:
+                raise _ApiError(501, f"{what}: the double plays it only with a real agent (Vm.qga)")
+            return {"result": vm.agent(f"guest-{what}")}
         if what == "ping":
+            if vm.qga is not None:
+                vm.agent("guest-ping")
             return {"result": {}}
         if what == "exec":
             inp = params.get("input-data", [None])[0]
@@ -323,7 +366,8 @@ def _handler(api: PveApiDouble) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, status: int, reason: str, body: dict[str, Any]) -> None:
             raw = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            self.send_response(status, reason)
+            # the reason phrase goes out as the UTF-8 bytes PVE's Perl server writes (http.server wants latin-1 text)
+            self.send_response(status, reason.replace("\r", " ").replace("\n", " ").encode("utf-8").decode("latin-1"))
             self.send_header("Content-Type", "application/json;charset=UTF-8")
             self.send_header("Content-Length", str(len(raw)))
             self.end_headers()

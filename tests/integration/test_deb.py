@@ -16,7 +16,6 @@ shows that its Depends pull in what it needs.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -32,13 +31,14 @@ from typing import Any
 import pytest
 
 from tests.infra import compose
+from tests.infra.cache import CACHE_ROOT, cached
 from tests.infra.guest import TestGuest
 from tests.infra.vzdump import GuestSpec, GuestType, JobStatus, Mode, run_job
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 MIRROR = os.environ.get("VZDUMP_HOOK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-CACHE = Path("/var/cache/vzdh-test/deb-roots")
+CACHE = CACHE_ROOT / "deb-roots"
 SUITES = {"bookworm": "Debian 12 (PVE 8)", "trixie": "Debian 13 (PVE 9)"}
 # what the package's Depends name, downloaded into the root's apt cache (not installed)
 DEPS = ("python3", "python3-click", "python3-paramiko", "python3-requests", "openssh-client")
@@ -70,22 +70,14 @@ def recipe(suite: str) -> list[str]:
 def root_tarball(suite: str) -> Path:
     """The cached root of `suite`, made (about a minute, from Debian's mirror) when its recipe changed."""
     argv = recipe(suite)
-    key = hashlib.sha256(json.dumps([RECIPE_VERSION, argv]).encode()).hexdigest()[:16]
-    tar = CACHE / f"{suite}-{key}.tar"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not tar.exists():
-            for old in CACHE.glob(f"{suite}-*.tar"):
-                old.unlink()
-            tmp = tar.with_name(tar.name + ".part")
-            with open(tmp, "wb") as out:
-                r = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, text=True, env=NODE_ENV, timeout=1200)
-            if r.returncode != 0:
-                tmp.unlink()
-                pytest.fail(f"mmdebstrap {suite} from {MIRROR} failed: {r.stderr[-2000:]}")
-            tmp.rename(tar)
-    return tar
+
+    def build(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            r = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, text=True, env=NODE_ENV, timeout=1200)
+        if r.returncode != 0:
+            pytest.fail(f"mmdebstrap {suite} from {MIRROR} failed: {r.stderr[-2000:]}")
+
+    return cached(CACHE, suite, ".tar", [RECIPE_VERSION, argv], build)
 
 
 @dataclass

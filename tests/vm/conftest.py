@@ -1,0 +1,53 @@
+"""The VM tier: one real QEMU VM per test session (tests/infra/vm.py), booted from the image that
+scripts/setup-test-host.sh built (tests/infra/vm_image.py; built here when missing).
+
+A machine that cannot run QEMU at all skips the whole tier with one loud line; that is the only skip
+CI accepts (tests/conftest.py). Everything else that goes wrong is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.infra import vm_image
+from tests.infra.vm import QEMU, TestVm, cleanup_stale
+
+VMID = 100
+from tests.conftest import VM_TIER_SKIP as TIER_SKIP  # the one skip CI lets through
+
+
+def vm_support_problem() -> str | None:
+    """Why this machine cannot run the VM tier at all, or None."""
+    if os.geteuid() != 0:
+        return "needs root (tap device, network namespace)"
+    if not os.access(QEMU, os.X_OK):
+        return f"{QEMU} missing (scripts/setup-test-host.sh installs qemu-system-x86)"
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun (no tap networking in this kernel or container)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def vm() -> Iterator[TestVm]:
+    """The session's VM, booted and ready (ssh, agent, docker images). Its QMP and QGA sockets are
+    in a short temp dir (the hook's ``qmp_dir``)."""
+    problem = vm_support_problem()
+    if problem:
+        pytest.skip(f"{TIER_SKIP} {problem}")
+    cleanup_stale()
+    img = vm_image.image()
+    qmp_dir = Path(tempfile.mkdtemp(prefix="vzdh-qs-", dir="/tmp"))  # unix socket paths must be short
+    machine = TestVm(img, VMID, qmp_dir)
+    try:
+        machine.start()
+        print(f"\nVM tier: booted in {machine.boot_seconds:.1f} s ({machine.accel}) at {machine.address}")
+        yield machine
+    finally:
+        machine.close()
+        shutil.rmtree(qmp_dir, ignore_errors=True)
