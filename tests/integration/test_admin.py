@@ -64,7 +64,7 @@ def test_simulate_plays_the_phases_and_leaves_everything_running(guest_with_stac
     r = admin(setup, "simulate", str(VMID), "--type", "lxc", "--mode", "snapshot", "--pause", "0.5", "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"pre-stop {VMID}: stopped {db.name}, {web.name}" in r.stdout
-    assert f"post-restart {VMID}: started {web.name}, {db.name}" in r.stdout
+    assert f"pre-restart {VMID}: started {web.name}, {db.name}" in r.stdout  # the CT is thawed there
     assert compose.running_services(db) == {"app"} and compose.running_services(web) == {"app"}
     h = admin(setup, "history", str(VMID))
     assert h.returncode == 0 and "lxc/snapshot" in h.stdout and "resumed" in h.stdout, h.stdout

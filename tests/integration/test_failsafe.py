@@ -105,7 +105,7 @@ def test_config_broken_after_the_stop_still_starts_the_stacks(stack: Any, tmp_pa
     log = result.task_log()
     assert seen == {"down": True}, log  # it was really stopped
     assert_backed_up_and_running(result, db)
-    assert f"post-restart {VMID}: started {db.name}" in log
+    assert f"pre-restart {VMID}: started {db.name}" in log  # lxc snapshot: the CT is thawed there
     assert result.status is JobStatus.FAILED  # broken at job-end: the next job would run unquiesced
 
 
