@@ -113,6 +113,10 @@ class PhaseRunner:
         assert vmtype is not None and mode is not None and vmid is not None
         if phase.value in resident.TOLD_PHASES:
             self.hear_resident(vmid, phase)  # before the record is read: the resident may be starting the stacks
+        if vmtype is GuestType.QEMU and phase in orchestrator.WATCHER_ENDS:
+            from .qemu import watcher
+
+            watcher.forget(self.state, vmid)  # this guest's backup is over: no job start to wait for
         rec = self.state.load(vmid)
         guest = self._guest(vmid, rec)
         if guest is None:

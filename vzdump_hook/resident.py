@@ -501,6 +501,10 @@ class Resident:
         return done
 
     def _close(self) -> None:
+        if self.info.vmtype == "qemu" and self.status == "done":
+            from .qemu import watcher
+
+            watcher.forget(self.state, self.vmid)  # the stacks run: no job start to wait for
         if self.ctl is not None:
             with contextlib.suppress(Exception):
                 self.ctl.close()
