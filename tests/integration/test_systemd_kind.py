@@ -150,7 +150,7 @@ def test_stops_active_units_and_their_triggers_marker_first_then_starts_exactly_
         at_stop = markers.parse(guest.file(MARKER_AT_STOP).read_bytes())
         assert [s.units for s in at_stop.stacks] == [("vzdh-app.service",)] and at_stop.state == "stopping"
         written = markers.parse(guest.file("/var/lib/vzdump-hook/marker.json").read_bytes())
-        assert written.stacks == q.stacks and written.state == "stopped"
+        assert written.stacks == q.stacks and written.state == "stopping"  # written once, before the stop
 
         r = ctl.resume(soon())
         assert r.started == ("app",) and not r.failed and r.marker_removed
