@@ -174,7 +174,7 @@ def test_quiesce_writes_the_marker_first_then_resume_starts_and_removes_it(reach
         data = reach.marker_file.read_bytes()  # in the guest (the container's own /var/lib)
         assert oct(reach.marker_file.stat().st_mode & 0o777) == "0o600"
         m = markers.parse(data)
-        assert m.state == "stopped" and m.job == job and [s.name for s in m.stacks] == [db.name, web.name]
+        assert m.state == "stopping" and m.job == job and [s.name for s in m.stacks] == [db.name, web.name]
         assert not [f for f in reach.marker_file.parent.iterdir() if f.name != "marker.json"]  # no temp files left
         r = ctl.resume(time.monotonic() + 120)
         assert r.started == (web.name, db.name) and not r.failed and r.marker_removed
