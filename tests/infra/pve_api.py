@@ -133,6 +133,7 @@ class _Proc:
     out_truncated: bool = False
     err_truncated: bool = False
     readers: list[threading.Thread] = field(default_factory=list)
+    polls: int = 0  # exec-status calls answered so far
 
 
 class _ApiError(Exception):
@@ -153,7 +154,7 @@ class PveApiDouble:
         self.vms: dict[int, Vm] = {}
         self.requests: list[tuple[str, str, dict[str, Any]]] = []  # (method, agent call, params)
         self.delay = 0.0  # seconds every request waits before it is answered (a slow or hung API)
-        self.exec_delay = 0.0  # seconds before a started command is reported exited (a slow agent)
+        self.exec_busy_polls = 0  # exec-status answers `exited: 0` this many times per command first (a slow agent)
         self._procs: dict[tuple[int, int], _Proc] = {}
         self._lock = threading.Lock()
         self.ca_file, cert, key = make_ca(self.workdir / "tls")
@@ -233,7 +234,6 @@ class PveApiDouble:
                     pass
 
             threading.Thread(target=feed, daemon=True).start()
-        proc.started = time.monotonic()  # type: ignore[attr-defined]
         with self._lock:
             self._procs[(vm.vmid, popen.pid)] = proc
         return popen.pid
@@ -250,7 +250,8 @@ class PveApiDouble:
         if proc is None:
             raise _ApiError(500, "Agent error: Invalid parameter 'pid'")
         finished = proc.popen.poll() is not None and not any(t.is_alive() for t in proc.readers)
-        if not finished or time.monotonic() - proc.started < self.exec_delay:  # type: ignore[attr-defined]
+        proc.polls += 1
+        if not finished or proc.polls <= self.exec_busy_polls:
             return {"exited": 0}
         with self._lock:
             self._procs.pop((vm.vmid, pid), None)
