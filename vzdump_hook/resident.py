@@ -329,6 +329,8 @@ class Resident:
         if self.srv is not None:
             self.srv.close()
         os.makedirs(os.path.dirname(self.sock_path), mode=0o700, exist_ok=True)
+        if not os.path.exists(self.info_path):  # before the socket: whoever finds the socket finds this too
+            _save(self.info_path, self.info)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock_path)
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -336,8 +338,6 @@ class Resident:
             srv.bind(addr)
         srv.listen(8)
         self.srv, self.srv_inode = srv, os.stat(self.sock_path).st_ino
-        if not os.path.exists(self.info_path):
-            _save(self.info_path, self.info)
 
     def _serve(self, timeout: float) -> None:
         assert self.srv is not None
