@@ -351,8 +351,7 @@ class PhaseRunner:
         except HookError:
             w = None
         if w is not None and rec is not None and rec.status.pending and self.settings.resident:
-            log.info("%s %d: watching %s: the stacks start once QEMU's backup job has started (job before: %s), at backup-end at the latest",
-                     phase.value, vmid, w.qmp, w.before_job.describe())
+            log.info("%s %d: %s", phase.value, vmid, watcher.watching(w))
 
     def hear_resident(self, vmid: int, phase: Phase | str) -> bool:
         """Tell the guest's resident this phase (cli.py may have done it already) and log what it

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from .early import EARLY, TOLD_PHASES, Address, proc_stat, socket_path, tell
 from .job import JobId, process_start
-from .state import write_atomic
+from .state import write_json
 
 __all__ = ["EARLY", "TOLD_PHASES", "Info", "arm", "leftover_lines", "paths", "residents", "tell"]
 
@@ -84,8 +84,7 @@ def paths(job_dir: str, vmid: int) -> tuple[str, str, str]:
 
 
 def _save(path: str, info: Info) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    write_atomic(path, json.dumps(asdict(info)))
+    write_json(path, asdict(info))
 
 
 def load(path: str) -> Info | None:
@@ -393,8 +392,9 @@ class Resident:
         if plan.step is Step.ARM_WATCHER:
             self._arm_watch()
             if self.watch is not None:
-                log.info("%s %d: watching %s: the stacks start once QEMU's backup job has started (job before: %s), at backup-end at the latest",
-                         phase.value, self.vmid, self.watch.w.qmp, self.watch.w.before_job.describe())
+                from .qemu import watcher
+
+                log.info("%s %d: %s", phase.value, self.vmid, watcher.watching(self.watch.w))
                 done = True
         elif plan.step is Step.RESUME:
             done = self._start(phase.value, wait=plan.wait_for_guest)

@@ -94,6 +94,12 @@ def remember_settings(settings: HookSettings, state_dir: str) -> None:
     write_atomic(path, text)
 
 
+def write_json(path: str, data: object) -> None:
+    """`data` as JSON at `path` (write_atomic), its directory made 0700 if missing: the run dir's files."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    write_atomic(path, json.dumps(data))
+
+
 def write_atomic(path: str, text: str) -> None:
     """Replace the file at `path` with `text`: written to a temporary name, fsynced, renamed over it
     (a reader sees the old or the new file, never a part; works on the cluster file system)."""

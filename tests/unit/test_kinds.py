@@ -4,29 +4,18 @@ tests/corpus)."""
 
 from __future__ import annotations
 
-import tomllib
-
 import pytest
 
-from vzdump_hook import config
 from vzdump_hook import marker as markers
 from vzdump_hook.config import Kind, StackSpec
-from vzdump_hook.errors import ConfigError, MarkerError
+from vzdump_hook.errors import MarkerError
 from vzdump_hook.job import JobId
 from vzdump_hook.marker import Marker, StackRecord
 from vzdump_hook.state import GuestRecord
 
+from .test_config import parse, problems
+
 GUEST = '[guests.101]\nssh = { host = "h" }\n'
-
-
-def parse(text: str) -> config.Config:
-    return config.parse(tomllib.loads(text), "test.toml")
-
-
-def problems(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as ei:
-        parse(text)
-    return ei.value.problems
 
 
 def test_systemd_and_compose_entries_side_by_side_in_stop_order() -> None:

@@ -55,16 +55,21 @@ class Watch:
         return BackupJob.from_return(self.before)
 
 
+def watching(w: Watch) -> str:
+    """The task log's words for an armed watch (after "PHASE VMID: ")."""
+    return (f"watching {w.qmp}: the stacks start once QEMU's backup job has started (job before: "
+            f"{w.before_job.describe()}), at backup-end at the latest")
+
+
 def _paths(state: HostState, vmid: int) -> str:
     """The watch file of `vmid` in this job."""
     return os.path.join(state.job_dir, f"qemu-{vmid}.json")
 
 
 def _save(path: str, w: Watch) -> None:
-    from ..state import write_atomic
+    from ..state import write_json
 
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    write_atomic(path, json.dumps(asdict(w)))
+    write_json(path, asdict(w))
 
 
 def load(path: str) -> Watch | None:
