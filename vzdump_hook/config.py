@@ -24,7 +24,7 @@ from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/vzdump-hook/config.toml"
 CONFIG_ENV = "VZDUMP_HOOK_CONFIG"
-TRANSPORTS = ("ssh", "pct", "agent")
+TRANSPORTS = ("ssh", "pct", "agent", "none")  # none: no way into the guest (every stack is a controller reached by url)
 TAG_TRANSPORTS = {"lxc": "pct", "qemu": "agent"}  # transport of a guest opted in by PVE tag, by guest type
 DEFAULT_TAG = "vzdump-hook"
 COMPOSE_COMMANDS = {"auto": None, "docker compose": ("docker", "compose"), "docker-compose": ("docker-compose",)}
@@ -69,6 +69,21 @@ class Kind(str, Enum):
 
     COMPOSE = "compose"  # a docker compose project, found by its labels
     SYSTEMD = "systemd"  # listed systemd service units (never discovered: see README)
+    CONTROLLER = "controller"  # the guest's own controller, told the backup's phases (docs/controller-api.md)
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """How to reach a guest's controller (stacks/controller.py): a command run in the guest over
+    its transport (carrier A), or its HTTPS API (carrier B), verified by a CA file or a pinned
+    certificate fingerprint, with a bearer token read from a root-only file."""
+
+    command: tuple[str, ...] = ()  # carrier A: the controller's command in the guest, e.g. ("vzdump-controller",)
+    url: str = ""  # carrier B: https://HOST:PORT
+    token_file: str = ""
+    ca_file: str = ""
+    fingerprint: str = ""  # SHA-256 of the certificate (DER), 64 hex digits
+    answer_within: float | None = None  # bound for the answer to quiesce; None: the stack's stop timeout + 30 s
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class StackSpec:
     kind: Kind = Kind.COMPOSE
     units: tuple[str, ...] = ()  # systemd: the service units, in stop order
     user: str = ""  # systemd: "" for system units, else the user whose `systemctl --user` units they are
+    controller: ControllerSpec | None = None  # controller: how to reach it
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,10 @@ class GuestConfig:
     # The merged table this was validated from: kept in host state so that a resume can run with the
     # settings of the quiesce even if the config file changed or broke in between.
     table: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def has_controllers(self) -> bool:
+        return any(s.kind is Kind.CONTROLLER for s in self.stacks or ())
 
     def stop_timeout_of(self, stack: str) -> float:
         for spec in self.stacks or ():
@@ -249,6 +269,56 @@ def _units(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
     return tuple(v)
 
 
+_KIND_KEYS = {Kind.SYSTEMD: {"units", "user"}, Kind.CONTROLLER: {"command", "url", "token_file", "ca_file", "fingerprint", "answer_within"}}
+_FINGERPRINT = re.compile(r"[0-9A-Fa-f]{2}(:?[0-9A-Fa-f]{2}){31}")
+# a controller command's words: no shell is involved, but the restricted wrapper matches them as words
+_COMMAND_WORD = re.compile(r"[A-Za-z0-9/][A-Za-z0-9_./@:+=-]{0,255}")
+
+
+def _controller(p: _Problems, path: str, item: Mapping[str, Any]) -> ControllerSpec | None:
+    """A controller stack's carrier: `command` (run in the guest) or `url` (HTTPS, with token_file and
+    ca_file or fingerprint)."""
+    before = len(p.items)
+    if ("command" in item) == ("url" in item):
+        p.add(path, "give either command (the controller's command in the guest, e.g. [\"vzdump-controller\"]) or url (its HTTPS API), not both")
+        return None
+    vals: dict[str, Any] = {}
+    if "answer_within" in item:
+        vals["answer_within"] = _num(p, f"{path}.answer_within", item["answer_within"], lo=1, hi=3600)
+    if "command" in item:
+        cmd = item["command"]
+        if not isinstance(cmd, list) or not 1 <= len(cmd) <= 8 or not all(isinstance(w, str) and _COMMAND_WORD.fullmatch(w) for w in cmd):
+            p.add(f"{path}.command", f"must be a list of 1-8 words (letters, digits, '_./@:+=-'), the controller's command without its arguments, e.g. [\"vzdump-controller\"] (got {cmd!r})")
+        else:
+            vals["command"] = tuple(cmd)
+        for key in ("token_file", "ca_file", "fingerprint"):
+            if key in item:
+                p.add(f"{path}.{key}", "only for a controller reached by url")
+    else:
+        url = item["url"]
+        if not isinstance(url, str) or not re.fullmatch(r"https://[A-Za-z0-9.:\[\]-]+(:[0-9]{1,5})?/?", url):
+            p.add(f"{path}.url", f"must be https://HOST[:PORT] (TLS is required; the API's paths /v1/... are added) (got {url!r})")
+        else:
+            vals["url"] = url.rstrip("/")
+        token = _str(p, f"{path}.token_file", item["token_file"], absolute=True) if "token_file" in item else None
+        if "token_file" not in item:
+            p.add(f"{path}.token_file", "missing (the file holding the controller's API token, mode 0600)")
+        vals["token_file"] = token or ""
+        if ("ca_file" in item) == ("fingerprint" in item):
+            p.add(path, "give either ca_file (the CA, or the self-signed certificate, that the controller's certificate is checked against) or fingerprint (its SHA-256, pinned)")
+        elif "ca_file" in item:
+            vals["ca_file"] = _str(p, f"{path}.ca_file", item["ca_file"], absolute=True) or ""
+        else:
+            fp = item["fingerprint"]
+            if not isinstance(fp, str) or not _FINGERPRINT.fullmatch(fp):
+                p.add(f"{path}.fingerprint", f"must be the certificate's SHA-256 fingerprint, 64 hex digits (colons allowed), as `openssl x509 -noout -fingerprint -sha256` prints it (got {fp!r})")
+            else:
+                vals["fingerprint"] = fp.replace(":", "").lower()
+    if len(p.items) != before:
+        return None
+    return ControllerSpec(**vals)
+
+
 def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None:
     if v == "auto":
         return None
@@ -263,15 +333,20 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
         kind = Kind.COMPOSE
         units: tuple[str, ...] = ()
         user = ""
+        controller: ControllerSpec | None = None
         if isinstance(item, dict):
             k = item.get("kind", "compose")
             if k not in tuple(x.value for x in Kind):
                 p.add(f"{ipath}.kind", f"must be one of {', '.join(repr(x.value) for x in Kind)} (got {k!r})")
                 continue
             kind = Kind(k)
-            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | ({"units", "user"} if kind is Kind.SYSTEMD else set()))
+            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | _KIND_KEYS.get(kind, set()))
             if "stop_timeout" in item:
                 stop_timeout = _num(p, f"{ipath}.stop_timeout", item["stop_timeout"], lo=1, hi=3600)
+            if kind is Kind.CONTROLLER:
+                controller = _controller(p, ipath, item)
+                if controller is None:
+                    continue
             if kind is Kind.SYSTEMD:
                 if "units" not in item:
                     p.add(f"{ipath}.units", 'missing (the service units to stop, e.g. ["postgresql.service"]: systemd units are never discovered)')
@@ -300,7 +375,7 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
             p.add(ipath, f"{name!r} is listed twice")
             continue
         seen.add(name)
-        specs.append(StackSpec(name, stop_timeout, kind, units, user))
+        specs.append(StackSpec(name, stop_timeout, kind, units, user, controller))
     claimed: dict[tuple[str, str], str] = {}
     for spec in specs:
         for u in spec.units:
@@ -509,6 +584,17 @@ def _guest(p: _Problems, path: str, vmid: int, table: Mapping[str, Any], check_f
         problem = token_file_problem(agent.token_file)
         if problem:
             p.add(f"{path}.agent.token_file", problem)
+    specs = values.get("stacks") or ()
+    for i, spec in enumerate(specs):
+        c = spec.controller
+        if c is None:
+            continue
+        if c.command and transport == "none":
+            p.add(f"{path}.stacks[{i}].command", "needs a transport into the guest (transport is none): give the guest ssh, pct or agent, or reach the controller by url")
+        if check_files and c.token_file and (problem := token_file_problem(c.token_file)):
+            p.add(f"{path}.stacks[{i}].token_file", problem)
+    if transport == "none" and (not specs or any(s.controller is None or s.controller.command for s in specs)):
+        p.add(f"{path}.transport", '"none" only for a guest whose stacks are all controllers reached by url (the hook cannot reach anything else in it)')
     if len(p.items) != before:
         return None
     cc = values.get("compose_command")

@@ -16,6 +16,7 @@ from . import marker as markers
 from .errors import ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
 from .job import JobId
 from .marker import Marker, StackRecord
+from .config import Kind
 from .stacks.base import StopOutcome
 from .stacks.kinds import Stacks
 from .transports import open_transport
@@ -45,6 +46,7 @@ class Preflight:
     selected: tuple[str, ...]
     missing: tuple[str, ...]  # listed in the config but not running
     marker: Marker | None
+    notes: tuple[str, ...] = ()  # what the guest's controllers said (stacks/controller.py)
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,10 @@ class GuestController:
         self.guest = guest
         self.job = job
         self.t = transport if transport is not None else open_transport(guest)
-        self.driver = Stacks(self.t, guest)
+        self.driver = Stacks(self.t, guest, job)
 
     def close(self) -> None:
+        self.driver.controllers.close_carriers()
         self.t.close()
 
     @property
@@ -126,7 +129,14 @@ class GuestController:
         running = self.driver.running(_left(deadline, self.guest.command_timeout))
         chosen, missing = self.select(running)
         m = self.read_marker(deadline)
-        return Preflight(self.driver.compose or (), tuple(sorted(running)), tuple(s.name for s in chosen), tuple(missing), m)
+        notes = []
+        # vzdump holds this guest's backup lock: a job a controller still has open is over
+        for name, text, down in self.driver.controllers.end_stale(True, _left(deadline, self.guest.command_timeout)):
+            if down:
+                raise ControllerError(f"controller {name}: {text}")
+            if text:
+                notes.append(f"controller {name}: {text}")
+        return Preflight(self.driver.compose or (), tuple(sorted(running)), tuple(s.name for s in chosen), tuple(missing), m, tuple(notes))
 
     def quiesce(self, vmtype: str, mode: str, deadline: float, inherited: tuple[StackRecord, ...] | None = None,
                 before_marker: Callable[[], None] | None = None) -> Quiesce:
@@ -158,13 +168,17 @@ class GuestController:
         m = Marker(self.job, self.guest.vmid, vmtype, mode, now, now + self.guest.max_downtime, "stopping", keep + to_stop)
         if not m.stacks:
             return Quiesce((), (), now, now)
+        self.driver.controllers.mode, self.driver.controllers.deadline = mode, m.deadline
         if before_marker is not None:
             try:
                 before_marker()
             except HookError as e:
                 raise NothingStopped(str(e)) from e
+        # a controller keeps its own marker: the guest's lists only what the hook itself stops
+        own = tuple(s for s in m.stacks if s.kind is not Kind.CONTROLLER)
         try:
-            self._write_marker(m, deadline)  # before anything is stopped
+            if own:
+                self._write_marker(replace(m, stacks=own), deadline)  # before anything is stopped
         except ConnectionLost:
             raise  # the write may have landed: the later phases go by the marker
         except ConnectError as e:
@@ -225,13 +239,14 @@ class GuestController:
         failed = tuple(name for name, err in results if err)
         problems += [f"{name}: {err}" for name, err in results if err]
         removed = False
+        controllers = {s.name for s in fallback + stacks if s.kind is Kind.CONTROLLER}
         if m is not None:
-            if not failed:
+            if not set(failed) - controllers:  # a controller keeps its own marker
                 self.t.remove_file(self.guest.marker_path, timeout=_left(deadline, self.guest.command_timeout))
                 removed = True
             else:
                 listed = {s.name for s in m.stacks}
-                left = tuple(s for s in m.stacks if s.name in failed) + tuple(s for s in fallback if s.name in failed and s.name not in listed)
+                left = tuple(s for s in m.stacks if s.name in failed) + tuple(s for s in fallback if s.name in failed and s.name not in listed and s.kind is not Kind.CONTROLLER)
                 try:
                     self._write_marker(Marker(m.job, m.vmid, m.vmtype, m.mode, m.written_at, m.deadline, m.state, left), deadline)
                 except HookError as e:

@@ -46,12 +46,21 @@ class StackRecord:
     units: tuple[str, ...] = ()  # systemd: the service units that were active (stop order)
     triggers: tuple[str, ...] = ()  # systemd: sockets and timers that were active, stopped first
     user: str = ""  # systemd: "" system units, else the user whose --user units they are
+    job: str = ""  # controller: the job it was told to quiesce (its later messages name the same job)
 
     @classmethod
     def systemd(cls, name: str, units: tuple[str, ...], triggers: tuple[str, ...] = (), stopped: bool = False, user: str = "") -> StackRecord:
         return cls(name, (), "", (), (), stopped, kind=Kind.SYSTEMD, units=units, triggers=triggers, user=user)
 
+    @classmethod
+    def controller(cls, name: str, job: str, stopped: bool = False) -> StackRecord:
+        """The guest's controller (stacks/controller.py): kept in the node's records only. The
+        controller keeps its own marker in the guest, and the guest's marker never lists it."""
+        return cls(name, (), "", (), (), stopped, kind=Kind.CONTROLLER, job=job)
+
     def to_dict(self) -> dict[str, Any]:
+        if self.kind is Kind.CONTROLLER:
+            return {"name": self.name, "driver": "controller", "job": self.job, "stopped": self.stopped}
         if self.kind is Kind.SYSTEMD:
             d: dict[str, Any] = {"name": self.name, "driver": "systemd", "units": list(self.units), "triggers": list(self.triggers), "stopped": self.stopped}
             if self.user:
@@ -213,6 +222,8 @@ def _stack(d: Any, i: int) -> StackRecord:
 
 def record_from_dict(d: dict[str, Any]) -> StackRecord:
     """A StackRecord from its to_dict() form, as the host state keeps it (trusted: written by us)."""
+    if d.get("driver") == "controller":
+        return StackRecord.controller(d["name"], d["job"], d["stopped"])
     if d.get("driver") == "systemd":
         return StackRecord.systemd(d["name"], tuple(d["units"]), tuple(d["triggers"]), d["stopped"], d.get("user", ""))
     return StackRecord(d["name"], tuple(d["compose"]), d["workdir"], tuple(d["files"]), tuple(d["containers"]), d["stopped"], tuple(d.get("services", ())))

@@ -56,6 +56,8 @@ class GuestRecord:
     crash_consistent: bool = False
     problems: list[str] = field(default_factory=list)
     compose: list[str] = field(default_factory=list)  # detected at preflight: pre-stop need not ask again
+    ended: str = ""  # controllers: what to tell them once resumed ("done" after backup-end, "failed" after backup-abort)
+    closed: list[str] = field(default_factory=list)  # controllers that confirmed the job's end (stacks/controller.py)
 
     @property
     def downtime(self) -> float | None:

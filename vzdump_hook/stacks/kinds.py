@@ -1,5 +1,6 @@
 """Every stack kind of one guest behind one face: what runs, stop, start. A record's `kind` picks the
-driver (stacks/compose.py, stacks/systemd.py); only the kinds the guest's config uses are asked."""
+driver (stacks/compose.py, stacks/systemd.py, stacks/controller.py); only the kinds the guest's config
+uses are asked."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from typing import TYPE_CHECKING
 from ..config import Kind
 from .base import Driver, StopOutcome
 from .compose import ComposeDriver
+from .controller import ControllerDriver
 from .systemd import SystemdDriver
 
 if TYPE_CHECKING:
     from ..config import GuestConfig
+    from ..job import JobId
     from ..marker import StackRecord
     from ..transports.base import Transport
 
@@ -19,10 +22,11 @@ if TYPE_CHECKING:
 class Stacks:
     """The drivers of one guest, reached through `transport`."""
 
-    def __init__(self, transport: Transport, guest: GuestConfig) -> None:
+    def __init__(self, transport: Transport, guest: GuestConfig, job: JobId) -> None:
         self.guest = guest
         self.compose_driver = ComposeDriver(transport, guest.compose_command)
         self.systemd = SystemdDriver(transport)
+        self.controllers = ControllerDriver(transport, guest, job)
 
     @property
     def compose(self) -> tuple[str, ...] | None:
@@ -47,11 +51,14 @@ class Stacks:
         other = {s.name for s in specs if s.kind is not Kind.COMPOSE}
         if self.uses_compose:
             found.update((n, r) for n, r in self.compose_driver.running(timeout).items() if n not in other)
-        if other:
+        if any(s.kind is Kind.SYSTEMD for s in specs):
             found.update(self.systemd.running(specs, timeout))
+        found.update(self.controllers.running(specs, timeout))
         return found
 
     def driver(self, rec: StackRecord) -> Driver:
+        if rec.kind is Kind.CONTROLLER:
+            return self.controllers
         return self.systemd if rec.kind is Kind.SYSTEMD else self.compose_driver
 
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
