@@ -272,7 +272,7 @@ def _units(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
 _KIND_KEYS = {Kind.SYSTEMD: {"units", "user"}, Kind.CONTROLLER: {"command", "url", "token_file", "ca_file", "fingerprint", "answer_within"}}
 _FINGERPRINT = re.compile(r"[0-9A-Fa-f]{2}(:?[0-9A-Fa-f]{2}){31}")
 # a controller command's words: no shell is involved, but the restricted wrapper matches them as words
-_COMMAND_WORD = re.compile(r"[A-Za-z0-9/][A-Za-z0-9_./@:+=-]{0,255}")
+_COMMAND_WORD = re.compile(r"[A-Za-z0-9/-][A-Za-z0-9_./@:+=-]{0,255}")
 
 
 def _controller(p: _Problems, path: str, item: Mapping[str, Any]) -> ControllerSpec | None:
@@ -287,7 +287,7 @@ def _controller(p: _Problems, path: str, item: Mapping[str, Any]) -> ControllerS
         vals["answer_within"] = _num(p, f"{path}.answer_within", item["answer_within"], lo=1, hi=3600)
     if "command" in item:
         cmd = item["command"]
-        if not isinstance(cmd, list) or not 1 <= len(cmd) <= 8 or not all(isinstance(w, str) and _COMMAND_WORD.fullmatch(w) for w in cmd):
+        if not isinstance(cmd, list) or not 1 <= len(cmd) <= 8 or not all(isinstance(w, str) and _COMMAND_WORD.fullmatch(w) for w in cmd) or cmd[0].startswith("-"):
             p.add(f"{path}.command", f"must be a list of 1-8 words (letters, digits, '_./@:+=-'), the controller's command without its arguments, e.g. [\"vzdump-controller\"] (got {cmd!r})")
         else:
             vals["command"] = tuple(cmd)

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from . import marker as markers
+from .config import Kind
 from .errors import ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
 from .job import JobId
 from .marker import Marker, StackRecord
-from .config import Kind
 from .stacks.base import StopOutcome
 from .stacks.kinds import Stacks
 from .transports import open_transport
@@ -123,15 +123,16 @@ class GuestController:
         missing = [s.name for s in self.guest.stacks if s.name not in running or running[s.name].kind is not s.kind]
         return chosen, missing
 
-    def preflight(self, deadline: float) -> Preflight:
-        """Guest answers, compose found, stacks listed, marker read. Changes nothing."""
+    def preflight(self, deadline: float, end_stale: bool = False) -> Preflight:
+        """Guest answers, compose found, stacks listed, marker read, controllers asked. Changes
+        nothing, unless `end_stale` (backup-start: vzdump holds the guest's backup lock, so a job a
+        controller still has open is over): then such a job is told abort."""
         self.t.connect(_left(deadline))
         running = self.driver.running(_left(deadline, self.guest.command_timeout))
         chosen, missing = self.select(running)
         m = self.read_marker(deadline)
         notes = []
-        # vzdump holds this guest's backup lock: a job a controller still has open is over
-        for name, text, down in self.driver.controllers.end_stale(True, _left(deadline, self.guest.command_timeout)):
+        for name, text, down in self.driver.controllers.end_stale(True, _left(deadline, self.guest.command_timeout), act=end_stale):
             if down:
                 raise ControllerError(f"controller {name}: {text}")
             if text:

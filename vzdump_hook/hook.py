@@ -174,7 +174,7 @@ class PhaseRunner:
         try:
             with self.state.guest_lock(vmid, self.left()):
                 seen = self.resumer.entries(vmid)
-                p = ctl.preflight(self.deadline)
+                p = ctl.preflight(self.deadline, end_stale=True)
                 if p.marker is None or (p.marker.job != self.job and not self._resume_stale(ctl, p.marker, "backup-start").marker_left):
                     self.resumer.forget(seen)
                 rec.status = Status.PREFLIGHT_OK

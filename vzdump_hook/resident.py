@@ -374,6 +374,7 @@ class Resident:
         then ends at once, with the [hook] settings recorded at pre-stop (no chained scripts)."""
         from . import orchestrator
         from .orchestrator import Step
+        from .config import Kind
         from .phases import GuestType, Mode, parse_phase
         from .state import Status
 
@@ -381,8 +382,10 @@ class Resident:
         rec = self._record()
         if phase is None or rec is None:
             return False
+        # backup-end/abort tell the guest's controllers that the job is over (hook.py): the phase goes on
+        closing = phase in orchestrator.WATCHER_ENDS and any(s.kind is Kind.CONTROLLER and s.name not in rec.closed for s in rec.stacks)
         if not rec.status.pending:
-            return rec.status is Status.RESUMED and not phase.is_job_phase and not self.info.chain
+            return rec.status is Status.RESUMED and not phase.is_job_phase and not self.info.chain and not closing
         vmtype, mode = GuestType(self.info.vmtype), Mode(self.info.mode)
         if phase.is_job_phase:  # job-end, job-abort: the job's last attempt
             self._start(phase.value, wait=True)
@@ -402,7 +405,7 @@ class Resident:
             if plan.note:
                 log.info("%s %d: %s", phase.value, self.vmid, plan.note)
             done = True
-        return done and not self.info.chain
+        return done and not self.info.chain and not closing
 
     # -- what it watches -------------------------------------------------------------------------
 

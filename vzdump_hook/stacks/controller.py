@@ -79,7 +79,7 @@ def check_answer(data: bytes | str, phase: str, where: str) -> dict[str, Any]:
     if not isinstance(body, dict) or body.get("api") != API or not isinstance(body.get("ok"), bool):
         raise Refused(f"{where}: {phase}: not an answer of controller API {API}: {str(data)[:120]!r}")
     if not body["ok"]:
-        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        err: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
         code, message = str(err.get("code", "")), str(err.get("message", ""))[:300]
         raise Refused(f"{where}: {phase} refused: {code or 'error'}: {message}", code, body)
     return body
@@ -101,15 +101,15 @@ class CommandCarrier:
         lines = res.stdout.strip().splitlines()
         if len(lines) != 1:
             tail = res.stderr.strip().splitlines()[-3:]
-            raise Refused(f"{self.where}: {phase}: exit {res.status}, {len(lines)} lines on stdout (one JSON line expected){': ' + ' | '.join(tail) if tail else ''}")
+            raise Refused(f"{self.where}: {phase}: exit {res.exit_status}, {len(lines)} lines on stdout (one JSON line expected){': ' + ' | '.join(tail) if tail else ''}")
         try:
             body = check_answer(lines[0], phase, self.where)
         except Refused as e:
-            if e.code and _EXIT.get(e.code, 5) != res.status:
-                raise Refused(f"{e} (and exit {res.status} disagrees with it)", "internal", e.answer) from None
+            if e.code and _EXIT.get(e.code, 5) != res.exit_status:
+                raise Refused(f"{e} (and exit {res.exit_status} disagrees with it)", "internal", e.answer) from None
             raise
-        if res.status != 0:
-            raise Refused(f"{self.where}: {phase}: answered ok but exited {res.status}", "internal", body)
+        if res.exit_status != 0:
+            raise Refused(f"{self.where}: {phase}: answered ok but exited {res.exit_status}", "internal", body)
         return body
 
 
@@ -269,9 +269,10 @@ class ControllerDriver:
         except ConfigError as e:
             raise ControllerError("; ".join(e.problems)) from None
 
-    def end_stale(self, force: bool, timeout: float) -> list[tuple[str, str, bool]]:
+    def end_stale(self, force: bool, timeout: float, act: bool = True) -> list[tuple[str, str, bool]]:
         """Ask every controller what it holds, and `abort` a job of it that is over (its vzdump
-        worker is gone, its deadline passed, or `force`). [(controller, what was done, still down)]."""
+        worker is gone, its deadline passed, or `force`); with `act` false, only say so.
+        [(controller, what was done, still down)]."""
         out: list[tuple[str, str, bool]] = []
         for spec in self.specs():
             try:
@@ -292,6 +293,9 @@ class ControllerDriver:
                 out.append((spec.name, f"job {job_text} open ({open_job.get('state')}), left alone (it may still run, deadline not passed)", False))
                 continue
             why = "its job is over" if over else "its deadline passed" if expired else "forced"
+            if not act:
+                out.append((spec.name, f"job {job_text} open ({open_job.get('state')}): the next backup tells it abort ({why})", False))
+                continue
             try:
                 vmid = open_job.get("vmid")
                 self._send(StackRecord.controller(spec.name, job_text), "abort", timeout, vmid=vmid if isinstance(vmid, int) else None)
