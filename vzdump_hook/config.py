@@ -87,6 +87,20 @@ class ControllerSpec:
 
 
 @dataclass(frozen=True)
+class ReadySpec:
+    """How to know a stack's app is back after its start (`ready`): one of a command in the guest that
+    exits 0, an http(s) URL the node gets a 2xx/3xx answer from, or (compose) every started container
+    with a healthcheck reporting healthy."""
+
+    command: tuple[str, ...] = ()
+    url: str = ""
+    healthy: bool = False
+
+    def describe(self) -> str:
+        return f"`{' '.join(self.command)}` exits 0" if self.command else f"{self.url} answers" if self.url else "its containers are healthy"
+
+
+@dataclass(frozen=True)
 class StackSpec:
     name: str
     stop_timeout: float | None = None  # None: the guest's stop_timeout
@@ -94,6 +108,11 @@ class StackSpec:
     units: tuple[str, ...] = ()  # systemd: the service units, in stop order
     user: str = ""  # systemd: "" for system units, else the user whose `systemctl --user` units they are
     controller: ControllerSpec | None = None  # controller: how to reach it
+    before_stop: tuple[str, ...] = ()  # a command run in the guest right before the stop (not downtime), e.g. a CHECKPOINT
+    before_stop_timeout: float = 60.0
+    ready: ReadySpec | None = None  # the app is back when this says so (the downtime ends then)
+    ready_timeout: float = 60.0
+    group: int | None = None  # stop order: groups ascending, the stacks of a group in parallel; start: the reverse
 
 
 @dataclass(frozen=True)
@@ -269,6 +288,59 @@ def _units(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
     return tuple(v)
 
 
+_STRATEGY_KEYS = {"before_stop", "before_stop_timeout", "ready", "ready_timeout", "group"}
+MAX_GROUP = 99
+
+
+def _argv(p: _Problems, path: str, v: Any, what: str) -> tuple[str, ...] | None:
+    """A command as a list of words (no shell): what the guest runs."""
+    if not isinstance(v, list) or not 1 <= len(v) <= 64 or not all(isinstance(w, str) and w and len(w) <= 4096 and "\0" not in w for w in v):
+        p.add(path, f"must be a list of 1-64 non-empty strings, the command's words (run without a shell), e.g. {what} (got {v!r})")
+        return None
+    return tuple(v)
+
+
+def _ready(p: _Problems, path: str, v: Any, kind: Kind) -> ReadySpec | None:
+    if not isinstance(v, dict) or len(v) != 1 or next(iter(v)) not in ("command", "url", "healthy"):
+        p.add(path, f"must be a table with one of: command = [...] (exits 0 in the guest), url = \"http://...\" (answers 2xx/3xx to the node), healthy = true (compose healthchecks) (got {v!r})")
+        return None
+    key, value = next(iter(v.items()))
+    if key == "command":
+        argv = _argv(p, f"{path}.command", value, '["pg_isready", "-h", "127.0.0.1"]')
+        return None if argv is None else ReadySpec(command=argv)
+    if key == "url":
+        if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/?#]+(/\S*)?", value):
+            p.add(f"{path}.url", f"must be an http:// or https:// URL (got {value!r})")
+            return None
+        return ReadySpec(url=value)
+    if value is not True or kind is not Kind.COMPOSE:
+        p.add(f"{path}.healthy", "only `healthy = true`, and only for compose stacks (a systemd stack is ready when its units are active, which its start already waits for)")
+        return None
+    return ReadySpec(healthy=True)
+
+
+def _strategies(p: _Problems, ipath: str, item: Mapping[str, Any], kind: Kind) -> dict[str, Any] | None:
+    """before_stop, ready, group and their bounds of one stack table (README: Per-stack strategies)."""
+    before = len(p.items)
+    out: dict[str, Any] = {}
+    if "before_stop" in item:
+        out["before_stop"] = _argv(p, f"{ipath}.before_stop", item["before_stop"], '["docker", "exec", "db-postgres-1", "psql", "-U", "postgres", "-c", "CHECKPOINT"]')
+    if "before_stop_timeout" in item:
+        out["before_stop_timeout"] = _num(p, f"{ipath}.before_stop_timeout", item["before_stop_timeout"], lo=1, hi=3600)
+        if "before_stop" not in item:
+            p.add(f"{ipath}.before_stop_timeout", "without before_stop")
+    if "ready" in item:
+        out["ready"] = _ready(p, f"{ipath}.ready", item["ready"], kind)
+    if "ready_timeout" in item:
+        out["ready_timeout"] = _num(p, f"{ipath}.ready_timeout", item["ready_timeout"], lo=1, hi=3600)
+        if "ready" not in item:
+            p.add(f"{ipath}.ready_timeout", "without ready")
+    if "group" in item:
+        g = _num(p, f"{ipath}.group", item["group"], lo=1, hi=MAX_GROUP, integer=True)
+        out["group"] = None if g is None else int(g)
+    return out if len(p.items) == before else None
+
+
 _KIND_KEYS = {Kind.SYSTEMD: {"units", "user"}, Kind.CONTROLLER: {"command", "url", "token_file", "ca_file", "fingerprint", "answer_within"}}
 _FINGERPRINT = re.compile(r"[0-9A-Fa-f]{2}(:?[0-9A-Fa-f]{2}){31}")
 # a controller command's words: no shell is involved, but the restricted wrapper matches them as words
@@ -334,13 +406,18 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
         units: tuple[str, ...] = ()
         user = ""
         controller: ControllerSpec | None = None
+        strategies: dict[str, Any] = {}
         if isinstance(item, dict):
             k = item.get("kind", "compose")
             if k not in tuple(x.value for x in Kind):
                 p.add(f"{ipath}.kind", f"must be one of {', '.join(repr(x.value) for x in Kind)} (got {k!r})")
                 continue
             kind = Kind(k)
-            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | _KIND_KEYS.get(kind, set()))
+            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | _STRATEGY_KEYS | _KIND_KEYS.get(kind, set()))
+            got_strategies = _strategies(p, ipath, item, kind)
+            if got_strategies is None:
+                continue
+            strategies = got_strategies
             if "stop_timeout" in item:
                 stop_timeout = _num(p, f"{ipath}.stop_timeout", item["stop_timeout"], lo=1, hi=3600)
             if kind is Kind.CONTROLLER:
@@ -375,13 +452,17 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
             p.add(ipath, f"{name!r} is listed twice")
             continue
         seen.add(name)
-        specs.append(StackSpec(name, stop_timeout, kind, units, user, controller))
+        specs.append(StackSpec(name, stop_timeout, kind, units, user, controller, **strategies))
     claimed: dict[tuple[str, str], str] = {}
     for spec in specs:
         for u in spec.units:
             if (spec.user, u) in claimed:
                 p.add(path, f"unit {u} is in stacks {claimed[spec.user, u]!r} and {spec.name!r}")
             claimed[spec.user, u] = spec.name
+    grouped = [s.group is not None for s in specs]
+    if any(grouped) and not all(grouped):
+        first = grouped.index(False)
+        p.add(f"{path}[{first}].group", "missing: once one stack has a group, every stack needs one (groups stop in ascending order, a group's stacks in parallel)")
     users = sorted({s.user for s in specs if s.user})
     if len(users) > 1:
         p.add(path, f"--user units of one user only (got {', '.join(users)})")

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from . import marker as markers
 from .config import Kind
@@ -22,12 +22,15 @@ from .stacks.kinds import Stacks
 from .transports import open_transport
 
 if TYPE_CHECKING:
-    from .config import GuestConfig
+    from .config import GuestConfig, ReadySpec, StackSpec
     from .transports.base import Transport
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STOP_MARGIN = 30.0  # seconds for compose / systemctl itself on top of the stop timeout
+READY_POLL = 0.1  # seconds between two looks at whether a started stack is ready
+READY_PROBE = 5.0  # bound of one look
 
 
 def _left(deadline: float, cap: float | None = None) -> float:
@@ -101,6 +104,22 @@ class GuestController:
     def _write_marker(self, m: Marker, deadline: float) -> None:
         self.t.write_file(self.guest.marker_path, m.to_json(), timeout=_left(deadline, self.guest.command_timeout))
 
+    def spec(self, name: str) -> StackSpec | None:
+        return next((s for s in self.guest.stacks or () if s.name == name), None)
+
+    def groups(self, stacks: tuple[StackRecord, ...]) -> list[tuple[StackRecord, ...]]:
+        """`stacks` (stop order) as the groups they stop in: by `group` when the config gives them
+        (a stack no longer in the config first), else all at once (`parallel`), else one by one."""
+        specs = {s.name: s for s in self.guest.stacks or ()}
+        if any(s.group is not None for s in specs.values()):
+            def group(rec: StackRecord) -> int:
+                spec = specs.get(rec.name)
+                return spec.group if spec is not None and spec.group is not None else 0
+            return [tuple(r for r in stacks if group(r) == g) for g in sorted({group(r) for r in stacks})]
+        if self.guest.parallel:
+            return [stacks] if stacks else []
+        return [(r,) for r in stacks]
+
     # -- verbs ---------------------------------------------------------------------------------
 
     def wait_ready(self, wait: float, deadline: float) -> None:
@@ -170,6 +189,7 @@ class GuestController:
         if not m.stacks:
             return Quiesce((), (), now, now)
         self.driver.controllers.mode, self.driver.controllers.deadline = mode, m.deadline
+        self._before_stop(to_stop, deadline)
         if before_marker is not None:
             try:
                 before_marker()
@@ -190,18 +210,42 @@ class GuestController:
         # one more round trip between the stop and the backup's point in time
         return Quiesce(m.stacks, tuple(outcomes), started, time.time())
 
+    def _before_stop(self, stacks: tuple[StackRecord, ...], deadline: float) -> None:
+        """Each stack's `before_stop` command, right before the stops (nothing is down yet: its time
+        is not downtime). Bounded; a failure is reported and the stop goes on."""
+        for rec in stacks:
+            spec = self.spec(rec.name)
+            if spec is None or not spec.before_stop:
+                continue
+            t0 = time.monotonic()
+            try:
+                res = self.t.run(list(spec.before_stop), timeout=_left(deadline, spec.before_stop_timeout))
+            except HookError as e:
+                log.warning("quiesce %s: before_stop of %s failed after %.1f s (%s): stopping it all the same", self.name, rec.name, time.monotonic() - t0, e)
+                continue
+            if res.ok:
+                log.info("quiesce %s: before_stop of %s done in %.1f s", self.name, rec.name, res.duration)
+            else:
+                tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
+                log.warning("quiesce %s: before_stop of %s exited %d in %.1f s (%s): stopping it all the same", self.name, rec.name, res.exit_status, res.duration, tail[0][:200])
+
+    def _each(self, fn: Callable[[StackRecord], T], groups: list[tuple[StackRecord, ...]]) -> list[T]:
+        """fn over the stacks group by group; the stacks of a group at once."""
+        out: list[T] = []
+        for group in groups:
+            if len(group) > 1:
+                with ThreadPoolExecutor(max_workers=min(8, len(group))) as pool:
+                    out += pool.map(fn, group)
+            else:
+                out += [fn(rec) for rec in group]
+        return out
+
     def _stop_all(self, stacks: tuple[StackRecord, ...], deadline: float) -> list[StopOutcome]:
         def stop(rec: StackRecord) -> StopOutcome:
             st = self.guest.stop_timeout_of(rec.name)
             return self.driver.stop(rec, st, _left(deadline, st + STOP_MARGIN))
 
-        if self.guest.parallel and len(stacks) > 1:
-            with ThreadPoolExecutor(max_workers=min(8, len(stacks))) as pool:
-                return list(pool.map(stop, stacks))
-        outcomes = []
-        for rec in stacks:
-            outcomes.append(stop(rec))
-        return outcomes
+        return self._each(stop, self.groups(stacks))
 
     def resume(self, deadline: float, fallback: tuple[StackRecord, ...] = ()) -> Resume:
         """Start every stack the marker lists (reverse stop order), then remove the marker.
@@ -217,7 +261,7 @@ class GuestController:
         if fallback:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 reading = pool.submit(self.read_marker, deadline)
-                results = self._start_all(tuple(reversed(fallback)), deadline)
+                results = self._start_all(fallback, deadline)
                 try:
                     m = reading.result()
                 except MarkerError as e:
@@ -235,7 +279,7 @@ class GuestController:
             if m is not None:  # nothing listed: nothing to start, the marker has served
                 self.t.remove_file(self.guest.marker_path, timeout=_left(deadline, self.guest.command_timeout))
             return Resume((), (), tuple(problems), m is not None, invalid)
-        results += self._start_all(tuple(reversed(stacks)), deadline)
+        results += self._start_all(stacks, deadline)
         started = tuple(name for name, err in results if not err)
         failed = tuple(name for name, err in results if err)
         problems += [f"{name}: {err}" for name, err in results if err]
@@ -255,6 +299,7 @@ class GuestController:
         return Resume(started, failed, tuple(problems), removed, invalid or (m is not None and not removed))
 
     def _start_all(self, stacks: tuple[StackRecord, ...], deadline: float) -> list[tuple[str, str]]:
+        """Start `stacks` (given in stop order) in the reverse order: the last group first."""
         def start(rec: StackRecord) -> tuple[str, str]:
             try:
                 self.driver.start(rec, _left(deadline, self.guest.command_timeout))
@@ -262,10 +307,48 @@ class GuestController:
             except HookError as e:
                 return rec.name, str(e)
 
-        if self.guest.parallel and len(stacks) > 1:
-            with ThreadPoolExecutor(max_workers=min(8, len(stacks))) as pool:
-                return list(pool.map(start, stacks))
-        return [start(rec) for rec in stacks]
+        return self._each(start, [tuple(reversed(g)) for g in reversed(self.groups(stacks))])
+
+    def await_ready(self, stacks: tuple[StackRecord, ...], deadline: float) -> dict[str, float | None]:
+        """Wait until each stack's `ready` says its app is back, each within its ready_timeout, all
+        at once. name -> when it was first seen ready (wall clock), or None when not in time."""
+
+        def one(rec: StackRecord) -> float | None:
+            spec = self.spec(rec.name)
+            if spec is None or spec.ready is None:
+                return time.time()
+            until = min(deadline, time.monotonic() + spec.ready_timeout)
+            while True:
+                try:
+                    if self._ready_once(rec, spec.ready, min(READY_PROBE, until - time.monotonic())):
+                        return time.time()
+                except (HookError, OSError) as e:
+                    log.debug("ready %s %s: %s", self.name, rec.name, e)
+                if time.monotonic() + READY_POLL >= until:
+                    return None
+                time.sleep(READY_POLL)
+
+        if len(stacks) == 1:
+            return {stacks[0].name: one(stacks[0])}
+        with ThreadPoolExecutor(max_workers=min(8, len(stacks))) as pool:
+            return dict(zip((s.name for s in stacks), pool.map(one, stacks), strict=True))
+
+    def _ready_once(self, rec: StackRecord, ready: ReadySpec, timeout: float) -> bool:
+        if timeout <= 0:
+            return False
+        if ready.command:
+            return self.t.run(list(ready.command), timeout=timeout).ok
+        if ready.url:
+            import requests
+
+            with requests.Session() as s:
+                s.trust_env = False
+                try:
+                    r = s.get(ready.url, timeout=(min(2.0, timeout), timeout), allow_redirects=False)
+                except requests.RequestException as e:
+                    raise OSError(f"{ready.url}: {type(e).__name__}") from None
+                return r.status_code < 400
+        return self.driver.compose_driver.healthy(rec, timeout)
 
 
 def describe(error: BaseException) -> str:

@@ -613,6 +613,8 @@ def summary(records: list[GuestRecord]) -> list[str]:
         }.get(r.status, "STILL DOWN")
         if r.crash_consistent and r.status not in (Status.PREFLIGHT_FAILED, Status.CONFIG_ERROR):
             result += ", crash-consistent"
+        if r.not_ready:
+            result += f", NOT READY: {','.join(r.not_ready)}"
         rows.append((str(r.vmid), stacks, down, result))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]

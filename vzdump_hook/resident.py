@@ -274,6 +274,7 @@ class Resident:
         self.watch: Any = None  # qemu.watcher.JobWatch once armed
         self.watch_tried = False  # armed once at most: after GiveUp, a phase starts the stacks
         self.ctl: GuestController | None = None
+        self.readiness: threading.Thread | None = None
 
     @property
     def vmid(self) -> int:
@@ -373,8 +374,8 @@ class Resident:
         (the stacks run again, or they stay down by plan and the watch, if any, is armed): the hook
         then ends at once, with the [hook] settings recorded at pre-stop (no chained scripts)."""
         from . import orchestrator
-        from .orchestrator import Step
         from .config import Kind
+        from .orchestrator import Step
         from .phases import GuestType, Mode, parse_phase
         from .state import Status
 
@@ -425,6 +426,8 @@ class Resident:
             log.info("resident %d: its socket is gone (run directory wiped?): listening again", self.vmid)
             self._listen()
         rec = self._record()
+        if self.readiness is not None and self.readiness.is_alive():
+            return False  # await_ready: the downtime ends when the stacks are ready
         if rec is None or not rec.status.pending:
             if self.status != "done" and rec is not None:
                 log.debug("resident %d: the stacks were started by another path", self.vmid)
@@ -487,11 +490,15 @@ class Resident:
         self.status = "starting"
         self.critical = True
         try:
-            done = self.resumer.resume_with(self.ctl, where, wait, remembered=self.remembered)
+            done = self.resumer.resume_with(self.ctl, where, wait, remembered=self.remembered, ready=False)
         finally:
             self.critical = False
         if done:
             self.status, self.retry_at = "done", None
+            # waiting for the stacks' `ready` must not hold up the phases that ask meanwhile
+            ctl = self.ctl
+            self.readiness = threading.Thread(target=self.resumer.await_ready, args=(ctl, "resident"), daemon=True)
+            self.readiness.start()
         else:
             self.ctl.t.close()  # a fresh session next time: the old one may be what failed
             self.status = "retrying"

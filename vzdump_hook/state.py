@@ -58,6 +58,9 @@ class GuestRecord:
     compose: list[str] = field(default_factory=list)  # detected at preflight: pre-stop need not ask again
     ended: str = ""  # controllers: what to tell them once resumed ("done" after backup-end, "failed" after backup-abort)
     closed: list[str] = field(default_factory=list)  # controllers that confirmed the job's end (stacks/controller.py)
+    started_at: float | None = None  # when the start returned; with `ready`, resumed_at is when the apps answered
+    ready_pending: list[str] = field(default_factory=list)  # started stacks whose `ready` is still awaited
+    not_ready: list[str] = field(default_factory=list)  # stacks not ready within their ready_timeout (reported, never a failure)
 
     @property
     def downtime(self) -> float | None:
