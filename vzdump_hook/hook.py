@@ -543,6 +543,10 @@ class PhaseRunner:
         if pending:
             fanout.run_all(lambda r: self._finish_one(r, phase), pending, self.deadline)
             records = self.state.records()
+        awaited = [r for r in records if r.status is Status.RESUMED and r.ready_pending]
+        if awaited:  # the table and the history end the downtime when the apps answered
+            fanout.run_all(lambda r: self._await_ready(r, phase), awaited, self.deadline)
+            records = self.state.records()
         unclosed = [r for r in records if any(s.kind is Kind.CONTROLLER and s.name not in r.closed for s in r.stacks)]
         if unclosed:
             fanout.run_all(lambda r: self.close_controllers(r.vmid, phase), unclosed, self.deadline)
@@ -585,6 +589,16 @@ class PhaseRunner:
             self.state.set_flag("reported")
         except Exception as e:
             log.warning("report: %s: %s", type(e).__name__, e)
+
+    def _await_ready(self, rec: GuestRecord, phase: Phase) -> None:
+        guest = self._guest(rec.vmid, rec)
+        if guest is None:
+            return
+        ctl = GuestController(guest, self.job)
+        try:
+            self.resumer.await_ready(ctl, phase.value)
+        finally:
+            ctl.close()
 
     def _finish_one(self, rec: GuestRecord, phase: Phase) -> None:
         guest = self._guest(rec.vmid, rec)

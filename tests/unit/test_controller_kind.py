@@ -148,3 +148,38 @@ def test_https_token_file_must_be_root_only(tmp_path: Path) -> None:
     os.chmod(token, 0o644)
     text = guest(f'{{ kind = "controller", name = "c", url = "https://h", token_file = "{token}", ca_file = "/c" }}')
     assert any(p.startswith("guests.101.stacks[0].token_file:") and "chmod 600" in p for p in problems(text))
+
+
+# -- per-stack strategies (config) -------------------------------------------------------------
+
+
+def test_strategies_parse_for_any_kind() -> None:
+    g = parse(guest('{ name = "db", group = 1, before_stop = ["psql", "-c", "CHECKPOINT"], before_stop_timeout = 20, '
+                    'ready = { command = ["pg_isready"] }, ready_timeout = 30 }, '
+                    '{ kind = "systemd", name = "pg", units = ["postgresql.service"], group = 2, ready = { url = "http://10.0.0.5:8080/health" } }')).guests[101]
+    assert g.stacks is not None
+    db, pg = g.stacks
+    assert (db.group, db.before_stop, db.before_stop_timeout, db.ready_timeout) == (1, ("psql", "-c", "CHECKPOINT"), 20.0, 30.0)
+    assert db.ready is not None and db.ready.command == ("pg_isready",)
+    assert pg.group == 2 and pg.ready is not None and pg.ready.url == "http://10.0.0.5:8080/health"
+
+
+@pytest.mark.parametrize(
+    ("stacks", "expected"),
+    [
+        ('{ name = "db", before_stop = "psql -c CHECKPOINT" }', "guests.101.stacks[0].before_stop: must be a list of 1-64 non-empty strings"),
+        ('{ name = "db", before_stop = [] }', "guests.101.stacks[0].before_stop: must be a list"),
+        ('{ name = "db", before_stop_timeout = 5 }', "guests.101.stacks[0].before_stop_timeout: without before_stop"),
+        ('{ name = "db", ready = { command = ["a"], url = "http://h" } }', "guests.101.stacks[0].ready: must be a table with one of"),
+        ('{ name = "db", ready = { tcp = 5432 } }', "guests.101.stacks[0].ready: must be a table with one of"),
+        ('{ name = "db", ready = { url = "ftp://h" } }', "guests.101.stacks[0].ready.url: must be an http:// or https:// URL"),
+        ('{ kind = "systemd", name = "pg", units = ["p.service"], ready = { healthy = true } }', "guests.101.stacks[0].ready.healthy: only `healthy = true`, and only for compose"),
+        ('{ name = "db", ready_timeout = 5 }', "guests.101.stacks[0].ready_timeout: without ready"),
+        ('{ name = "db", group = 0 }', "guests.101.stacks[0].group: must be 1-99"),
+        ('{ name = "db", group = 1.5 }', "guests.101.stacks[0].group: must be an integer"),
+        ('{ name = "db", group = 1 }, { name = "web" }', "guests.101.stacks[1].group: missing: once one stack has a group"),
+    ],
+)
+def test_strategy_problems_name_their_key_path(stacks: str, expected: str) -> None:
+    found = problems(guest(stacks))
+    assert any(p.startswith(expected) for p in found), found
