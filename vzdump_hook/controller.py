@@ -6,6 +6,7 @@ outlives the phase.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,7 @@ class Quiesce:
     outcomes: tuple[StopOutcome, ...]
     started: float  # wall clock of the first stop
     ended: float
+    down_at: float | None = None  # when every stack stopped has `ready`: its first failed check during the stop
 
     @property
     def killed(self) -> tuple[str, ...]:
@@ -205,10 +207,15 @@ class GuestController:
         except ConnectError as e:
             raise NothingStopped(f"marker not written: {e}") from e
         started = time.time()
-        outcomes = self._stop_all(to_stop, deadline)
+        down: dict[str, float] = {}
+        outcomes = self._stop_all(to_stop, deadline, down)
+        ended = time.time()
+        # with `ready` on every stack, the app's downtime starts when the check first failed
+        # (a stack whose check never failed during its stop: the last time it answered, else the stop's start)
+        down_at = min((down.get(s.name, started) for s in to_stop), default=None) if all(self._has_ready(s) for s in to_stop) else None
         # no rewrite to "stopped" here: the marker already lists every stack, and a write would be
         # one more round trip between the stop and the backup's point in time
-        return Quiesce(m.stacks, tuple(outcomes), started, time.time())
+        return Quiesce(m.stacks, tuple(outcomes), started, ended, down_at)
 
     def _before_stop(self, stacks: tuple[StackRecord, ...], deadline: float) -> None:
         """Each stack's `before_stop` command, right before the stops (nothing is down yet: its time
@@ -240,12 +247,42 @@ class GuestController:
                 out += [fn(rec) for rec in group]
         return out
 
-    def _stop_all(self, stacks: tuple[StackRecord, ...], deadline: float) -> list[StopOutcome]:
+    def _has_ready(self, rec: StackRecord) -> bool:
+        spec = self.spec(rec.name)
+        return spec is not None and spec.ready is not None
+
+    def _stop_all(self, stacks: tuple[StackRecord, ...], deadline: float, down: dict[str, float] | None = None) -> list[StopOutcome]:
+        """Stop the stacks group by group. For a stack with `ready`, its check runs while it stops:
+        `down` gets the time of its first failure (the moment the app stopped answering)."""
         def stop(rec: StackRecord) -> StopOutcome:
             st = self.guest.stop_timeout_of(rec.name)
-            return self.driver.stop(rec, st, _left(deadline, st + STOP_MARGIN))
+            spec = self.spec(rec.name)
+            if down is None or spec is None or spec.ready is None:
+                return self.driver.stop(rec, st, _left(deadline, st + STOP_MARGIN))
+            done = threading.Event()
+            watcher = threading.Thread(target=self._watch_down, args=(rec, spec.ready, done, down), daemon=True)
+            watcher.start()
+            try:
+                return self.driver.stop(rec, st, _left(deadline, st + STOP_MARGIN))
+            finally:
+                done.set()
+                watcher.join(READY_POLL)  # a check under way is not waited for: the stop's end stands in
 
         return self._each(stop, self.groups(stacks))
+
+    def _watch_down(self, rec: StackRecord, ready: ReadySpec, done: threading.Event, down: dict[str, float]) -> None:
+        """down[name]: when the check first failed; while none has, when it last answered."""
+        while not done.is_set():
+            try:
+                ok = self._ready_once(rec, ready, READY_PROBE)
+            except (HookError, OSError):
+                ok = False
+            if done.is_set():
+                return  # after the stop's end: what is recorded stands
+            down[rec.name] = time.time()
+            if not ok:
+                return
+            done.wait(READY_POLL)
 
     def resume(self, deadline: float, fallback: tuple[StackRecord, ...] = ()) -> Resume:
         """Start every stack the marker lists (reverse stop order), then remove the marker.

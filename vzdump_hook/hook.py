@@ -289,7 +289,7 @@ class PhaseRunner:
                     log.warning("pre-stop %d: quiesce failed: %s; whatever the marker lists is started again later", vmid, describe(e))
                     return orchestrator.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
                 rec.stacks = list(q.stacks)
-                rec.stop_started, rec.stop_ended = q.started, q.ended
+                rec.stop_started, rec.stop_ended, rec.app_down_at = q.started, q.ended, q.down_at
                 rec.status = Status.QUIESCED if q.stacks else Status.NOTHING_STOPPED
                 failed = bool(q.killed or q.errors)
                 rec.crash_consistent = failed

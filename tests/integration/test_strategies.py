@@ -141,7 +141,9 @@ def test_ready_command_ends_the_downtime_when_it_succeeds(setup: HookSetup, test
     # the downtime ends when the command first succeeded: after the flag, within a poll and a round trip
     assert times["flag"] <= rec["resumed_at"] < times["flag"] + 1.0, (rec, times, log)
     assert rec["not_ready"] == [] and rec["ready_pending"] == [], rec
-    down = rec["resumed_at"] - rec["stop_started"]
+    # the flag was absent from the stop on: the check failed at once, which is where the downtime starts
+    assert rec["stop_started"] <= rec["app_down_at"] <= rec["stop_ended"], rec
+    down = rec["resumed_at"] - rec["app_down_at"]
     assert re.search(rf"^INFO: vzdump-hook: {VMID} +{db.name} +{down:.1f} +ok$", log, re.M), (down, log)
     assert re.search(rf"{VMID}: {db.name} ready \d+\.\d s after the start, down {down:.1f} s", log), log
 
@@ -182,3 +184,20 @@ def test_ready_healthy_waits_for_the_compose_healthcheck(setup: HookSetup, test_
     # docker says healthy at the first check after the flag (interval 0.5 s), the hook within a poll after that
     assert "flag" in times and times["flag"] <= rec["resumed_at"] < times["flag"] + 2.0, (rec, times, log)
     assert rec["not_ready"] == [], rec
+
+
+def test_with_ready_the_downtime_starts_when_the_check_first_fails(setup: HookSetup, test_guest: Any, compose_project: Any) -> None:
+    # the app ignores SIGTERM: it answers until it is killed when its 2 s stop timeout runs out
+    db = compose_project("db", {"app": "stubborn"})
+    compose.up(db)
+    check = ["sh", "-c", f"docker ps -q --filter label=com.docker.compose.project={db.name} --filter status=running | grep -q ."]
+    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"command": check}}], "stop_timeout": 2})})
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120)
+    log = result.task_log()
+    assert result.status is JobStatus.OK, log
+    rec = host_record(setup)
+    killed = container_times(db)["app"][1]  # when the engine saw it end
+    assert rec["stop_started"] + 1.5 < rec["app_down_at"], (rec, killed)  # it answered through its stop timeout
+    assert killed <= rec["app_down_at"] < killed + 1.0, (rec, killed)  # first failed check: after the kill, within a look
+    down = rec["resumed_at"] - rec["app_down_at"]
+    assert re.search(rf"^INFO: vzdump-hook: {VMID} +{db.name} +{down:.1f} +ok, crash-consistent$", log, re.M), (down, log)
