@@ -201,3 +201,53 @@ def test_with_ready_the_downtime_starts_when_the_check_first_fails(setup: HookSe
     assert killed <= rec["app_down_at"] < killed + 1.0, (rec, killed)  # first failed check: after the kill, within a look
     down = rec["resumed_at"] - rec["app_down_at"]
     assert re.search(rf"^INFO: vzdump-hook: {VMID} +{db.name} +{down:.1f} +ok, crash-consistent$", log, re.M), (down, log)
+
+
+def test_ready_url_is_asked_from_the_node(setup: HookSetup, test_guest: Any, compose_project: Any, tmp_path: Path) -> None:
+    """`ready = { url = ... }`: a real HTTP server (python's http.server, its own process) answers 404
+    until the file it serves appears, then 200."""
+    import socket
+    import sys
+
+    db = compose_project("db", {"app": "sleeper"})
+    compose.up(db)
+    docroot = tmp_path / "www"
+    docroot.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(docroot), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import requests
+
+        assert _wait(lambda: _status(requests, f"http://127.0.0.1:{port}/health") == 404), "http.server did not come up"
+        setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"url": f"http://127.0.0.1:{port}/health"}, "ready_timeout": 30}],
+                                         "stop_timeout": 5})})
+        times: dict[str, float] = {}
+        result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120,
+                         on_phase=_flag_after_resume(docroot / "health", "pre-restart", 2.0, times), transfer_seconds=4)
+    finally:
+        server.terminate()
+        server.wait(10)
+    log = result.task_log()
+    assert result.status is JobStatus.OK, log
+    rec = host_record(setup)
+    assert "flag" in times and times["flag"] <= rec["resumed_at"] < times["flag"] + 1.0, (rec, times, log)
+    assert rec["not_ready"] == [], rec
+
+
+def _status(requests: Any, url: str) -> int:
+    try:
+        return int(requests.get(url, timeout=2).status_code)
+    except requests.RequestException:
+        return 0
+
+
+def _wait(pred: Any, timeout: float = 20) -> bool:
+    until = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.1)
+    return True
