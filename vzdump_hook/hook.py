@@ -654,7 +654,14 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
     code = _own_work(args, phase, env, cfg, settings, problem)
     timer.cancel()
     if settings.chain and phase is not Phase.PRE_STOP:
-        code = code or _run_chain(settings, args, env)
+        chained = _run_chain(settings, args, env)
+        if chained and phase is Phase.PRE_RESTART:
+            # vzdump would skip what follows a failing pre-restart: an LXC guest in suspend mode stays
+            # frozen, one in stop mode stays stopped (pve-container's VZDump/LXC.pm, PVE/VZDump.pm)
+            log.error("%s: a chained script failed (exit %d); not passed on to vzdump: a failing pre-restart would leave the guest frozen or stopped",
+                      " ".join(args[:1] + args[2:3]), chained)
+            chained = 0
+        code = code or chained
     return code
 
 

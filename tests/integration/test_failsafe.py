@@ -228,6 +228,22 @@ def test_chained_script_failing_at_pre_stop_fails_that_backup_before_anything_st
     assert running([db]) == {db.name: True}
 
 
+def test_chained_script_failing_at_pre_restart_is_reported_and_not_passed_on(stack: Any, tmp_path: Path, test_guest: Any) -> None:
+    """vzdump skips what follows a failing pre-restart (an LXC guest in suspend mode stays frozen):
+    the hook says so in an ERROR line and exits 0, so vzdump thaws the guest and goes on."""
+    setup, db = stack
+    path, _ = recorder(tmp_path, fail=f"pre-restart suspend {VMID}")
+    chain_config(setup, db, test_guest, [path])
+    result = run_job(launcher(tmp_path, sys.executable), [GuestSpec(VMID, GuestType.LXC, Mode.SUSPEND)], extra_env=setup.env, timeout=120)
+    out = result.task_log()
+    pre_restart = next(r for r in result.records if r.phase == "pre-restart")
+    assert pre_restart.returncode == 0, out
+    assert "post-restart" in result.phases(VMID) and result.guest(VMID).status is BackupStatus.OK, out  # vzdump thawed it
+    assert f"chain: admin-hook pre-restart suspend {VMID} exited 3" in out
+    assert f"ERROR: pre-restart {VMID}: a chained script failed (exit 3); not passed on to vzdump" in out, out
+    assert running([db]) == {db.name: True}, out
+
+
 def test_chained_script_failing_at_job_end_fails_the_job(stack: Any, tmp_path: Path, test_guest: Any) -> None:
     setup, db = stack
     path, _ = recorder(tmp_path, fail="job-end", code=4)
