@@ -674,6 +674,9 @@ def _guest(p: _Problems, path: str, vmid: int, table: Mapping[str, Any], check_f
             p.add(f"{path}.stacks[{i}].command", "needs a transport into the guest (transport is none): give the guest ssh, pct or agent, or reach the controller by url")
         if check_files and c.token_file and (problem := token_file_problem(c.token_file)):
             p.add(f"{path}.stacks[{i}].token_file", problem)
+    commands = [i for i, spec in enumerate(specs) if spec.controller is not None and spec.controller.command]
+    if len(commands) > 1:
+        p.add(f"{path}.stacks[{commands[1]}].command", "one controller reached by a command per guest (the guest's restricted-key wrapper passes one)")
     if transport == "none" and (not specs or any(s.controller is None or s.controller.command for s in specs)):
         p.add(f"{path}.transport", '"none" only for a guest whose stacks are all controllers reached by url (the hook cannot reach anything else in it)')
     if len(p.items) != before:

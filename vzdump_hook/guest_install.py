@@ -151,6 +151,8 @@ def conf_text(guest: GuestConfig, layout: Layout) -> bytes:
         "# the user whose --user units USER_UNITS are (systemd stacks with `user`)\n"
         f"SYSTEMD_USER={next((spec.user for spec in guest.stacks or () if spec.user), '')}\n"
         f"USER_UNITS={' '.join(u for spec in guest.stacks or () if spec.user for u in spec.units)}\n"
+        "# the command of the guest's own controller (a controller stack with `command`): the wrapper passes its `signal` messages\n"
+        f"CONTROLLER={' '.join(next((spec.controller.command for spec in guest.stacks or () if spec.controller and spec.controller.command), ()))}\n"
     ).encode()
 
 
