@@ -69,6 +69,7 @@ class Kind(str, Enum):
 
     COMPOSE = "compose"  # a docker compose project, found by its labels
     SYSTEMD = "systemd"  # listed systemd service units (never discovered: see README)
+    CONTAINER = "container"  # plain docker or podman containers, by name or by label
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class StackSpec:
     kind: Kind = Kind.COMPOSE
     units: tuple[str, ...] = ()  # systemd: the service units, in stop order
     user: str = ""  # systemd: "" for system units, else the user whose `systemctl --user` units they are
+    containers: tuple[str, ...] = ()  # container: the container names, in stop order
+    label: str = ""  # container: "KEY" or "KEY=VALUE": the running containers carrying it (by name)
+    engine: str = ""  # container: "docker" or "podman"; "": detected in the guest
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,55 @@ def valid_unit(name: str) -> bool:
     return _UNIT.fullmatch(name) is not None
 
 
+# Container names as docker and podman accept them; labels as `KEY` or `KEY=VALUE` without spaces or
+# quotes (the wrapper and the recovery program keep lists of both in guest.conf, split at spaces).
+_CONTAINER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}(=[A-Za-z0-9._/:@+-]{0,255})?")
+MAX_CONTAINERS = 64
+ENGINES = ("docker", "podman")
+
+
+def valid_container_name(name: str) -> bool:
+    """A container name: letters, digits, '_', '.', '-', starting with a letter or digit, at most 128."""
+    return _CONTAINER_NAME.fullmatch(name) is not None
+
+
+def valid_label(label: str) -> bool:
+    """A label filter: KEY or KEY=VALUE (KEY: letters, digits, '.', '_', '/', '-'; VALUE also ':', '@', '+')."""
+    return _LABEL.fullmatch(label) is not None
+
+
+def _container_entry(p: _Problems, path: str, item: Mapping[str, Any]) -> tuple[tuple[str, ...], str, str] | None:
+    """(names, label, engine) of a container stack entry; exactly one of `containers` and `label`."""
+    if ("containers" in item) == ("label" in item):
+        p.add(f"{path}.containers", 'give either containers (names, e.g. ["app", "db"]) or label ("KEY=VALUE"), not both, not neither')
+        return None
+    names: tuple[str, ...] = ()
+    label = ""
+    if "containers" in item:
+        v = item["containers"]
+        if not isinstance(v, list) or not v or len(v) > MAX_CONTAINERS:
+            p.add(f"{path}.containers", f"must be a list of 1-{MAX_CONTAINERS} container names (got {v!r})")
+            return None
+        for i, n in enumerate(v):
+            if not isinstance(n, str) or not valid_container_name(n):
+                p.add(f"{path}.containers[{i}]", f"not a container name (letters, digits, '_', '.', '-'): {n!r}")
+                return None
+        if len(set(v)) != len(v):
+            p.add(f"{path}.containers", "a container is listed twice")
+            return None
+        names = tuple(v)
+    else:
+        label = item["label"]
+        if not isinstance(label, str) or not valid_label(label):
+            p.add(f"{path}.label", f'must be "KEY" or "KEY=VALUE" (letters, digits, ".", "_", "/", "-"; the value also ":", "@", "+") (got {label!r})')
+            return None
+    engine = item.get("engine", "")
+    if "engine" in item and _str(p, f"{path}.engine", engine, choices=ENGINES) is None:
+        return None
+    return names, label, engine
+
+
 def _units(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
     if not isinstance(v, list) or not v or len(v) > MAX_UNITS:
         p.add(path, f"must be a list of 1-{MAX_UNITS} service unit names, e.g. [\"postgresql.service\"] (got {v!r})")
@@ -263,13 +316,16 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
         kind = Kind.COMPOSE
         units: tuple[str, ...] = ()
         user = ""
+        containers: tuple[str, ...] = ()
+        label = engine = ""
         if isinstance(item, dict):
             k = item.get("kind", "compose")
             if k not in tuple(x.value for x in Kind):
                 p.add(f"{ipath}.kind", f"must be one of {', '.join(repr(x.value) for x in Kind)} (got {k!r})")
                 continue
             kind = Kind(k)
-            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | ({"units", "user"} if kind is Kind.SYSTEMD else set()))
+            own = {Kind.SYSTEMD: {"units", "user"}, Kind.CONTAINER: {"containers", "label", "engine"}}.get(kind, set())
+            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | own)
             if "stop_timeout" in item:
                 stop_timeout = _num(p, f"{ipath}.stop_timeout", item["stop_timeout"], lo=1, hi=3600)
             if kind is Kind.SYSTEMD:
@@ -286,6 +342,11 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
                         p.add(f"{ipath}.user", f"must be the name of the user whose --user units these are (lowercase letters, digits, '_', '-'; not root) (got {u!r})")
                         continue
                     user = u
+            if kind is Kind.CONTAINER:
+                got_c = _container_entry(p, ipath, item)
+                if got_c is None:
+                    continue
+                containers, label, engine = got_c
             name = item.get("name")
             if name is None:
                 p.add(f"{ipath}.name", "missing")
@@ -300,7 +361,13 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
             p.add(ipath, f"{name!r} is listed twice")
             continue
         seen.add(name)
-        specs.append(StackSpec(name, stop_timeout, kind, units, user))
+        specs.append(StackSpec(name, stop_timeout, kind, units, user, containers, label, engine))
+    held: dict[str, str] = {}
+    for spec in specs:
+        for what in (*(f"container {c}" for c in spec.containers), *([f"label {spec.label}"] if spec.label else [])):
+            if what in held:
+                p.add(path, f"{what} is in stacks {held[what]!r} and {spec.name!r}")
+            held[what] = spec.name
     claimed: dict[tuple[str, str], str] = {}
     for spec in specs:
         for u in spec.units:

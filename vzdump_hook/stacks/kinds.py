@@ -1,5 +1,5 @@
 """Every stack kind of one guest behind one face: what runs, stop, start. A record's `kind` picks the
-driver (stacks/compose.py, stacks/systemd.py); only the kinds the guest's config uses are asked."""
+driver (stacks/compose.py, stacks/systemd.py, stacks/container.py); only the kinds the guest's config uses are asked."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from ..config import Kind
 from .base import Driver, StopOutcome
 from .compose import ComposeDriver
+from .container import ContainerDriver
 from .systemd import SystemdDriver
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ class Stacks:
         self.guest = guest
         self.compose_driver = ComposeDriver(transport, guest.compose_command)
         self.systemd = SystemdDriver(transport)
+        self.container = ContainerDriver(transport)
+        self.drivers: dict[Kind, Driver] = {Kind.COMPOSE: self.compose_driver, Kind.SYSTEMD: self.systemd, Kind.CONTAINER: self.container}
 
     @property
     def compose(self) -> tuple[str, ...] | None:
@@ -40,19 +43,22 @@ class Stacks:
 
     def running(self, timeout: float) -> dict[str, StackRecord]:
         """Stacks with something up, by name: every running compose project (when the guest uses
-        compose), and the listed systemd stacks that have an active unit or trigger. A compose project
+        compose), the listed systemd stacks that have an active unit or trigger, and the container stacks
+        with a running container. A compose project
         named as a listed stack of another kind is left out (names are unique in the config)."""
         found: dict[str, StackRecord] = {}
         specs = self.guest.stacks or ()
         other = {s.name for s in specs if s.kind is not Kind.COMPOSE}
         if self.uses_compose:
             found.update((n, r) for n, r in self.compose_driver.running(timeout).items() if n not in other)
-        if other:
+        if any(s.kind is Kind.SYSTEMD for s in specs):
             found.update(self.systemd.running(specs, timeout))
+        if any(s.kind is Kind.CONTAINER for s in specs):
+            found.update(self.container.running(specs, timeout))
         return found
 
     def driver(self, rec: StackRecord) -> Driver:
-        return self.systemd if rec.kind is Kind.SYSTEMD else self.compose_driver
+        return self.drivers[rec.kind]
 
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
         return self.driver(rec).stop(rec, stop_timeout, timeout)
