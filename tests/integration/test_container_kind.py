@@ -1,0 +1,282 @@
+"""Stacks of kind container against the real engines (the host's Docker engine, and Debian's podman 4.3
+rootful), reached over ssh in a test guest (sshd in a network namespace): only the listed (or labelled)
+containers that run are stopped, in the given order (label matches by name), the marker is written
+before the first stop, killed containers are reported, a restart policy does not bring a stopped
+container back during the window, and exactly those containers start again, last stopped first.
+The hook run as vzdump runs it, and its admin commands, on a container stack.
+
+Containers are named vzdh-ctr-PID-NAME and removed by the fixture. podman runs with runc and ulimits
+below the sandbox's hard limits (this test host has no CAP_SYS_RESOURCE: podman's defaults fail, see
+README, What can be quiesced); the hook itself only stops and starts containers made that way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.infra.guest import TestGuest
+from tests.integration.test_restart_policy import WINDOW
+from vzdump_hook import config as configuration
+from vzdump_hook import marker as markers
+from vzdump_hook.config import Kind
+from vzdump_hook.controller import GuestController
+from vzdump_hook.job import JobId
+
+pytestmark = pytest.mark.integration
+
+VMID = 102
+IMAGE = {"docker": "vzdh/busybox:test", "podman": "localhost/vzdh/busybox:test"}  # built by scripts/setup-test-host.sh
+RUN = {"docker": ["docker", "run"],
+       "podman": ["podman", "--runtime", "runc", "run", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]}
+# stops at SIGTERM, first leaving a copy of the marker as it is at that moment; or ignores it (killed at the timeout)
+POLITE = "trap 'cp /m/marker.json /out/$NAME.json 2>/dev/null; exit 0' TERM; while :; do sleep 1 & wait; done"
+STUBBORN = "trap '' TERM; while :; do sleep 1 & wait; done"
+_TIME = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?")
+
+
+def engine(e: str, *args: str, check: bool = True) -> str:
+    r = subprocess.run([e, *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 or not check, f"{e} {' '.join(args)}: {r.stderr}"
+    return r.stdout.strip()
+
+
+def podman_problem() -> str | None:
+    """Why podman cannot run the test containers here, or None."""
+    if subprocess.run(["podman", "image", "exists", IMAGE["podman"]], capture_output=True).returncode != 0:
+        return f"podman has no image {IMAGE['podman']}: run scripts/setup-test-host.sh"
+    return None
+
+
+class Containers:
+    """Test containers of one engine: made on demand, all removed at the end."""
+
+    def __init__(self, e: str, workdir: Path) -> None:
+        self.e, self.names = e, []  # type: ignore[var-annotated]
+        self.prefix = f"vzdh-ctr-{os.getpid()}-"
+        self.mdir, self.out = workdir / "vzdh-marker", workdir / "out"
+        self.mdir.mkdir(mode=0o700)
+        self.out.mkdir()
+
+    @property
+    def marker(self) -> Path:
+        return self.mdir / "marker.json"
+
+    def run(self, name: str, *, script: str = POLITE, labels: tuple[str, ...] = (), restart: str = "no", running: bool = True) -> str:
+        full = self.prefix + name
+        self.names.append(full)
+        argv = [*RUN[self.e], "-d", "--name", full, "--network", "none", f"--restart={restart}", "-e", f"NAME={name}",
+                "-v", f"{self.mdir}:/m:ro", "-v", f"{self.out}:/out"]
+        for label in labels:
+            argv += ["--label", label]
+        r = subprocess.run([*argv, IMAGE[self.e], "sh", "-c", script], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, f"{argv}: {r.stderr}"
+        if not running:
+            engine(self.e, "stop", "-t", "1", full)
+        return full
+
+    def inspect(self, name: str, fmt: str) -> str:
+        return engine(self.e, "container", "inspect", "--format", fmt, self.prefix + name)
+
+    def running(self, name: str) -> bool:
+        """Up: running, and not waiting to be restarted (the engine says Running while it restarts)."""
+        return self.inspect(name, "{{.State.Running}} {{.State.Restarting}}") == "true false"
+
+    def at(self, name: str, what: str) -> tuple[int, ...]:
+        """StartedAt / FinishedAt as a comparable tuple (docker: RFC 3339; podman: Go's time format)."""
+        m = _TIME.match(self.inspect(name, "{{.State." + what + "}}"))
+        assert m, what
+        return (*map(int, m.groups()[:6]), int((m.group(7) or "0").ljust(9, "0")[:9]))
+
+    def remove(self) -> None:
+        if self.names:
+            subprocess.run([self.e, "rm", "-f", *self.names], capture_output=True, timeout=120)
+
+
+@pytest.fixture(params=["docker", "podman"])
+def ctrs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Containers]:
+    if request.param == "docker":
+        request.getfixturevalue("docker_engine")
+    elif problem := podman_problem():
+        pytest.skip(problem)
+    c = Containers(request.param, tmp_path)
+    try:
+        yield c
+    finally:
+        c.remove()
+
+
+@pytest.fixture
+def docker_ctrs(docker_engine: Any, tmp_path: Path) -> Iterator[Containers]:
+    c = Containers("docker", tmp_path)
+    try:
+        yield c
+    finally:
+        c.remove()
+
+
+def ssh_table(g: TestGuest, c: Containers) -> dict[str, Any]:
+    return {"ssh": {"host": g.host, "port": g.port, "user": g.user, "identity_file": g.identity_file, "known_hosts": g.known_hosts_file,
+                    "connect_timeout": 5}, "marker_path": str(c.marker)}
+
+
+def controller(g: TestGuest, c: Containers, stacks: list[dict[str, Any]], **over: Any) -> GuestController:
+    table = {**ssh_table(g, c), "stacks": stacks, "stop_timeout": 10, **over}
+    return GuestController(configuration.validate_guest(VMID, table), JobId("node", "boot", 1, 1))
+
+
+def soon(s: float = 120) -> float:
+    return time.monotonic() + s
+
+
+def test_only_the_listed_running_containers_stop_in_order_marker_first_and_start_in_reverse(ctrs: Containers, test_guest: TestGuest) -> None:
+    c, p = ctrs, ctrs.prefix
+    for n in ("a", "b", "d"):
+        c.run(n)
+    ids = {n: c.inspect(n, "{{.Id}}") for n in ("a", "b")}
+    c.run("c", running=False)
+    ctl = controller(test_guest, c, [{"kind": "container", "name": "app", "containers": [p + "b", p + "c", p + "a"], "engine": c.e}])
+    try:
+        q = ctl.quiesce("lxc", "snapshot", soon())
+        assert not q.errors and not q.killed, q
+        (rec,) = q.stacks
+        assert (rec.kind, rec.engine, rec.names, rec.containers) == (Kind.CONTAINER, c.e, (p + "b", p + "a"), (ids["b"], ids["a"]))
+        assert [c.running(n) for n in "abcd"] == [False, False, False, True]  # d is in no stack, c was not running
+        assert c.at("b", "FinishedAt") < c.at("a", "FinishedAt")  # the given order
+        at_stop = markers.parse((c.out / "b.json").read_bytes())  # the first one stopped saw the marker
+        assert at_stop.state == "stopping" and [(s.names, s.containers) for s in at_stop.stacks] == [(rec.names, rec.containers)]
+        r = ctl.resume(soon())
+        assert r.started == ("app",) and r.marker_removed, r.problems
+        assert [c.running(n) for n in "abcd"] == [True, True, False, True]
+        assert c.at("a", "StartedAt") < c.at("b", "StartedAt")  # reverse order
+        assert not c.marker.exists()
+    finally:
+        ctl.close()
+
+
+def test_label_matches_stop_in_the_order_of_their_names(ctrs: Containers, test_guest: TestGuest) -> None:
+    c, p = ctrs, ctrs.prefix
+    label = f"vzdh.test={p}shop"
+    for n in ("y", "x", "z"):
+        c.run(n, labels=(label,) if n != "z" else (f"vzdh.test={p}blog",))
+    ctl = controller(test_guest, c, [{"kind": "container", "name": "shop", "label": label, "engine": c.e}])
+    try:
+        q = ctl.quiesce("lxc", "snapshot", soon())
+        assert q.stacks[0].names == (p + "x", p + "y") and not q.errors
+        assert [c.running(n) for n in "xyz"] == [False, False, True]
+        assert c.at("x", "FinishedAt") < c.at("y", "FinishedAt")
+        r = ctl.resume(soon())
+        assert r.started == ("shop",) and [c.running(n) for n in "xyz"] == [True, True, True]
+        assert c.at("y", "StartedAt") < c.at("x", "StartedAt")
+    finally:
+        ctl.close()
+
+
+def test_the_engine_is_detected(docker_ctrs: Containers, test_guest: TestGuest) -> None:
+    c = docker_ctrs
+    c.run("a")
+    ctl = controller(test_guest, c, [{"kind": "container", "name": "app", "containers": [c.prefix + "a"]}])
+    try:
+        p = ctl.preflight(soon())
+        assert p.selected == ("app",) and p.compose == ()  # compose is not asked for
+        q = ctl.quiesce("lxc", "snapshot", soon())
+        assert q.stacks[0].engine == "docker" and not c.running("a")  # docker first when both answer
+        assert ctl.resume(soon()).started == ("app",) and c.running("a")
+    finally:
+        ctl.close()
+
+
+def test_a_container_killed_at_the_stop_timeout_is_reported_and_started_again(ctrs: Containers, test_guest: TestGuest) -> None:
+    c = ctrs
+    c.run("slow", script=STUBBORN)
+    c.run("fine")
+    ctl = controller(test_guest, c, [{"kind": "container", "name": "app", "containers": [c.prefix + "slow", c.prefix + "fine"], "engine": c.e,
+                                      "stop_timeout": 1}])
+    try:
+        q = ctl.quiesce("lxc", "snapshot", soon())
+        assert q.killed == (f"app:{c.prefix}slow",) and not q.errors
+        assert c.inspect("slow", "{{.State.ExitCode}}") == "137" and c.inspect("fine", "{{.State.ExitCode}}") == "0"
+        r = ctl.resume(soon())
+        assert r.started == ("app",) and c.running("slow") and c.running("fine")
+    finally:
+        ctl.close()
+
+
+@pytest.mark.parametrize("policy", ["always", "unless-stopped", "on-failure"])
+def test_a_restart_policy_does_not_bring_a_stopped_container_back_during_the_window(ctrs: Containers, test_guest: TestGuest, policy: str) -> None:
+    c = ctrs
+    c.run("rp", restart=policy)
+    os.kill(int(c.inspect("rp", "{{.State.Pid}}")), 9)  # a crash: the policy is in force (on-failure too: 137)
+    until = time.monotonic() + 20
+    while c.inspect("rp", "{{.RestartCount}}") == "0" or not c.running("rp"):
+        assert time.monotonic() < until, f"{c.e} did not restart a crashed container with --restart={policy}"
+        time.sleep(0.05)
+    ctl = controller(test_guest, c, [{"kind": "container", "name": "rp", "containers": [c.prefix + "rp"], "engine": c.e}])
+    try:
+        q = ctl.quiesce("lxc", "snapshot", soon())
+        assert q.stacks and not q.errors and not q.killed
+        stopped = time.monotonic()
+        while time.monotonic() - stopped < WINDOW:
+            assert (c.running("rp"), c.inspect("rp", "{{.RestartCount}}")) == (False, "1"), f"restarted {time.monotonic() - stopped:.2f} s after the stop"
+            time.sleep(0.1)
+        assert ctl.resume(soon()).started == ("rp",) and c.running("rp")
+    finally:
+        ctl.close()
+
+
+# -- the hook as vzdump runs it, and the admin commands -----------------------------------------------
+
+
+def test_vzdump_job_and_admin_commands_on_a_container_stack(docker_ctrs: Containers, test_guest: TestGuest, tmp_path: Path) -> None:
+    from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, run_job
+    from tests.integration.hookenv import HookSetup, installed_hook
+
+    c = docker_ctrs
+    for n in ("a", "b"):
+        c.run(n)
+    setup = HookSetup(tmp_path / "hook")
+    setup.tmp.mkdir()
+    stacks = [{"kind": "container", "name": "app", "containers": [c.prefix + "a", c.prefix + "b"]},
+              {"kind": "container", "name": "idle", "containers": [c.prefix + "gone"]}]
+    setup.write({VMID: (test_guest, {"stacks": stacks, "stop_timeout": 5, "resume_wait": 30, "marker_path": str(c.marker)})})
+    seen: list[tuple[bool, bool, bool]] = []
+
+    def at_pit(ctx: Context) -> None:
+        seen.append((c.running("a"), c.running("b"), c.marker.exists()))
+
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT, hostname="demo")], extra_env=setup.env,
+                     on_point_in_time=at_pit, timeout=120)
+    log = result.task_log()
+    assert result.status is JobStatus.OK, log
+    assert seen == [(False, False, True)], log
+    assert c.running("a") and c.running("b") and not c.marker.exists(), log
+    assert re.search(rf"INFO: vzdump-hook: {VMID}\s+app\s+\d+\.\d+\s+ok", log), log  # the job-end summary
+
+    def admin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([installed_hook(), *args], env={**setup.env, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                              capture_output=True, text=True, timeout=120, cwd="/")
+
+    out = admin("check", str(VMID)).stdout
+    assert "compose: not used" in out and "running stacks: app" in out and "a backup stops: app" in out, out
+    assert "configured but not running (left alone): idle" in out, out
+    sim = admin("simulate", str(VMID), "--type", "qemu", "--pause", "0.5", "-y")
+    assert sim.returncode == 0 and f"pre-stop {VMID}: stopped app" in sim.stdout + sim.stderr, sim.stdout + sim.stderr
+    assert c.running("a") and c.running("b")
+    ctl = controller(test_guest, c, stacks)
+    try:
+        assert ctl.quiesce("lxc", "snapshot", soon()).stacks
+    finally:
+        ctl.close()
+    assert not c.running("a") and not c.running("b")
+    st = admin("status")
+    assert f"{VMID}: MARKER of job node/1" in st.stdout and "): app;" in st.stdout, st.stdout + st.stderr
+    r = admin("recover", "--force", str(VMID))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert c.running("a") and c.running("b") and not c.marker.exists()
