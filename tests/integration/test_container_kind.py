@@ -1,5 +1,6 @@
-"""Stacks of kind container against the real engines (the host's Docker engine, and Debian's podman 4.3
-rootful), reached over ssh in a test guest (sshd in a network namespace): only the listed (or labelled)
+"""Stacks of kind container against the real engines: the host's Docker engine reached over ssh in a test
+guest (sshd in a network namespace), and Debian's podman 4.3 rootful with the host itself as the guest
+(podman has no daemon: see HostTransport). Only the listed (or labelled)
 containers that run are stopped, in the given order (label matches by name), the marker is written
 before the first stop, killed containers are reported, a restart policy does not bring a stopped
 container back during the window, and exactly those containers start again, last stopped first.
@@ -16,7 +17,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from vzdump_hook import marker as markers
 from vzdump_hook.config import Kind
 from vzdump_hook.controller import GuestController
 from vzdump_hook.job import JobId
+from vzdump_hook.transports.base import Transport, shell_join
+from vzdump_hook.transports.local import run_local
 
 pytestmark = pytest.mark.integration
 
@@ -127,9 +130,21 @@ def ssh_table(g: TestGuest, c: Containers) -> dict[str, Any]:
                     "connect_timeout": 5}, "marker_path": str(c.marker)}
 
 
+class HostTransport(Transport):
+    """The host as the guest: each argv run here. For podman, which runs its containers in the caller's
+    namespaces: in the ssh test guest's (`ip netns exec` remounts /sys) runc finds no cgroup mount."""
+
+    name = "host"
+
+    def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
+        return run_local(argv, stdin, timeout, shown=shell_join(argv), target=self.target)
+
+
 def controller(g: TestGuest, c: Containers, stacks: list[dict[str, Any]], **over: Any) -> GuestController:
+    """The guest reached over ssh (docker: the engine is a daemon), or the host itself (podman)."""
     table = {**ssh_table(g, c), "stacks": stacks, "stop_timeout": 10, **over}
-    return GuestController(configuration.validate_guest(VMID, table), JobId("node", "boot", 1, 1))
+    return GuestController(configuration.validate_guest(VMID, table), JobId("node", "boot", 1, 1),
+                           transport=HostTransport("this host") if c.e == "podman" else None)
 
 
 def soon(s: float = 120) -> float:
