@@ -25,6 +25,7 @@ TOOL = "vzdump-hook"
 MAX_SIZE = 64 * 1024
 ALLOWED_COMPOSE = (("docker", "compose"), ("docker-compose",))
 _CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
+_FULL_ID = re.compile(r"[0-9a-f]{64}")  # container stacks record full ids (the wrapper accepts no other)
 _SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # a socket or timer that triggers a listed service: held down for the window (stacks/systemd.py)
 _TRIGGER = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,240}\.(socket|timer)")
@@ -210,7 +211,7 @@ def _stack(d: Any, i: int) -> StackRecord:
         if engine not in ENGINES:
             raise MarkerError(f"marker: {where}engine must be one of {ENGINES}")
         names = _strings(d, "names", where, valid_container_name, "container names")
-        ids = _strings(d, "containers", where, _CONTAINER_ID.fullmatch, "container ids")
+        ids = _strings(d, "containers", where, _FULL_ID.fullmatch, "full container ids (64 hex digits)")
         if not ids or len(ids) > MAX_CONTAINERS or len(names) != len(ids):
             raise MarkerError(f"marker: {where}containers must list 1-{MAX_CONTAINERS} ids, one per name")
         return StackRecord.container(name, engine, names, ids, _req(d, "stopped", bool, where))

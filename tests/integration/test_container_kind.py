@@ -295,3 +295,130 @@ def test_vzdump_job_and_admin_commands_on_a_container_stack(docker_ctrs: Contain
     r = admin("recover", "--force", str(VMID))
     assert r.returncode == 0, r.stdout + r.stderr
     assert c.running("a") and c.running("b") and not c.marker.exists()
+
+
+# -- the restricted key's wrapper and the guest's recovery program, against the same engines ----------
+
+GUEST_FILES = Path(__file__).resolve().parents[2] / "examples" / "guest"
+
+
+class Guarded:
+    """The wrapper's settings for the containers of `c`: x and y by name, those labelled LABEL."""
+
+    def __init__(self, c: Containers, label: str) -> None:
+        self.c, self.conf, self.log = c, c.out.parent / "guest.conf", c.out.parent / "wrapper.log"
+        self.conf.write_text(f"MARKER={c.marker}\nVMID={VMID}\nLOG={self.log}\nDEADLINE_GRACE=0\nKINDS=container\n"
+                             f"CONTAINERS={c.prefix}x {c.prefix}y\nCONTAINER_LABELS={label}\n")
+
+    def forced(self, command: str) -> tuple[int, str]:
+        """The wrapper as sshd runs it for the restricted key, SSH_ORIGINAL_COMMAND = `command`."""
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND": command, "SSH_CONNECTION": "10.0.0.1 5555 10.0.0.2 22"}
+        r = subprocess.run(["sh", str(GUEST_FILES / "vzdump-hook-wrapper"), "--conf", str(self.conf)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        return r.returncode, r.stderr
+
+    def recover(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", str(GUEST_FILES / "vzdump-hook-recover"), "--conf", str(self.conf), *args],
+                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, capture_output=True, text=True, timeout=120)
+
+
+class WrapperTransport(Transport):
+    """Each argv as sshd runs a forced command: the wrapper, with the line the ssh transport sends."""
+
+    name = "wrapper"
+
+    def __init__(self, guarded: Guarded) -> None:
+        super().__init__("wrapper")
+        self.guarded = guarded
+
+    def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND": shell_join(argv), "SSH_CONNECTION": "10.0.0.1 5555 10.0.0.2 22"}
+        argv = ["sh", str(GUEST_FILES / "vzdump-hook-wrapper"), "--conf", str(self.guarded.conf)]
+        return run_local(argv, stdin, timeout, shown=shell_join(argv), target=self.target, env=env)
+
+
+@pytest.fixture
+def guarded(ctrs: Containers) -> Guarded:
+    label = f"vzdh.test={ctrs.prefix}ok"
+    for n in ("x", "y"):
+        ctrs.run(n)
+    ctrs.run("l", labels=(label,))
+    ctrs.run("other", labels=(f"vzdh.test={ctrs.prefix}no",))
+    return Guarded(ctrs, label)
+
+
+def stacks_of(g: Guarded) -> list[dict[str, Any]]:
+    """x and y by name, then the containers labelled as the settings allow."""
+    p = g.c.prefix
+    return [{"kind": "container", "name": "app", "containers": [p + "x", p + "y"], "engine": g.c.e},
+            {"kind": "container", "name": "lab", "label": f"vzdh.test={p}ok", "engine": g.c.e}]
+
+
+def test_the_hook_quiesces_and_resumes_through_the_wrapper(guarded: Guarded) -> None:
+    c = guarded.c
+    guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": stacks_of(guarded), "marker_path": str(c.marker)})
+    ctl = GuestController(guest, JobId("node", "boot", 1, 1), transport=WrapperTransport(guarded))
+    q = ctl.quiesce("lxc", "snapshot", soon())
+    assert not q.errors and [s.names for s in q.stacks] == [(c.prefix + "x", c.prefix + "y"), (c.prefix + "l",)]
+    assert [c.running(n) for n in ("x", "y", "l", "other")] == [False, False, False, True]
+    r = ctl.resume(soon())
+    assert r.started == ("lab", "app") and r.marker_removed, r.problems
+    assert [c.running(n) for n in ("x", "y", "l", "other")] == [True] * 4
+    lines = guarded.log.read_text().splitlines()
+    assert not [ln for ln in lines if "REFUSED" in ln], lines
+    assert any(f"allowed: {c.e} container stop " in ln for ln in lines), lines
+
+
+def test_the_wrapper_refuses_what_the_settings_do_not_allow(guarded: Guarded) -> None:
+    c, e = guarded.c, guarded.c.e
+    other, x, y = (c.inspect(n, "{{.Id}}") for n in ("other", "x", "y"))
+    fmt = "'{{.ID}}\t{{.Names}}'"
+    cases = [
+        (f"{e} container stop -t 5 {other}", "is not one that CONTAINERS or CONTAINER_LABELS"),
+        (f"{e} container start {other}", "is not one that CONTAINERS or CONTAINER_LABELS"),
+        (f"{e} container stop -t 5 {x} {y}", "one container per stop"),
+        (f"{e} container stop -t 5 {x[:12]}", "not a container id"),
+        (f"{e} container rm -f {x}", "not one of vzdump-hook's commands"),
+        (f"{e} container stop -t 5x {x}", "stop timeout is not a number"),
+        (f"{e} container ls --no-trunc --filter status=running --filter label=vzdh.test={c.prefix}no --format {fmt}", "is not one that CONTAINER_LABELS"),
+        (f"{e} container ls --no-trunc --filter status=running --filter 'label=a b' --format {fmt}", "not one of vzdump-hook's commands"),
+        (f"{e} container ls -a --format {fmt}", "not one of vzdump-hook's commands"),
+        (f"docker stop -t 5 {x}", "this guest has no compose stacks"),
+    ]
+    for command, why in cases:
+        rc, err = guarded.forced(command)
+        assert rc == 126 and why in err, (command, err)
+    assert [c.running(n) for n in ("x", "y", "l", "other")] == [True] * 4
+    guarded.conf.write_text(guarded.conf.read_text().replace("KINDS=container", "KINDS=compose"))
+    rc, err = guarded.forced(f"{e} container stop -t 5 {x}")
+    assert rc == 126 and "this guest has no container stacks" in err and c.running("x")
+
+
+def test_the_recovery_program_starts_what_the_marker_lists_last_stopped_first(guarded: Guarded, test_guest: TestGuest) -> None:
+    c = guarded.c
+    ctl = controller(test_guest, c, stacks_of(guarded))
+    try:
+        assert len(ctl.quiesce("lxc", "snapshot", soon()).stacks) == 2
+    finally:
+        ctl.close()
+    assert not c.running("x") and not c.running("l")
+    check = guarded.recover("--check")
+    assert check.returncode == 0 and "the node is at work, nothing to do" in check.stdout, check
+    p = guarded.recover("--force")
+    assert p.returncode == 0 and "started lab, app; marker removed" in p.stdout, p
+    assert [c.running(n) for n in ("x", "y", "l", "other")] == [True] * 4
+    assert c.at("l", "StartedAt") < c.at("y", "StartedAt") < c.at("x", "StartedAt")
+    assert not c.marker.exists()
+
+
+def test_the_recovery_program_starts_nothing_of_a_marker_listing_another_container(guarded: Guarded) -> None:
+    c = guarded.c
+    engine(c.e, "container", "stop", "-t", "5", c.prefix + "x", c.prefix + "other")
+    ids = [c.inspect(n, "{{.Id}}") for n in ("x", "other")]
+    rec = markers.StackRecord.container("app", c.e, (c.prefix + "x", "innocent"), tuple(ids), stopped=True)
+    m = markers.Marker(JobId("node", "boot", 1, 1), VMID, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped", (rec,))
+    c.marker.write_bytes(m.to_json())
+    c.marker.chmod(0o600)
+    p = guarded.recover()
+    assert p.returncode == 2 and "is not one that CONTAINERS or CONTAINER_LABELS" in p.stderr, p
+    assert not c.running("x") and not c.running("other") and c.marker.exists()
