@@ -224,3 +224,26 @@ def test_no_engine_in_the_guest_is_an_error() -> None:
     e = Engine("docker", answers="none")
     with pytest.raises(ControllerError, match="neither docker nor podman answers"):
         ContainerDriver(e).running((spec("app", containers=("a",)),), 10)
+
+
+# -- guest.conf and the shipped example ---------------------------------------------------------------
+
+
+def test_guest_install_writes_the_containers_and_labels_the_wrapper_may_act_on() -> None:
+    from vzdump_hook.guest_install import Layout, conf_text
+
+    g = parse(GUEST + 'stacks = ["db", { kind = "container", name = "a", containers = ["web", "worker"] },'
+                      ' { kind = "container", name = "b", label = "app=shop" }, { kind = "container", name = "c", label = "tier" }]\n').guests[101]
+    lines = conf_text(g, Layout("/")).decode().splitlines()
+    assert "KINDS=compose container" in lines
+    assert "CONTAINERS=web worker" in lines and "CONTAINER_LABELS=app=shop tier" in lines
+
+
+def test_the_shipped_example_has_container_stacks() -> None:
+    from pathlib import Path
+
+    from vzdump_hook import config
+
+    g = config.load(str(Path(__file__).resolve().parents[2] / "examples" / "config.toml")).guests[105]
+    assert g.stacks == (StackSpec("app", 60.0, Kind.CONTAINER, containers=("app-web", "app-db")),
+                        StackSpec("shop", None, Kind.CONTAINER, label="io.podman.compose.project=shop", engine="podman"))
