@@ -265,18 +265,11 @@ def _container_entry(p: _Problems, path: str, item: Mapping[str, Any]) -> tuple[
     names: tuple[str, ...] = ()
     label = ""
     if "containers" in item:
-        v = item["containers"]
-        if not isinstance(v, list) or not v or len(v) > MAX_CONTAINERS:
-            p.add(f"{path}.containers", f"must be a list of 1-{MAX_CONTAINERS} container names (got {v!r})")
+        got = _distinct(p, f"{path}.containers", item["containers"], MAX_CONTAINERS, valid_container_name,
+                        "container names", "a container name (letters, digits, '_', '.', '-')", "a container")
+        if got is None:
             return None
-        for i, n in enumerate(v):
-            if not isinstance(n, str) or not valid_container_name(n):
-                p.add(f"{path}.containers[{i}]", f"not a container name (letters, digits, '_', '.', '-'): {n!r}")
-                return None
-        if len(set(v)) != len(v):
-            p.add(f"{path}.containers", "a container is listed twice")
-            return None
-        names = tuple(v)
+        names = got
     else:
         label = item["label"]
         if not isinstance(label, str) or not valid_label(label):
@@ -288,18 +281,24 @@ def _container_entry(p: _Problems, path: str, item: Mapping[str, Any]) -> tuple[
     return names, label, engine
 
 
-def _units(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
-    if not isinstance(v, list) or not v or len(v) > MAX_UNITS:
-        p.add(path, f"must be a list of 1-{MAX_UNITS} service unit names, e.g. [\"postgresql.service\"] (got {v!r})")
+def _distinct(p: _Problems, path: str, v: Any, most: int, ok: Callable[[str], bool], items: str, item: str, one: str) -> tuple[str, ...] | None:
+    """A list of 1 to `most` distinct strings that `ok` accepts (`items`, each `item`); None after a problem."""
+    if not isinstance(v, list) or not v or len(v) > most:
+        p.add(path, f"must be a list of 1-{most} {items} (got {v!r})")
         return None
     for i, u in enumerate(v):
-        if not isinstance(u, str) or not valid_unit(u):
-            p.add(f"{path}[{i}]", f"not a service unit name (letters, digits, ':', '_', '.', '@', '-', ending in .service): {u!r}")
+        if not isinstance(u, str) or not ok(u):
+            p.add(f"{path}[{i}]", f"not {item}: {u!r}")
             return None
     if len(set(v)) != len(v):
-        p.add(path, "a unit is listed twice")
+        p.add(path, f"{one} is listed twice")
         return None
     return tuple(v)
+
+
+def _units(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
+    return _distinct(p, path, v, MAX_UNITS, valid_unit, 'service unit names, e.g. ["postgresql.service"]',
+                     "a service unit name (letters, digits, ':', '_', '.', '@', '-', ending in .service)", "a unit")
 
 
 def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None:

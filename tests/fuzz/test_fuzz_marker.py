@@ -125,14 +125,6 @@ SYSTEMD_BOUNDS = {
 }
 
 
-@pytest.mark.parametrize("awk", sorted(AWKS))
-@pytest.mark.parametrize("case", sorted(SYSTEMD_BOUNDS))
-def test_both_parsers_draw_the_systemd_bounds_in_the_same_place(case: str, awk: str, tmp_path: Path) -> None:
-    data, valid = SYSTEMD_BOUNDS[case]
-    assert (node_verdict(data) is not None) == valid
-    assert awk_verdict(AWKS[awk], data, tmp_path) == valid
-
-
 # container stacks at the bounds both parsers must draw in the same place
 CONTAINER_BOUNDS = {
     "podman": (container(engine="podman"), True),
@@ -147,10 +139,12 @@ CONTAINER_BOUNDS = {
     "more-ids-than-names": (container(containers=[CID, CID[::-1]]), False),
 }
 
+BOUNDS = {**{f"systemd-{k}": v for k, v in SYSTEMD_BOUNDS.items()}, **{f"container-{k}": v for k, v in CONTAINER_BOUNDS.items()}}
+
 
 @pytest.mark.parametrize("awk", sorted(AWKS))
-@pytest.mark.parametrize("case", sorted(CONTAINER_BOUNDS))
-def test_both_parsers_draw_the_container_bounds_in_the_same_place(case: str, awk: str, tmp_path: Path) -> None:
-    data, valid = CONTAINER_BOUNDS[case]
+@pytest.mark.parametrize("case", sorted(BOUNDS))
+def test_both_parsers_draw_the_bounds_of_each_kind_in_the_same_place(case: str, awk: str, tmp_path: Path) -> None:
+    data, valid = BOUNDS[case]
     assert (node_verdict(data) is not None) == valid
     assert awk_verdict(AWKS[awk], data, tmp_path) == valid

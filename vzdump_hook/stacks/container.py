@@ -19,7 +19,7 @@ from ..config import ENGINES, Kind, StackSpec, valid_container_name
 from ..errors import ControllerError
 from ..marker import StackRecord
 from ..transports.base import Transport, sh
-from .base import StopOutcome
+from .base import StopOutcome, timed_stop
 from .compose import KILLED
 
 log = logging.getLogger(__name__)
@@ -119,17 +119,16 @@ class ContainerDriver:
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
         """Stop the recorded containers in order, one at a time; report those killed. Never raises:
         the outcome carries the error."""
-        start = time.monotonic()
-        deadline = start + timeout
-        try:
-            errors = self._each(rec, ["stop", "-t", str(int(max(1, stop_timeout)))], rec.containers, deadline)
-            states = self._states(rec, deadline - time.monotonic())
-            still = [self._named(rec, c) for c, (running, _) in states.items() if running]
-            killed = tuple(self._named(rec, c) for c, (running, k) in states.items() if not running and k)
-            error = f"still running after stop: {', '.join(still)}" + (f" ({'; '.join(errors)})" if errors else "") if still else ""
-            return StopOutcome(rec.name, time.monotonic() - start, killed, error)
-        except Exception as e:  # transport errors included: the outcome is what matters here
-            return StopOutcome(rec.name, time.monotonic() - start, (), str(e))
+        return timed_stop(rec.name, timeout, lambda deadline: self._stop(rec, stop_timeout, deadline))
+
+    def _stop(self, rec: StackRecord, stop_timeout: float, deadline: float) -> tuple[tuple[str, ...], str]:
+        errors = self._each(rec, ["stop", "-t", str(int(max(1, stop_timeout)))], rec.containers, deadline)
+        states = self._states(rec, deadline - time.monotonic())
+        still = [self._named(rec, c) for c, (running, _) in states.items() if running]
+        killed = tuple(self._named(rec, c) for c, (running, k) in states.items() if not running and k)
+        if not still:
+            return killed, ""
+        return killed, f"still running after stop: {', '.join(still)}" + (f" ({'; '.join(errors)})" if errors else "")
 
     def start(self, rec: StackRecord, timeout: float) -> float:
         """Start the recorded containers, last stopped first, and check each runs; seconds taken.
