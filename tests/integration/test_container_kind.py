@@ -297,6 +297,33 @@ def test_vzdump_job_and_admin_commands_on_a_container_stack(docker_ctrs: Contain
     assert c.running("a") and c.running("b") and not c.marker.exists()
 
 
+def test_a_killed_container_with_policy_abort_fails_the_guests_backup_and_starts_the_stack_again(
+        docker_ctrs: Containers, test_guest: TestGuest, tmp_path: Path) -> None:
+    from tests.infra.vzdump import Context, GuestSpec, GuestType, Mode, Moment, run_job
+    from tests.integration.hookenv import HookSetup, installed_hook
+
+    c = docker_ctrs
+    c.run("slow", script=STUBBORN)
+    c.run("fine")
+    setup = HookSetup(tmp_path / "hook")
+    setup.tmp.mkdir()
+    stacks = [{"kind": "container", "name": "app", "containers": [c.prefix + "fine", c.prefix + "slow"]}]
+    setup.write({VMID: (test_guest, {"stacks": stacks, "stop_timeout": 1, "on_quiesce_error": "abort", "marker_path": str(c.marker)})})
+    after_pre_stop: list[tuple[bool, bool]] = []
+
+    def on_phase(phase: str, ctx: Context) -> None:
+        if phase == "pre-stop" and ctx.moment is Moment.AFTER_PHASE:
+            after_pre_stop.append((c.running("fine"), c.running("slow")))
+
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, on_phase=on_phase, timeout=120)
+    log = result.task_log()
+    assert next(r for r in result.records if r.phase == "pre-stop").returncode == 1, log
+    assert result.guest(VMID).status.value == "failed", log
+    assert after_pre_stop == [(True, True)], log  # started again before failing
+    assert f"app:{c.prefix}slow did not stop within its stop timeout and was KILLED" in log, log
+    assert c.inspect("slow", "{{.RestartCount}}") == "0" and not c.marker.exists()
+
+
 # -- the restricted key's wrapper and the guest's recovery program, against the same engines ----------
 
 GUEST_FILES = Path(__file__).resolve().parents[2] / "examples" / "guest"
