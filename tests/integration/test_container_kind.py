@@ -1,6 +1,6 @@
 """Stacks of kind container against the real engines: the host's Docker engine reached over ssh in a test
-guest (sshd in a network namespace), and Debian's podman 4.3 rootful with the host itself as the guest
-(podman has no daemon: see HostTransport). Only the listed (or labelled)
+guest (sshd in a network namespace), and Debian's podman 4.3, rootful and rootless (the user vzdhctr),
+with the host itself as the guest (podman has no daemon: see HostTransport). Only the listed (or labelled)
 containers that run are stopped, in the given order (label matches by name), the marker is written
 before the first stop, killed containers are reported, a restart policy does not bring a stopped
 container back during the window, and exactly those containers start again, last stopped first.
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,36 +39,48 @@ pytestmark = pytest.mark.integration
 
 VMID = 102
 IMAGE = {"docker": "vzdh/busybox:test", "podman": "localhost/vzdh/busybox:test"}  # built by scripts/setup-test-host.sh
-RUN = {"docker": ["docker", "run"],
-       "podman": ["podman", "--runtime", "runc", "run", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]}
+RUN = {"docker": ["run"], "podman": ["--runtime", "runc", "run", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]}
+ROOTLESS = "vzdhctr"  # the user of the rootless podman tests (made by scripts/setup-test-host.sh)
 # stops at SIGTERM, first leaving a copy of the marker as it is at that moment; or ignores it (killed at the timeout)
 POLITE = "trap 'cp /m/marker.json /out/$NAME.json 2>/dev/null; exit 0' TERM; while :; do sleep 1 & wait; done"
 STUBBORN = "trap '' TERM; while :; do sleep 1 & wait; done"
 _TIME = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?")
 
 
-def engine(e: str, *args: str, check: bool = True) -> str:
-    r = subprocess.run([e, *args], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 or not check, f"{e} {' '.join(args)}: {r.stderr}"
-    return r.stdout.strip()
+def as_user(user: str, argv: Sequence[str], **env: str) -> list[str]:
+    """argv in a clean environment with `env`, as `user` (rootless podman's; "": root), as a login would run it."""
+    base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **({"HOME": f"/home/{user}"} if user else {}), **env}
+    return [*(["runuser", "-u", user, "--"] if user else []), "env", "-i", *(f"{k}={v}" for k, v in base.items()), *argv]
 
 
-def podman_problem() -> str | None:
-    """Why podman cannot run the test containers here, or None."""
-    if subprocess.run(["podman", "image", "exists", IMAGE["podman"]], capture_output=True).returncode != 0:
-        return f"podman has no image {IMAGE['podman']}: run scripts/setup-test-host.sh"
+def podman_problem(user: str) -> str | None:
+    """Why podman cannot run the test containers here (as `user`), or None."""
+    if user and subprocess.run(["id", user], capture_output=True).returncode != 0:
+        return f"no user {user}: run scripts/setup-test-host.sh"
+    if subprocess.run(as_user(user, ["podman", "image", "exists", IMAGE["podman"]]), capture_output=True, cwd="/").returncode != 0:
+        return f"podman{' of ' + user if user else ''} has no image {IMAGE['podman']}: run scripts/setup-test-host.sh"
     return None
 
 
 class Containers:
-    """Test containers of one engine: made on demand, all removed at the end."""
+    """Test containers of one engine (of `user`'s rootless podman, or root's): made on demand, all removed
+    at the end. Their marker directory and files are in `workdir`, which `user` owns."""
 
-    def __init__(self, e: str, workdir: Path) -> None:
-        self.e, self.names = e, []  # type: ignore[var-annotated]
+    def __init__(self, e: str, workdir: Path, user: str = "") -> None:
+        self.e, self.user, self.names, self.workdir = e, user, [], workdir  # type: ignore[var-annotated]
         self.prefix = f"vzdh-ctr-{os.getpid()}-"
         self.mdir, self.out = workdir / "vzdh-marker", workdir / "out"
         self.mdir.mkdir(mode=0o700)
         self.out.mkdir()
+        if user:
+            shutil.chown(workdir, user)
+            for d in (self.mdir, self.out):
+                shutil.chown(d, user)
+
+    def engine(self, *args: str) -> str:
+        r = subprocess.run(as_user(self.user, [self.e, *args]), capture_output=True, text=True, timeout=60, cwd="/")
+        assert r.returncode == 0, f"{self.e} {' '.join(args)}: {r.stderr}"
+        return r.stdout.strip()
 
     @property
     def marker(self) -> Path:
@@ -75,18 +89,18 @@ class Containers:
     def run(self, name: str, *, script: str = POLITE, labels: tuple[str, ...] = (), restart: str = "no", running: bool = True) -> str:
         full = self.prefix + name
         self.names.append(full)
-        argv = [*RUN[self.e], "-d", "--name", full, "--network", "none", f"--restart={restart}", "-e", f"NAME={name}",
+        argv = [self.e, *RUN[self.e], "-d", "--name", full, "--network", "none", f"--restart={restart}", "-e", f"NAME={name}",
                 "-v", f"{self.mdir}:/m:ro", "-v", f"{self.out}:/out"]
         for label in labels:
             argv += ["--label", label]
-        r = subprocess.run([*argv, IMAGE[self.e], "sh", "-c", script], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(as_user(self.user, [*argv, IMAGE[self.e], "sh", "-c", script]), capture_output=True, text=True, timeout=60, cwd="/")
         assert r.returncode == 0, f"{argv}: {r.stderr}"
         if not running:
-            engine(self.e, "stop", "-t", "1", full)
+            self.engine("stop", "-t", "1", full)
         return full
 
     def inspect(self, name: str, fmt: str) -> str:
-        return engine(self.e, "container", "inspect", "--format", fmt, self.prefix + name)
+        return self.engine("container", "inspect", "--format", fmt, self.prefix + name)
 
     def running(self, name: str) -> bool:
         """Up: running, and not waiting to be restarted (the engine says Running while it restarts)."""
@@ -100,16 +114,20 @@ class Containers:
 
     def remove(self) -> None:
         if self.names:
-            subprocess.run([self.e, "rm", "-f", *self.names], capture_output=True, timeout=120)
+            subprocess.run(as_user(self.user, [self.e, "rm", "-f", *self.names]), capture_output=True, timeout=120, cwd="/")
+        if self.user:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-@pytest.fixture(params=["docker", "podman"])
+@pytest.fixture(params=["docker", "podman", "podman-rootless"])
 def ctrs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Containers]:
-    if request.param == "docker":
+    e, _, rootless = str(request.param).partition("-")
+    user = ROOTLESS if rootless else ""
+    if e == "docker":
         request.getfixturevalue("docker_engine")
-    elif problem := podman_problem():
+    elif problem := podman_problem(user):
         pytest.skip(problem)
-    c = Containers(request.param, tmp_path)
+    c = Containers(e, Path(tempfile.mkdtemp(prefix="vzdh-ctr-", dir=f"/home/{user}")) if user else tmp_path, user)
     try:
         yield c
     finally:
@@ -131,20 +149,25 @@ def ssh_table(g: TestGuest, c: Containers) -> dict[str, Any]:
 
 
 class HostTransport(Transport):
-    """The host as the guest: each argv run here. For podman, which runs its containers in the caller's
-    namespaces: in the ssh test guest's (`ip netns exec` remounts /sys) runc finds no cgroup mount."""
+    """The host as the guest: each argv run here, as `user` (the ssh user a rootless podman's owner would
+    be; "": root). For podman, which runs its containers in the caller's namespaces: in the ssh test
+    guest's (`ip netns exec` remounts /sys) runc finds no cgroup mount."""
 
     name = "host"
 
+    def __init__(self, user: str) -> None:
+        super().__init__(f"this host as {user or 'root'}")
+        self.user = user
+
     def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
-        return run_local(argv, stdin, timeout, shown=shell_join(argv), target=self.target)
+        return run_local(as_user(self.user, argv), stdin, timeout, shown=shell_join(argv), target=self.target)
 
 
 def controller(g: TestGuest, c: Containers, stacks: list[dict[str, Any]], **over: Any) -> GuestController:
     """The guest reached over ssh (docker: the engine is a daemon), or the host itself (podman)."""
     table = {**ssh_table(g, c), "stacks": stacks, "stop_timeout": 10, **over}
     return GuestController(configuration.validate_guest(VMID, table), JobId("node", "boot", 1, 1),
-                           transport=HostTransport("this host") if c.e == "podman" else None)
+                           transport=HostTransport(c.user) if c.e == "podman" else None)
 
 
 def soon(s: float = 120) -> float:
@@ -335,18 +358,21 @@ class Guarded:
     def __init__(self, c: Containers, label: str) -> None:
         self.c, self.conf, self.log = c, c.out.parent / "guest.conf", c.out.parent / "wrapper.log"
         self.conf.write_text(f"MARKER={c.marker}\nVMID={VMID}\nLOG={self.log}\nDEADLINE_GRACE=0\nKINDS=container\n"
-                             f"CONTAINERS={c.prefix}x {c.prefix}y\nCONTAINER_LABELS={label}\n")
+                             f"CONTAINERS={c.prefix}x {c.prefix}y\nCONTAINER_LABELS={label}\nMARKER_OWNER={c.user or 'root'}\n")
 
     def forced(self, command: str) -> tuple[int, str]:
         """The wrapper as sshd runs it for the restricted key, SSH_ORIGINAL_COMMAND = `command`."""
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND": command, "SSH_CONNECTION": "10.0.0.1 5555 10.0.0.2 22"}
-        r = subprocess.run(["sh", str(GUEST_FILES / "vzdump-hook-wrapper"), "--conf", str(self.conf)], env=env,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(self.wrapper(command), capture_output=True, text=True, timeout=120, cwd="/")
         return r.returncode, r.stderr
 
+    def wrapper(self, command: str) -> list[str]:
+        """The wrapper as sshd runs it for the restricted key of the containers' owner."""
+        return as_user(self.c.user, ["sh", str(GUEST_FILES / "vzdump-hook-wrapper"), "--conf", str(self.conf)],
+                       SSH_ORIGINAL_COMMAND=command, SSH_CONNECTION="10.0.0.1 5555 10.0.0.2 22")
+
     def recover(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["sh", str(GUEST_FILES / "vzdump-hook-recover"), "--conf", str(self.conf), *args],
-                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, capture_output=True, text=True, timeout=120)
+        return subprocess.run(as_user(self.c.user, ["sh", str(GUEST_FILES / "vzdump-hook-recover"), "--conf", str(self.conf), *args]),
+                              capture_output=True, text=True, timeout=120, cwd="/")
 
 
 class WrapperTransport(Transport):
@@ -359,9 +385,7 @@ class WrapperTransport(Transport):
         self.guarded = guarded
 
     def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND": shell_join(argv), "SSH_CONNECTION": "10.0.0.1 5555 10.0.0.2 22"}
-        argv = ["sh", str(GUEST_FILES / "vzdump-hook-wrapper"), "--conf", str(self.guarded.conf)]
-        return run_local(argv, stdin, timeout, shown=shell_join(argv), target=self.target, env=env)
+        return run_local(self.guarded.wrapper(shell_join(argv)), stdin, timeout, shown=shell_join(argv), target=self.target)
 
 
 @pytest.fixture
@@ -440,12 +464,13 @@ def test_the_recovery_program_starts_what_the_marker_lists_last_stopped_first(gu
 
 def test_the_recovery_program_starts_nothing_of_a_marker_listing_another_container(guarded: Guarded) -> None:
     c = guarded.c
-    engine(c.e, "container", "stop", "-t", "5", c.prefix + "x", c.prefix + "other")
+    c.engine("container", "stop", "-t", "5", c.prefix + "x", c.prefix + "other")
     ids = [c.inspect(n, "{{.Id}}") for n in ("x", "other")]
     rec = markers.StackRecord.container("app", c.e, (c.prefix + "x", "innocent"), tuple(ids), stopped=True)
     m = markers.Marker(JobId("node", "boot", 1, 1), VMID, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped", (rec,))
     c.marker.write_bytes(m.to_json())
     c.marker.chmod(0o600)
+    shutil.chown(c.marker, c.user or "root")  # as the node's key would have written it
     p = guarded.recover()
     assert p.returncode == 2 and "is not one that CONTAINERS or CONTAINER_LABELS" in p.stderr, p
     assert not c.running("x") and not c.running("other") and c.marker.exists()
