@@ -3,6 +3,7 @@ driver (stacks/compose.py, stacks/systemd.py, stacks/container.py); only the kin
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from ..config import Kind
@@ -46,15 +47,16 @@ class Stacks:
         compose), the listed systemd stacks that have an active unit or trigger, and the container stacks
         with a running container. A compose project
         named as a listed stack of another kind is left out (names are unique in the config)."""
+        deadline = time.monotonic() + timeout  # one bound for every kind's listing
         found: dict[str, StackRecord] = {}
         specs = self.guest.stacks or ()
         other = {s.name for s in specs if s.kind is not Kind.COMPOSE}
         if self.uses_compose:
             found.update((n, r) for n, r in self.compose_driver.running(timeout).items() if n not in other)
         if any(s.kind is Kind.SYSTEMD for s in specs):
-            found.update(self.systemd.running(specs, timeout))
+            found.update(self.systemd.running(specs, deadline - time.monotonic()))
         if any(s.kind is Kind.CONTAINER for s in specs):
-            found.update(self.container.running(specs, timeout))
+            found.update(self.container.running(specs, deadline - time.monotonic()))
         return found
 
     def driver(self, rec: StackRecord) -> Driver:
