@@ -779,7 +779,8 @@ def warnings(cfg: Config) -> list[str]:
             continue
         path = f"guests.{vmid}"
         specs = g.stacks or ()
-        timeouts = [g.stop_timeout_of(s.name) for s in specs] or [g.stop_timeout]
+        # a container stack's containers stop one at a time, each within the stop timeout
+        timeouts = [g.stop_timeout_of(s.name) * max(1, len(s.containers)) for s in specs] or [g.stop_timeout]
         worst = max(timeouts) if g.parallel else sum(timeouts)
         if worst > g.max_downtime:
             what = "the stop timeouts of its stacks add up to" if len(timeouts) > 1 and not g.parallel else "a stop may take"

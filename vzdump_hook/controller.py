@@ -178,7 +178,7 @@ class GuestController:
     def _stop_all(self, stacks: tuple[StackRecord, ...], deadline: float) -> list[StopOutcome]:
         def stop(rec: StackRecord) -> StopOutcome:
             st = self.guest.stop_timeout_of(rec.name)
-            return self.driver.stop(rec, st, _left(deadline, st + STOP_MARGIN))
+            return self.driver.stop(rec, st, _left(deadline, self.driver.stop_bound(rec, st) + STOP_MARGIN))
 
         if self.guest.parallel and len(stacks) > 1:
             with ThreadPoolExecutor(max_workers=min(8, len(stacks))) as pool:

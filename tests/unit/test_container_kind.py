@@ -247,3 +247,16 @@ def test_the_shipped_example_has_container_stacks() -> None:
     g = config.load(str(Path(__file__).resolve().parents[2] / "examples" / "config.toml")).guests[105]
     assert g.stacks == (StackSpec("app", 60.0, Kind.CONTAINER, containers=("app-web", "app-db")),
                         StackSpec("shop", None, Kind.CONTAINER, label="io.podman.compose.project=shop", engine="podman"))
+
+
+def test_a_container_stack_may_take_its_stop_timeout_once_per_container() -> None:
+    from vzdump_hook import config
+    from vzdump_hook.stacks.kinds import Stacks
+
+    g = parse(GUEST + 'max_downtime = 100\nstacks = [{ kind = "container", name = "a", containers = ["x", "y", "z"], stop_timeout = 40 }]\n')
+    assert config.warnings(g) == ["guests.101.stop_timeout: a stop may take 120 s, longer than max_downtime (100 s): "
+                                  "the guest's recovery may start stacks while the backup still needs them down"]
+    stacks = Stacks(Engine("docker"), g.guests[101])
+    rec = StackRecord.container("a", "docker", ("x", "y", "z"), (cid("x"), cid("y"), cid("z")))
+    assert stacks.stop_bound(rec, 40) == 120
+    assert stacks.stop_bound(StackRecord.systemd("s", ("a.service",)), 40) == 40

@@ -62,6 +62,10 @@ class Stacks:
     def driver(self, rec: StackRecord) -> Driver:
         return self.drivers[rec.kind]
 
+    def stop_bound(self, rec: StackRecord, stop_timeout: float) -> float:
+        """How long stopping `rec` may take with `stop_timeout`, before the transport's own margin."""
+        return stop_timeout * len(rec.containers) if rec.kind is Kind.CONTAINER else stop_timeout
+
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
         return self.driver(rec).stop(rec, stop_timeout, timeout)
 
