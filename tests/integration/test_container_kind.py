@@ -114,7 +114,9 @@ class Containers:
 
     def remove(self) -> None:
         if self.names:
-            subprocess.run(as_user(self.user, [self.e, "rm", "-f", *self.names]), capture_output=True, timeout=120, cwd="/")
+            # podman's rm -f first waits 10 s for a container that ignores SIGTERM; -t 0 kills it at once
+            fast = ["-t", "0"] if self.e == "podman" else []
+            subprocess.run(as_user(self.user, [self.e, "rm", "-f", *fast, *self.names]), capture_output=True, timeout=120, cwd="/")
         if self.user:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
