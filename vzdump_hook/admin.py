@@ -146,6 +146,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
         if p.missing:
             lines.append(f"    configured but not running (left alone): {', '.join(p.missing)}")
         lines.append(f"    on_quiesce_error = {g.on_quiesce_error.value}, stop_timeout = {g.stop_timeout:g} s, max_downtime = {g.max_downtime:g} s")
+        lines += [f"    {note}" for note in p.notes]
         if p.marker is not None:
             age = time.time() - p.marker.written_at
             lines.append(f"    MARKER present: job {p.marker.job}, {age:.0f} s old, lists {', '.join(s.name for s in p.marker.stacks)} (`vzdump-hook recover {g.vmid}`)")
@@ -165,6 +166,8 @@ def _guest_side(ctl: GuestController, g: GuestConfig, state_dir: str, deadline: 
     outdated is one: a restore of a backup would come up with its stacks stopped (docker does not
     start containers stopped by hand); so is a marker directory others may write to. The answer is
     kept for backup-start's note (state.recovery_answer)."""
+    if g.transport == "none":
+        return "guest side: not reached (transport none): its controller keeps its own marker and starts its apps after a restore", True
     try:
         setup = guest_install.inspect(ctl.t, g, guest_install.Layout.from_env(), deadline)
     except (HookError, OSError) as e:

@@ -24,7 +24,7 @@ from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/vzdump-hook/config.toml"
 CONFIG_ENV = "VZDUMP_HOOK_CONFIG"
-TRANSPORTS = ("ssh", "pct", "agent")
+TRANSPORTS = ("ssh", "pct", "agent", "none")  # none: no way into the guest (every stack is a controller reached by url)
 TAG_TRANSPORTS = {"lxc": "pct", "qemu": "agent"}  # transport of a guest opted in by PVE tag, by guest type
 DEFAULT_TAG = "vzdump-hook"
 COMPOSE_COMMANDS = {"auto": None, "docker compose": ("docker", "compose"), "docker-compose": ("docker-compose",)}
@@ -69,7 +69,36 @@ class Kind(str, Enum):
 
     COMPOSE = "compose"  # a docker compose project, found by its labels
     SYSTEMD = "systemd"  # listed systemd service units (never discovered: see README)
+    CONTROLLER = "controller"  # the guest's own controller, told the backup's phases (docs/controller-api.md)
     CONTAINER = "container"  # plain docker or podman containers, by name or by label
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """How to reach a guest's controller (stacks/controller.py): a command run in the guest over
+    its transport (carrier A), or its HTTPS API (carrier B), verified by a CA file or a pinned
+    certificate fingerprint, with a bearer token read from a root-only file."""
+
+    command: tuple[str, ...] = ()  # carrier A: the controller's command in the guest, e.g. ("vzdump-controller",)
+    url: str = ""  # carrier B: https://HOST:PORT
+    token_file: str = ""
+    ca_file: str = ""
+    fingerprint: str = ""  # SHA-256 of the certificate (DER), 64 hex digits
+    answer_within: float | None = None  # bound for the answer to quiesce; None: the stack's stop timeout + 30 s
+
+
+@dataclass(frozen=True)
+class ReadySpec:
+    """How to know a stack's app is back after its start (`ready`): one of a command in the guest that
+    exits 0, an http(s) URL the node gets a 2xx/3xx answer from, or (compose) every started container
+    with a healthcheck reporting healthy."""
+
+    command: tuple[str, ...] = ()
+    url: str = ""
+    healthy: bool = False
+
+    def describe(self) -> str:
+        return f"`{' '.join(self.command)}` exits 0" if self.command else f"{self.url} answers" if self.url else "its containers are healthy"
 
 
 @dataclass(frozen=True)
@@ -79,6 +108,12 @@ class StackSpec:
     kind: Kind = Kind.COMPOSE
     units: tuple[str, ...] = ()  # systemd: the service units, in stop order
     user: str = ""  # systemd: "" for system units, else the user whose `systemctl --user` units they are
+    controller: ControllerSpec | None = None  # controller: how to reach it
+    before_stop: tuple[str, ...] = ()  # a command run in the guest right before the stop (not downtime), e.g. a CHECKPOINT
+    before_stop_timeout: float = 60.0
+    ready: ReadySpec | None = None  # the app is back when this says so (the downtime ends then)
+    ready_timeout: float = 60.0
+    group: int | None = None  # stop order: groups ascending, the stacks of a group in parallel; start: the reverse
     containers: tuple[str, ...] = ()  # container: the container names, in stop order
     label: str = ""  # container: "KEY" or "KEY=VALUE": the running containers carrying it (by name)
     engine: str = ""  # container: "docker" or "podman"; "": detected in the guest
@@ -106,6 +141,10 @@ class GuestConfig:
     # The merged table this was validated from: kept in host state so that a resume can run with the
     # settings of the quiesce even if the config file changed or broke in between.
     table: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def has_controllers(self) -> bool:
+        return any(s.kind is Kind.CONTROLLER for s in self.stacks or ())
 
     def stop_timeout_of(self, stack: str) -> float:
         for spec in self.stacks or ():
@@ -299,6 +338,108 @@ def _distinct(p: _Problems, path: str, v: Any, most: int, ok: Callable[[str], bo
 def _units(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
     return _distinct(p, path, v, MAX_UNITS, valid_unit, 'service unit names, e.g. ["postgresql.service"]',
                      "a service unit name (letters, digits, ':', '_', '.', '@', '-', ending in .service)", "a unit")
+_STRATEGY_KEYS = {"before_stop", "before_stop_timeout", "ready", "ready_timeout", "group"}
+MAX_GROUP = 99
+
+
+def _argv(p: _Problems, path: str, v: Any, what: str) -> tuple[str, ...] | None:
+    """A command as a list of words (no shell): what the guest runs."""
+    if not isinstance(v, list) or not 1 <= len(v) <= 64 or not all(isinstance(w, str) and w and len(w) <= 4096 and "\0" not in w for w in v):
+        p.add(path, f"must be a list of 1-64 non-empty strings, the command's words (run without a shell), e.g. {what} (got {v!r})")
+        return None
+    return tuple(v)
+
+
+def _ready(p: _Problems, path: str, v: Any, kind: Kind) -> ReadySpec | None:
+    if not isinstance(v, dict) or len(v) != 1 or next(iter(v)) not in ("command", "url", "healthy"):
+        p.add(path, f"must be a table with one of: command = [...] (exits 0 in the guest), url = \"http://...\" (answers 2xx/3xx to the node), healthy = true (compose healthchecks) (got {v!r})")
+        return None
+    key, value = next(iter(v.items()))
+    if key == "command":
+        argv = _argv(p, f"{path}.command", value, '["pg_isready", "-h", "127.0.0.1"]')
+        return None if argv is None else ReadySpec(command=argv)
+    if key == "url":
+        if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/?#]+(/\S*)?", value):
+            p.add(f"{path}.url", f"must be an http:// or https:// URL (got {value!r})")
+            return None
+        return ReadySpec(url=value)
+    if value is not True or kind is not Kind.COMPOSE:
+        p.add(f"{path}.healthy", "only `healthy = true`, and only for compose stacks (a systemd stack is ready when its units are active, which its start already waits for)")
+        return None
+    return ReadySpec(healthy=True)
+
+
+def _strategies(p: _Problems, ipath: str, item: Mapping[str, Any], kind: Kind) -> dict[str, Any] | None:
+    """before_stop, ready, group and their bounds of one stack table (README: Per-stack strategies)."""
+    before = len(p.items)
+    out: dict[str, Any] = {}
+    if "before_stop" in item:
+        out["before_stop"] = _argv(p, f"{ipath}.before_stop", item["before_stop"], '["docker", "exec", "db-postgres-1", "psql", "-U", "postgres", "-c", "CHECKPOINT"]')
+    if "before_stop_timeout" in item:
+        out["before_stop_timeout"] = _num(p, f"{ipath}.before_stop_timeout", item["before_stop_timeout"], lo=1, hi=3600)
+        if "before_stop" not in item:
+            p.add(f"{ipath}.before_stop_timeout", "without before_stop")
+    if "ready" in item:
+        out["ready"] = _ready(p, f"{ipath}.ready", item["ready"], kind)
+    if "ready_timeout" in item:
+        out["ready_timeout"] = _num(p, f"{ipath}.ready_timeout", item["ready_timeout"], lo=1, hi=3600)
+        if "ready" not in item:
+            p.add(f"{ipath}.ready_timeout", "without ready")
+    if "group" in item:
+        g = _num(p, f"{ipath}.group", item["group"], lo=1, hi=MAX_GROUP, integer=True)
+        out["group"] = None if g is None else int(g)
+    return out if len(p.items) == before else None
+
+
+_KIND_KEYS = {Kind.SYSTEMD: {"units", "user"}, Kind.CONTROLLER: {"command", "url", "token_file", "ca_file", "fingerprint", "answer_within"},
+              Kind.CONTAINER: {"containers", "label", "engine"}}
+_FINGERPRINT = re.compile(r"[0-9A-Fa-f]{2}(:?[0-9A-Fa-f]{2}){31}")
+# a controller command's words: no shell is involved, but the restricted wrapper matches them as words
+_COMMAND_WORD = re.compile(r"[A-Za-z0-9/-][A-Za-z0-9_./@:+=-]{0,255}")
+
+
+def _controller(p: _Problems, path: str, item: Mapping[str, Any]) -> ControllerSpec | None:
+    """A controller stack's carrier: `command` (run in the guest) or `url` (HTTPS, with token_file and
+    ca_file or fingerprint)."""
+    before = len(p.items)
+    if ("command" in item) == ("url" in item):
+        p.add(path, "give either command (the controller's command in the guest, e.g. [\"vzdump-controller\"]) or url (its HTTPS API), not both")
+        return None
+    vals: dict[str, Any] = {}
+    if "answer_within" in item:
+        vals["answer_within"] = _num(p, f"{path}.answer_within", item["answer_within"], lo=1, hi=3600)
+    if "command" in item:
+        cmd = item["command"]
+        if not isinstance(cmd, list) or not 1 <= len(cmd) <= 8 or not all(isinstance(w, str) and _COMMAND_WORD.fullmatch(w) for w in cmd) or cmd[0].startswith("-"):
+            p.add(f"{path}.command", f"must be a list of 1-8 words (letters, digits, '_./@:+=-'), the controller's command without its arguments, e.g. [\"vzdump-controller\"] (got {cmd!r})")
+        else:
+            vals["command"] = tuple(cmd)
+        for key in ("token_file", "ca_file", "fingerprint"):
+            if key in item:
+                p.add(f"{path}.{key}", "only for a controller reached by url")
+    else:
+        url = item["url"]
+        if not isinstance(url, str) or not re.fullmatch(r"https://[A-Za-z0-9.:\[\]-]+(:[0-9]{1,5})?/?", url):
+            p.add(f"{path}.url", f"must be https://HOST[:PORT] (TLS is required; the API's paths /v1/... are added) (got {url!r})")
+        else:
+            vals["url"] = url.rstrip("/")
+        token = _str(p, f"{path}.token_file", item["token_file"], absolute=True) if "token_file" in item else None
+        if "token_file" not in item:
+            p.add(f"{path}.token_file", "missing (the file holding the controller's API token, mode 0600)")
+        vals["token_file"] = token or ""
+        if ("ca_file" in item) == ("fingerprint" in item):
+            p.add(path, "give either ca_file (the CA, or the self-signed certificate, that the controller's certificate is checked against) or fingerprint (its SHA-256, pinned)")
+        elif "ca_file" in item:
+            vals["ca_file"] = _str(p, f"{path}.ca_file", item["ca_file"], absolute=True) or ""
+        else:
+            fp = item["fingerprint"]
+            if not isinstance(fp, str) or not _FINGERPRINT.fullmatch(fp):
+                p.add(f"{path}.fingerprint", f"must be the certificate's SHA-256 fingerprint, 64 hex digits (colons allowed), as `openssl x509 -noout -fingerprint -sha256` prints it (got {fp!r})")
+            else:
+                vals["fingerprint"] = fp.replace(":", "").lower()
+    if len(p.items) != before:
+        return None
+    return ControllerSpec(**vals)
 
 
 def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None:
@@ -317,16 +458,25 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
         user = ""
         containers: tuple[str, ...] = ()
         label = engine = ""
+        controller: ControllerSpec | None = None
+        strategies: dict[str, Any] = {}
         if isinstance(item, dict):
             k = item.get("kind", "compose")
             if k not in tuple(x.value for x in Kind):
                 p.add(f"{ipath}.kind", f"must be one of {', '.join(repr(x.value) for x in Kind)} (got {k!r})")
                 continue
             kind = Kind(k)
-            own = {Kind.SYSTEMD: {"units", "user"}, Kind.CONTAINER: {"containers", "label", "engine"}}.get(kind, set())
-            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | own)
+            _unknown(p, ipath, item, {"name", "stop_timeout", "kind"} | _STRATEGY_KEYS | _KIND_KEYS.get(kind, set()))
+            got_strategies = _strategies(p, ipath, item, kind)
+            if got_strategies is None:
+                continue
+            strategies = got_strategies
             if "stop_timeout" in item:
                 stop_timeout = _num(p, f"{ipath}.stop_timeout", item["stop_timeout"], lo=1, hi=3600)
+            if kind is Kind.CONTROLLER:
+                controller = _controller(p, ipath, item)
+                if controller is None:
+                    continue
             if kind is Kind.SYSTEMD:
                 if "units" not in item:
                     p.add(f"{ipath}.units", 'missing (the service units to stop, e.g. ["postgresql.service"]: systemd units are never discovered)')
@@ -360,7 +510,7 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
             p.add(ipath, f"{name!r} is listed twice")
             continue
         seen.add(name)
-        specs.append(StackSpec(name, stop_timeout, kind, units, user, containers, label, engine))
+        specs.append(StackSpec(name, stop_timeout, kind, units, user, controller, **strategies, containers=containers, label=label, engine=engine))
     held: dict[str, str] = {}
     for spec in specs:
         for what in (*(f"container {c}" for c in spec.containers), *([f"label {spec.label}"] if spec.label else [])):
@@ -373,6 +523,10 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
             if (spec.user, u) in claimed:
                 p.add(path, f"unit {u} is in stacks {claimed[spec.user, u]!r} and {spec.name!r}")
             claimed[spec.user, u] = spec.name
+    grouped = [s.group is not None for s in specs]
+    if any(grouped) and not all(grouped):
+        first = grouped.index(False)
+        p.add(f"{path}[{first}].group", "missing: once one stack has a group, every stack needs one (groups stop in ascending order, a group's stacks in parallel)")
     users = sorted({s.user for s in specs if s.user})
     if len(users) > 1:
         p.add(path, f"--user units of one user only (got {', '.join(users)})")
@@ -575,6 +729,17 @@ def _guest(p: _Problems, path: str, vmid: int, table: Mapping[str, Any], check_f
         problem = token_file_problem(agent.token_file)
         if problem:
             p.add(f"{path}.agent.token_file", problem)
+    specs = values.get("stacks") or ()
+    for i, spec in enumerate(specs):
+        c = spec.controller
+        if c is None:
+            continue
+        if c.command and transport == "none":
+            p.add(f"{path}.stacks[{i}].command", "needs a transport into the guest (transport is none): give the guest ssh, pct or agent, or reach the controller by url")
+        if check_files and c.token_file and (problem := token_file_problem(c.token_file)):
+            p.add(f"{path}.stacks[{i}].token_file", problem)
+    if transport == "none" and (not specs or any(s.controller is None or s.controller.command for s in specs)):
+        p.add(f"{path}.transport", '"none" only for a guest whose stacks are all controllers reached by url (the hook cannot reach anything else in it)')
     if len(p.items) != before:
         return None
     cc = values.get("compose_command")

@@ -6,13 +6,15 @@ outlives the phase.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from . import marker as markers
+from .config import Kind
 from .errors import ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
 from .job import JobId
 from .marker import Marker, StackRecord
@@ -21,12 +23,15 @@ from .stacks.kinds import Stacks
 from .transports import open_transport
 
 if TYPE_CHECKING:
-    from .config import GuestConfig
+    from .config import GuestConfig, ReadySpec, StackSpec
     from .transports.base import Transport
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STOP_MARGIN = 30.0  # seconds for compose / systemctl itself on top of the stop timeout
+READY_POLL = 0.1  # seconds between two looks at whether a started stack is ready
+READY_PROBE = 5.0  # bound of one look
 
 
 def _left(deadline: float, cap: float | None = None) -> float:
@@ -45,6 +50,7 @@ class Preflight:
     selected: tuple[str, ...]
     missing: tuple[str, ...]  # listed in the config but not running
     marker: Marker | None
+    notes: tuple[str, ...] = ()  # what the guest's controllers said (stacks/controller.py)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class Quiesce:
     outcomes: tuple[StopOutcome, ...]
     started: float  # wall clock of the first stop
     ended: float
+    down_at: float | None = None  # when every stack stopped has `ready`: its first failed check during the stop
 
     @property
     def killed(self) -> tuple[str, ...]:
@@ -79,9 +86,10 @@ class GuestController:
         self.guest = guest
         self.job = job
         self.t = transport if transport is not None else open_transport(guest)
-        self.driver = Stacks(self.t, guest)
+        self.driver = Stacks(self.t, guest, job)
 
     def close(self) -> None:
+        self.driver.controllers.close_carriers()
         self.t.close()
 
     @property
@@ -97,6 +105,22 @@ class GuestController:
 
     def _write_marker(self, m: Marker, deadline: float) -> None:
         self.t.write_file(self.guest.marker_path, m.to_json(), timeout=_left(deadline, self.guest.command_timeout))
+
+    def spec(self, name: str) -> StackSpec | None:
+        return next((s for s in self.guest.stacks or () if s.name == name), None)
+
+    def groups(self, stacks: tuple[StackRecord, ...]) -> list[tuple[StackRecord, ...]]:
+        """`stacks` (stop order) as the groups they stop in: by `group` when the config gives them
+        (a stack no longer in the config first), else all at once (`parallel`), else one by one."""
+        specs = {s.name: s for s in self.guest.stacks or ()}
+        if any(s.group is not None for s in specs.values()):
+            def group(rec: StackRecord) -> int:
+                spec = specs.get(rec.name)
+                return spec.group if spec is not None and spec.group is not None else 0
+            return [tuple(r for r in stacks if group(r) == g) for g in sorted({group(r) for r in stacks})]
+        if self.guest.parallel:
+            return [stacks] if stacks else []
+        return [(r,) for r in stacks]
 
     # -- verbs ---------------------------------------------------------------------------------
 
@@ -120,13 +144,21 @@ class GuestController:
         missing = [s.name for s in self.guest.stacks if s.name not in running or running[s.name].kind is not s.kind]
         return chosen, missing
 
-    def preflight(self, deadline: float) -> Preflight:
-        """Guest answers, compose found, stacks listed, marker read. Changes nothing."""
+    def preflight(self, deadline: float, end_stale: bool = False) -> Preflight:
+        """Guest answers, compose found, stacks listed, marker read, controllers asked. Changes
+        nothing, unless `end_stale` (backup-start: vzdump holds the guest's backup lock, so a job a
+        controller still has open is over): then such a job is told abort."""
         self.t.connect(_left(deadline))
         running = self.driver.running(_left(deadline, self.guest.command_timeout))
         chosen, missing = self.select(running)
         m = self.read_marker(deadline)
-        return Preflight(self.driver.compose or (), tuple(sorted(running)), tuple(s.name for s in chosen), tuple(missing), m)
+        notes = []
+        for name, text, down in self.driver.controllers.end_stale(True, _left(deadline, self.guest.command_timeout), act=end_stale):
+            if down:
+                raise ControllerError(f"controller {name}: {text}")
+            if text:
+                notes.append(f"controller {name}: {text}")
+        return Preflight(self.driver.compose or (), tuple(sorted(running)), tuple(s.name for s in chosen), tuple(missing), m, tuple(notes))
 
     def quiesce(self, vmtype: str, mode: str, deadline: float, inherited: tuple[StackRecord, ...] | None = None,
                 before_marker: Callable[[], None] | None = None) -> Quiesce:
@@ -158,35 +190,100 @@ class GuestController:
         m = Marker(self.job, self.guest.vmid, vmtype, mode, now, now + self.guest.max_downtime, "stopping", keep + to_stop)
         if not m.stacks:
             return Quiesce((), (), now, now)
+        self.driver.controllers.mode, self.driver.controllers.deadline = mode, m.deadline
+        self._before_stop(to_stop, deadline)
         if before_marker is not None:
             try:
                 before_marker()
             except HookError as e:
                 raise NothingStopped(str(e)) from e
+        # a controller keeps its own marker: the guest's lists only what the hook itself stops
+        own = tuple(s for s in m.stacks if s.kind is not Kind.CONTROLLER)
         try:
-            self._write_marker(m, deadline)  # before anything is stopped
+            if own:
+                self._write_marker(replace(m, stacks=own), deadline)  # before anything is stopped
         except ConnectionLost:
             raise  # the write may have landed: the later phases go by the marker
         except ConnectError as e:
             raise NothingStopped(f"marker not written: {e}") from e
         started = time.time()
-        outcomes = self._stop_all(to_stop, deadline)
+        down: dict[str, float] = {}
+        outcomes = self._stop_all(to_stop, deadline, down)
+        ended = time.time()
+        # with `ready` on every stack, the app's downtime starts when the check first failed
+        # (a stack whose check never failed during its stop: the last time it answered, else the stop's start)
+        down_at = min((down.get(s.name, started) for s in to_stop), default=None) if all(self._has_ready(s) for s in to_stop) else None
         # no rewrite to "stopped" here: the marker already lists every stack, and a write would be
         # one more round trip between the stop and the backup's point in time
-        return Quiesce(m.stacks, tuple(outcomes), started, time.time())
+        return Quiesce(m.stacks, tuple(outcomes), started, ended, down_at)
 
-    def _stop_all(self, stacks: tuple[StackRecord, ...], deadline: float) -> list[StopOutcome]:
+    def _before_stop(self, stacks: tuple[StackRecord, ...], deadline: float) -> None:
+        """Each stack's `before_stop` command, right before the stops (nothing is down yet: its time
+        is not downtime). Bounded; a failure is reported and the stop goes on."""
+        for rec in stacks:
+            spec = self.spec(rec.name)
+            if spec is None or not spec.before_stop:
+                continue
+            t0 = time.monotonic()
+            try:
+                res = self.t.run(list(spec.before_stop), timeout=_left(deadline, spec.before_stop_timeout))
+            except HookError as e:
+                log.warning("quiesce %s: before_stop of %s failed after %.1f s (%s): stopping it all the same", self.name, rec.name, time.monotonic() - t0, e)
+                continue
+            if res.ok:
+                log.info("quiesce %s: before_stop of %s done in %.1f s", self.name, rec.name, res.duration)
+            else:
+                tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
+                log.warning("quiesce %s: before_stop of %s exited %d in %.1f s (%s): stopping it all the same", self.name, rec.name, res.exit_status, res.duration, tail[0][:200])
+
+    def _each(self, fn: Callable[[StackRecord], T], groups: list[tuple[StackRecord, ...]]) -> list[T]:
+        """fn over the stacks group by group; the stacks of a group at once."""
+        out: list[T] = []
+        for group in groups:
+            if len(group) > 1:
+                with ThreadPoolExecutor(max_workers=min(8, len(group))) as pool:
+                    out += pool.map(fn, group)
+            else:
+                out += [fn(rec) for rec in group]
+        return out
+
+    def _has_ready(self, rec: StackRecord) -> bool:
+        spec = self.spec(rec.name)
+        return spec is not None and spec.ready is not None
+
+    def _stop_all(self, stacks: tuple[StackRecord, ...], deadline: float, down: dict[str, float] | None = None) -> list[StopOutcome]:
+        """Stop the stacks group by group. For a stack with `ready`, its check runs while it stops:
+        `down` gets the time of its first failure (the moment the app stopped answering)."""
         def stop(rec: StackRecord) -> StopOutcome:
             st = self.guest.stop_timeout_of(rec.name)
-            return self.driver.stop(rec, st, _left(deadline, self.driver.stop_bound(rec, st) + STOP_MARGIN))
+            spec = self.spec(rec.name)
+            bound = _left(deadline, self.driver.stop_bound(rec, st) + STOP_MARGIN)
+            if down is None or spec is None or spec.ready is None:
+                return self.driver.stop(rec, st, bound)
+            done = threading.Event()
+            watcher = threading.Thread(target=self._watch_down, args=(rec, spec.ready, done, down), daemon=True)
+            watcher.start()
+            try:
+                return self.driver.stop(rec, st, bound)
+            finally:
+                done.set()
+                watcher.join(READY_POLL)  # a check under way is not waited for: the stop's end stands in
 
-        if self.guest.parallel and len(stacks) > 1:
-            with ThreadPoolExecutor(max_workers=min(8, len(stacks))) as pool:
-                return list(pool.map(stop, stacks))
-        outcomes = []
-        for rec in stacks:
-            outcomes.append(stop(rec))
-        return outcomes
+        return self._each(stop, self.groups(stacks))
+
+    def _watch_down(self, rec: StackRecord, ready: ReadySpec, done: threading.Event, down: dict[str, float]) -> None:
+        """down[name]: when the check first failed; while none has, when it last answered."""
+        while not done.is_set():
+            try:
+                ok = self._ready_once(rec, ready, READY_PROBE)
+            except (HookError, OSError):
+                ok = False
+            if done.is_set():
+                return  # after the stop's end: what is recorded stands
+            down[rec.name] = time.time()
+            if not ok:
+                return
+            done.wait(READY_POLL)
 
     def resume(self, deadline: float, fallback: tuple[StackRecord, ...] = ()) -> Resume:
         """Start every stack the marker lists (reverse stop order), then remove the marker.
@@ -202,7 +299,7 @@ class GuestController:
         if fallback:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 reading = pool.submit(self.read_marker, deadline)
-                results = self._start_all(tuple(reversed(fallback)), deadline)
+                results = self._start_all(fallback, deadline)
                 try:
                     m = reading.result()
                 except MarkerError as e:
@@ -220,18 +317,19 @@ class GuestController:
             if m is not None:  # nothing listed: nothing to start, the marker has served
                 self.t.remove_file(self.guest.marker_path, timeout=_left(deadline, self.guest.command_timeout))
             return Resume((), (), tuple(problems), m is not None, invalid)
-        results += self._start_all(tuple(reversed(stacks)), deadline)
+        results += self._start_all(stacks, deadline)
         started = tuple(name for name, err in results if not err)
         failed = tuple(name for name, err in results if err)
         problems += [f"{name}: {err}" for name, err in results if err]
         removed = False
+        controllers = {s.name for s in fallback + stacks if s.kind is Kind.CONTROLLER}
         if m is not None:
-            if not failed:
+            if not set(failed) - controllers:  # a controller keeps its own marker
                 self.t.remove_file(self.guest.marker_path, timeout=_left(deadline, self.guest.command_timeout))
                 removed = True
             else:
                 listed = {s.name for s in m.stacks}
-                left = tuple(s for s in m.stacks if s.name in failed) + tuple(s for s in fallback if s.name in failed and s.name not in listed)
+                left = tuple(s for s in m.stacks if s.name in failed) + tuple(s for s in fallback if s.name in failed and s.name not in listed and s.kind is not Kind.CONTROLLER)
                 try:
                     self._write_marker(Marker(m.job, m.vmid, m.vmtype, m.mode, m.written_at, m.deadline, m.state, left), deadline)
                 except HookError as e:
@@ -239,6 +337,7 @@ class GuestController:
         return Resume(started, failed, tuple(problems), removed, invalid or (m is not None and not removed))
 
     def _start_all(self, stacks: tuple[StackRecord, ...], deadline: float) -> list[tuple[str, str]]:
+        """Start `stacks` (given in stop order) in the reverse order: the last group first."""
         def start(rec: StackRecord) -> tuple[str, str]:
             try:
                 self.driver.start(rec, _left(deadline, self.guest.command_timeout))
@@ -246,10 +345,48 @@ class GuestController:
             except HookError as e:
                 return rec.name, str(e)
 
-        if self.guest.parallel and len(stacks) > 1:
-            with ThreadPoolExecutor(max_workers=min(8, len(stacks))) as pool:
-                return list(pool.map(start, stacks))
-        return [start(rec) for rec in stacks]
+        return self._each(start, [tuple(reversed(g)) for g in reversed(self.groups(stacks))])
+
+    def await_ready(self, stacks: tuple[StackRecord, ...], deadline: float) -> dict[str, float | None]:
+        """Wait until each stack's `ready` says its app is back, each within its ready_timeout, all
+        at once. name -> when it was first seen ready (wall clock), or None when not in time."""
+
+        def one(rec: StackRecord) -> float | None:
+            spec = self.spec(rec.name)
+            if spec is None or spec.ready is None:
+                return time.time()
+            until = min(deadline, time.monotonic() + spec.ready_timeout)
+            while True:
+                try:
+                    if self._ready_once(rec, spec.ready, min(READY_PROBE, until - time.monotonic())):
+                        return time.time()
+                except (HookError, OSError) as e:
+                    log.debug("ready %s %s: %s", self.name, rec.name, e)
+                if time.monotonic() + READY_POLL >= until:
+                    return None
+                time.sleep(READY_POLL)
+
+        if len(stacks) == 1:
+            return {stacks[0].name: one(stacks[0])}
+        with ThreadPoolExecutor(max_workers=min(8, len(stacks))) as pool:
+            return dict(zip((s.name for s in stacks), pool.map(one, stacks), strict=True))
+
+    def _ready_once(self, rec: StackRecord, ready: ReadySpec, timeout: float) -> bool:
+        if timeout <= 0:
+            return False
+        if ready.command:
+            return self.t.run(list(ready.command), timeout=timeout).ok
+        if ready.url:
+            import requests
+
+            with requests.Session() as s:
+                s.trust_env = False
+                try:
+                    r = s.get(ready.url, timeout=(min(2.0, timeout), timeout), allow_redirects=False)
+                except requests.RequestException as e:
+                    raise OSError(f"{ready.url}: {type(e).__name__}") from None
+                return r.status_code < 400
+        return self.driver.compose_driver.healthy(rec, timeout)
 
 
 def describe(error: BaseException) -> str:

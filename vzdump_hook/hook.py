@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from . import config as configuration
 from . import fanout, orchestrator, pve, resident, tags
-from .config import Config, GuestConfig, HookSettings, QuiescePolicy
+from .config import Config, GuestConfig, HookSettings, Kind, QuiescePolicy
 from .controller import GuestController, NothingStopped, Resume, describe
 from .early import RUN_DIR_ENV  # overrides for tests and development; vzdump passes no environment
 from .errors import ConfigError, HookError
@@ -141,6 +141,8 @@ class PhaseRunner:
             self._say_watching(vmid, phase)
         if plan.step is Step.RESUME:
             self.resume(guest, phase, plan.wait_for_guest)
+        if phase in (Phase.BACKUP_END, Phase.BACKUP_ABORT) and rec is not None:
+            self.close_controllers(vmid, phase, "done" if phase is Phase.BACKUP_END else "failed")
         return 0
 
     def _guest(self, vmid: int, rec: GuestRecord | None) -> GuestConfig | None:
@@ -172,7 +174,7 @@ class PhaseRunner:
         try:
             with self.state.guest_lock(vmid, self.left()):
                 seen = self.resumer.entries(vmid)
-                p = ctl.preflight(self.deadline)
+                p = ctl.preflight(self.deadline, end_stale=True)
                 if p.marker is None or (p.marker.job != self.job and not self._resume_stale(ctl, p.marker, "backup-start").marker_left):
                     self.resumer.forget(seen)
                 rec.status = Status.PREFLIGHT_OK
@@ -194,6 +196,8 @@ class PhaseRunner:
             return orchestrator.exit_status(Phase.BACKUP_START, Outcome(preflight_failed=True, abort_policy=abort))
         finally:
             ctl.close()
+        for note in p.notes:
+            log.warning("backup-start %d: %s", vmid, note)
         compose = " ".join(p.compose) or "no compose"
         will = ", ".join(p.selected) if p.selected else "nothing (no selected stack is running)"
         extra = f"; not running: {', '.join(p.missing)}" if p.missing else ""
@@ -285,7 +289,7 @@ class PhaseRunner:
                     log.warning("pre-stop %d: quiesce failed: %s; whatever the marker lists is started again later", vmid, describe(e))
                     return orchestrator.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
                 rec.stacks = list(q.stacks)
-                rec.stop_started, rec.stop_ended = q.started, q.ended
+                rec.stop_started, rec.stop_ended, rec.app_down_at = q.started, q.ended, q.down_at
                 rec.status = Status.QUIESCED if q.stacks else Status.NOTHING_STOPPED
                 failed = bool(q.killed or q.errors)
                 rec.crash_consistent = failed
@@ -371,6 +375,48 @@ class PhaseRunner:
         ctl = GuestController(guest, self.job)
         try:
             return self.resumer.resume_with(ctl, phase.value, wait)
+        finally:
+            ctl.close()
+
+    # -- the guest's controllers (stacks/controller.py) ------------------------------------------
+
+    def close_controllers(self, vmid: int, phase: Phase, message: str = "") -> None:
+        """Tell the guest's controllers that this job is over for them (`message`: done, failed; ""
+        at job-end: what backup-end/abort recorded, else abort), once the hook's resume went
+        through. One that does not confirm is told again at job-end, and a job it keeps open is
+        ended by the next job-start's sweep (or its own deadline)."""
+        rec = self.state.load(vmid)
+        if rec is None or not any(s.kind is Kind.CONTROLLER and s.name not in rec.closed for s in rec.stacks):
+            return
+        if message and not rec.ended:
+            rec.ended = message
+            self.state.save(rec)
+        if rec.status.pending:
+            return  # `snapshotted` is not confirmed yet: the resume paths keep at it
+        try:
+            guest = configuration.validate_guest(vmid, rec.guest_table)
+        except ConfigError as e:
+            log.warning("%s %d: recorded settings unusable (%s): its controllers are not told the job ended", phase.value, vmid, e)
+            return
+        word = rec.ended or ("failed" if phase is Phase.JOB_ABORT else "abort")
+        ctl = GuestController(guest, self.job)
+        try:
+            with self.state.guest_lock(vmid, self.left()):
+                rec = self.state.load(vmid) or rec
+                for s in rec.stacks:
+                    if s.kind is not Kind.CONTROLLER or s.name in rec.closed:
+                        continue
+                    try:
+                        ctl.driver.controllers.close(s, word, max(0.1, min(self.left(), guest.command_timeout)))
+                    except HookError as e:
+                        later = "job-end tells it again" if phase in (Phase.BACKUP_END, Phase.BACKUP_ABORT) else "the next job-start's sweep ends the job (or the controller at its deadline)"
+                        log.warning("%s %d: controller %s not told %s: %s; %s", phase.value, vmid, s.name, word, describe(e), later)
+                        continue
+                    rec.closed.append(s.name)
+                    log.info("%s %d: controller %s told %s", phase.value, vmid, s.name, word)
+                self.state.save(rec)
+        except HookError as e:  # the lock
+            log.warning("%s %d: controllers not told %s: %s", phase.value, vmid, word, describe(e))
         finally:
             ctl.close()
 
@@ -497,6 +543,14 @@ class PhaseRunner:
         if pending:
             fanout.run_all(lambda r: self._finish_one(r, phase), pending, self.deadline)
             records = self.state.records()
+        awaited = [r for r in records if r.status is Status.RESUMED and r.ready_pending]
+        if awaited:  # the table and the history end the downtime when the apps answered
+            fanout.run_all(lambda r: self._await_ready(r, phase), awaited, self.deadline)
+            records = self.state.records()
+        unclosed = [r for r in records if any(s.kind is Kind.CONTROLLER and s.name not in r.closed for s in r.stacks)]
+        if unclosed:
+            fanout.run_all(lambda r: self.close_controllers(r.vmid, phase), unclosed, self.deadline)
+            records = self.state.records()
         if records:
             for line in summary(records):
                 log.info("%s", line)
@@ -536,6 +590,16 @@ class PhaseRunner:
         except Exception as e:
             log.warning("report: %s: %s", type(e).__name__, e)
 
+    def _await_ready(self, rec: GuestRecord, phase: Phase) -> None:
+        guest = self._guest(rec.vmid, rec)
+        if guest is None:
+            return
+        ctl = GuestController(guest, self.job)
+        try:
+            self.resumer.await_ready(ctl, phase.value)
+        finally:
+            ctl.close()
+
     def _finish_one(self, rec: GuestRecord, phase: Phase) -> None:
         guest = self._guest(rec.vmid, rec)
         if guest is not None:
@@ -563,6 +627,8 @@ def summary(records: list[GuestRecord]) -> list[str]:
         }.get(r.status, "STILL DOWN")
         if r.crash_consistent and r.status not in (Status.PREFLIGHT_FAILED, Status.CONFIG_ERROR):
             result += ", crash-consistent"
+        if r.not_ready:
+            result += f", NOT READY: {','.join(r.not_ready)}"
         rows.append((str(r.vmid), stacks, down, result))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]

@@ -49,6 +49,7 @@ class StackRecord:
     user: str = ""  # systemd: "" system units, else the user whose --user units they are
     engine: str = ""  # container: "docker" or "podman"
     names: tuple[str, ...] = ()  # container: the names of the containers that ran (containers: their ids)
+    job: str = ""  # controller: the job it was told to quiesce (its later messages name the same job)
 
     @classmethod
     def systemd(cls, name: str, units: tuple[str, ...], triggers: tuple[str, ...] = (), stopped: bool = False, user: str = "") -> StackRecord:
@@ -59,9 +60,17 @@ class StackRecord:
         """Plain containers that ran, in stop order: `names[i]` is the container with id `ids[i]`."""
         return cls(name, (), "", (), ids, stopped, kind=Kind.CONTAINER, engine=engine, names=names)
 
+    @classmethod
+    def controller(cls, name: str, job: str, stopped: bool = False) -> StackRecord:
+        """The guest's controller (stacks/controller.py): kept in the node's records only. The
+        controller keeps its own marker in the guest, and the guest's marker never lists it."""
+        return cls(name, (), "", (), (), stopped, kind=Kind.CONTROLLER, job=job)
+
     def to_dict(self) -> dict[str, Any]:
         if self.kind is Kind.CONTAINER:
             return {"name": self.name, "driver": "container", "engine": self.engine, "names": list(self.names), "containers": list(self.containers), "stopped": self.stopped}
+        if self.kind is Kind.CONTROLLER:
+            return {"name": self.name, "driver": "controller", "job": self.job, "stopped": self.stopped}
         if self.kind is Kind.SYSTEMD:
             d: dict[str, Any] = {"name": self.name, "driver": "systemd", "units": list(self.units), "triggers": list(self.triggers), "stopped": self.stopped}
             if self.user:
@@ -234,6 +243,8 @@ def record_from_dict(d: dict[str, Any]) -> StackRecord:
     """A StackRecord from its to_dict() form, as the host state keeps it (trusted: written by us)."""
     if d.get("driver") == "container":
         return StackRecord.container(d["name"], d["engine"], tuple(d["names"]), tuple(d["containers"]), d["stopped"])
+    if d.get("driver") == "controller":
+        return StackRecord.controller(d["name"], d["job"], d["stopped"])
     if d.get("driver") == "systemd":
         return StackRecord.systemd(d["name"], tuple(d["units"]), tuple(d["triggers"]), d["stopped"], d.get("user", ""))
     return StackRecord(d["name"], tuple(d["compose"]), d["workdir"], tuple(d["files"]), tuple(d["containers"]), d["stopped"], tuple(d.get("services", ())))

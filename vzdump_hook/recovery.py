@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import config as configuration
@@ -70,6 +71,25 @@ def recover_guest(guest: GuestConfig, job: JobId, state: HostState, deadline: fl
             return False
 
     try:
+        if not guest.has_controllers:
+            return _recover_marker(ctl, state, deadline, force, forget, note)
+        # a controller keeps its own marker: ask it, and end a job of it that is over; the ledger
+        # keeps listing the guest while a controller may hold something
+        texts, down = [], False
+        for name, text, still in ctl.driver.controllers.end_stale(force, max(0.1, min(deadline - time.monotonic(), guest.command_timeout))):
+            if text:
+                texts.append(f"{vmid}: controller {name}: {text}")
+            down = down or still
+        r = _recover_marker(ctl, state, deadline, force, note if down else forget, note)
+        return Recovery("; ".join(([r.text] if r.text else []) + texts), down or r.down, r.covered)
+    finally:
+        ctl.close()
+
+
+def _recover_marker(ctl: GuestController, state: HostState, deadline: float, force: bool,
+                    forget: Callable[[], bool], note: Callable[[], bool]) -> Recovery:
+    vmid = ctl.guest.vmid
+    try:
         m = ctl.read_marker(deadline)
         if m is None:
             return Recovery("", False, forget())
@@ -88,5 +108,3 @@ def recover_guest(guest: GuestConfig, job: JobId, state: HostState, deadline: fl
         return Recovery(f"{vmid}: not reachable ({e})", True, note())
     except HookError as e:
         return Recovery(f"{vmid}: {describe(e)}", True, note())
-    finally:
-        ctl.close()

@@ -274,6 +274,7 @@ class Resident:
         self.watch: Any = None  # qemu.watcher.JobWatch once armed
         self.watch_tried = False  # armed once at most: after GiveUp, a phase starts the stacks
         self.ctl: GuestController | None = None
+        self.readiness: threading.Thread | None = None
 
     @property
     def vmid(self) -> int:
@@ -373,6 +374,7 @@ class Resident:
         (the stacks run again, or they stay down by plan and the watch, if any, is armed): the hook
         then ends at once, with the [hook] settings recorded at pre-stop (no chained scripts)."""
         from . import orchestrator
+        from .config import Kind
         from .orchestrator import Step
         from .phases import GuestType, Mode, parse_phase
         from .state import Status
@@ -381,8 +383,10 @@ class Resident:
         rec = self._record()
         if phase is None or rec is None:
             return False
+        # backup-end/abort tell the guest's controllers that the job is over (hook.py): the phase goes on
+        closing = phase in orchestrator.WATCHER_ENDS and any(s.kind is Kind.CONTROLLER and s.name not in rec.closed for s in rec.stacks)
         if not rec.status.pending:
-            return rec.status is Status.RESUMED and not phase.is_job_phase and not self.info.chain
+            return rec.status is Status.RESUMED and not phase.is_job_phase and not self.info.chain and not closing
         vmtype, mode = GuestType(self.info.vmtype), Mode(self.info.mode)
         if phase.is_job_phase:  # job-end, job-abort: the job's last attempt
             self._start(phase.value, wait=True)
@@ -402,7 +406,7 @@ class Resident:
             if plan.note:
                 log.info("%s %d: %s", phase.value, self.vmid, plan.note)
             done = True
-        return done and not self.info.chain
+        return done and not self.info.chain and not closing
 
     # -- what it watches -------------------------------------------------------------------------
 
@@ -422,6 +426,8 @@ class Resident:
             log.info("resident %d: its socket is gone (run directory wiped?): listening again", self.vmid)
             self._listen()
         rec = self._record()
+        if self.readiness is not None and self.readiness.is_alive():
+            return False  # await_ready: the downtime ends when the stacks are ready
         if rec is None or not rec.status.pending:
             if self.status != "done" and rec is not None:
                 log.debug("resident %d: the stacks were started by another path", self.vmid)
@@ -484,11 +490,15 @@ class Resident:
         self.status = "starting"
         self.critical = True
         try:
-            done = self.resumer.resume_with(self.ctl, where, wait, remembered=self.remembered)
+            done = self.resumer.resume_with(self.ctl, where, wait, remembered=self.remembered, ready=False)
         finally:
             self.critical = False
         if done:
             self.status, self.retry_at = "done", None
+            # waiting for the stacks' `ready` must not hold up the phases that ask meanwhile
+            ctl = self.ctl
+            self.readiness = threading.Thread(target=self.resumer.await_ready, args=(ctl, "resident"), daemon=True)
+            self.readiness.start()
         else:
             self.ctl.t.close()  # a fresh session next time: the old one may be what failed
             self.status = "retrying"

@@ -61,10 +61,11 @@ class Resumer:
         if seen:
             self.ledger.clear(seen, self.job)
 
-    def resume_with(self, ctl: GuestController, where: str, wait: bool, remembered: GuestRecord | None = None) -> bool:
+    def resume_with(self, ctl: GuestController, where: str, wait: bool, remembered: GuestRecord | None = None, ready: bool = True) -> bool:
         """Start what this job stopped in ctl's guest, for `where` (a phase, or the resident): under
         the guest's lock, only if this job's record says the stacks are still down. `remembered`:
-        the record as its holder last saw it, used when the file is gone (run_dir wiped). True when
+        the record as its holder last saw it, used when the file is gone (run_dir wiped). Then,
+        with `ready`, wait (without the lock) for the stacks' `ready` (await_ready). True when
         nothing of it is down."""
         try:
             with self.state.guest_lock(ctl.guest.vmid, self.left()):
@@ -73,10 +74,52 @@ class Resumer:
                     rec = remembered
                 if rec is None or not rec.status.pending:
                     return True  # another phase or process did it
-                return self.resume_locked(ctl, rec, where, wait)
+                done = self.resume_locked(ctl, rec, where, wait)
         except HookError as e:
             log.warning("%s %d: resume: %s", where, ctl.guest.vmid, describe(e))
             return False
+        if done and ready:
+            self.await_ready(ctl, where)
+        return done
+
+    def await_ready(self, ctl: GuestController, where: str) -> None:
+        """The stacks started whose `ready` is awaited: wait for it (each within its ready_timeout),
+        then end the downtime where the last one was ready. A stack not ready in time is reported
+        (WARNING, the job-end table, history) and never fails the backup."""
+        vmid = ctl.guest.vmid
+        rec = self.state.load(vmid)
+        if rec is None or rec.status is not Status.RESUMED or not rec.ready_pending:
+            return
+        stacks = tuple(s for s in rec.stacks if s.name in rec.ready_pending)
+        seen = ctl.await_ready(stacks, self.deadline)
+        try:
+            with self.state.guest_lock(vmid, self.left()):
+                rec = self.state.load(vmid)
+                if rec is None or not rec.ready_pending:
+                    return  # another process waited already
+                late = [name for name, at in seen.items() if at is None]
+                times = [at for at in seen.values() if at is not None]
+                rec.resumed_at = time.time() if late else max(times, default=rec.resumed_at)
+                rec.ready_pending, rec.not_ready = [], late
+                if late:
+                    rec.problems.append(f"{where}: not ready in time: {', '.join(late)}")
+                self._save(rec)
+        except HookError as e:
+            log.warning("%s %d: readiness not recorded: %s", where, vmid, describe(e))
+            return
+        try:
+            self.state.record_history(rec)
+        except Exception as e:
+            log.warning("history not written: %s", e)
+        down = f", down {rec.downtime:.1f} s" if rec.downtime is not None else ""
+        ready = [n for n in seen if n not in late]
+        if ready:
+            log.info("%s %d: %s ready %.1f s after the start%s", where, vmid, ", ".join(ready), max(times) - (rec.started_at or max(times)), down if not late else "")
+        for name in late:
+            spec = ctl.spec(name)
+            what = f"{spec.ready.describe()}, " if spec is not None and spec.ready is not None else ""
+            log.warning("%s %d: %s NOT READY within %.0f s of its start (%snot seen): it runs, but its app did not answer; the backup goes on",
+                        where, vmid, name, spec.ready_timeout if spec is not None else 0, what)
 
     def resume_locked(self, ctl: GuestController, rec: GuestRecord, where: str, wait: bool) -> bool:
         """resume_with() once the lock is held and `rec` is known to be pending."""
@@ -104,7 +147,8 @@ class Resumer:
             log.warning("%s %d: STILL DOWN: %s (retried at the next phase)", where, vmid, ", ".join(r.failed))
             return False
         rec.status = Status.RESUMED
-        rec.resumed_at = time.time()
+        rec.resumed_at = rec.started_at = time.time()
+        rec.ready_pending = [n for n in r.started if (spec := ctl.spec(n)) is not None and spec.ready is not None]
         self._save(rec)
         if not r.marker_left:
             self.forget(seen)
@@ -113,6 +157,8 @@ class Resumer:
         except Exception as e:  # history is for reports; it never fails a backup
             log.warning("history not written: %s", e)
         down = f", down {rec.downtime:.1f} s" if rec.downtime is not None else ""
+        if rec.ready_pending:
+            down = f" (down {rec.downtime:.1f} s to the start; waiting until {', '.join(rec.ready_pending)} ready)" if rec.downtime is not None else ""
         log.info("%s %d: started %s in %.1f s%s", where, vmid, ", ".join(r.started) or "nothing", time.monotonic() - start, down)
         return True
 

@@ -56,12 +56,21 @@ class GuestRecord:
     crash_consistent: bool = False
     problems: list[str] = field(default_factory=list)
     compose: list[str] = field(default_factory=list)  # detected at preflight: pre-stop need not ask again
+    ended: str = ""  # controllers: what to tell them once resumed ("done" after backup-end, "failed" after backup-abort)
+    closed: list[str] = field(default_factory=list)  # controllers that confirmed the job's end (stacks/controller.py)
+    started_at: float | None = None  # when the start returned; with `ready`, resumed_at is when the apps answered
+    ready_pending: list[str] = field(default_factory=list)  # started stacks whose `ready` is still awaited
+    not_ready: list[str] = field(default_factory=list)  # stacks not ready within their ready_timeout (reported, never a failure)
+    app_down_at: float | None = None  # when every stack stopped has `ready`: its first failed check during the stop
 
     @property
     def downtime(self) -> float | None:
-        if self.stop_started is None or self.resumed_at is None:
+        """From the app going down (seen by the stacks' `ready` checks; else when the stop was issued)
+        to the app back (ready; else started)."""
+        start = self.app_down_at if self.app_down_at is not None else self.stop_started
+        if start is None or self.resumed_at is None:
             return None
-        return self.resumed_at - self.stop_started
+        return self.resumed_at - start
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -154,7 +154,9 @@ def _inspect(state: dict[str, Any], args: list[str]) -> int:
             ".State.ExitCode": str(c.get("exit", 0)),
             ".State.OOMKilled": "false",
         }
-        print(_render(fmt, fields, {}))
+        # the healthcheck's status as `{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}` renders it
+        fmt_here = fmt.replace("{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}", c.get("health", "none"))
+        print(_render(fmt_here, fields, {}))
     return status
 
 

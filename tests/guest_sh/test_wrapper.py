@@ -135,6 +135,24 @@ def test_recreated_containers_are_checked_through_the_wrapper(guest: Guest) -> N
     assert not [ln for ln in log_lines(guest) if "REFUSED" in ln], log_lines(guest)
 
 
+def test_healthchecks_are_asked_through_the_wrapper(guest: Guest) -> None:
+    # `ready = { healthy = true }`: the driver asks the containers' health with its own format
+    ids = guest.docker.add_project("db", ("app", "worker"))
+    rec = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), tuple(ids), True, ("app", "worker"))
+    drv = ComposeDriver(WrapperTransport(guest), ("docker", "compose"))
+    state = guest.docker.load()
+    state["projects"]["db"]["containers"][ids[0]]["health"] = "starting"
+    guest.docker.save(state)
+    assert drv.healthy(rec, 30) is False  # one still starting
+    state["projects"]["db"]["containers"][ids[0]]["health"] = "healthy"
+    guest.docker.save(state)
+    assert drv.healthy(rec, 30) is True  # healthy, and the other has no healthcheck
+    assert ["docker", "inspect", "--format", compose_mod.HEALTH_FORMAT, *ids] in guest.docker.argvs()
+    assert not [ln for ln in log_lines(guest) if "REFUSED" in ln], log_lines(guest)
+    p = forced(guest, shlex.join(["docker", "inspect", "--format", compose_mod.HEALTH_FORMAT, "$(id)"]))
+    assert p.returncode == 126
+
+
 def a_marker(vmid: int = 101, tool: str = "vzdump-hook") -> bytes:
     m = Marker(JobId("pve1", "b", 1, 2), vmid, "qemu", "snapshot", 1700000000.0, 1700000060.0, "stopped", ())
     return m.to_json().replace(b'"vzdump-hook"', json.dumps(tool).encode())

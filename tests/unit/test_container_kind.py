@@ -256,7 +256,7 @@ def test_a_container_stack_may_take_its_stop_timeout_once_per_container() -> Non
     g = parse(GUEST + 'max_downtime = 100\nstacks = [{ kind = "container", name = "a", containers = ["x", "y", "z"], stop_timeout = 40 }]\n')
     assert config.warnings(g) == ["guests.101.stop_timeout: a stop may take 120 s, longer than max_downtime (100 s): "
                                   "the guest's recovery may start stacks while the backup still needs them down"]
-    stacks = Stacks(Engine("docker"), g.guests[101])
+    stacks = Stacks(Engine("docker"), g.guests[101], JobId("n", "b", 1, 2))
     rec = StackRecord.container("a", "docker", ("x", "y", "z"), (cid("x"), cid("y"), cid("z")))
     assert stacks.stop_bound(rec, 40) == 120
     assert stacks.stop_bound(StackRecord.systemd("s", ("a.service",)), 40) == 40

@@ -32,6 +32,9 @@ else echo none; fi
 _IN_DIR = 'cd -- "$1" 2>/dev/null || cd /; shift; exec "$@"'
 
 
+HEALTH_FORMAT = "{{.Id}} {{.State.Running}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}"
+
+
 class ComposeDriver:
     """Compose stacks in one guest, reached through `transport`."""
 
@@ -141,6 +144,15 @@ class ComposeDriver:
         res = self.t.run(argv, timeout=timeout)
         running = set(res.stdout.split()) if res.ok else set()
         return set(rec.services) <= running if rec.services else bool(running)
+
+    def healthy(self, rec: StackRecord, timeout: float) -> bool:
+        """Every recorded container with a healthcheck reports healthy (`ready = { healthy = true }`);
+        a container without one counts once it runs."""
+        if not rec.containers:
+            return self._services_up(rec, timeout)
+        res = self.t.run(["docker", "inspect", "--format", HEALTH_FORMAT, *rec.containers], timeout=timeout)
+        seen = [line.split() for line in res.stdout.splitlines()]
+        return res.ok and len(seen) == len(rec.containers) and all(len(w) == 3 and w[1] == "true" and w[2] in ("healthy", "none") for w in seen)
 
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
         states = self._states(rec, timeout)

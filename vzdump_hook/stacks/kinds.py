@@ -1,5 +1,6 @@
 """Every stack kind of one guest behind one face: what runs, stop, start. A record's `kind` picks the
-driver (stacks/compose.py, stacks/systemd.py, stacks/container.py); only the kinds the guest's config uses are asked."""
+driver (stacks/compose.py, stacks/systemd.py, stacks/controller.py, stacks/container.py); only the kinds
+the guest's config uses are asked."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from ..config import Kind
 from .base import Driver, StopOutcome
 from .compose import ComposeDriver
 from .container import ContainerDriver
+from .controller import ControllerDriver
 from .systemd import SystemdDriver
 
 if TYPE_CHECKING:
     from ..config import GuestConfig
+    from ..job import JobId
     from ..marker import StackRecord
     from ..transports.base import Transport
 
@@ -21,12 +24,14 @@ if TYPE_CHECKING:
 class Stacks:
     """The drivers of one guest, reached through `transport`."""
 
-    def __init__(self, transport: Transport, guest: GuestConfig) -> None:
+    def __init__(self, transport: Transport, guest: GuestConfig, job: JobId) -> None:
         self.guest = guest
         self.compose_driver = ComposeDriver(transport, guest.compose_command)
         self.systemd = SystemdDriver(transport)
         self.container = ContainerDriver(transport)
-        self.drivers: dict[Kind, Driver] = {Kind.COMPOSE: self.compose_driver, Kind.SYSTEMD: self.systemd, Kind.CONTAINER: self.container}
+        self.controllers = ControllerDriver(transport, guest, job)
+        self.drivers: dict[Kind, Driver] = {Kind.COMPOSE: self.compose_driver, Kind.SYSTEMD: self.systemd, Kind.CONTAINER: self.container,
+                                            Kind.CONTROLLER: self.controllers}
 
     @property
     def compose(self) -> tuple[str, ...] | None:
@@ -57,6 +62,7 @@ class Stacks:
             found.update(self.systemd.running(specs, deadline - time.monotonic()))
         if any(s.kind is Kind.CONTAINER for s in specs):
             found.update(self.container.running(specs, deadline - time.monotonic()))
+        found.update(self.controllers.running(specs, deadline - time.monotonic()))
         return found
 
     def driver(self, rec: StackRecord) -> Driver:

@@ -15,6 +15,7 @@ _REGISTRY = {
     "ssh": "vzdump_hook.transports.ssh:SshTransport",
     "pct": "vzdump_hook.transports.pct:PctTransport",
     "agent": "vzdump_hook.transports.agent:AgentTransport",
+    "none": "vzdump_hook.transports.none:NoTransport",
 }
 
 
