@@ -260,3 +260,14 @@ def test_a_container_stack_may_take_its_stop_timeout_once_per_container() -> Non
     rec = StackRecord.container("a", "docker", ("x", "y", "z"), (cid("x"), cid("y"), cid("z")))
     assert stacks.stop_bound(rec, 40) == 120
     assert stacks.stop_bound(StackRecord.systemd("s", ("a.service",)), 40) == 40
+
+
+def test_container_stacks_take_the_per_stack_strategies() -> None:
+    from vzdump_hook.config import ReadySpec
+
+    g = parse(GUEST + 'stacks = [{ kind = "container", name = "a", containers = ["db"], group = 2, before_stop = ["sync"],'
+                      ' ready = { command = ["pg_isready"] } }]\n').guests[101]
+    (spec,) = g.stacks or ()
+    assert (spec.group, spec.before_stop, spec.ready, spec.containers) == (2, ("sync",), ReadySpec(command=("pg_isready",)), ("db",))
+    got = problems(GUEST + 'stacks = [{ kind = "container", name = "a", containers = ["db"], ready = { healthy = true } }]\n')
+    assert got and got[0].startswith("guests.101.stacks[0].ready.healthy: only `healthy = true`, and only for compose stacks"), got
