@@ -66,14 +66,17 @@ class Load(threading.Thread):
         self.join(timeout=10)
 
 
-def client_downtime(poller: PgPoller, t0: float, t1: float) -> float:
-    """First failed poll after t0 to the first successful poll after the last failure (nan: none failed)."""
+WALL = time.time() - time.monotonic()  # monotonic -> wall clock (the hook's records are wall clock)
+
+
+def client_window(poller: PgPoller, t0: float, t1: float) -> tuple[float, float]:
+    """(first failed poll after t0, first successful poll after the last failure), wall clock (nan: none failed)."""
     samples = poller.window(t0, t1)
     down = [i for i, (_, ok) in enumerate(samples) if not ok]
     if not down:
-        return float("nan")
+        return float("nan"), float("nan")
     up = next((t for t, ok in samples[down[-1] + 1:] if ok), float("nan"))
-    return up - samples[down[0]][0]
+    return samples[down[0]][0] + WALL, up + WALL
 
 
 def wait_pg(sock: Path, timeout: float = 120) -> None:
@@ -84,8 +87,9 @@ def wait_pg(sock: Path, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
-def one_job(hook: str, env: dict[str, str], run_dir: Path, poller: PgPoller, sock: Path, transfer: float) -> tuple[float, float, str]:
-    """(client-measured downtime, hook-reported downtime, problem) of one LXC snapshot job."""
+def one_job(hook: str, env: dict[str, str], run_dir: Path, poller: PgPoller, sock: Path, transfer: float) -> tuple[float, float, str, float, float]:
+    """(client-measured downtime, hook-reported downtime, problem, hook's start - client's, hook's end -
+    client's) of one LXC snapshot job."""
     shutil.rmtree(run_dir, ignore_errors=True)
     marks: dict[str, float] = {}
 
@@ -96,11 +100,13 @@ def one_job(hook: str, env: dict[str, str], run_dir: Path, poller: PgPoller, soc
     result = run_job(hook, [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=env, transfer_seconds=transfer, timeout=600, on_phase=on_phase)
     wait_pg(sock)
     time.sleep(0.3)  # a few polls past the start
+    nan = float("nan")
     if not result.ok:
-        return float("nan"), float("nan"), f"job {result.status.value}: {result.error}"
+        return nan, nan, f"job {result.status.value}: {result.error}", nan, nan
     rec = json.loads(Path(glob.glob(str(run_dir / "jobs" / "*" / f"guest-{VMID}.json"))[0]).read_text())
-    reported = rec["resumed_at"] - rec["stop_started"] if rec.get("resumed_at") and rec.get("stop_started") else float("nan")
-    return client_downtime(poller, marks["stop"], time.monotonic()), reported, ""
+    start = rec["app_down_at"] if rec.get("app_down_at") is not None else rec["stop_started"]  # as the hook counts it
+    down, up = client_window(poller, marks["stop"], time.monotonic())
+    return up - down, rec["resumed_at"] - start, "", start - down, rec["resumed_at"] - up
 
 
 def write_config(path: Path, tmp: Path, pct: str, stack: dict[str, object]) -> None:
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="runs per variant, alternating; the median is shown (default 3)")
     parser.add_argument("--transfer", type=float, default=3.0, help="simulated archive transfer, seconds (default 3)")
+    parser.add_argument("--variants", default="plain,checkpoint,ready", help="which variants to run (default: plain,checkpoint,ready)")
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the table dirtied before each run (default 2000000, about 250 MB)")
     args = parser.parse_args(argv)
     need_root()
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         project = compose.make_project("strat", {"db": {"kind": "postgres", "command": PG_ARGS}}, workdir=tmp / "p")
         poller: PgPoller | None = None
         load: Load | None = None
-        results: dict[str, list[tuple[float, float, str]]] = {"plain": [], "checkpoint": [], "ready": []}
+        results: dict[str, list[tuple[float, float, str, float, float]]] = {"plain": [], "checkpoint": [], "ready": []}
         try:
             compose.up(project)
             sock = project.socket_dir()
@@ -152,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             poller.start()
             load = Load(sock)
             load.start()
+            chosen = [v for v in args.variants.split(",") if v in stacks]
             for run in range(args.runs):
-                for name in stacks:
+                for name in chosen:
                     # every row dirty in shared_buffers (no checkpoint runs by itself)
                     t0 = time.monotonic()
                     psql(sock, "update t set v = v + 1")
@@ -162,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                     env = {"VZDUMP_HOOK_CONFIG": str(configs[name]), "VZDUMP_HOOK_RUN_DIR": str(run_dir), "VZDUMP_HOOK_STATE_DIR": str(tmp / "state")}
                     m = one_job(hook, env, run_dir, poller, sock, args.transfer)
                     results[name].append(m)
-                    print(f"  {name:10} run {run + 1}: client {m[0]:5.2f} s, hook reports {m[1]:5.2f} s (table dirtied in {dirtied:.1f} s){'  ! ' + m[2] if m[2] else ''}",
-                          flush=True)
+                    print(f"  {name:10} run {run + 1}: client {m[0]:5.2f} s, hook reports {m[1]:5.2f} s (its start {m[3]:+.2f} s, its end {m[4]:+.2f} s "
+                          f"from the client's; table dirtied in {dirtied:.1f} s){'  ! ' + m[2] if m[2] else ''}", flush=True)
         finally:
             if poller is not None:
                 poller.halt()
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
           f"dirtied before each job, write load one INSERT per connection every 20 ms, transfer {args.transfer:g} s; median of {args.runs} run(s)")
     print(f"{'variant':24}  {'client-measured':>15}  {'hook-reported':>13}  {'reported - client':>17}")
     labels = {"plain": "no strategy", "checkpoint": "before_stop = CHECKPOINT", "ready": "ready = pg_isready"}
-    for name in results:
+    for name in [n for n in results if results[n]]:
         print(f"{labels[name]:24}  {med(name, 0):13.2f} s  {med(name, 1):11.2f} s  {med(name, 1) - med(name, 0):+15.2f} s")
     plain, ckpt = med("plain", 0), med("checkpoint", 0)
     print(f"before_stop = CHECKPOINT: client-measured downtime {100 * (1 - ckpt / plain):.0f}% shorter (target: at least 30%)")

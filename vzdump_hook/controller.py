@@ -9,7 +9,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
@@ -32,6 +33,7 @@ T = TypeVar("T")
 STOP_MARGIN = 30.0  # seconds for compose / systemctl itself on top of the stop timeout
 READY_POLL = 0.1  # seconds between two looks at whether a started stack is ready
 READY_PROBE = 5.0  # bound of one look
+READY_INFLIGHT = 2  # looks under way at once: a look's own start-up (a process in the guest) does not add to the wait
 
 
 def _left(deadline: float, cap: float | None = None) -> float:
@@ -79,6 +81,19 @@ class Resume:
     marker_left: bool = False  # a marker is still in the guest (an invalid one, or one listing what failed)
 
 
+class _ReadyWatch:
+    """The looks at one stack's `ready` (GuestController._watch_ready): `seen` once one succeeded."""
+
+    def __init__(self) -> None:
+        self.seen: float | None = None
+        self.cancelled = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def join(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
 class GuestController:
     """One guest, one phase. Connects lazily; close() when done."""
 
@@ -87,6 +102,7 @@ class GuestController:
         self.job = job
         self.t = transport if transport is not None else open_transport(guest)
         self.driver = Stacks(self.t, guest, job)
+        self._ready_watch: dict[str, _ReadyWatch] = {}  # stacks started here whose `ready` is being looked at
 
     def close(self) -> None:
         self.driver.controllers.close_carriers()
@@ -211,7 +227,7 @@ class GuestController:
         outcomes = self._stop_all(to_stop, deadline, down)
         ended = time.time()
         # with `ready` on every stack, the app's downtime starts when the check first failed
-        # (a stack whose check never failed during its stop: the last time it answered, else the stop's start)
+        # (a stack whose check never failed during its stop: the stop's start, the longest it may have been down)
         down_at = min((down.get(s.name, started) for s in to_stop), default=None) if all(self._has_ready(s) for s in to_stop) else None
         # no rewrite to "stopped" here: the marker already lists every stack, and a write would be
         # one more round trip between the stop and the backup's point in time
@@ -256,34 +272,19 @@ class GuestController:
         `down` gets the time of its first failure (the moment the app stopped answering)."""
         def stop(rec: StackRecord) -> StopOutcome:
             st = self.guest.stop_timeout_of(rec.name)
-            spec = self.spec(rec.name)
             bound = _left(deadline, self.driver.stop_bound(rec, st) + STOP_MARGIN)
-            if down is None or spec is None or spec.ready is None:
+            if down is None or not self._has_ready(rec):
                 return self.driver.stop(rec, st, bound)
-            done = threading.Event()
-            watcher = threading.Thread(target=self._watch_down, args=(rec, spec.ready, done, down), daemon=True)
-            watcher.start()
+            watch = self._watch_ready(rec, deadline, want=False)
             try:
                 return self.driver.stop(rec, st, bound)
             finally:
-                done.set()
-                watcher.join(READY_POLL)  # a check under way is not waited for: the stop's end stands in
+                watch.join(READY_POLL)  # a look under way is not waited for long
+                watch.cancelled.set()
+                if watch.seen is not None:
+                    down[rec.name] = watch.seen
 
         return self._each(stop, self.groups(stacks))
-
-    def _watch_down(self, rec: StackRecord, ready: ReadySpec, done: threading.Event, down: dict[str, float]) -> None:
-        """down[name]: when the check first failed; while none has, when it last answered."""
-        while not done.is_set():
-            try:
-                ok = self._ready_once(rec, ready, READY_PROBE)
-            except (HookError, OSError):
-                ok = False
-            if done.is_set():
-                return  # after the stop's end: what is recorded stands
-            down[rec.name] = time.time()
-            if not ok:
-                return
-            done.wait(READY_POLL)
 
     def resume(self, deadline: float, fallback: tuple[StackRecord, ...] = ()) -> Resume:
         """Start every stack the marker lists (reverse stop order), then remove the marker.
@@ -339,37 +340,72 @@ class GuestController:
     def _start_all(self, stacks: tuple[StackRecord, ...], deadline: float) -> list[tuple[str, str]]:
         """Start `stacks` (given in stop order) in the reverse order: the last group first."""
         def start(rec: StackRecord) -> tuple[str, str]:
+            if self._has_ready(rec):  # the app may answer before the start command returns
+                self._ready_watch[rec.name] = self._watch_ready(rec, deadline)
             try:
                 self.driver.start(rec, _left(deadline, self.guest.command_timeout))
                 return rec.name, ""
             except HookError as e:
+                if (watch := self._ready_watch.pop(rec.name, None)) is not None:
+                    watch.cancelled.set()
                 return rec.name, str(e)
 
         return self._each(start, [tuple(reversed(g)) for g in reversed(self.groups(stacks))])
 
     def await_ready(self, stacks: tuple[StackRecord, ...], deadline: float) -> dict[str, float | None]:
         """Wait until each stack's `ready` says its app is back, each within its ready_timeout, all
-        at once. name -> when it was first seen ready (wall clock), or None when not in time."""
+        at once. name -> when it was first seen ready (wall clock), or None when not in time. The
+        looks began with the stack's start when this controller started it (_start_all)."""
 
         def one(rec: StackRecord) -> float | None:
-            spec = self.spec(rec.name)
-            if spec is None or spec.ready is None:
-                return time.time()
-            until = min(deadline, time.monotonic() + spec.ready_timeout)
-            while True:
-                try:
-                    if self._ready_once(rec, spec.ready, min(READY_PROBE, until - time.monotonic())):
-                        return time.time()
-                except (HookError, OSError) as e:
-                    log.debug("ready %s %s: %s", self.name, rec.name, e)
-                if time.monotonic() + READY_POLL >= until:
-                    return None
-                time.sleep(READY_POLL)
+            watch = self._ready_watch.pop(rec.name, None)
+            if watch is None:
+                watch = self._watch_ready(rec, deadline)
+            watch.join(max(0.0, deadline - time.monotonic()))
+            return watch.seen
 
         if len(stacks) == 1:
             return {stacks[0].name: one(stacks[0])}
         with ThreadPoolExecutor(max_workers=min(8, len(stacks))) as pool:
             return dict(zip((s.name for s in stacks), pool.map(one, stacks), strict=True))
+
+    def _watch_ready(self, rec: StackRecord, deadline: float, want: bool = True) -> _ReadyWatch:
+        """Look whether `rec`'s app answers, in a thread of its own, from now on: a look every
+        READY_POLL s, up to READY_INFLIGHT at once, until one answers `want` (True: the app is back;
+        False: it went down) or its ready_timeout runs out."""
+        spec = self.spec(rec.name)
+        watch = _ReadyWatch()
+        if spec is None or spec.ready is None:
+            watch.seen = time.time()
+            return watch
+        ready, until = spec.ready, min(deadline, time.monotonic() + spec.ready_timeout)
+
+        def look() -> bool:
+            try:
+                return self._ready_once(rec, ready, min(READY_PROBE, until - time.monotonic()))
+            except (HookError, OSError) as e:
+                log.debug("ready %s %s: %s", self.name, rec.name, e)
+                return False
+
+        def run() -> None:
+            pool = ThreadPoolExecutor(max_workers=READY_INFLIGHT)
+            running: set[Future[bool]] = set()
+            try:
+                next_look = time.monotonic()
+                while time.monotonic() < until and not watch.cancelled.is_set():
+                    if len(running) < READY_INFLIGHT and time.monotonic() >= next_look:
+                        running.add(pool.submit(look))
+                        next_look = time.monotonic() + READY_POLL
+                    finished, running = futures_wait(running, timeout=max(0.0, min(next_look, until) - time.monotonic()), return_when=FIRST_COMPLETED)
+                    if any(f.result() is want for f in finished):
+                        watch.seen = time.time()
+                        return
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+        watch.thread = threading.Thread(target=run, daemon=True, name=f"ready-{rec.name}")
+        watch.thread.start()
+        return watch
 
     def _ready_once(self, rec: StackRecord, ready: ReadySpec, timeout: float) -> bool:
         if timeout <= 0:
