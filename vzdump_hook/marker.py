@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Kind, valid_stack_name, valid_unit, valid_user
+from .config import ENGINES, MAX_CONTAINERS, Kind, valid_container_name, valid_stack_name, valid_unit, valid_user
 from .errors import MarkerError
 from .job import JobId
 
@@ -25,6 +25,7 @@ TOOL = "vzdump-hook"
 MAX_SIZE = 64 * 1024
 ALLOWED_COMPOSE = (("docker", "compose"), ("docker-compose",))
 _CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
+_FULL_ID = re.compile(r"[0-9a-f]{64}")  # container stacks record full ids (the wrapper accepts no other)
 _SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # a socket or timer that triggers a listed service: held down for the window (stacks/systemd.py)
 _TRIGGER = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,240}\.(socket|timer)")
@@ -46,11 +47,18 @@ class StackRecord:
     units: tuple[str, ...] = ()  # systemd: the service units that were active (stop order)
     triggers: tuple[str, ...] = ()  # systemd: sockets and timers that were active, stopped first
     user: str = ""  # systemd: "" system units, else the user whose --user units they are
+    engine: str = ""  # container: "docker" or "podman"
+    names: tuple[str, ...] = ()  # container: the names of the containers that ran (containers: their ids)
     job: str = ""  # controller: the job it was told to quiesce (its later messages name the same job)
 
     @classmethod
     def systemd(cls, name: str, units: tuple[str, ...], triggers: tuple[str, ...] = (), stopped: bool = False, user: str = "") -> StackRecord:
         return cls(name, (), "", (), (), stopped, kind=Kind.SYSTEMD, units=units, triggers=triggers, user=user)
+
+    @classmethod
+    def container(cls, name: str, engine: str, names: tuple[str, ...], ids: tuple[str, ...], stopped: bool = False) -> StackRecord:
+        """Plain containers that ran, in stop order: `names[i]` is the container with id `ids[i]`."""
+        return cls(name, (), "", (), ids, stopped, kind=Kind.CONTAINER, engine=engine, names=names)
 
     @classmethod
     def controller(cls, name: str, job: str, stopped: bool = False) -> StackRecord:
@@ -59,6 +67,8 @@ class StackRecord:
         return cls(name, (), "", (), (), stopped, kind=Kind.CONTROLLER, job=job)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.kind is Kind.CONTAINER:
+            return {"name": self.name, "driver": "container", "engine": self.engine, "names": list(self.names), "containers": list(self.containers), "stopped": self.stopped}
         if self.kind is Kind.CONTROLLER:
             return {"name": self.name, "driver": "controller", "job": self.job, "stopped": self.stopped}
         if self.kind is Kind.SYSTEMD:
@@ -205,6 +215,15 @@ def _stack(d: Any, i: int) -> StackRecord:
         if user and (not valid_user(user) or user == "root"):
             raise MarkerError(f"marker: {where}user {user[:40]!r} is not a user name")
         return StackRecord.systemd(name, units, triggers, stopped, user)
+    if driver == "container":
+        engine = _req(d, "engine", str, where)
+        if engine not in ENGINES:
+            raise MarkerError(f"marker: {where}engine must be one of {ENGINES}")
+        names = _strings(d, "names", where, valid_container_name, "container names")
+        ids = _strings(d, "containers", where, _FULL_ID.fullmatch, "full container ids (64 hex digits)")
+        if not ids or len(ids) > MAX_CONTAINERS or len(names) != len(ids):
+            raise MarkerError(f"marker: {where}containers must list 1-{MAX_CONTAINERS} ids, one per name")
+        return StackRecord.container(name, engine, names, ids, _req(d, "stopped", bool, where))
     if driver != "compose":
         raise MarkerError(f"marker: {where}driver {driver[:20]!r} unknown")
     compose = tuple(_req(d, "compose", list, where))
@@ -222,6 +241,8 @@ def _stack(d: Any, i: int) -> StackRecord:
 
 def record_from_dict(d: dict[str, Any]) -> StackRecord:
     """A StackRecord from its to_dict() form, as the host state keeps it (trusted: written by us)."""
+    if d.get("driver") == "container":
+        return StackRecord.container(d["name"], d["engine"], tuple(d["names"]), tuple(d["containers"]), d["stopped"])
     if d.get("driver") == "controller":
         return StackRecord.controller(d["name"], d["job"], d["stopped"])
     if d.get("driver") == "systemd":

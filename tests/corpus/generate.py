@@ -59,12 +59,23 @@ RAW = layout(doc())
 SYSTEMD_STACK: dict[str, Any] = {"name": "db", "driver": "systemd", "units": ["db.service"], "triggers": ["db.socket"], "stopped": True}
 
 
-def systemd(**over: Any) -> bytes:
-    """The marker with its stack a systemd one (SYSTEMD_STACK), keys replaced (DELETE: removed)."""
+CONTAINER_STACK: dict[str, Any] = {"name": "db", "driver": "container", "engine": "docker", "names": ["db-app"], "containers": [CID], "stopped": True}
+
+
+def with_stack(base: dict[str, Any], **over: Any) -> bytes:
+    """The marker with its stack `base` (SYSTEMD_STACK, CONTAINER_STACK), keys replaced (DELETE: removed)."""
     d = doc()
-    stack = {**SYSTEMD_STACK, **over}
+    stack = {**base, **over}
     d["stacks"] = [{k: v for k, v in stack.items() if v is not DELETE}]
     return layout(d)
+
+
+def systemd(**over: Any) -> bytes:
+    return with_stack(SYSTEMD_STACK, **over)
+
+
+def container(**over: Any) -> bytes:
+    return with_stack(CONTAINER_STACK, **over)
 
 
 def raw_number(key: bytes, text: bytes) -> bytes:
@@ -183,7 +194,7 @@ CASES: dict[str, tuple[bytes, str | None]] = {
     "service-space": (with_("stacks.0.services", ["app worker"]), r"stacks\[0\]\.services"),
     "service-dash-first": (with_("stacks.0.services", ["-rm"]), r"stacks\[0\]\.services"),
     "service-too-long": (with_("stacks.0.services", ["a" * 129]), r"stacks\[0\]\.services"),
-    # the stack's kind (driver): compose when missing, else compose or systemd
+    # the stack's kind (driver): compose when missing, else compose, systemd or container
     "driver-int": (with_("stacks.0.driver", 1), r"stacks\[0\]\.driver"),
     "driver-unknown": (with_("stacks.0.driver", "podman"), r"stacks\[0\]\.driver"),
     "driver-systemd-with-compose-keys": (with_("stacks.0.driver", "systemd"), r"stacks\[0\]\.units"),
@@ -209,6 +220,26 @@ CASES: dict[str, tuple[bytes, str | None]] = {
     "user-option": (systemd(user="-alice"), r"stacks\[0\]\.user"),
     "user-space": (systemd(user="al ice"), r"stacks\[0\]\.user"),
     "user-too-long": (systemd(user="a" * 33), r"stacks\[0\]\.user"),
+    # kind container: the engine, and the containers that ran (names and full ids, one id per name)
+    "ctr-engine-missing": (container(engine=DELETE), r"stacks\[0\]\.engine"),
+    "ctr-engine-unknown": (container(engine="lxc"), r"stacks\[0\]\.engine"),
+    "ctr-engine-int": (container(engine=1), r"stacks\[0\]\.engine"),
+    "ctr-engine-argv": (container(engine=["docker"]), r"stacks\[0\]\.engine"),
+    "ctr-names-missing": (container(names=DELETE), r"stacks\[0\]\.names"),
+    "ctr-names-string": (container(names="db-app"), r"stacks\[0\]\.names"),
+    "ctr-name-option": (container(names=["-rm"]), r"stacks\[0\]\.names"),
+    "ctr-name-space": (container(names=["db app"]), r"stacks\[0\]\.names"),
+    "ctr-name-semicolon": (container(names=["db;reboot"]), r"stacks\[0\]\.names"),
+    "ctr-name-too-long": (container(names=["a" * 129]), r"stacks\[0\]\.names"),
+    "ctr-ids-missing": (container(containers=DELETE), r"stacks\[0\]\.containers"),
+    "ctr-id-short": (container(containers=[CID[:12]]), r"stacks\[0\]\.containers"),
+    "ctr-id-upper": (container(containers=[CID.upper()]), r"stacks\[0\]\.containers"),
+    "ctr-id-name": (container(containers=["db-app"]), r"stacks\[0\]\.containers"),
+    "ctr-fewer-ids-than-names": (container(names=["db-app", "db-web"]), r"stacks\[0\]\.containers"),
+    "ctr-empty": (container(names=[], containers=[]), r"stacks\[0\]\.containers"),
+    "ctr-too-many": (container(names=[f"c{i}" for i in range(65)], containers=[f"{i:064x}" for i in range(65)]), r"stacks\[0\]\.containers"),
+    "ctr-stopped-missing": (container(stopped=DELETE), r"stacks\[0\]\.stopped"),
+    "ctr-stopped-string": (container(stopped="true"), r"stacks\[0\]\.stopped"),
 }
 
 

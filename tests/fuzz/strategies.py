@@ -7,7 +7,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tests.corpus.generate import SYSTEMD_STACK, doc
+from tests.corpus.generate import CONTAINER_STACK, SYSTEMD_STACK, doc
 
 # any JSON value, NaN and Infinity included (Python's json writes them as bare words)
 json_values = st.recursive(
@@ -31,11 +31,12 @@ def _paths(d: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 @st.composite
 def mutated_docs(draw: st.DrawFn) -> dict[str, Any]:
-    """A valid marker document (its stack of kind compose or systemd) with 0 to 3 values replaced (or
-    keys removed)."""
+    """A valid marker document (its stack of kind compose, systemd or container) with 0 to 3 values
+    replaced (or keys removed)."""
     d = doc()
-    if draw(st.booleans()):
-        d["stacks"] = [json.loads(json.dumps(SYSTEMD_STACK))]
+    kind = draw(st.sampled_from(["compose", "systemd", "container"]))
+    if kind != "compose":
+        d["stacks"] = [json.loads(json.dumps(SYSTEMD_STACK if kind == "systemd" else CONTAINER_STACK))]
     for _ in range(draw(st.integers(0, 3))):
         paths = [p for p in _paths(d) if p]
         if not paths:

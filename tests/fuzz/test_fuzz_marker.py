@@ -14,11 +14,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.corpus.generate import SYSTEMD_STACK, doc, layout
+from tests.corpus.generate import CID, SYSTEMD_STACK, container, doc, layout
 from tests.fuzz.profile import budget
 from tests.fuzz.strategies import marker_bytes
 from vzdump_hook import marker as markers
-from vzdump_hook.config import Kind, valid_stack_name, valid_unit
+from vzdump_hook.config import ENGINES, Kind, valid_container_name, valid_stack_name, valid_unit
 from vzdump_hook.errors import MarkerError
 
 RECOVER = Path(__file__).resolve().parents[2] / "examples" / "guest" / "vzdump-hook-recover"
@@ -39,6 +39,10 @@ def node_verdict(data: bytes) -> markers.Marker | None:
         if s.kind is Kind.SYSTEMD:
             assert 1 <= len(s.units) <= 32 and all(valid_unit(u) for u in s.units)
             assert all(type(t) is str and t.endswith((".socket", ".timer")) for t in s.triggers)
+            continue
+        if s.kind is Kind.CONTAINER:
+            assert s.engine in ENGINES and 1 <= len(s.containers) == len(s.names) <= 64
+            assert all(valid_container_name(n) for n in s.names) and all(re.fullmatch(r"[0-9a-f]{64}", c) for c in s.containers)
             continue
         assert s.compose in markers.ALLOWED_COMPOSE and s.workdir.startswith("/")
         assert all(type(x) is str for x in (*s.files, *s.containers, *s.services))
@@ -121,9 +125,26 @@ SYSTEMD_BOUNDS = {
 }
 
 
+# container stacks at the bounds both parsers must draw in the same place
+CONTAINER_BOUNDS = {
+    "podman": (container(engine="podman"), True),
+    "longest-name": (container(names=["a" * 128]), True),
+    "name-one-longer": (container(names=["a" * 129]), False),
+    "shortest-name": (container(names=["a"]), True),
+    "name-dots": (container(names=["db.app_1-x"]), True),
+    "64-containers": (container(names=[f"c{i}" for i in range(64)], containers=[f"{i:064x}" for i in range(64)]), True),
+    "65-containers": (container(names=[f"c{i}" for i in range(65)], containers=[f"{i:064x}" for i in range(65)]), False),
+    "id-63": (container(containers=[CID[:63]]), False),
+    "id-65": (container(containers=[CID + "0"]), False),
+    "more-ids-than-names": (container(containers=[CID, CID[::-1]]), False),
+}
+
+BOUNDS = {**{f"systemd-{k}": v for k, v in SYSTEMD_BOUNDS.items()}, **{f"container-{k}": v for k, v in CONTAINER_BOUNDS.items()}}
+
+
 @pytest.mark.parametrize("awk", sorted(AWKS))
-@pytest.mark.parametrize("case", sorted(SYSTEMD_BOUNDS))
-def test_both_parsers_draw_the_systemd_bounds_in_the_same_place(case: str, awk: str, tmp_path: Path) -> None:
-    data, valid = SYSTEMD_BOUNDS[case]
+@pytest.mark.parametrize("case", sorted(BOUNDS))
+def test_both_parsers_draw_the_bounds_of_each_kind_in_the_same_place(case: str, awk: str, tmp_path: Path) -> None:
+    data, valid = BOUNDS[case]
     assert (node_verdict(data) is not None) == valid
     assert awk_verdict(AWKS[awk], data, tmp_path) == valid

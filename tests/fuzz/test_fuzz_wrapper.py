@@ -18,6 +18,7 @@ from tests.guest_sh.conftest import SHELLS, WRAPPER, Guest, make_guest
 from tests.guest_sh.fakedocker import cid
 from vzdump_hook.config import valid_stack_name
 from vzdump_hook.stacks import compose as compose_mod
+from vzdump_hook.stacks import container as container_mod
 from vzdump_hook.transports import base
 from vzdump_hook.transports.base import sh
 
@@ -30,6 +31,10 @@ INSPECT = "{{.Id}} {{.State.Running}} {{.State.Restarting}} {{.State.ExitCode}}"
 SERVICES = '{{.Label "com.docker.compose.service"}}'
 LIST = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running", "--format", compose_mod._LIST_FORMAT]
 CLIS = (("docker", "compose"), ("docker-compose",))
+# container stacks: one container by name (db's worker), and web's containers by a label
+CONTAINERS, LABELS = ["db-worker-1"], ["com.docker.compose.project=web"]
+CONTAINER_IDS = [cid("db", 1), cid("web", 0)]
+ENGINES = ("docker", "podman")
 
 
 def _digits(w: str, n: int) -> bool:
@@ -64,14 +69,31 @@ def hook_sends(argv: list[str], marker: str) -> bool:
                 if tail[:2] == ["stop", "-t"] and len(tail) == 3:
                     return _digits(tail[2], 6)
                 return tail[:1] == ["start"] and all(s in svcs for s in tail[1:])
+    if argv == sh(container_mod.DETECT):
+        return True
+    if argv[:1] and argv[0] in ENGINES and argv[1:2] == ["container"]:
+        return container_sends(argv[2:])
     if len(argv) in (2, 3) and argv[1] == "status" and re.fullmatch(r"(.*/)?vzdump-hook-wrapper", argv[0]):
         return all(re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", w) for w in argv)
     return False
 
 
+def container_sends(rest: list[str]) -> bool:
+    """True when `ENGINE container REST` is a command line of the container kind for this guest."""
+    listing = ["ls", "--no-trunc", "--filter", "status=running"]
+    if rest in ([*listing, "--format", container_mod.LIST_FORMAT], *([*listing, "--filter", f"label={lb}", "--format", container_mod.LIST_FORMAT] for lb in LABELS)):
+        return True
+    if rest[:3] == ["inspect", "--format", container_mod.INSPECT_FORMAT]:
+        return bool(rest[3:]) and all(i in CONTAINER_IDS for i in rest[3:])
+    if rest[:2] == ["stop", "-t"] and len(rest) == 4:
+        return _digits(rest[2], 6) and rest[3] in CONTAINER_IDS
+    return len(rest) == 2 and rest[0] == "start" and rest[1] in CONTAINER_IDS
+
+
 EVIL = ["; id", "$(id)", "`id`", "\nid", "id", "-v", "--privileged", "-H", "tcp://evil", "/tmp/evil", "/srv/db/../../etc", "db", "DB", "db ",
         "\uff44b", "d\u200bb", "\u2028", "..", "*", "'", '"', "\\", "-t", "start", "stop", "down", "exec", "run", "-f", "-p", "0", "9" * 12,
-        "/srv/db", "/srv/web/over ride.yaml", "app", "worker", cid("db", 0), cid("db", 0)[:12], "ab" * 32, cid("nope", 0), "status"]
+        "/srv/db", "/srv/web/over ride.yaml", "app", "worker", cid("db", 0), cid("db", 0)[:12], "ab" * 32, cid("nope", 0), "status",
+        "container", "podman", "rm", "ls", "-a", "label=com.docker.compose.project=db", "label=com.docker.compose.project"]
 
 
 @st.composite
@@ -88,7 +110,18 @@ def base_argvs(draw: st.DrawFn, marker: str) -> list[str]:
         ["docker", "inspect", "--format", INSPECT, *ids], ["docker", "stop", "-t", num, *ids], ["docker", "start", *ids],
         [*compose_head, "stop", "-t", num], [*compose_head, "start", *draw(st.lists(st.sampled_from(svcs), max_size=2))],
         ["/usr/local/sbin/vzdump-hook-wrapper", "status", "/etc/vzdump-hook/guest.conf"],
+        *container_argvs(draw, num, ids),
     ]))
+
+
+def container_argvs(draw: st.DrawFn, num: str, ids: list[str]) -> list[list[str]]:
+    """The container kind's command lines (transports as the driver sends them), on a drawn engine."""
+    e = draw(st.sampled_from(ENGINES))
+    ids = [*ids, *draw(st.lists(st.sampled_from(CONTAINER_IDS), max_size=2))]
+    label = draw(st.sampled_from([*LABELS, "com.docker.compose.project=db"]))
+    return [sh(container_mod.DETECT), container_mod.list_argv(e), container_mod.list_argv(e, label),
+            [e, "container", "inspect", "--format", container_mod.INSPECT_FORMAT, *ids],
+            [e, "container", "stop", "-t", num, ids[-1]], [e, "container", "start", ids[-1]]]
 
 
 @st.composite
@@ -120,7 +153,8 @@ def test_the_wrapper_accepts_only_the_hooks_lines(shell: str, tmp_path_factory: 
     g: Guest = make_guest(shell, tmp_path_factory.mktemp(f"wrapper-{shell}"), busybox_bin)
     for name, (wd, files, svcs) in PROJECTS.items():
         g.docker.add_project(name, svcs, workdir=wd, files=list(files))
-    g.write_conf(MARKER=str(g.marker), LOG=str(g.root / "wrapper.log"), ROOT=str(g.root))
+    g.write_conf(MARKER=str(g.marker), LOG=str(g.root / "wrapper.log"), ROOT=str(g.root), KINDS="compose container",
+                 CONTAINERS=" ".join(CONTAINERS), CONTAINER_LABELS=" ".join(LABELS))
     marker = str(g.marker)
     seen = {True: 0, False: 0}
 

@@ -13,6 +13,9 @@ Understood (everything else exits 125 with "fake docker: unsupported"):
     docker ps [-a] [-q] [--no-trunc] [--filter label=K[=V]] [--filter status=running] [--format FMT]
     docker inspect --format FMT ID...                       ids may be prefixes, as docker allows
     docker stop [-t N] ID... | docker start ID...
+    docker container ls|inspect|stop|start ...              as ps, inspect, stop, start
+Installed as ``podman`` too (the same engine: the container kind's commands are the same words). A
+container's name is PROJECT-SERVICE-1, as compose v2 names it.
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ def _ps(state: dict[str, Any], args: list[str]) -> int:
                 print(f"fake docker: ps: unsupported filter {flt}", file=sys.stderr)
                 return 125
         if ok:
-            out.append(cid if quiet else _render(fmt, {".ID": cid}, labels))
+            out.append(cid if quiet else _render(fmt, {".ID": cid, ".Names": f"{name}-{c['service']}-1"}, labels))
     sys.stdout.write("".join(line + "\n" for line in out))
     return 0
 
@@ -149,6 +152,7 @@ def _inspect(state: dict[str, Any], args: list[str]) -> int:
             ".State.Running": "true" if c["running"] else "false",
             ".State.Restarting": "true" if c.get("restarting") else "false",
             ".State.ExitCode": str(c.get("exit", 0)),
+            ".State.OOMKilled": "false",
         }
         # the healthcheck's status as `{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}` renders it
         fmt_here = fmt.replace("{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}", c.get("health", "none"))
@@ -227,6 +231,8 @@ def main(argv: list[str]) -> int:
         if not args:
             return 125
         verb, rest = args[0], args[1:]
+        if verb == "container" and rest and rest[0] in ("ls", "inspect", "stop", "start"):
+            verb, rest = {"ls": "ps"}.get(rest[0], rest[0]), rest[1:]
         if verb in ("version", "info"):
             return 0
         if verb == "compose":
@@ -266,7 +272,7 @@ class FakeDocker:
     def install(cls, root: Path, bin_dir: Path) -> FakeDocker:
         bin_dir.mkdir(parents=True, exist_ok=True)
         body = Path(__file__).read_text()
-        for name in ("docker", "docker-compose"):
+        for name in ("docker", "docker-compose", "podman"):
             exe = bin_dir / name
             exe.write_text(f"#!{sys.executable}\n{body}")
             exe.chmod(0o755)

@@ -538,3 +538,32 @@ def test_a_stack_of_no_existing_project_cannot_name_another_projects_container(g
     rec = StackRecord("evil", ("docker", "compose"), "/srv/evil", (), (cid("db", 0),), True, ())
     _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100), f"container {cid('db', 0)[:12]} is not one of that project")
     assert guest.docker.running() == {"db": False}
+
+
+# -- container stacks ---------------------------------------------------------------------------------
+
+
+def test_container_stacks_start_one_by_one_last_stopped_first_and_only_allowed_ones(guest: Guest) -> None:
+    guest.write_conf(MARKER=str(guest.marker), VMID=str(VMID), DEADLINE_GRACE="0", WAIT_DOCKER="1",
+                     CONTAINERS="db-app-1 db-worker-1", CONTAINER_LABELS="com.docker.compose.project=web")
+    guest.docker.add_project("db", ("app", "worker"), running=False)
+    guest.docker.add_project("web", ("app",), running=False)
+    guest.docker.add_project("other", ("app",), running=False)
+    app = StackRecord.container("app", "docker", ("db-app-1", "db-worker-1"), (cid("db", 0), cid("db", 1)), stopped=True)
+    web = StackRecord.container("web", "podman", ("web-app-1",), (cid("web", 0),), stopped=True)  # (the stand-in is podman too)
+    put(guest, marker_bytes((app, web), deadline_in=10, written_ago=20))
+    code, out = recover(guest)
+    assert code == 0 and "started web, app; marker removed" in out, out
+    assert guest.docker.running() == {"db": True, "web": True, "other": False}
+    starts = [a for a in guest.docker.argvs() if "start" in a]
+    assert starts == [["podman", "container", "start", cid("web", 0)], ["docker", "container", "start", cid("db", 1)],
+                      ["docker", "container", "start", cid("db", 0)]]
+    # a marker naming a container the settings do not allow: nothing started, the marker kept
+    guest.docker.set_running("db", False)
+    other = StackRecord.container("app", "docker", ("db-app-1", "other-app-1"), (cid("db", 0), cid("other", 0)), stopped=True)
+    data = marker_bytes((other,), deadline_in=10, written_ago=20)
+    put(guest, data)
+    before = len(guest.docker.calls())
+    code, out = recover(guest)
+    assert code == 2 and "is not one that CONTAINERS or CONTAINER_LABELS" in out, out
+    assert no_changing_calls(guest.docker.argvs()[before:]) and guest.marker.read_bytes() == data

@@ -392,3 +392,33 @@ def test_a_compose_file_in_the_markers_directory_is_refused(guest: Guest) -> Non
         p = forced(guest, cmd)
         assert p.returncode == 126 and b"marker's directory" in p.stderr, p.stderr
     assert no_changing_calls(guest.docker.argvs())
+
+
+def test_container_stacks_through_the_wrapper(guest: Guest) -> None:
+    guest.write_conf(MARKER=str(guest.marker), LOG=str(guest.root / LOG_NAME), ROOT=str(guest.root), KINDS="container",
+                     CONTAINERS="db-worker-1 db-app-1", CONTAINER_LABELS="com.docker.compose.project=web")
+    guest.docker.add_project("db", ("app", "worker"))
+    guest.docker.add_project("web", ("app",))
+    guest.docker.add_project("other", ("app",))
+    cfg = configuration.validate_guest(101, {"ssh": {"host": "192.0.2.1"}, "marker_path": str(guest.marker), "stop_timeout": 7, "stacks": [
+        {"kind": "container", "name": "db", "containers": ["db-worker-1", "db-app-1"]},
+        {"kind": "container", "name": "web", "label": "com.docker.compose.project=web", "engine": "podman"}]})
+    ctl = GuestController(cfg, JobId("pve1", "b", 1, 2), transport=WrapperTransport(guest))
+    deadline = time.monotonic() + 60
+    q = ctl.quiesce("qemu", "snapshot", deadline)
+    assert [s.containers for s in q.stacks] == [(cid("db", 1), cid("db", 0)), (cid("web", 0),)] and not q.errors, q
+    assert guest.docker.running() == {"db": False, "web": False, "other": True}
+    r = ctl.resume(deadline)
+    assert r.started == ("web", "db") and r.marker_removed, r.problems
+    assert guest.docker.running() == {"db": True, "web": True, "other": True}
+    lines = log_lines(guest)
+    assert not [ln for ln in lines if "REFUSED" in ln], lines
+    assert [ln.split("allowed: ")[1] for ln in lines if " container stop " in ln or " container start " in ln] == [
+        f"docker container stop {cid('db', 1)}", f"docker container stop {cid('db', 0)}", f"podman container stop {cid('web', 0)}",
+        f"podman container start {cid('web', 0)}", f"docker container start {cid('db', 0)}", f"docker container start {cid('db', 1)}"]
+    other = cid("other", 0)
+    for command in (f"docker container stop -t 5 {other}", f"podman container start {other}", f"docker stop -t 5 {cid('db', 0)}",
+                    "docker container ls --no-trunc --filter status=running --filter label=com.docker.compose.project=other --format '{{.ID}}\t{{.Names}}'"):
+        p = forced(guest, command)
+        assert p.returncode == 126 and b"refused" in p.stderr, (command, p.stderr)
+    assert guest.docker.running()["other"]

@@ -5,7 +5,8 @@ plain container (`docker run`, no compose labels).
 
 Found here and documented in the README: `docker stop` marks the container as stopped by hand, and the
 engine's restart manager leaves such a container alone (`always` brings it back only when dockerd
-itself starts again; `unless-stopped` not even then).
+itself starts again; `unless-stopped` not even then). The same through the hook's `container` kind,
+on docker and podman: tests/integration/test_container_kind.py.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def docker(*args: str, timeout: float = 60) -> str:
 
 
 def state(name: str) -> tuple[bool, int, int]:
-    """(running, restart count, main pid)."""
-    running, count, pid = docker("inspect", "--format", "{{.State.Running}} {{.RestartCount}} {{.State.Pid}}", name).split()
-    return running == "true", int(count), int(pid)
+    """(running, restart count, main pid); running is false while the engine waits to restart it (it says
+    Running and Restarting then)."""
+    running, restarting, count, pid = docker("inspect", "--format", "{{.State.Running}} {{.State.Restarting}} {{.RestartCount}} {{.State.Pid}}", name).split()
+    return running == "true" and restarting == "false", int(count), int(pid)
 
 
 @pytest.fixture(params=["always", "unless-stopped", "on-failure"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,6 +22,18 @@ class StopOutcome:
     @property
     def clean(self) -> bool:
         return not self.killed and not self.error
+
+
+def timed_stop(name: str, timeout: float, stop: Callable[[float], tuple[tuple[str, ...], str]]) -> StopOutcome:
+    """The outcome of `stop(deadline)`, which returns (killed, error), with the seconds it took. An
+    exception it raises (transport errors included) becomes the outcome's error: a stop never raises,
+    so that the caller can apply the guest's policy."""
+    start = time.monotonic()
+    try:
+        killed, error = stop(start + timeout)
+    except Exception as e:  # the outcome is what matters here
+        return StopOutcome(name, time.monotonic() - start, (), str(e))
+    return StopOutcome(name, time.monotonic() - start, killed, error)
 
 
 class Driver(Protocol):

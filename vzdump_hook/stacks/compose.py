@@ -15,7 +15,7 @@ from ..config import Kind, valid_stack_name
 from ..errors import ControllerError
 from ..marker import ALLOWED_COMPOSE, StackRecord
 from ..transports.base import Transport, sh
-from .base import StopOutcome
+from .base import StopOutcome, timed_stop
 
 KILLED = 137  # 128 + SIGKILL: compose's stop timeout ran out and docker killed the container
 _ID = re.compile(r"[0-9a-f]{64}")
@@ -100,24 +100,21 @@ class ComposeDriver:
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
         """Stop the project; report containers that had to be killed. Never raises for a failed stop:
         the outcome carries the error, so the caller can apply the guest's policy."""
-        start = time.monotonic()
-        deadline = start + timeout
-        t = str(int(max(1, stop_timeout)))
-        try:
-            res = self.t.run(self._compose(rec, "stop", "-t", t), timeout=timeout)
+        return timed_stop(rec.name, timeout, lambda deadline: self._stop(rec, str(int(max(1, stop_timeout))), deadline))
+
+    def _stop(self, rec: StackRecord, t: str, deadline: float) -> tuple[tuple[str, ...], str]:
+        res = self.t.run(self._compose(rec, "stop", "-t", t), timeout=deadline - time.monotonic())
+        states = self._states(rec, deadline - time.monotonic())
+        still = [c for c, (running, _) in states.items() if running]
+        if still:  # containers compose does not know any more (file edited since `up`)
+            self.t.run(["docker", "stop", "-t", t, *still], timeout=deadline - time.monotonic())
             states = self._states(rec, deadline - time.monotonic())
             still = [c for c, (running, _) in states.items() if running]
-            if still:  # containers compose does not know any more (file edited since `up`)
-                self.t.run(["docker", "stop", "-t", t, *still], timeout=deadline - time.monotonic())
-                states = self._states(rec, deadline - time.monotonic())
-                still = [c for c, (running, _) in states.items() if running]
-            killed = tuple(c[:12] for c, (running, code) in states.items() if not running and code == KILLED)
-            error = ""
-            if still:
-                error = f"still running after stop: {', '.join(c[:12] for c in still)}" + (f" ({res.stderr.strip()[-200:]})" if not res.ok else "")
-            return StopOutcome(rec.name, time.monotonic() - start, killed, error)
-        except Exception as e:  # transport errors included: the outcome is what matters here
-            return StopOutcome(rec.name, time.monotonic() - start, (), str(e))
+        killed = tuple(c[:12] for c, (running, code) in states.items() if not running and code == KILLED)
+        error = ""
+        if still:
+            error = f"still running after stop: {', '.join(c[:12] for c in still)}" + (f" ({res.stderr.strip()[-200:]})" if not res.ok else "")
+        return killed, error
 
     def start(self, rec: StackRecord, timeout: float) -> float:
         """Start the project again and check its recorded containers run; seconds taken.

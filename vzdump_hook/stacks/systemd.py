@@ -17,7 +17,7 @@ from ..config import Kind, StackSpec
 from ..errors import ControllerError
 from ..marker import StackRecord
 from ..transports.base import Transport, sh
-from .base import StopOutcome
+from .base import StopOutcome, timed_stop
 
 log = logging.getLogger(__name__)
 
@@ -119,28 +119,26 @@ class SystemdDriver:
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
         """Stop the stack's triggers and units (one systemctl call, which waits for the stop jobs; the
         units' TimeoutStopSec= decides when systemd kills). Never raises: the outcome carries the error."""
-        start = time.monotonic()
-        deadline = start + timeout
-        try:
-            res = self.t.run(systemctl(rec.user, "stop", "--", *rec.triggers, *rec.units), timeout=timeout)
-            units = [*rec.triggers, *rec.units]
-            after = dict(zip(units, self._show(units, deadline - time.monotonic(), rec.user), strict=True))
-            killed: list[str] = []
-            problems: list[str] = []
-            for u, p in after.items():
-                active, result = p.get("ActiveState", "?"), p.get("Result", "?")
-                if active not in ("inactive", "failed"):
-                    problems.append(f"{u} is {active}")
-                elif result in _KILLED_RESULTS or (p.get("ExecMainCode") in (_CLD_KILLED, _CLD_DUMPED) and p.get("ExecMainStatus") == _SIGKILL):
-                    killed.append(u)
-                elif result != "success":  # e.g. exit-code: the app failed its own shutdown
-                    problems.append(f"{u} stopped with Result={result}")
-            error = "; ".join(problems)
-            if error and not res.ok:
-                error += f" ({res.stderr.strip()[-200:]})"
-            return StopOutcome(rec.name, time.monotonic() - start, tuple(killed), error)
-        except Exception as e:  # transport errors included: the outcome is what matters here
-            return StopOutcome(rec.name, time.monotonic() - start, (), str(e))
+        return timed_stop(rec.name, timeout, lambda deadline: self._stop(rec, deadline))
+
+    def _stop(self, rec: StackRecord, deadline: float) -> tuple[tuple[str, ...], str]:
+        res = self.t.run(systemctl(rec.user, "stop", "--", *rec.triggers, *rec.units), timeout=deadline - time.monotonic())
+        units = [*rec.triggers, *rec.units]
+        after = dict(zip(units, self._show(units, deadline - time.monotonic(), rec.user), strict=True))
+        killed: list[str] = []
+        problems: list[str] = []
+        for u, p in after.items():
+            active, result = p.get("ActiveState", "?"), p.get("Result", "?")
+            if active not in ("inactive", "failed"):
+                problems.append(f"{u} is {active}")
+            elif result in _KILLED_RESULTS or (p.get("ExecMainCode") in (_CLD_KILLED, _CLD_DUMPED) and p.get("ExecMainStatus") == _SIGKILL):
+                killed.append(u)
+            elif result != "success":  # e.g. exit-code: the app failed its own shutdown
+                problems.append(f"{u} stopped with Result={result}")
+        error = "; ".join(problems)
+        if error and not res.ok:
+            error += f" ({res.stderr.strip()[-200:]})"
+        return tuple(killed), error
 
     def start(self, rec: StackRecord, timeout: float) -> float:
         """Start the recorded units, then the recorded sockets and timers; seconds taken.

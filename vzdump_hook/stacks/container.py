@@ -1,0 +1,148 @@
+"""Plain containers as stacks (kind "container"): docker or podman containers listed by name, or the
+running containers that carry a label, stopped and started one by one with the engine's CLI.
+
+Only the containers that run are recorded (name and id), stopped in the given order (label matches
+in the order of their names) and started again in reverse, by id: the very containers stopped. A
+container the engine had to kill (the stop timeout ran out: exit code 137; or OOMKilled) makes the
+stop unclean, and the guest's policy applies. `docker stop` / `podman stop` mark a container as
+stopped by hand: its restart policy does not start it again during the window
+(tests/integration/test_container_kind.py checks this against the real engines).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from ..config import ENGINES, Kind, StackSpec, valid_container_name
+from ..errors import ControllerError
+from ..marker import StackRecord
+from ..transports.base import Transport, sh
+from .base import StopOutcome, timed_stop
+from .compose import KILLED
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"[0-9a-f]{64}")
+# the formats and the detection script the hook sends; the restricted wrapper accepts these exactly
+LIST_FORMAT = "{{.ID}}\t{{.Names}}"
+INSPECT_FORMAT = "{{.Id}} {{.State.Running}} {{.State.Restarting}} {{.State.ExitCode}} {{.State.OOMKilled}}"
+DETECT = 'for e in docker podman; do if command -v "$e" >/dev/null 2>&1 && "$e" container ls -q >/dev/null 2>&1; then echo "$e"; exit 0; fi; done; echo none'
+
+
+def list_argv(engine: str, label: str = "") -> list[str]:
+    """The running containers (id, name), all of them or those carrying `label`."""
+    return [engine, "container", "ls", "--no-trunc", "--filter", "status=running", *(["--filter", f"label={label}"] if label else []), "--format", LIST_FORMAT]
+
+
+class ContainerDriver:
+    """Plain container stacks in one guest, reached through `transport`."""
+
+    kind = Kind.CONTAINER
+
+    def __init__(self, transport: Transport) -> None:
+        self.t = transport
+        self.detected: str | None = None
+
+    def engine(self, spec: StackSpec, timeout: float) -> str:
+        """The stack's configured engine, else the one the guest has (docker first). Raises ControllerError."""
+        if spec.engine:
+            return spec.engine
+        if self.detected is None:
+            out = self.t.run(sh(DETECT), timeout=timeout).check("cannot look for docker or podman").stdout.strip()
+            if out not in ENGINES:
+                raise ControllerError(f"{self.t.target}: neither docker nor podman answers in the guest (container stacks)")
+            self.detected = out
+        return self.detected
+
+    def _list(self, engine: str, label: str, timeout: float) -> list[tuple[str, str]]:
+        """(id, name) of the running containers (carrying `label`), sorted by name. Raises TransportError."""
+        res = self.t.run(list_argv(engine, label), timeout=timeout).check(f"cannot list containers (is {engine} running?)")
+        found: list[tuple[str, str]] = []
+        for line in res.stdout.splitlines():
+            cid, _, name = line.partition("\t")
+            if _ID.fullmatch(cid) and valid_container_name(name):
+                found.append((cid, name))
+        return sorted(found, key=lambda c: c[1])
+
+    def running(self, specs: tuple[StackSpec, ...], timeout: float) -> dict[str, StackRecord]:
+        """The container stacks of `specs` with a running container: each with the names and ids of
+        those that run, in stop order. A container already in an earlier stack is left to that one."""
+        deadline = time.monotonic() + timeout
+        found: dict[str, StackRecord] = {}
+        by_name: dict[str, dict[str, str]] = {}  # engine -> name -> id of every running container
+        taken: set[str] = set()
+        for s in specs:
+            if s.kind is not Kind.CONTAINER:
+                continue
+            engine = self.engine(s, deadline - time.monotonic())
+            if s.label:
+                matches = self._list(engine, s.label, deadline - time.monotonic())
+            else:
+                if engine not in by_name:
+                    by_name[engine] = {n: c for c, n in self._list(engine, "", deadline - time.monotonic())}
+                matches = [(by_name[engine][n], n) for n in s.containers if n in by_name[engine]]
+            for cid, n in matches:
+                if cid in taken:
+                    log.warning("container %s: %s is in an earlier stack: left to that one", s.name, n)
+            matches = [(c, n) for c, n in matches if c not in taken]
+            taken.update(c for c, _ in matches)
+            if matches:
+                found[s.name] = StackRecord.container(s.name, engine, tuple(n for _, n in matches), tuple(c for c, _ in matches))
+        return found
+
+    def _states(self, rec: StackRecord, timeout: float) -> dict[str, tuple[bool, bool]]:
+        """container id -> (running and not restarting, killed: exit code 137 or OOMKilled) for the
+        containers recorded; containers that no longer exist are left out."""
+        res = self.t.run([rec.engine, "container", "inspect", "--format", INSPECT_FORMAT, *rec.containers], timeout=timeout)
+        states: dict[str, tuple[bool, bool]] = {}
+        for line in res.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 5 and parts[0] in rec.containers:
+                states[parts[0]] = (parts[1] == "true" and parts[2] == "false", parts[3] == str(KILLED) or parts[4] == "true")
+        return states
+
+    def _each(self, rec: StackRecord, verb: list[str], ids: tuple[str, ...], deadline: float) -> list[str]:
+        """`ENGINE container VERB ID` for each id in turn (the order is the point); the errors."""
+        errors: list[str] = []
+        for cid in ids:
+            res = self.t.run([rec.engine, "container", *verb, cid], timeout=deadline - time.monotonic())
+            if not res.ok:
+                errors.append(f"{self._named(rec, cid)}: {res.stderr.strip()[-200:]}")
+        return errors
+
+    @staticmethod
+    def _named(rec: StackRecord, cid: str) -> str:
+        return dict(zip(rec.containers, rec.names, strict=False)).get(cid, cid[:12])
+
+    def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
+        """Stop the recorded containers in order, one at a time; report those killed. Never raises:
+        the outcome carries the error."""
+        return timed_stop(rec.name, timeout, lambda deadline: self._stop(rec, stop_timeout, deadline))
+
+    def _stop(self, rec: StackRecord, stop_timeout: float, deadline: float) -> tuple[tuple[str, ...], str]:
+        errors = self._each(rec, ["stop", "-t", str(int(max(1, stop_timeout)))], rec.containers, deadline)
+        states = self._states(rec, deadline - time.monotonic())
+        still = [self._named(rec, c) for c, (running, _) in states.items() if running]
+        killed = tuple(self._named(rec, c) for c, (running, k) in states.items() if not running and k)
+        if not still:
+            return killed, ""
+        return killed, f"still running after stop: {', '.join(still)}" + (f" ({'; '.join(errors)})" if errors else "")
+
+    def start(self, rec: StackRecord, timeout: float) -> float:
+        """Start the recorded containers, last stopped first, and check each runs; seconds taken.
+        Raises ControllerError / TransportError when one is not up."""
+        start = time.monotonic()
+        deadline = start + timeout
+        errors = self._each(rec, ["start"], tuple(reversed(rec.containers)), deadline)
+        states = self._states(rec, deadline - time.monotonic())
+        down = [self._named(rec, c) + ("" if c in states else " (no longer exists)") for c in rec.containers if not states.get(c, (False,))[0]]
+        if down:
+            detail = f" ({'; '.join(errors)})" if errors else ""
+            raise ControllerError(f"stack {rec.name}: not running after start: {', '.join(down)}{detail}")
+        return time.monotonic() - start
+
+    def is_up(self, rec: StackRecord, timeout: float) -> bool:
+        states = self._states(rec, timeout)
+        return all(states.get(c, (False,))[0] for c in rec.containers)
