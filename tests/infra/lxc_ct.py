@@ -176,6 +176,7 @@ class LxcContainer:
             raise RuntimeError(f"container {self.directory} exists already")
         self.rootfs.mkdir(parents=True)
         _run(["tar", "--numeric-owner", "--xattrs", "-C", str(self.rootfs), "-xf", str(tar or root_tar())], timeout=600)
+        (self.rootfs / "etc/hostname").write_text(f"ct{vmid}\n")  # PVE writes it at each start; systemd sets it
         conf = self.lxcpath / f"{self.name}.create.conf"
         conf.write_text(CONFIG.format(hostname=f"ct{vmid}", rootfs=self.rootfs))
         _lxc("create", self.lxcpath, self.name, "-t", "none", "-f", str(conf))
@@ -188,13 +189,18 @@ class LxcContainer:
 
     @property
     def log(self) -> Path:
-        return self.lxcpath / f"{self.name}.log"
+        return self.directory / "lxc.log"
 
     def start(self, timeout: float = 120) -> None:
         """Boot; returns once systemd inside says the boot is finished (``running``). RuntimeError otherwise."""
         began = time.monotonic()
         self.lxc("start", "-l", "INFO", "-o", str(self.log))
-        r = self.attach(["systemctl", "is-system-running", "--wait"], timeout=timeout)
+        until = began + timeout
+        while True:  # `--wait` waits for the boot once systemd answers; before that it fails at once
+            r = self.attach(["systemctl", "is-system-running", "--wait"], timeout=max(1.0, until - time.monotonic()))
+            if r.stdout.strip() in (b"running", b"degraded") or time.monotonic() > until:
+                break
+            time.sleep(0.1)
         if r.stdout.strip() != b"running":
             failed = self.attach(["systemctl", "--failed", "--no-legend"]).stdout.decode(errors="replace")
             raise RuntimeError(f"CT {self.vmid} booted {r.stdout.strip()!r}: failed units: {failed}")
@@ -220,14 +226,17 @@ class LxcContainer:
     def init_pid(self) -> int:
         return int(self.lxc("info", "-p", "-H").stdout.strip())
 
-    def procs(self) -> set[int]:
-        """Host pids of the processes in the CT's freezer cgroup (its init's, and everything below)."""
+    def freezer(self) -> Path:
+        """The CT's cgroup in the freezer hierarchy (``lxc.payload.NAME``: what lxc-freeze freezes)."""
         rel = next(line.split(":", 2)[2] for line in Path(f"/proc/{self.init_pid()}/cgroup").read_text().splitlines()
                    if line.split(":")[1] == "freezer")
         base = Path("/sys/fs/cgroup/freezer") / rel.lstrip("/")
-        # init runs in a child cgroup of the CT's (lxc.payload.NAME/...); the CT's freezer is its top
-        top = next(p for p in [base, *base.parents] if p.name.startswith("lxc.payload."))
-        return {int(pid) for f in top.rglob("cgroup.procs") for pid in f.read_text().split()}
+        # init may run in a child cgroup of the CT's (lxc.payload.NAME/...)
+        return next(p for p in [base, *base.parents] if p.name.startswith("lxc.payload."))
+
+    def procs(self) -> set[int]:
+        """Host pids of the processes in the CT's freezer cgroup and below it (its docker containers too)."""
+        return {int(pid) for f in self.freezer().rglob("cgroup.procs") for pid in f.read_text().split()}
 
     def attach(self, argv: list[str], input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
         """Run argv in the CT with lxc-attach (test set-up and checks; no pct involved)."""
