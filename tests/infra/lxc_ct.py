@@ -18,8 +18,9 @@ The ``pct`` executable is made per test by :func:`make_pct` (state baked in: vzd
 environment), with the interface of :mod:`tests.infra.pct_standin`: ``pct exec VMID [--] CMD...`` with
 ``PATH=/sbin:/bin:/usr/sbin:/usr/bin`` and nothing else in the environment, stdin, stdout, stderr and
 exit status the command's own, each call appended to ``STATE/calls.jsonl`` (argv, env, ``time`` when
-pct was called, and unlike the namespace stand-in ``end`` and ``status``: it waits for lxc-attach
-instead of exec'ing it, so that a test can tell whether a call was in flight while the CT was frozen).
+pct was called). Unlike the namespace stand-in it waits for lxc-attach instead of exec'ing it and
+appends a second line when it ends (``end``, ``status``), so that a test can tell whether a call was
+in flight while the CT was frozen; :func:`read_calls` joins the two (``end`` None: killed, or running).
 Run as ``lxc_ct.py pct --state DIR --lxcpath DIR exec VMID -- CMD...``.
 """
 
@@ -35,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["LxcContainer", "cleanup_stale", "make_pct", "root_tar", "support_problem"]
+__all__ = ["LxcContainer", "cleanup_stale", "make_pct", "read_calls", "root_tar", "support_problem"]
 
 LXC_START = "/usr/bin/lxc-start"
 LXC_ATTACH = "/usr/bin/lxc-attach"
@@ -277,14 +278,29 @@ def make_pct(state: Path, lxcpath: Path) -> str:
     return str(exe)
 
 
+def read_calls(state: Path) -> list[dict[str, object]]:
+    """Every pct call so far, in the order they began: {"argv", "env", "time", "end", "status"}; ``end`` and
+    ``status`` are None for a call that has not ended (killed with its process group, or still running)."""
+    path = state / "calls.jsonl"
+    calls: dict[tuple[int, float], dict[str, object]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        rec = json.loads(line)
+        key = (rec.pop("pid"), rec["time"])
+        calls.setdefault(key, {"end": None, "status": None}).update(rec)
+    return sorted(calls.values(), key=lambda c: float(c["time"]))  # type: ignore[arg-type]
+
+
 def _pct(state: Path, lxcpath: Path, args: list[str]) -> int:
     began = time.time()
-    record: dict[str, object] = {"argv": args, "env": dict(os.environ), "time": began}
+
+    def write(record: dict[str, object]) -> None:
+        with open(state / "calls.jsonl", "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "time": began, **record}) + "\n")
+
+    write({"argv": args, "env": dict(os.environ)})
 
     def log(status: int) -> int:
-        record.update(end=time.time(), status=status)
-        with open(state / "calls.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        write({"end": time.time(), "status": status})
         return status
 
     if not args or args[0] != "exec":

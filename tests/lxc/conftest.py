@@ -17,8 +17,7 @@ import pytest
 
 from tests.infra import compose
 from tests.infra.compose import ComposeProject
-from tests.infra.lxc_ct import LxcContainer, cleanup_stale, make_pct, support_problem
-from tests.infra.pct_standin import read_calls
+from tests.infra.lxc_ct import LxcContainer, cleanup_stale, make_pct, read_calls, support_problem
 
 VMID = 9151
 PROJECTS = "/srv/vzdh"  # compose projects in the CT

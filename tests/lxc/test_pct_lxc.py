@@ -37,8 +37,9 @@ def wait_for(pred: object, timeout: float, what: str) -> None:
 
 
 def in_flight(calls: list[dict[str, object]], start: float, end: float) -> list[dict[str, object]]:
-    """The pct calls that ran (from pct's start to its end) at some moment of [start, end]."""
-    return [c for c in calls if float(c["time"]) <= end and float(c["end"]) >= start]  # type: ignore[arg-type]
+    """The pct calls that ran (from pct's start to its end; a call that never ended runs on) at some moment
+    of [start, end]."""
+    return [c for c in calls if float(c["time"]) <= end and (c["end"] is None or float(c["end"]) >= start)]  # type: ignore[arg-type]
 
 
 def test_commands_run_in_the_container_with_status_stdout_stderr_and_stdin(ct: LxcContainer, pct: Pct) -> None:
@@ -139,6 +140,9 @@ def test_a_command_the_transport_gives_up_on_while_frozen_never_runs(ct: LxcCont
         wait_for(lambda: not (ct.procs() & stuck), 30, "the killed attach's process ends after the thaw")
         assert t.run(["true"], timeout=30).ok  # the CT answers again
     assert not ct.file(out).exists()
+    killed, answered = pct.calls()
+    assert killed["argv"][-2:] == ["touch", out] and (killed["end"], killed["status"]) == (None, None)  # type: ignore[index]
+    assert answered["status"] == 0
 
 
 def test_docker_runs_in_the_container_and_its_containers_freeze_with_it(ct: LxcContainer, ct_compose: CtCompose) -> None:
