@@ -95,6 +95,8 @@ class CtCompose:
         return {c["Config"]["Labels"][compose.LABEL_SERVICE] for c in self.containers(p) if c["State"]["Running"]}  # type: ignore[index]
 
     def remove(self) -> None:
+        if self.made and self.ct.state() == "FROZEN":  # a test left it frozen: compose would wait for the thaw
+            self.ct.unfreeze()
         for p in self.made:
             self.ct.attach(["sh", "-c", f"{p.shell_command('down', '-t', '0')}; rm -rf {shlex.quote(str(p.workdir))}"], timeout=120)
 
