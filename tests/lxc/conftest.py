@@ -53,6 +53,12 @@ def _thawed_and_running(request: pytest.FixtureRequest) -> Iterator[None]:
             c.start()
 
 
+def in_flight(calls: list[dict[str, object]], start: float, end: float) -> list[dict[str, object]]:
+    """The pct calls that ran (from pct's start to its end; a call that never ended runs on) at some moment
+    of [start, end]."""
+    return [c for c in calls if float(c["time"]) <= end and (c["end"] is None or float(c["end"]) >= start)]  # type: ignore[arg-type]
+
+
 @dataclass
 class Pct:
     """A per-test `pct` for the session's CT: its path and its call log."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.infra.lxc_ct import LxcContainer
-from tests.lxc.conftest import VMID, CtCompose, Pct
+from tests.lxc.conftest import VMID, CtCompose, Pct, in_flight
 from vzdump_hook import config as configuration
 from vzdump_hook.errors import CommandTimeout, ConnectError
 from vzdump_hook.transports.base import Transport
@@ -34,12 +34,6 @@ def wait_for(pred: object, timeout: float, what: str) -> None:
     while not pred():  # type: ignore[operator]
         assert time.monotonic() < until, f"not within {timeout} s: {what}"
         time.sleep(0.05)
-
-
-def in_flight(calls: list[dict[str, object]], start: float, end: float) -> list[dict[str, object]]:
-    """The pct calls that ran (from pct's start to its end; a call that never ended runs on) at some moment
-    of [start, end]."""
-    return [c for c in calls if float(c["time"]) <= end and (c["end"] is None or float(c["end"]) >= start)]  # type: ignore[arg-type]
 
 
 def test_commands_run_in_the_container_with_status_stdout_stderr_and_stdin(ct: LxcContainer, pct: Pct) -> None:
