@@ -218,11 +218,19 @@ class LxcContainer:
     def unfreeze(self) -> None:
         self.lxc("unfreeze")
 
-    def stop(self) -> None:
-        """Kill the CT (``lxc-stop -k``); a frozen one is thawed first."""
+    def stop(self, clean: bool = False) -> None:
+        """Kill the CT (``lxc-stop -k``), or with ``clean`` shut it down as ``pct shutdown`` does (its init
+        is asked to power off; lxc-stop waits up to 60 s); a frozen one is thawed first."""
         if self.state() == "FROZEN":
             self.unfreeze()
-        self.lxc("stop", "-k", check=False)
+        if clean:
+            self.lxc("stop", "-t", "60")
+        else:
+            self.lxc("stop", "-k", check=False)
+
+    def boot(self) -> None:
+        """``lxc-start`` alone, as ``pct start`` does: returns once the init runs, not when the boot is done."""
+        self.lxc("start", "-l", "INFO", "-o", str(self.log))
 
     def init_pid(self) -> int:
         return int(self.lxc("info", "-p", "-H").stdout.strip())

@@ -149,3 +149,38 @@ def test_a_ct_left_frozen_by_a_failing_pre_restart_gets_no_command(ct: LxcContai
     assert result.phases(VMID) == ["backup-start", "pre-stop", "pre-restart", "backup-abort", "log-end"], log
     assert ct.state() == "FROZEN" and vz.windows == []  # vzdump never thaws it
     assert in_flight(pct.calls(), vz._frozen_since, time.time()) == [], log
+
+
+def test_stop_mode_the_stacks_start_once_the_rebooted_container_answers(ct: LxcContainer, ct_compose: CtCompose, pct: Pct,
+                                                                        tmp_path: Path) -> None:
+    """vzdump shuts the CT down after pre-stop and starts it in its clean-up between pre-restart and
+    post-restart, with lxc-start returning before the CT's systemd and dockerd are up: the hook's
+    post-restart starts the stacks once the CT answers."""
+    db = ct_compose.make("db", {"app": "sleeper"})
+    table = {"transport": "pct", "pct": {"path": pct.path}, "stacks": [db.name], "stop_timeout": 10}
+    config = tmp_path / "config.toml"
+    config.write_text(f"[hook]\npve_dir = {toml_value(str(tmp_path / 'pve'))}\n[guests.{VMID}]\n"
+                      + "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items()))
+    env = {"VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state")}
+    vz = Vzdump(ct, ct_compose, [db])
+    seen: dict[str, object] = {}
+
+    def shutdown(ctx: Context) -> None:
+        ct.stop(clean=True)
+        seen["state at the point in time"] = ct.state()
+
+    def boot(ctx: Context) -> None:
+        ct.boot()
+        seen["booted"] = time.time()
+
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.STOP)], extra_env=env, timeout=180,
+                     on_guest_shutdown=shutdown, on_guest_start=boot, on_phase=vz.on_phase)
+    log = result.task_log()
+    assert result.status is JobStatus.OK, log
+    assert seen["state at the point in time"] == "STOPPED"
+    assert result.phases(VMID) == ["backup-start", "pre-stop", "backup-end", "pre-restart", "post-restart", "log-end"]
+    assert ct_compose.running(db) == {"app"}, log
+    (started,) = [epoch(str(c["State"]["StartedAt"])) for c in ct_compose.containers(db)]  # type: ignore[index]
+    assert vz.phases["post-restart"][0] <= started <= vz.phases["post-restart"][1], (started, vz.phases)
+    assert float(seen["booted"]) < started  # type: ignore[arg-type]
+    assert not ct.file(MARKER).exists()
