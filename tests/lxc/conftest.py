@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ def ct() -> Iterator[LxcContainer]:
 
 @pytest.fixture(autouse=True)
 def _thawed_and_running(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test that leaves the CT frozen or stopped does not take the next ones with it."""
+    """A test that leaves the CT frozen or stopped, or a marker in it (a job that could not resume), does not
+    take the next ones with it."""
     yield
     if "ct" in request.fixturenames:
         c: LxcContainer = request.getfixturevalue("ct")
@@ -51,6 +53,7 @@ def _thawed_and_running(request: pytest.FixtureRequest) -> Iterator[None]:
             c.unfreeze()
         elif state == "STOPPED":
             c.start()
+        shutil.rmtree(c.file("/var/lib/vzdump-hook"), ignore_errors=True)
 
 
 def in_flight(calls: list[dict[str, object]], start: float, end: float) -> list[dict[str, object]]:

@@ -177,7 +177,10 @@ def test_stop_mode_the_stacks_start_once_the_rebooted_container_answers(ct: LxcC
                      on_guest_shutdown=shutdown, on_guest_start=boot, on_phase=vz.on_phase)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
+    assert not [line for line in log.splitlines() if line.startswith(("ERROR", "WARN"))], log
     assert seen["state at the point in time"] == "STOPPED"
+    (stop,) = [c for c in pct.calls() if "compose" in c["argv"] and "stop" in c["argv"]]  # type: ignore[operator]
+    assert stop["status"] == 0 and float(stop["end"]) <= vz.phases["pre-stop"][1]  # type: ignore[arg-type]
     assert result.phases(VMID) == ["backup-start", "pre-stop", "backup-end", "pre-restart", "post-restart", "log-end"]
     assert ct_compose.running(db) == {"app"}, log
     (started,) = [epoch(str(c["State"]["StartedAt"])) for c in ct_compose.containers(db)]  # type: ignore[index]
