@@ -36,6 +36,13 @@ def epoch(stamp: str) -> float:
     return datetime.fromisoformat(day + "+00:00").timestamp() + float("0." + (frac or "0"))
 
 
+def problems(log: str) -> list[str]:
+    """vzdump's WARN/ERROR lines and the hook's WARNING/ERROR lines, but for the note that the guest side is
+    not installed (the tests do not install it)."""
+    return [line for line in log.splitlines() if line.startswith(("ERROR", "WARN"))
+            or (("vzdump-hook: WARNING" in line or "vzdump-hook: ERROR" in line) and "recovery NOT INSTALLED" not in line)]
+
+
 class Vzdump:
     """What the stand-in's vzdump does to the CT, with the real freezer, and what is seen when (epoch s)."""
 
@@ -97,7 +104,7 @@ def test_the_hook_never_sends_a_command_into_the_frozen_container(ct: LxcContain
                      on_guest_suspend=vz.suspend, on_guest_resume=vz.resume, on_point_in_time=vz.point_in_time, on_phase=vz.on_phase)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
-    assert not [line for line in log.splitlines() if line.startswith(("ERROR", "WARN"))], log
+    assert problems(log) == [], log
 
     # at the point in time: frozen, every stack container without a process, the marker in the CT listing both
     assert vz.pit_state == "FROZEN"
@@ -177,7 +184,7 @@ def test_stop_mode_the_stacks_start_once_the_rebooted_container_answers(ct: LxcC
                      on_guest_shutdown=shutdown, on_guest_start=boot, on_phase=vz.on_phase)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
-    assert not [line for line in log.splitlines() if line.startswith(("ERROR", "WARN"))], log
+    assert problems(log) == [], log
     assert seen["state at the point in time"] == "STOPPED"
     (stop,) = [c for c in pct.calls() if "compose" in c["argv"] and "stop" in c["argv"]]  # type: ignore[operator]
     assert stop["status"] == 0 and float(stop["end"]) <= vz.phases["pre-stop"][1]  # type: ignore[arg-type]
