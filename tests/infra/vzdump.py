@@ -68,6 +68,14 @@ Callbacks (``ctx`` is a :class:`Context`; all run in the calling thread, between
   ``pre-restart``; lxc stop after the shutdown; qemu snapshot after ``post-restart``; qemu
   suspend after ``pre-stop``; qemu stop after the shutdown (VM started paused). Not-running
   guests: after ``backup-start``.
+- ``on_guest_suspend(ctx)``, ``on_guest_resume(ctx)``: vzdump suspends the running guest and resumes it
+  (a test plugs in the real thing here, e.g. ``lxc-freeze``/``lxc-unfreeze``). LXC: the cgroup
+  freezer, in suspend mode after ``pre-stop`` until after ``pre-restart`` (or the clean-up's);
+  in snapshot mode around the storage snapshot (pve-guest-common's ``snapshot_create`` freezes
+  the CT before the volume snapshots and thaws it after them, also when they fail), and with
+  ``volumes > 1`` from after ``pre-stop`` (vzdump's own freeze) until that thaw. QEMU suspend: the
+  pause after ``pre-stop`` until the job start (or the failure). The context's ``guest_state`` is
+  the new one (``suspended``, ``running``).
 - ``on_guest_start(ctx)``: the guest OS boots again. qemu stop: right after the PIT (vzdump
   continues the paused VM once the backup job runs), or at the failure if the job never
   started. lxc stop: in the clean-up between ``pre-restart`` and ``post-restart``.
@@ -189,6 +197,8 @@ class Moment(StrEnum):
     GUEST_SHUTDOWN = "guest-shutdown"
     POINT_IN_TIME = "point-in-time"
     GUEST_START = "guest-start"
+    GUEST_SUSPEND = "guest-suspend"
+    GUEST_RESUME = "guest-resume"
     TRANSFER = "transfer"
 
 
@@ -537,6 +547,8 @@ class _Job:
     on_phase: PhaseCallback | None = None
     on_guest_shutdown: Callback | None = None
     on_guest_start: Callback | None = None
+    on_guest_suspend: Callback | None = None
+    on_guest_resume: Callback | None = None
     on_log: Callable[[LogLine], None] | None = None
     records: list[PhaseRecord] = field(default_factory=list, init=False)
     log: list[LogLine] = field(default_factory=list, init=False)
@@ -743,6 +755,13 @@ class _Job:
         task.state = GuestState.RUNNING
         if was is GuestState.STOPPED:
             self._notify(self.on_guest_start, Moment.GUEST_START, task)
+        elif was is GuestState.SUSPENDED:
+            self._notify(self.on_guest_resume, Moment.GUEST_RESUME, task)
+
+    def _suspend(self, task: _Task) -> None:
+        """vzdump (or snapshot_create) freezes the CT / pauses the VM."""
+        task.state = GuestState.SUSPENDED
+        self._notify(self.on_guest_suspend, Moment.GUEST_SUSPEND, task)
 
     def _online_again(self, task: _Task) -> None:
         if task.stopped_at is not None:
@@ -804,8 +823,8 @@ class _Job:
             task.stopped_at = time.monotonic()
             self.hook_phase(Phase.PRE_STOP, task)
             self._fail(task, FailPoint.GUEST_STOP)
-            task.state = GuestState.SUSPENDED
             cleanup.resume = True
+            self._suspend(task)
             if lxc:  # final rsync while frozen: that copy is the backup's content
                 self._point_in_time(task)
                 self._fail(task, FailPoint.AFTER_POINT_IN_TIME)
@@ -822,13 +841,19 @@ class _Job:
                 self._say("suspend vm to make snapshot", vmid=spec.vmid)
                 task.stopped_at = time.monotonic()
                 self._fail(task, FailPoint.GUEST_STOP)
-                task.state = GuestState.SUSPENDED
                 cleanup.resume = True
+                self._suspend(task)
             if lxc:
                 self._say("create storage snapshot 'vzdump'", vmid=spec.vmid)
-                self._point_in_time(task)
-                if freeze:  # snapshot_create thaws the CT after the volume snapshots (pve-guest-common)
-                    task.state = GuestState.RUNNING
+                # snapshot_create (pve-guest-common) freezes the CT around the volume snapshots and thaws
+                # it after them, also when they fail; the freezer is on or off, so this also ends
+                # vzdump's own freeze (volumes > 1)
+                if not freeze:
+                    self._suspend(task)
+                try:
+                    self._point_in_time(task)
+                finally:
+                    self._guest_up(task)
                 self._fail(task, FailPoint.AFTER_POINT_IN_TIME)
             self.hook_phase(Phase.PRE_RESTART, task)
             if freeze:
@@ -1029,6 +1054,8 @@ def run_job(
     on_phase: PhaseCallback | None = None,
     on_guest_shutdown: Callback | None = None,
     on_guest_start: Callback | None = None,
+    on_guest_suspend: Callback | None = None,
+    on_guest_resume: Callback | None = None,
     on_log: Callable[[LogLine], None] | None = None,
 ) -> JobResult:
     """Play a vzdump job calling ``hook``; returns every hook record and per-guest outcome.
@@ -1051,6 +1078,8 @@ def run_job(
         on_phase=on_phase,
         on_guest_shutdown=on_guest_shutdown,
         on_guest_start=on_guest_start,
+        on_guest_suspend=on_guest_suspend,
+        on_guest_resume=on_guest_resume,
         on_log=on_log,
     )
     result = job.run(guests)
