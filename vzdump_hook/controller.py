@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from . import marker as markers
 from .config import Kind
-from .errors import ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
+from .errors import ConnectError, ConnectionLost, ControllerError, GuestFrozen, HookError, MarkerError
 from .job import JobId
 from .marker import Marker, StackRecord
 from .stacks.base import StopOutcome
@@ -147,6 +147,8 @@ class GuestController:
             try:
                 self.t.connect(max(0.1, _left(deadline)))
                 return
+            except GuestFrozen:
+                raise  # thawed only by vzdump (or by hand): waiting here would hold the guest's lock
             except ConnectError:
                 if time.monotonic() + 1.0 >= until:
                     raise

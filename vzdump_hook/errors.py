@@ -59,6 +59,10 @@ class ConnectError(TransportError):
     """The guest could not be reached (refused, timed out, authentication, host key)."""
 
 
+class GuestFrozen(ConnectError):
+    """The guest is frozen (an LXC container under the cgroup freezer): a command would block until it is thawed."""
+
+
 class ConnectionLost(ConnectError):
     """The connection went away while a command ran: it may or may not have had its effect."""
 

@@ -13,6 +13,7 @@ are started after the thaw, during the phase the README names; the marker is gon
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -20,10 +21,11 @@ import pytest
 
 from tests.infra.compose import ComposeProject
 from tests.infra.lxc_ct import LxcContainer
-from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, Moment, run_job
+from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, Moment, WorkerKilled, run_job
 from tests.integration.hookenv import installed_hook, toml_value
 from tests.lxc.conftest import VMID, CtCompose, Pct, in_flight
 from vzdump_hook import marker as markers
+from vzdump_hook.early import tell
 
 pytestmark = pytest.mark.integration
 
@@ -135,27 +137,77 @@ def test_the_hook_never_sends_a_command_into_the_frozen_container(ct: LxcContain
     assert not ct.file(MARKER).exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect: in LXC suspend mode vzdump clears its resume flag before pre-restart, so a failing pre-restart "
-    "(here a chained script) leaves the CT frozen for good; the hook's resident then sends a command into it that "
-    "blocks while holding the guest's lock, and backup-abort and log-end each wait phase_timeout for that lock"))
-def test_a_ct_left_frozen_by_a_failing_pre_restart_gets_no_command(ct: LxcContainer, ct_compose: CtCompose, pct: Pct,
-                                                                   tmp_path: Path) -> None:
+def _config(tmp_path: Path, pct: Pct, stacks: list[str], hook: str = "") -> dict[str, str]:
+    config = tmp_path / "config.toml"
+    config.write_text(f"[hook]\npve_dir = {toml_value(str(tmp_path / 'pve'))}\n{hook}\n"
+                      f"[guests.{VMID}]\ntransport = \"pct\"\npct = {toml_value({'path': pct.path})}\nstacks = {toml_value(stacks)}\nstop_timeout = 10\n")
+    return {"VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state")}
+
+
+def test_a_chained_script_failing_in_pre_restart_does_not_leave_the_ct_frozen(ct: LxcContainer, ct_compose: CtCompose, pct: Pct,
+                                                                              tmp_path: Path) -> None:
+    """vzdump clears its resume flag before pre-restart in suspend mode: a failing pre-restart would leave
+    the CT frozen for good (found here first, with the real freezer). The hook reports the chained
+    script's failure and exits 0, so vzdump thaws the CT and the stacks start at post-restart."""
     db = ct_compose.make("db", {"app": "sleeper"})
     chain = tmp_path / "chain.sh"
     chain.write_text('#!/bin/sh\n[ "$1" = pre-restart ] && exit 1\nexit 0\n')
     chain.chmod(0o755)
-    config = tmp_path / "config.toml"
-    config.write_text(f"[hook]\npve_dir = {toml_value(str(tmp_path / 'pve'))}\nphase_timeout = 5\nchain = {toml_value([str(chain)])}\n"
-                      f"[guests.{VMID}]\ntransport = \"pct\"\npct = {toml_value({'path': pct.path})}\nstacks = {toml_value([db.name])}\n")
-    env = {"VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state")}
+    env = _config(tmp_path, pct, [db.name], hook=f"chain = {toml_value([str(chain)])}")
     vz = Vzdump(ct, ct_compose, [db])
     result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SUSPEND)], extra_env=env, timeout=120,
                      on_guest_suspend=vz.suspend, on_guest_resume=vz.resume, on_phase=vz.on_phase)
     log = result.task_log()
-    assert result.phases(VMID) == ["backup-start", "pre-stop", "pre-restart", "backup-abort", "log-end"], log
-    assert ct.state() == "FROZEN" and vz.windows == []  # vzdump never thaws it
-    assert in_flight(pct.calls(), vz._frozen_since, time.time()) == [], log
+    assert result.phases(VMID) == ["backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end", "log-end"], log
+    assert f"pre-restart {VMID}: a chained script failed (exit 1); not passed on to vzdump" in log, log
+    (window,) = vz.windows  # frozen once, and thawed
+    assert ct.state() == "RUNNING" and in_flight(pct.calls(), *window) == [], log
+    assert ct_compose.running(db) == {"app"}, log
+
+
+def test_a_ct_left_frozen_gets_no_command_until_it_is_thawed(ct: LxcContainer, ct_compose: CtCompose, pct: Pct, tmp_path: Path) -> None:
+    """The vzdump worker dies while the CT is frozen (suspend mode): nobody thaws it. The guest's
+    resident sees the worker gone and would start the stacks, but sends nothing into the frozen CT (a
+    command would hang there); once the CT is thawed, its next try starts them."""
+    db = ct_compose.make("db", {"app": "sleeper"})
+    env = _config(tmp_path, pct, [db.name])
+    vz = Vzdump(ct, ct_compose, [db])
+
+    def suspend_and_die(ctx: Context) -> None:
+        vz.suspend(ctx)
+        raise WorkerKilled
+
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SUSPEND)], extra_env=env, timeout=120,
+                     on_guest_suspend=suspend_and_die, on_phase=vz.on_phase)
+    log = result.task_log()
+    assert result.status is JobStatus.KILLED and ct.state() == "FROZEN", log
+    frozen_at = vz._frozen_since
+    # the resident tries (1, 2, 4 s apart) while the CT stays frozen: ask it ("" : only how it is) until it tried twice
+    job_dir = str(next((tmp_path / "run").rglob(f"resident-{VMID}.json")).parent)
+    said: list[str] = []
+
+    def tried_twice() -> bool:
+        answer = tell(job_dir, VMID, "") or {}
+        said.extend(str(text) for _, text in answer.get("lines", ()))
+        return sum("frozen" in t for t in said) >= 2
+
+    assert wait_for(tried_twice, 30), said
+    calls_while_frozen = [c for c in pct.calls() if float(c["time"]) > frozen_at]  # type: ignore[arg-type]
+    assert calls_while_frozen == [], calls_while_frozen
+    thawed = time.time()
+    ct.unfreeze()
+    assert wait_for(lambda: ct_compose.running(db) == {"app"}, 30), said
+    assert all(float(c["time"]) > thawed for c in pct.calls() if float(c["time"]) > frozen_at)  # type: ignore[arg-type]
+    assert wait_for(lambda: not ct.file(MARKER).exists(), 10)
+
+
+def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
+    until = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def test_stop_mode_the_stacks_start_once_the_rebooted_container_answers(ct: LxcContainer, ct_compose: CtCompose, pct: Pct,

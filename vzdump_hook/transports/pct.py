@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import ConnectError
+from ..errors import ConnectError, GuestFrozen
 from .base import Transport, display
 from .local import run_local
 
@@ -18,6 +18,29 @@ if TYPE_CHECKING:
 
 # pct sets PATH=/sbin:/bin:/usr/sbin:/usr/bin for lxc-attach; /usr/local (docker-compose v1) is added
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+# Where a container's freezer state is, per cgroup layout: PVE's (lxc/VMID), LXC's default
+# (lxc.payload.NAME; the test tier's containers are named by VMID); cgroup v2, then v1.
+FREEZER_FILES = (
+    "/sys/fs/cgroup/lxc/{vmid}/cgroup.freeze",
+    "/sys/fs/cgroup/lxc.payload.{vmid}/cgroup.freeze",
+    "/sys/fs/cgroup/freezer/lxc/{vmid}/freezer.state",
+    "/sys/fs/cgroup/freezer/lxc.payload.{vmid}/freezer.state",
+)
+
+
+def frozen(vmid: int) -> bool:
+    """The container is frozen, or being frozen (vzdump's suspend mode, snapshot_create): a command
+    sent into it would block until the thaw. False when no freezer file says so."""
+    for pattern in FREEZER_FILES:
+        try:
+            with open(pattern.format(vmid=vmid)) as f:
+                state = f.read().strip()
+        except OSError:
+            continue
+        return state in ("1", "FROZEN", "FREEZING")
+    return False
 
 
 class PctTransport(Transport):
@@ -36,6 +59,8 @@ class PctTransport(Transport):
         return [self.pct, "exec", str(self.vmid), "--", "/usr/bin/env", f"PATH={GUEST_PATH}", *argv]
 
     def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
+        if frozen(self.vmid):  # never a command into a frozen CT: it would hang until the thaw (and hold the guest's lock)
+            raise GuestFrozen(f"{self.target}: the container is frozen (cgroup freezer): nothing is sent into it until it is thawed", command=display(argv))
         return run_local(self.argv(argv), stdin, timeout, shown=display(argv), target=self.target)
 
     def connect(self, timeout: float) -> None:
