@@ -20,26 +20,24 @@ if TYPE_CHECKING:
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-# Where a container's freezer state is, per cgroup layout: PVE's (lxc/VMID), LXC's default
-# (lxc.payload.NAME; the test tier's containers are named by VMID); cgroup v2, then v1.
-FREEZER_FILES = (
-    "/sys/fs/cgroup/lxc/{vmid}/cgroup.freeze",
-    "/sys/fs/cgroup/lxc.payload.{vmid}/cgroup.freeze",
-    "/sys/fs/cgroup/freezer/lxc/{vmid}/freezer.state",
-    "/sys/fs/cgroup/freezer/lxc.payload.{vmid}/freezer.state",
-)
+# Where a container's freezer state is. PVE names its cgroup lxc/VMID with the processes in lxc/VMID/ns
+# (pve-container's PVE/LXC.pm: lxc.cgroup.dir.container, .inner); PVE::LXC::freeze freezes through lxc's
+# command socket on cgroup v2 and writes the ns cgroup's freezer on v1. LXC's own default is
+# lxc.payload.NAME (the test tier's containers are named by their VMID). Either level may be the one frozen.
+CGROUP_DIRS = ("lxc/{vmid}/ns", "lxc/{vmid}", "lxc.payload.{vmid}")
 
 
 def frozen(vmid: int) -> bool:
     """The container is frozen, or being frozen (vzdump's suspend mode, snapshot_create): a command
     sent into it would block until the thaw. False when no freezer file says so."""
-    for pattern in FREEZER_FILES:
-        try:
-            with open(pattern.format(vmid=vmid)) as f:
-                state = f.read().strip()
-        except OSError:
-            continue
-        return state in ("1", "FROZEN", "FREEZING")
+    for d in CGROUP_DIRS:
+        for path, states in ((f"/sys/fs/cgroup/{d}/cgroup.freeze", ("1",)), (f"/sys/fs/cgroup/freezer/{d}/freezer.state", ("FROZEN", "FREEZING"))):
+            try:
+                with open(path.format(vmid=vmid)) as f:
+                    if f.read().strip() in states:
+                        return True
+            except OSError:
+                continue
     return False
 
 
