@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 
 from tests.infra.compose import PG_BIN  # noqa: E402
 
-__all__ = ["ROOT", "PgPoller", "machine", "median", "need_root", "reproduce", "scratch_dir"]
+__all__ = ["ROOT", "Load", "PgPoller", "machine", "median", "need_root", "pg_ready", "reproduce", "scratch_dir"]
 
 
 def need_root() -> None:
@@ -118,3 +118,30 @@ class PgPoller(threading.Thread):
     def halt(self) -> None:
         self._halt.set()
         self.join(timeout=5)
+
+
+class Load(threading.Thread):
+    """One INSERT into `table` (own connection) every 20 ms: the consistency tests' write load."""
+
+    def __init__(self, socket_dir: Path, table: str = "t") -> None:
+        super().__init__(daemon=True)
+        self.argv = [f"{PG_BIN}/psql", "-X", "-q", "-h", str(socket_dir), "-U", "postgres", "-c", f"insert into {table} (v) values (1)"]
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            subprocess.run(self.argv, stdin=subprocess.DEVNULL, capture_output=True, env={"PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "2"})
+            self._halt.wait(0.02)
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+
+
+def pg_ready(socket_dir: Path, timeout: float = 60) -> None:
+    """Returns once PostgreSQL accepts connections on `socket_dir`; TimeoutError after `timeout` s."""
+    until = time.monotonic() + timeout
+    while subprocess.run([f"{PG_BIN}/pg_isready", "-q", "-h", str(socket_dir), "-U", "postgres", "-t", "1"], capture_output=True).returncode:
+        if time.monotonic() > until:
+            raise TimeoutError(f"PostgreSQL at {socket_dir} does not answer")
+        time.sleep(0.1)

@@ -20,11 +20,10 @@ import argparse
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from _common import PgPoller, machine, need_root, reproduce, scratch_dir  # first: puts the repository on sys.path
+from _common import Load, PgPoller, machine, need_root, pg_ready, reproduce, scratch_dir  # first: puts the repository on sys.path
 
 from tests.infra import compose
 from tests.infra.compose import PG_BIN
@@ -49,32 +48,6 @@ def prepare_pg(root: Path) -> None:
     (root / "etc/postgresql/15/main/conf.d/vzdh.conf").write_text(f"unix_socket_directories = '/var/run/postgresql,{SOCK}'\n")
     hba = root / "etc/postgresql/15/main/pg_hba.conf"
     hba.write_text("local all all trust\n" + hba.read_text())
-
-
-class Load(threading.Thread):
-    """One INSERT (own connection) every 20 ms."""
-
-    def __init__(self, socket_dir: Path) -> None:
-        super().__init__(daemon=True)
-        self.argv = [f"{PG_BIN}/psql", "-X", "-q", "-h", str(socket_dir), "-U", "postgres", "-c", "insert into t (v) values (1)"]
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            subprocess.run(self.argv, stdin=subprocess.DEVNULL, capture_output=True, env={"PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "2"})
-            self._halt.wait(0.02)
-
-    def halt(self) -> None:
-        self._halt.set()
-        self.join(timeout=10)
-
-
-def pg_ready(socket_dir: Path, timeout: float = 60) -> None:
-    until = time.monotonic() + timeout
-    while subprocess.run([f"{PG_BIN}/pg_isready", "-q", "-h", str(socket_dir), "-U", "postgres", "-t", "1"], capture_output=True).returncode:
-        if time.monotonic() > until:
-            raise TimeoutError(f"PostgreSQL at {socket_dir} does not answer")
-        time.sleep(0.1)
 
 
 def measure(hook: str, env: dict[str, str], vmid: int, poller: PgPoller, transfer: float, socket_dir: Path) -> tuple[float, float, str]:

@@ -27,11 +27,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from _common import PgPoller, machine, need_root, reproduce, scratch_dir  # first: puts the repository on sys.path
+from _common import Load, PgPoller, machine, need_root, pg_ready, reproduce, scratch_dir  # first: puts the repository on sys.path
 
 from tests.infra import compose
 from tests.infra.compose import PG_BIN
@@ -48,24 +47,6 @@ def psql(sock: Path, sql: str, timeout: float = 600) -> str:
                           text=True, timeout=timeout).stdout.strip()
 
 
-class Load(threading.Thread):
-    """One INSERT (own connection) every 20 ms: the consistency tests' write load."""
-
-    def __init__(self, sock: Path) -> None:
-        super().__init__(daemon=True)
-        self.argv = [f"{PG_BIN}/psql", "-X", "-q", "-h", str(sock), "-U", "postgres", "-c", "insert into w (v) values (1)"]
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            subprocess.run(self.argv, stdin=subprocess.DEVNULL, capture_output=True, env={"PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "2"})
-            self._halt.wait(0.02)
-
-    def halt(self) -> None:
-        self._halt.set()
-        self.join(timeout=10)
-
-
 WALL = time.time() - time.monotonic()  # monotonic -> wall clock (the hook's records are wall clock)
 
 
@@ -79,14 +60,6 @@ def client_window(poller: PgPoller, t0: float, t1: float) -> tuple[float, float]
     return samples[down[0]][0] + WALL, up + WALL
 
 
-def wait_pg(sock: Path, timeout: float = 120) -> None:
-    until = time.monotonic() + timeout
-    while subprocess.run([f"{PG_BIN}/pg_isready", "-q", "-h", str(sock), "-U", "postgres", "-t", "1"], capture_output=True).returncode:
-        if time.monotonic() > until:
-            raise TimeoutError(f"PostgreSQL at {sock} does not answer")
-        time.sleep(0.1)
-
-
 def one_job(hook: str, env: dict[str, str], run_dir: Path, poller: PgPoller, sock: Path, transfer: float) -> tuple[float, float, str, float, float]:
     """(client-measured downtime, hook-reported downtime, problem, hook's start - client's, hook's end -
     client's) of one LXC snapshot job."""
@@ -98,7 +71,7 @@ def one_job(hook: str, env: dict[str, str], run_dir: Path, poller: PgPoller, soc
             marks["stop"] = ctx.time
 
     result = run_job(hook, [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=env, transfer_seconds=transfer, timeout=600, on_phase=on_phase)
-    wait_pg(sock)
+    pg_ready(sock)
     time.sleep(0.3)  # a few polls past the start
     nan = float("nan")
     if not result.ok:
@@ -134,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             compose.up(project)
             sock = project.socket_dir()
-            wait_pg(sock)
+            pg_ready(sock)
             ctr = subprocess.run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project.name}"], check=True,
                                  capture_output=True, text=True).stdout.split()[0]
             print(f"shared_buffers {psql(sock, 'show shared_buffers')}; filling {args.rows} rows ...", flush=True)
@@ -157,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_config(configs[name], tmp, pct, stack)
             poller = PgPoller(sock)
             poller.start()
-            load = Load(sock)
+            load = Load(sock, "w")
             load.start()
             chosen = [v for v in args.variants.split(",") if v in stacks]
             for run in range(args.runs):

@@ -22,7 +22,7 @@ import pytest
 
 from tests.infra import compose
 from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, Moment, run_job
-from tests.integration.hookenv import HookSetup, installed_hook
+from tests.integration.hookenv import HookSetup, installed_hook, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -221,7 +221,7 @@ def test_ready_url_is_asked_from_the_node(setup: HookSetup, test_guest: Any, com
     try:
         import requests
 
-        assert _wait(lambda: _status(requests, f"http://127.0.0.1:{port}/health") == 404), "http.server did not come up"
+        assert wait_until(lambda: _status(requests, f"http://127.0.0.1:{port}/health") == 404, 20), "http.server did not come up"
         setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"url": f"http://127.0.0.1:{port}/health"}, "ready_timeout": 30}],
                                          "stop_timeout": 5})})
         times: dict[str, float] = {}
@@ -243,11 +243,3 @@ def _status(requests: Any, url: str) -> int:
     except requests.RequestException:
         return 0
 
-
-def _wait(pred: Any, timeout: float = 20) -> bool:
-    until = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > until:
-            return False
-        time.sleep(0.1)
-    return True

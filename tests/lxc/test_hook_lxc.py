@@ -13,7 +13,6 @@ are started after the thaw, during the phase the README names; the marker is gon
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from tests.infra.compose import ComposeProject
 from tests.infra.lxc_ct import LxcContainer
 from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, Moment, WorkerKilled, run_job
-from tests.integration.hookenv import installed_hook, toml_value
+from tests.integration.hookenv import installed_hook, toml_value, wait_until
 from tests.lxc.conftest import VMID, CtCompose, Pct, in_flight
 from vzdump_hook import marker as markers
 from vzdump_hook.early import tell
@@ -191,23 +190,15 @@ def test_a_ct_left_frozen_gets_no_command_until_it_is_thawed(ct: LxcContainer, c
         said.extend(str(text) for _, text in answer.get("lines", ()))
         return sum("frozen" in t for t in said) >= 2
 
-    assert wait_for(tried_twice, 30), said
+    assert wait_until(tried_twice, 30), said
     calls_while_frozen = [c for c in pct.calls() if float(c["time"]) > frozen_at]  # type: ignore[arg-type]
     assert calls_while_frozen == [], calls_while_frozen
     thawed = time.time()
     ct.unfreeze()
-    assert wait_for(lambda: ct_compose.running(db) == {"app"}, 30), said
+    assert wait_until(lambda: ct_compose.running(db) == {"app"}, 30), said
     assert all(float(c["time"]) > thawed for c in pct.calls() if float(c["time"]) > frozen_at)  # type: ignore[arg-type]
-    assert wait_for(lambda: not ct.file(MARKER).exists(), 10)
+    assert wait_until(lambda: not ct.file(MARKER).exists(), 10)
 
-
-def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
-    until = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > until:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_stop_mode_the_stacks_start_once_the_rebooted_container_answers(ct: LxcContainer, ct_compose: CtCompose, pct: Pct,
