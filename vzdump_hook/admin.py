@@ -270,11 +270,16 @@ def status(config_path: str | None, no_connect: bool, timeout: float) -> None:
         ctl = GuestController(g, JobId.current())
         try:
             m = ctl.read_marker(time.monotonic() + timeout)
+            line, down = _marker_line(g.vmid, m, entries.get(g.vmid), g.vmid in known)
+            # a controller keeps its own marker: what it holds (stacks/controller.py)
+            for name, text, held in ctl.driver.controllers.end_stale(False, timeout, act=False):
+                line += f"; controller {name}: {text or 'holds nothing'}"
+                down = down or held
+            return line, down
         except HookError as e:
             return f"{g.vmid}: marker unknown: {describe(e)}; {_ledger_says(entries.get(g.vmid), g.vmid in known)}", True
         finally:
             ctl.close()
-        return _marker_line(g.vmid, m, entries.get(g.vmid), g.vmid in known)
 
     answers = _contact(one, asked, timeout + 5)
     for g, a in zip(asked, answers, strict=True):

@@ -146,11 +146,16 @@ def test_recover_ends_an_open_job_whose_deadline_passed(env: Env, tmp_path: Path
     early = subprocess.run([installed_hook(), "recover", str(VMID)], env=hook_env, capture_output=True, text=True, timeout=120)
     assert "left alone" in early.stdout + early.stderr and env.all_stopped(), early.stdout + early.stderr
     assert wait_until(lambda: time.time() > env.status()["open_job"]["deadline"], 10)
+    # `status` shows what the controller holds, and counts it as down
+    before = subprocess.run([installed_hook(), "status"], env=hook_env, capture_output=True, text=True, timeout=120)
+    assert before.returncode == 1 and "controller appctl: job othernode:0f0f:42-4242 open (quiesced)" in before.stdout, before.stdout + before.stderr
     late = subprocess.run([installed_hook(), "recover", str(VMID)], env=hook_env, capture_output=True, text=True, timeout=120)
     out = late.stdout + late.stderr
     assert late.returncode == 0, out
     assert env.all_running(), out
     assert [(c["job"], c["state"]) for c in closed_jobs(env)] == [("othernode:0f0f:42-4242", "aborted")], env.status()
+    after = subprocess.run([installed_hook(), "status"], env=hook_env, capture_output=True, text=True, timeout=120)
+    assert after.returncode == 0 and f"{VMID}: " in after.stdout and "controller appctl: holds nothing" in after.stdout, after.stdout + after.stderr
 
 
 @pytest.fixture

@@ -294,7 +294,9 @@ class ControllerDriver:
                 continue
             why = "its job is over" if over else "its deadline passed" if expired else "forced"
             if not act:
-                out.append((spec.name, f"job {job_text} open ({open_job.get('state')}): the next backup tells it abort ({why})", False))
+                holds = open_job.get("state") in ("quiescing", "quiesced", "quiesce_failed")
+                out.append((spec.name, f"job {job_text} open ({open_job.get('state')}): the next backup tells it abort ({why}), "
+                                       f"or `vzdump-hook recover {self.guest.vmid}`", holds))
                 continue
             try:
                 vmid = open_job.get("vmid")
