@@ -230,7 +230,7 @@ class GuestController:
         ended = time.time()
         # with `ready` on every stack, the app's downtime starts when the check first failed
         # (a stack whose check never failed during its stop: the stop's start, the longest it may have been down)
-        down_at = min((down.get(s.name, started) for s in to_stop), default=None) if all(self._has_ready(s) for s in to_stop) else None
+        down_at = min((down.get(s.name, started) for s in to_stop), default=None) if all(self.has_ready(s) for s in to_stop) else None
         # no rewrite to "stopped" here: the marker already lists every stack, and a write would be
         # one more round trip between the stop and the backup's point in time
         return Quiesce(m.stacks, tuple(outcomes), started, ended, down_at)
@@ -265,7 +265,7 @@ class GuestController:
                 out += [fn(rec) for rec in group]
         return out
 
-    def _has_ready(self, rec: StackRecord) -> bool:
+    def has_ready(self, rec: StackRecord) -> bool:
         spec = self.spec(rec.name)
         return spec is not None and spec.ready is not None
 
@@ -275,7 +275,7 @@ class GuestController:
         def stop(rec: StackRecord) -> StopOutcome:
             st = self.guest.stop_timeout_of(rec.name)
             bound = _left(deadline, self.driver.stop_bound(rec, st) + STOP_MARGIN)
-            if down is None or not self._has_ready(rec):
+            if down is None or not self.has_ready(rec):
                 return self.driver.stop(rec, st, bound)
             watch = self._watch_ready(rec, deadline, want=False)
             try:
@@ -342,7 +342,7 @@ class GuestController:
     def _start_all(self, stacks: tuple[StackRecord, ...], deadline: float) -> list[tuple[str, str]]:
         """Start `stacks` (given in stop order) in the reverse order: the last group first."""
         def start(rec: StackRecord) -> tuple[str, str]:
-            if self._has_ready(rec):  # the app may answer before the start command returns
+            if self.has_ready(rec):  # the app may answer before the start command returns
                 self._ready_watch[rec.name] = self._watch_ready(rec, deadline)
             try:
                 self.driver.start(rec, _left(deadline, self.guest.command_timeout))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from . import config as configuration
 from . import fanout, orchestrator, pve, resident, tags
-from .config import Config, GuestConfig, HookSettings, Kind, QuiescePolicy
+from .config import Config, GuestConfig, HookSettings, QuiescePolicy
 from .controller import GuestController, NothingStopped, Resume, describe
 from .early import RUN_DIR_ENV  # overrides for tests and development; vzdump passes no environment
 from .errors import ConfigError, HookError
@@ -141,8 +141,8 @@ class PhaseRunner:
             self._say_watching(vmid, phase)
         if plan.step is Step.RESUME:
             self.resume(guest, phase, plan.wait_for_guest)
-        if phase in (Phase.BACKUP_END, Phase.BACKUP_ABORT) and rec is not None:
-            self.close_controllers(vmid, phase, "done" if phase is Phase.BACKUP_END else "failed")
+        if phase in orchestrator.CONTROLLER_ENDS and rec is not None:
+            self.close_controllers(vmid, phase, orchestrator.CONTROLLER_ENDS[phase])
         return 0
 
     def _guest(self, vmid: int, rec: GuestRecord | None) -> GuestConfig | None:
@@ -386,30 +386,26 @@ class PhaseRunner:
         through. One that does not confirm is told again at job-end, and a job it keeps open is
         ended by the next job-start's sweep (or its own deadline)."""
         rec = self.state.load(vmid)
-        if rec is None or not any(s.kind is Kind.CONTROLLER and s.name not in rec.closed for s in rec.stacks):
+        if rec is None or not rec.unclosed_controllers:
             return
         if message and not rec.ended:
             rec.ended = message
             self.state.save(rec)
         if rec.status.pending:
             return  # `snapshotted` is not confirmed yet: the resume paths keep at it
-        try:
-            guest = configuration.validate_guest(vmid, rec.guest_table)
-        except ConfigError as e:
-            log.warning("%s %d: recorded settings unusable (%s): its controllers are not told the job ended", phase.value, vmid, e)
+        guest = self._recorded_guest(rec, phase)
+        if guest is None:
             return
         word = rec.ended or ("failed" if phase is Phase.JOB_ABORT else "abort")
         ctl = GuestController(guest, self.job)
         try:
             with self.state.guest_lock(vmid, self.left()):
                 rec = self.state.load(vmid) or rec
-                for s in rec.stacks:
-                    if s.kind is not Kind.CONTROLLER or s.name in rec.closed:
-                        continue
+                for s in rec.unclosed_controllers:
                     try:
                         ctl.driver.controllers.close(s, word, max(0.1, min(self.left(), guest.command_timeout)))
                     except HookError as e:
-                        later = "job-end tells it again" if phase in (Phase.BACKUP_END, Phase.BACKUP_ABORT) else "the next job-start's sweep ends the job (or the controller at its deadline)"
+                        later = "job-end tells it again" if phase in orchestrator.CONTROLLER_ENDS else "the next job-start's sweep ends the job (or the controller at its deadline)"
                         log.warning("%s %d: controller %s not told %s: %s; %s", phase.value, vmid, s.name, word, describe(e), later)
                         continue
                     rec.closed.append(s.name)
@@ -524,11 +520,12 @@ class PhaseRunner:
         log.info("job-start: %d guest(s) checked for leftover markers in %.1f s%s%s", len(guests), time.monotonic() - start, why, "" if found else ", none found")
 
     @staticmethod
-    def _recorded_guest(rec: GuestRecord) -> GuestConfig | None:
+    def _recorded_guest(rec: GuestRecord, phase: Phase = Phase.JOB_START) -> GuestConfig | None:
+        """The guest's settings as this job's record keeps them (those of its quiesce), or None."""
         try:
             return configuration.validate_guest(rec.vmid, rec.guest_table)
         except ConfigError as e:
-            log.warning("job-start %d: recorded settings unusable (%s)", rec.vmid, e)
+            log.warning("%s %d: recorded settings unusable (%s)", phase.value, rec.vmid, e)
             return None
 
     # -- job-end / job-abort -------------------------------------------------------------------
@@ -547,7 +544,7 @@ class PhaseRunner:
         if awaited:  # the table and the history end the downtime when the apps answered
             fanout.run_all(lambda r: self._await_ready(r, phase), awaited, self.deadline)
             records = self.state.records()
-        unclosed = [r for r in records if any(s.kind is Kind.CONTROLLER and s.name not in r.closed for s in r.stacks)]
+        unclosed = [r for r in records if r.unclosed_controllers]
         if unclosed:
             fanout.run_all(lambda r: self.close_controllers(r.vmid, phase), unclosed, self.deadline)
             records = self.state.records()
@@ -591,7 +588,7 @@ class PhaseRunner:
             log.warning("report: %s: %s", type(e).__name__, e)
 
     def _await_ready(self, rec: GuestRecord, phase: Phase) -> None:
-        guest = self._guest(rec.vmid, rec)
+        guest = self._recorded_guest(rec, phase)
         if guest is None:
             return
         ctl = GuestController(guest, self.job)

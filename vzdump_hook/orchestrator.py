@@ -47,6 +47,8 @@ RESUME_POINTS: dict[tuple[GuestType, Mode], frozenset[Phase]] = {
 WATCHER_ARMED_AT: dict[Mode, Phase] = {Mode.SNAPSHOT: Phase.POST_RESTART, Mode.SUSPEND: Phase.PRE_STOP, Mode.STOP: Phase.PRE_STOP}
 # The phases that end a guest's watcher: this guest's backup is over (or about to be) there.
 WATCHER_ENDS = frozenset({Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END})
+# the guest's backup ended, well or not: its controllers are told done / failed (stacks/controller.py)
+CONTROLLER_ENDS = {Phase.BACKUP_END: "done", Phase.BACKUP_ABORT: "failed"}
 
 
 class Step(Enum):

@@ -374,7 +374,6 @@ class Resident:
         (the stacks run again, or they stay down by plan and the watch, if any, is armed): the hook
         then ends at once, with the [hook] settings recorded at pre-stop (no chained scripts)."""
         from . import orchestrator
-        from .config import Kind
         from .orchestrator import Step
         from .phases import GuestType, Mode, parse_phase
         from .state import Status
@@ -384,7 +383,7 @@ class Resident:
         if phase is None or rec is None:
             return False
         # backup-end/abort tell the guest's controllers that the job is over (hook.py): the phase goes on
-        closing = phase in orchestrator.WATCHER_ENDS and any(s.kind is Kind.CONTROLLER and s.name not in rec.closed for s in rec.stacks)
+        closing = phase in orchestrator.CONTROLLER_ENDS and bool(rec.unclosed_controllers)
         if not rec.status.pending:
             return rec.status is Status.RESUMED and not phase.is_job_phase and not self.info.chain and not closing
         vmtype, mode = GuestType(self.info.vmtype), Mode(self.info.mode)

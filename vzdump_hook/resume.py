@@ -148,7 +148,7 @@ class Resumer:
             return False
         rec.status = Status.RESUMED
         rec.resumed_at = rec.started_at = time.time()
-        rec.ready_pending = [n for n in r.started if (spec := ctl.spec(n)) is not None and spec.ready is not None]
+        rec.ready_pending = [s.name for s in rec.stacks if s.name in r.started and ctl.has_ready(s)]
         self._save(rec)
         if not r.marker_left:
             self.forget(seen)

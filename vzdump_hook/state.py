@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from .config import HookSettings, NotifyConfig
+from .config import HookSettings, Kind, NotifyConfig
 from .errors import HookError
 from .job import JobId
 from .marker import StackRecord, record_from_dict
@@ -62,6 +62,11 @@ class GuestRecord:
     ready_pending: list[str] = field(default_factory=list)  # started stacks whose `ready` is still awaited
     not_ready: list[str] = field(default_factory=list)  # stacks not ready within their ready_timeout (reported, never a failure)
     app_down_at: float | None = None  # when every stack stopped has `ready`: its first failed check during the stop
+
+    @property
+    def unclosed_controllers(self) -> list[StackRecord]:
+        """The controllers this job asked that have not confirmed the job's end (stacks/controller.py)."""
+        return [s for s in self.stacks if s.kind is Kind.CONTROLLER and s.name not in self.closed]
 
     @property
     def downtime(self) -> float | None:
