@@ -13,7 +13,7 @@ from typing import TypeVar
 import click
 
 from . import config as configuration
-from . import fanout, guest_install, orchestrator, pve, resident, tags
+from . import fanout, guest_install, orchestrator, pve, resident, safefile, tags
 from .config import Config, GuestConfig
 from .controller import GuestController, describe
 from .early import RUN_DIR_ENV
@@ -120,10 +120,10 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
     settings = settings_with_env(cfg.hook, os.environ)
     for d in (settings.run_dir, settings.state_dir):
         try:
-            os.makedirs(d, exist_ok=True)
+            safefile.private_dir(d)  # root's alone (an older install's 0755 is fixed)
             if not os.access(d, os.W_OK):
                 raise OSError("not writable")
-        except OSError as e:
+        except (OSError, safefile.UnsafePath) as e:
             click.echo(f"  {d}: {e}")
             node_ok = False
     if no_connect:
@@ -364,7 +364,7 @@ def guest_install_command(vmid: int, dry_run: bool, no_restrict: bool, identity_
     try:
         inst.run()
     except HookError as e:
-        raise click.ClickException(describe(e)) from None
+        raise click.ClickException(escape(describe(e))) from None  # may quote what the guest said
     if not dry_run:
         forget_recovery_answers(settings_with_env(cfg.hook, os.environ).state_dir, vmid)
     click.echo(f"{vmid}: {len(inst.changed)} change(s){' to make' if dry_run else ''}")
@@ -384,7 +384,7 @@ def history(vmid: int | None, limit: int, config_path: str | None) -> None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["stop_started"])) if r["stop_started"] else "-"
         down = f"{r['downtime']:.1f}" if r["downtime"] is not None else "-"
         result = r["status"] + (", crash-consistent" if r["crash_consistent"] else "")
-        click.echo(f"{when:16}  {r['vmid']:>6}  {r['vmtype'] + '/' + r['mode']:14}  {down:>7}  {result:22}  {r['stacks']}")
+        click.echo(f"{when:16}  {r['vmid']:>6}  {r['vmtype'] + '/' + r['mode']:14}  {down:>7}  {result:22}  {escape(str(r['stacks']))}")
 
 
 @cli.command()
@@ -457,9 +457,9 @@ def _fails_backup(step: str, vt: GuestType, md: Mode) -> bool:
 
 def _run_hook(argv: list[str], env: dict[str, str], t0: float) -> int:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "vzdump_hook", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run([sys.executable, "-I", "-m", "vzdump_hook", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout.splitlines():
-        click.echo(f"{time.monotonic() - t0:6.1f}s  INFO: {line}")
+        click.echo(f"{time.monotonic() - t0:6.1f}s  INFO: {escape(line)}")  # its stderr too (a traceback)
     click.echo(f"{time.monotonic() - t0:6.1f}s  ({' '.join(argv)}: exit {proc.returncode}, {time.monotonic() - start:.2f} s)")
     return proc.returncode
 
@@ -469,7 +469,7 @@ def _simulate_dry(g: GuestConfig, vt: GuestType, md: Mode, order: tuple[str, ...
     try:
         p = ctl.preflight(time.monotonic() + 30)
     except HookError as e:
-        raise click.ClickException(f"{g.vmid}: {describe(e)}") from None
+        raise click.ClickException(escape(f"{g.vmid}: {describe(e)}")) from None
     finally:
         ctl.close()
     rec = GuestRecord(g.vmid, vt.value, md.value, {}, status=Status.PREFLIGHT_OK)
@@ -513,7 +513,7 @@ def trust(vmid: int, yes: bool, timeout: float, config_path: str | None) -> None
         hk = hostkeys.fetch(g.ssh, timeout)
         have = hostkeys.known(g.ssh.known_hosts, hk)
     except HookError as e:
-        raise click.ClickException(describe(e)) from None
+        raise click.ClickException(escape(describe(e))) from None  # may quote what the guest said
     click.echo(f"{vmid} {g.describe_target()}: host key {hk.fingerprint}")
     if have == "same":
         click.echo(f"already trusted in {g.ssh.known_hosts}")
@@ -558,7 +558,7 @@ def enable(vzdump_conf: str, launcher: str | None, yes: bool, config_path: str |
         try:
             new_cfg = en.with_chain(cfg_text, p.moved, path)
         except HookError as e:
-            raise click.ClickException(describe(e)) from None
+            raise click.ClickException(escape(describe(e))) from None
         if new_cfg != cfg_text:
             en.write(path, new_cfg)
             click.echo(f"{path}: [hook] chain = {list(p.moved)}")

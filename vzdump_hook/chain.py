@@ -21,14 +21,15 @@ from collections.abc import Mapping, Sequence
 log = logging.getLogger(__name__)
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a script past its timeout
-OWN_ENV = ("VZDUMP_HOOK_LAUNCHER", "PYTHONCOERCECLOCALE")  # set by the launcher for this program, not part of vzdump's environment
+OWN_ENV = ("VZDUMP_HOOK_LAUNCHER", "VZDUMP_HOOK_NO_LC_CTYPE")  # set by the launcher for this program, not part of vzdump's environment
+NO_LC_CTYPE = "VZDUMP_HOOK_NO_LC_CTYPE"  # vzdump gave no LC_CTYPE: the one Python's locale coercion set is not passed on
 
 
 def run(scripts: Sequence[str], argv: Sequence[str], env: Mapping[str, str], timeout: float) -> int:
     """Run each script in order with `argv` and `env`; the first non-zero exit status (or 0).
     A script that fails does not keep the next from running: each may have its own job to do."""
     first = 0
-    child_env = {k: v for k, v in env.items() if k not in OWN_ENV}
+    child_env = {k: v for k, v in env.items() if k not in OWN_ENV and not (k == "LC_CTYPE" and env.get(NO_LC_CTYPE))}
     for script in scripts:
         code = _run_one(script, argv, child_env, timeout)
         first = first or code

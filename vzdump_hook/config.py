@@ -170,6 +170,17 @@ class NotifyConfig:
     format: str = "json"  # json | ntfy | gotify | healthchecks
     token_file: str = ""  # ntfy: a Bearer token, gotify: the app token; root-only file
     timeout: float = 10.0
+    # Settings remembered from an earlier config (state.remembered_settings) keep no url, which is the
+    # webhook's secret (a healthchecks or ntfy url): only its hash, and url is "".
+    url_sha256: str = ""
+
+    def key(self) -> str:
+        """The SHA-256 of the url (hex): what a queued message and the remembered settings keep of it."""
+        if self.url_sha256:
+            return self.url_sha256
+        import hashlib
+
+        return hashlib.sha256(self.url.encode()).hexdigest()
 
 
 NOTIFY_FORMATS = ("json", "ntfy", "gotify", "healthchecks")
@@ -901,15 +912,12 @@ def _cached(key: str, cache_dir: str) -> Any:
 
 def _cache(key: str, data: Any, cache_dir: str) -> None:
     """Keep the TOML data as JSON for the next phase (a best effort: any failure only costs a parse)."""
-    tmp = os.path.join(cache_dir, f".{CACHE_FILE}.{os.getpid()}")
+    from . import safefile
+
     try:
-        text = json.dumps({"key": key, "data": data})
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(cache_dir, CACHE_FILE))
-    except (OSError, TypeError, ValueError):  # TypeError: a TOML date, which JSON has not
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        safefile.write_atomic(os.path.join(cache_dir, CACHE_FILE), json.dumps({"key": key, "data": data}), 0o600)
+    except (OSError, TypeError, ValueError, safefile.UnsafePath):  # TypeError: a TOML date, which JSON has not
+        pass
 
 
 def load(path: str | None = None, cache_dir: str | None = None) -> Config:

@@ -417,13 +417,19 @@ class GuestController:
         if ready.url:
             import requests
 
+            from . import httpio
+
             with requests.Session() as s:
                 s.trust_env = False
-                try:
-                    r = s.get(ready.url, timeout=(min(2.0, timeout), timeout), allow_redirects=False)
+                httpio.mount(s)
+                try:  # only the status counts: the body is never read
+                    r = httpio.request(s, "GET", ready.url, timeout=timeout, cap=0, source=f"ready {ready.url}",
+                                       connect_timeout=min(2.0, timeout), body=False)
+                except httpio.DeadlineExceeded as e:
+                    raise OSError(str(e)) from None
                 except requests.RequestException as e:
                     raise OSError(f"{ready.url}: {type(e).__name__}") from None
-                return r.status_code < 400
+                return r.status < 400
         return self.driver.compose_driver.healthy(rec, timeout)
 
 

@@ -106,13 +106,9 @@ def write(path: str, text: str) -> None:
         mode = os.stat(real).st_mode & 0o777
     except FileNotFoundError:
         mode = 0o644
-    tmp = f"{real}.vzdump-hook.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, real)
+    from . import safefile
+
+    safefile.write_atomic(real, text, mode)
 
 
 def job_scripts(pve_dir: str) -> tuple[str, list[str]]:

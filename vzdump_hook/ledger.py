@@ -25,11 +25,13 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import safefile
 from .config import HookSettings
 from .errors import HookError
 from .job import JobId
@@ -86,8 +88,8 @@ class Entry:
 def _atomic_write(path: str, text: str) -> None:
     """Write `text` to `path` by rename from a temporary name (no hard link: pmxcfs has none)."""
     directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")  # no predictable name, no link followed
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -217,7 +219,7 @@ class Ledger:
     def mark_uncovered(self, vmid: int) -> None:
         """No entry could be written for `vmid`: it is unknown until a job-start has asked it. Kept
         locally (state_dir): the ledger itself may be what failed. Raises OSError."""
-        os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+        safefile.private_dir(self.state_dir)
         _atomic_write(os.path.join(self.state_dir, INCOMPLETE_FILE), json.dumps(sorted(self._uncovered() | {vmid})))
 
 

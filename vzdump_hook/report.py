@@ -17,8 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from . import safefile
 from .config import HookSettings, NotifyConfig
 from .state import GuestRecord, Status, write_atomic
+from .text import escape
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,13 @@ def update_metrics(settings: HookSettings, records: Iterable[GuestRecord], now: 
             "last_success": now if result == "ok" else old.get("last_success"),
         }
     try:
-        _write(path, json.dumps(guests, sort_keys=True))
-        _write(settings.metrics_file, render(guests, now))
+        safefile.private_dir(settings.state_dir)
+        write_atomic(path, json.dumps(guests, sort_keys=True))
+        _write(settings.metrics_file, render(guests, now), 0o644)  # node_exporter's user reads it
     except OSError as e:
         log.warning("metrics: %s not written: %s", settings.metrics_file, e.strerror or e)
+    except safefile.UnsafePath as e:
+        log.warning("metrics: %s", e)
 
 
 def render(guests: dict[str, dict[str, Any]], now: float) -> str:
@@ -101,12 +106,14 @@ def render(guests: dict[str, dict[str, Any]], now: float) -> str:
 
 
 def _label(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    """A label value: escaped as any guest text first (no control or bidi character reaches a
+    dashboard or an alert), then as the exposition format wants it (backslash, quote, newline)."""
+    return escape(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _write(path: str, text: str) -> None:
+def _write(path: str, text: str, mode: int = 0o600) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_atomic(path, text)
+    safefile.write_atomic(path, text, mode)
 
 
 # -- notifications -------------------------------------------------------------------------------
@@ -121,7 +128,10 @@ class Message:
 
 
 def job_message(node: str, job: str, records: list[GuestRecord], config_problem: str | None) -> Message:
-    """The job-end message: one line per guest, what is wrong first."""
+    """The job-end message: one line per guest, what is wrong first. Names that may come from a guest
+    (its stacks) and the config problem are escaped, in the text and in the JSON alike: a line break
+    cannot forge a line of the message, a control character cannot reach the reader's screen."""
+    config_problem = escape(config_problem) if config_problem else config_problem
     lines = []
     down = [r for r in records if r.status.pending]
     if down:
@@ -130,25 +140,40 @@ def job_message(node: str, job: str, records: list[GuestRecord], config_problem:
         lines.append(f"config unusable, guests backed up WITHOUT quiescing: {config_problem}")
     for r in records:
         down_s = f", down {r.downtime:.1f} s" if r.downtime is not None else ""
-        lines.append(f"{r.vmid}: {result_of(r)}{down_s}" + (f" ({', '.join(s.name for s in r.stacks)})" if r.stacks else ""))
+        lines.append(f"{r.vmid}: {result_of(r)}{down_s}" + (f" ({', '.join(escape(s.name) for s in r.stacks)})" if r.stacks else ""))
     problem = bool(down or config_problem or any(result_of(r) != "ok" for r in records if r.status is not Status.SKIPPED))
     title = f"vzdump-hook on {node}: " + ("stacks still DOWN" if down else "problems" if problem else "ok")
     data = {"node": node, "job": job, "at": round(time.time(), 3), "result": "down" if down else "problem" if problem else "ok", "config_problem": config_problem,
-            "guests": [{"vmid": r.vmid, "result": result_of(r), "downtime": r.downtime, "stacks": [s.name for s in r.stacks]} for r in records]}
+            "guests": [{"vmid": r.vmid, "result": result_of(r), "downtime": r.downtime, "stacks": [escape(s.name) for s in r.stacks]} for r in records]}
     return Message(title, "\n".join(lines) or "no guests", problem, data)
 
 
 def _request(cfg: NotifyConfig, m: Message) -> dict[str, Any]:
-    """The HTTP request for `m` in the receiver's format, without the secret (added when sent)."""
+    """The HTTP request for `m` in the receiver's format, without any secret: the url (for healthchecks
+    and ntfy the url is the secret) is kept as its hash (`to`) and the path added to it (`suffix`); the
+    token is added when it is sent. This is what a queued message keeps under state_dir."""
+    req: dict[str, Any] = {"to": cfg.key(), "suffix": "", "headers": {"Content-Type": "application/json"}}
     if cfg.format == "ntfy":
         headers = {"Title": m.title, "Priority": "urgent" if m.problem else "default", "Tags": "warning" if m.problem else "white_check_mark"}
-        return {"url": cfg.url, "headers": headers, "body": m.text}
+        return {**req, "headers": headers, "body": m.text}
     if cfg.format == "gotify":
-        return {"url": cfg.url, "headers": {"Content-Type": "application/json"},
-                "body": json.dumps({"title": m.title, "message": m.text, "priority": 8 if m.problem else 4})}
+        return {**req, "body": json.dumps({"title": m.title, "message": m.text, "priority": 8 if m.problem else 4})}
     if cfg.format == "healthchecks":  # a ping URL: /fail marks the check down
-        return {"url": cfg.url.rstrip("/") + ("/fail" if m.problem else ""), "headers": {}, "body": f"{m.title}\n{m.text}"}
-    return {"url": cfg.url, "headers": {"Content-Type": "application/json"}, "body": json.dumps({"title": m.title, "text": m.text, **m.data})}
+        return {**req, "suffix": "/fail" if m.problem else "", "headers": {}, "body": f"{m.title}\n{m.text}"}
+    return {**req, "body": json.dumps({"title": m.title, "text": m.text, **m.data})}
+
+
+def _url(cfg: NotifyConfig, req: dict[str, Any]) -> str:
+    base = cfg.url.rstrip("/") if req.get("suffix") else cfg.url
+    return base + str(req.get("suffix", ""))
+
+
+def shown_url(url: str) -> str:
+    """The receiver as the task log may show it: scheme and host, never the path or query (the secret)."""
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    return f"{u.scheme}://{u.hostname or '?'}{f':{u.port}' if u.port else ''}/..."
 
 
 def _send(cfg: NotifyConfig, req: dict[str, Any], timeout: float) -> None:
@@ -159,8 +184,15 @@ def _send(cfg: NotifyConfig, req: dict[str, Any], timeout: float) -> None:
         with open(cfg.token_file) as f:
             token = f.read().strip()
         headers["X-Gotify-Key" if cfg.format == "gotify" else "Authorization"] = token if cfg.format == "gotify" else f"Bearer {token}"
-    r = requests.post(req["url"], data=req["body"].encode(), headers=headers, timeout=(min(timeout, 5), timeout))
-    r.raise_for_status()
+    from . import httpio
+
+    with requests.Session() as s:
+        s.trust_env = False
+        httpio.mount(s)
+        r = httpio.request(s, "POST", _url(cfg, req), timeout=timeout, cap=64 * 1024, source=f"notify {shown_url(cfg.url)}",
+                           connect_timeout=min(timeout, 5), data=req["body"].encode(), headers=headers)
+    if r.status >= 400:
+        raise OSError(f"HTTP {r.status} {r.reason}")
 
 
 def notify(settings: HookSettings, m: Message | None) -> None:
@@ -173,15 +205,31 @@ def notify(settings: HookSettings, m: Message | None) -> None:
     deadline = time.monotonic() + 2 * cfg.timeout
     if m is not None:
         req = _request(cfg, m)
+        if not cfg.url:  # settings remembered from the last valid config: they keep no url
+            log.info("notify: the config is unusable: the message is queued for the next job with a valid config")
+            _enqueue(queue, req)
+            return
         if not _try(cfg, req, deadline):
             _enqueue(queue, req)
             return  # the receiver is down: leave the queue for later
+    if not cfg.url:
+        return
     for name in _queued(queue):
         path = os.path.join(queue, name)
         try:
             with open(path) as f:
                 req = json.load(f)
-        except (OSError, ValueError):
+            if "url" in req:  # queued by an older version, with the url itself: kept without it from now on
+                old, fail = str(req["url"]), cfg.url.rstrip("/") + "/fail"
+                to = cfg.key() if old in (cfg.url, fail) else NotifyConfig(old).key()
+                req = {**{k: v for k, v in req.items() if k != "url"}, "to": to, "suffix": "/fail" if old == fail != cfg.url else ""}
+                _write(path, json.dumps(req))
+        except (OSError, ValueError, TypeError, AttributeError, safefile.UnsafePath):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            continue
+        if req.get("to") != cfg.key():
+            log.info("notify: dropped %s: queued for a notify url the config no longer names", name)
             with contextlib.suppress(OSError):
                 os.unlink(path)
             continue
@@ -199,8 +247,19 @@ def _try(cfg: NotifyConfig, req: dict[str, Any], deadline: float) -> bool:
         _send(cfg, req, min(cfg.timeout, left))
         return True
     except Exception as e:  # a notifier must never break a backup: requests' errors, a bad token file
-        log.warning("notify: %s not delivered (%s): queued, retried at the next job", req["url"], _short(e))
+        log.warning("notify: %s not delivered (%s): queued, retried at the next job", shown_url(cfg.url), _hide(_short(e), cfg))
         return False
+
+
+def _hide(text: str, cfg: NotifyConfig) -> str:
+    """`text` (an exception's, which may quote the url) without the url's path and query."""
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(cfg.url)
+    for secret in (cfg.url.rstrip("/"), u.path.rstrip("/"), u.query):
+        if len(secret) > 1:
+            text = text.replace(secret, "/...")
+    return text
 
 
 def _short(e: Exception) -> str:
@@ -217,11 +276,12 @@ def _queued(queue: str) -> list[str]:
 
 def _enqueue(queue: str, req: dict[str, Any]) -> None:
     try:
+        safefile.private_dir(os.path.dirname(queue))
         os.makedirs(queue, mode=0o700, exist_ok=True)
         _write(os.path.join(queue, f"{time.time():017.6f}-{uuid.uuid4().hex[:8]}.json"), json.dumps(req))
         names = _queued(queue)
         for old in names[: max(0, len(names) - MAX_QUEUED)]:
             os.unlink(os.path.join(queue, old))
             log.warning("notify: queue full, dropped %s", old)
-    except OSError as e:
-        log.warning("notify: could not queue the message: %s", e.strerror or e)
+    except (OSError, safefile.UnsafePath) as e:
+        log.warning("notify: could not queue the message: %s", getattr(e, "strerror", None) or e)

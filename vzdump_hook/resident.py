@@ -114,7 +114,7 @@ def arm(state: HostState, guest: GuestConfig, vmtype: str, mode: str, deadline: 
     info = Info(guest.vmid, vmtype, mode, state.job.to_dict(), asdict(settings), dict(guest.table), deadline, watching,
                 chain=bool(state.settings.chain))
     _save(info_path, info)
-    pid = spawn([sys.executable, "-m", MODULE, info_path], log_path)
+    pid = spawn([sys.executable, "-I", "-m", MODULE, info_path], log_path)  # isolated, as the launcher runs the program
     info.pid, info.pid_start = pid, process_start(pid) or 0
     _save(info_path, info)
     return info

@@ -13,12 +13,14 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from . import safefile
 from .config import HookSettings, Kind, NotifyConfig
 from .errors import HookError
 from .job import JobId
@@ -99,30 +101,28 @@ def remember_settings(settings: HookSettings, state_dir: str) -> None:
     broken config cannot move it): a phase that cannot read the config still finds its run dir,
     state dir and chained scripts. Written only when they changed."""
     path = os.path.join(state_dir, SETTINGS_FILE)
-    text = json.dumps(asdict(settings), sort_keys=True)
+    kept = asdict(settings)
+    if settings.notify is not None:  # the url is the webhook's secret (a healthchecks or ntfy url): kept as its hash
+        kept["notify"] = {**kept["notify"], "url": "", "url_sha256": settings.notify.key()}
+    text = json.dumps(kept, sort_keys=True)
+    safefile.private_dir(state_dir)  # also an older install's 0755 state dir
     with contextlib.suppress(OSError):
         with open(path) as f:
-            if f.read() == text:
+            if f.read() == text and stat.S_IMODE(os.fstat(f.fileno()).st_mode) == 0o600:
                 return
-    os.makedirs(state_dir, mode=0o755, exist_ok=True)
     write_atomic(path, text)
 
 
 def write_json(path: str, data: object) -> None:
     """`data` as JSON at `path` (write_atomic), its directory made 0700 if missing: the run dir's files."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    safefile.private_dir(os.path.dirname(path))
     write_atomic(path, json.dumps(data))
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Replace the file at `path` with `text`: written to a temporary name, fsynced, renamed over it
-    (a reader sees the old or the new file, never a part; works on the cluster file system)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace the file at `path` with `text`, readable by root alone (safefile.write_atomic: no link
+    followed, no predictable name; a reader sees the old or the new file, never a part)."""
+    safefile.write_atomic(path, text, 0o600)
 
 
 def remembered_settings(state_dir: str) -> HookSettings | None:
@@ -132,7 +132,9 @@ def remembered_settings(state_dir: str) -> HookSettings | None:
             d = json.load(f)
         d["chain"] = tuple(d.get("chain", ()))
         if d.get("notify") is not None:
-            d["notify"] = NotifyConfig(**d["notify"])
+            n = d["notify"]  # an older install kept the url itself: only its hash is used
+            n["url_sha256"] = n.get("url_sha256") or NotifyConfig(n.get("url", "")).key()
+            d["notify"] = NotifyConfig(**{**n, "url": ""})
         return HookSettings(**d)
     except (OSError, ValueError, TypeError, AttributeError):
         return None
@@ -158,6 +160,7 @@ def recovery_answer(state_dir: str, vmid: int, now: float) -> str | None:
 
 def keep_recovery_answer(state_dir: str, vmid: int, answer: str, now: float) -> None:
     d = os.path.join(state_dir, RECOVERY_DIR)
+    safefile.private_dir(state_dir)
     os.makedirs(d, mode=0o700, exist_ok=True)
     write_atomic(os.path.join(d, f"{vmid}.json"), json.dumps({"recovery": answer, "at": now}))
 
@@ -180,6 +183,7 @@ def forget_recovery_answers(state_dir: str, vmid: int | None = None, unless_vers
             if name.endswith(".json"):
                 os.unlink(os.path.join(d, name))
     if unless_version is not None:
+        safefile.private_dir(state_dir)
         os.makedirs(d, mode=0o700, exist_ok=True)
         write_atomic(stamp, unless_version)
 
@@ -207,6 +211,11 @@ class HostState:
         self.job = job
         self.job_dir = job.directory(settings.run_dir)
 
+    def _make_job_dir(self) -> None:
+        """The job's directory, under a run dir only root may enter (an older install's 0755 is fixed)."""
+        safefile.private_dir(self.settings.run_dir)
+        os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
+
     # -- per-guest records -----------------------------------------------------------------------
 
     def _path(self, vmid: int) -> str:
@@ -216,7 +225,7 @@ class HostState:
         return _read_record(self._path(vmid))
 
     def save(self, rec: GuestRecord) -> None:
-        os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
+        self._make_job_dir()
         write_atomic(self._path(rec.vmid), rec.to_json())
 
     def records(self, job_dir: str | None = None) -> list[GuestRecord]:
@@ -230,13 +239,13 @@ class HostState:
         return sorted((r for r in found if r is not None), key=lambda r: r.vmid)
 
     def write_job_info(self) -> None:
-        os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
+        self._make_job_dir()
         with open(os.path.join(self.job_dir, "job.json"), "w") as f:
             json.dump({**self.job.to_dict(), "started": time.time()}, f)
 
     def set_flag(self, name: str) -> None:
         """Remember `name` for later phases of this job (an empty file in the job directory)."""
-        os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
+        self._make_job_dir()
         with open(os.path.join(self.job_dir, f"flag-{name}"), "w"):
             pass
 
@@ -247,7 +256,7 @@ class HostState:
 
     def note_config_error(self, text: str) -> None:
         """Remember for job-end that this job ran without a usable config (`text`: why)."""
-        os.makedirs(self.job_dir, mode=0o700, exist_ok=True)
+        self._make_job_dir()
         with open(os.path.join(self.job_dir, "config-error"), "w") as f:
             f.write(text)
 
@@ -282,6 +291,7 @@ class HostState:
     def guest_lock(self, vmid: int, timeout: float) -> Iterator[None]:
         """Exclusive per-guest lock (across processes), waited for at most `timeout` seconds."""
         lock_dir = os.path.join(self.settings.run_dir, "locks")
+        safefile.private_dir(self.settings.run_dir)
         os.makedirs(lock_dir, mode=0o700, exist_ok=True)
         fd = os.open(os.path.join(lock_dir, f"{vmid}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -303,7 +313,7 @@ class HostState:
     # -- history -------------------------------------------------------------------------------
 
     def _db(self) -> sqlite3.Connection:
-        os.makedirs(self.settings.state_dir, mode=0o755, exist_ok=True)
+        safefile.private_dir(self.settings.state_dir)
         db = sqlite3.connect(os.path.join(self.settings.state_dir, "history.sqlite"), timeout=10)
         db.execute(
             "CREATE TABLE IF NOT EXISTS runs (job TEXT, node TEXT, vmid INTEGER, vmtype TEXT, mode TEXT, "

@@ -49,7 +49,7 @@ from vzdump_hook.state import GuestRecord, HostState, Status
 from .test_hook import ALL_UP, APP_DOWN, MARKER, Hook
 
 QEMU, LXC = GuestType.QEMU, GuestType.LXC
-RESIDENT_PY = [sys.executable, "-m", "vzdump_hook.resident"]
+RESIDENT_PY = [sys.executable, "-I", "-m", "vzdump_hook.resident"]
 MAIN = "MainThread"  # the phases run here; each resident in a thread of its own (its "process")
 
 

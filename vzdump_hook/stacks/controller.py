@@ -26,6 +26,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import httpio
 from ..config import ControllerSpec, Kind, token_file_problem
 from ..errors import ConfigError, ControllerError, HookError
 from ..job import JobId
@@ -148,30 +149,33 @@ class HttpCarrier:
                     super().init_poolmanager(*args, **kwargs)
 
             s.verify = False
-            s.mount("https://", Pinned(max_retries=0))
+            httpio.mount(s, Pinned(max_retries=0))
         else:
             s.verify = self.spec.ca_file
-            s.mount("https://", HTTPAdapter(max_retries=0))
+            httpio.mount(s, HTTPAdapter(max_retries=0))
         self._session = s
         return s
 
     def send(self, phase: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """One message; the whole request (connect, TLS, answer) within `timeout`, its answer at most MAX_ANSWER."""
         import requests
 
-        s = self._open()
-        try:
-            if phase == "status":
-                r = s.get(f"{self.spec.url}/v1/status", timeout=(CONNECT_TIMEOUT, max(0.1, timeout)), allow_redirects=False)
-            else:
-                r = s.post(f"{self.spec.url}/v1/{phase}", json=fields, timeout=(CONNECT_TIMEOUT, max(0.1, timeout)), allow_redirects=False)
-            data = r.content[:MAX_ANSWER]
-        except requests.RequestException as e:
-            from ..errors import ConnectError
+        from ..errors import ConnectError
 
+        s = self._open()
+        method, args = ("GET", {}) if phase == "status" else ("POST", {"json": fields})
+        try:
+            r = httpio.request(s, method, f"{self.spec.url}/v1/{phase}", timeout=timeout, cap=MAX_ANSWER,
+                               source=f"{self.where}: {phase}", connect_timeout=CONNECT_TIMEOUT, **args)
+        except httpio.TooLarge as e:
+            raise Refused(str(e)) from None  # as an answer that is not one of the contract
+        except httpio.DeadlineExceeded as e:
+            raise ConnectError(str(e)) from None
+        except requests.RequestException as e:
             raise ConnectError(f"{self.where}: {phase}: {type(e).__name__}: {str(e)[:300]}") from None
-        if r.status_code in (401, 403):
-            raise ConfigError([f"{self.where}: {phase}: HTTP {r.status_code}: the token in {self.spec.token_file} is refused (is it the controller's?)"])
-        return check_answer(data, phase, f"{self.where}, HTTP {r.status_code}")
+        if r.status in (401, 403):
+            raise ConfigError([f"{self.where}: {phase}: HTTP {r.status}: the token in {self.spec.token_file} is refused (is it the controller's?)"])
+        return check_answer(r.body, phase, f"{self.where}, HTTP {r.status}")
 
     def close(self) -> None:
         if self._session is not None:

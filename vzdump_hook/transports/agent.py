@@ -36,6 +36,7 @@ INPUT_LIMIT = 64 * 1024  # PVE: input-data maxLength
 BODY_LIMIT = 60 * 1024  # pveproxy refuses request bodies over 64 KiB; keep a margin for the form encoding
 PART = 30 * 1024  # raw bytes per file-write (base64: 40 KiB, under file-write's 60 KiB content limit)
 REQUEST_CAP = 30.0  # one API request never waits longer than this
+MAX_API_ANSWER = 16 * 1024 * 1024  # bytes of one API answer read: twice MAX_OUTPUT, base64, with room
 _HTTP_STATUS = re.compile(r"^(\d{3}) [A-Za-z]", re.M)  # pvesh prints an API error's status first
 _AGENT_OFF = re.compile(r"guest agent is not running|no qemu guest agent configured|not running|got timeout", re.I)
 
@@ -157,20 +158,27 @@ class AgentTransport(Transport):
         session.headers["Authorization"] = f"PVEAPIToken={cfg.token_id}={secret}"
         session.verify = cfg.verify
         session.trust_env = False  # no proxy or CA bundle from the environment: the config says where the API is
-        return session
+        from .. import httpio
+
+        return httpio.mount(session)
 
     def _https(self, method: str, path: str, args: dict[str, Any]) -> Any:
         host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
         url = f"https://{host}:{self.cfg.port}/api2/json{path}"
         form = {"data": args} if method == "POST" else {"params": args}
-        resp = self._api.request(method, url, timeout=self._tl.timeout, **form)  # lists go as repeated keys, as PVE takes them
+        from .. import httpio
+
+        # lists go as repeated keys, as PVE takes them; the whole request within the timeout, the answer
+        # (a guest's output, base64) at most MAX_API_ANSWER
+        resp = httpio.request(self._api, method, url, timeout=self._tl.timeout, cap=MAX_API_ANSWER,
+                              source=f"{self.target}: {method} {path}", **form)
         try:
-            body = resp.json()
+            body = json.loads(resp.body)
         except ValueError:
             body = None
-        if resp.status_code >= 400:
+        if resp.status >= 400:
             errors = body.get("errors") if isinstance(body, dict) else None
-            raise ApiError(resp.status_code, resp.reason or "", errors)
+            raise ApiError(resp.status, resp.reason, errors)
         return body.get("data") if isinstance(body, dict) else None
 
     def _call(self, verb: str, what: str, deadline: float, shown: str, **args: Any) -> Any:
@@ -205,6 +213,13 @@ class AgentTransport(Transport):
 
     def _request_error(self, what: str, e: Exception, shown: str) -> TransportError:
         import requests
+
+        from .. import httpio
+
+        if isinstance(e, httpio.DeadlineExceeded):
+            return CommandTimeout(f"{self.target}: the API gave no whole answer for agent/{what} within {self._tl.timeout:.1f} s", command=shown)
+        if isinstance(e, httpio.TooLarge):
+            return TransportError(f"{e} (agent/{what})", command=shown)
 
         if isinstance(e, requests.exceptions.SSLError):
             return ConnectError(f"{self.target}: TLS certificate not trusted (verify = {self.cfg.verify}): {e}", command=shown)
