@@ -15,6 +15,9 @@ if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2
 fi
 [ -x "$prefix/bin/python" ] || python3 -m venv "$prefix"
 "$prefix/bin/python" -m pip install -q --disable-pip-version-check "$src"
+# the console script pip makes starts Python without -I (a PYTHONPATH in root's environment would be
+# read): the launcher below is the one way to start the program
+rm -f "$prefix/bin/vzdump-hook"
 # the launcher (examples/node/vzdump-hook) is what vzdump runs: it keeps a broken Python from failing backups
 rm -f /usr/local/bin/vzdump-hook.new
 sed "s|^PYTHON=.*|PYTHON=$prefix/bin/python|" "$src/examples/node/vzdump-hook" > /usr/local/bin/vzdump-hook.new

@@ -365,7 +365,7 @@ class PhaseRunner:
         lines = [(int(lv), str(t)) for lv, t in answer.get("lines", ())] if answer else []
         lines += resident.leftover_lines(self.state.job_dir, vmid)
         for level, text in lines:
-            log.log(level, text)
+            log.log(level, "%s", text)  # its lines: escaped like any argument
         return answer is not None
 
     # -- resume --------------------------------------------------------------------------------
@@ -554,7 +554,7 @@ class PhaseRunner:
         down = [r.vmid for r in records if r.status.pending]
         for r in records:
             for level, text in resident.leftover_lines(self.state.job_dir, r.vmid):
-                log.log(level, text)
+                log.log(level, "%s", text)  # its lines: escaped like any argument
         for _, info in resident.residents(self.settings.run_dir):
             if JobId.from_dict(info.job) == self.job and info.vmid in down:
                 log.warning("%s %d: its resident keeps trying to start the stacks until %s (the marker's deadline)", phase.value, info.vmid,

@@ -79,7 +79,7 @@ def _register(sock: Any) -> None:
 def _watched(cls: type) -> type:
     """A subclass of urllib3's connection class `cls` whose sockets the running request's watch knows."""
 
-    class Watched(cls):  # type: ignore[valid-type,misc]
+    class Watched(cls):  # type: ignore[misc]
         def _new_conn(self) -> Any:
             sock = super()._new_conn()
             _register(sock)
@@ -98,10 +98,10 @@ def _pool_classes() -> dict[str, type]:
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-    class Pool(HTTPConnectionPool):  # type: ignore[misc]
+    class Pool(HTTPConnectionPool):
         ConnectionCls = _watched(HTTPConnection)
 
-    class TlsPool(HTTPSConnectionPool):  # type: ignore[misc]
+    class TlsPool(HTTPSConnectionPool):
         ConnectionCls = _watched(HTTPSConnection)
 
     return {"http": Pool, "https": TlsPool}

@@ -3,6 +3,7 @@ the hook), the guest being a FakeGuest behind a patched open_transport, config a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -782,3 +783,58 @@ def test_a_hostile_marker_of_one_guest_changes_nothing_for_another(hook: Hook, c
     assert len([m for m in caplog.messages if m.startswith("103 ")]) == 1
     assert any("stacks still DOWN in guest(s) 101" in m for m in caplog.messages)
 
+
+
+# -- guest text in the task log (security issue 20, finding 5) -------------------------------------
+
+# NEL, CSI, LINE SEPARATOR and RLO pass the marker's parser (JSON \u escapes, control-free in its
+# sense); ESC and a newline do not, so they come through the guest's command output
+FORGED = "vzdump-hook: all stacks running"
+THROUGH_THE_MARKER = f"x\x85\x9b2J\u2028{FORGED}\u202e"
+THROUGH_OUTPUT = f"port\x1b[2K\r\x9b1G\u202e taken\n{FORGED}\x85{FORGED}"
+RAW = "\x85\x9b\u2028\u202e\x1b\r"
+
+
+def _assert_task_log_is_ours(out: str) -> None:
+    """Every line of `out` is one of the hook's: prefixed, none forged, nothing raw."""
+    assert out.endswith("\n")
+    for line in out[:-1].split("\n"):
+        assert line.startswith("vzdump-hook: ") and not line.startswith(f"vzdump-hook: {FORGED}"), line
+        assert line.splitlines() == [line], line  # no other character that breaks a line
+        assert not [c for c in line if c in RAW], line
+
+
+def test_a_hostile_marker_and_output_reach_the_task_log_escaped(hook: Hook, task_log: pytest.CaptureFixture[str], mocker: MockerFixture) -> None:
+    """The marker's job (node, boot), vmtype and mode, and the guest's stderr, carry NEL, CSI, LINE
+    SEPARATOR, RLO, ESC, CR and newlines: backup-start's lines show them escaped, one line each."""
+    hook.configure('on_quiesce_error = "abort"')
+    m = stale_marker(hook.g, JobId(THROUGH_THE_MARKER, THROUGH_THE_MARKER, 4242, 1))
+    hook.g.files[MARKER] = dataclasses.replace(m, vmtype=THROUGH_THE_MARKER, mode=THROUGH_THE_MARKER).to_json()
+    assert markers.parse(hook.g.files[MARKER]).job.node == THROUGH_THE_MARKER  # the node reads it as it is
+    hook.g.projects["db"].start_fails = True
+    compose = hook.g._compose
+
+    def hostile_stderr(argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
+        status, out, err = compose(argv, stdin, timeout)
+        return status, out, (THROUGH_OUTPUT.encode() if status else err)
+
+    mocker.patch.object(hook.g, "_compose", side_effect=hostile_stderr)
+    task_log.readouterr()
+    assert hook("backup-start", Mode.SNAPSHOT, 101, QEMU) == 1  # the stale marker's db does not start: abort
+    out = task_log.readouterr().out
+    _assert_task_log_is_ours(out)
+    shown = "x\\x85\\x9b2J\\u2028vzdump-hook: all stacks running\\u202e"
+    assert f"vzdump-hook: WARNING: backup-start 101: marker left by job {shown}/4242 (" in out, out
+    assert "port\\x1b[2K" in out and "\\x9b1G\\u202e taken" in out, out  # what docker said, escaped
+
+
+@pytest.mark.parametrize("field", ["node", "boot", "vmtype", "mode"])
+def test_a_marker_with_raw_control_characters_is_refused_and_not_shown(hook: Hook, task_log: pytest.CaptureFixture[str], field: str) -> None:
+    m = stale_marker(hook.g, dead_job())
+    hook.g.files[MARKER] = m.to_json().replace(f'"{field}": "'.encode(), f'"{field}": "\\u001b[2J\\r\\n{FORGED}'.encode(), 1)
+    assert FORGED.encode() in hook.g.files[MARKER]
+    task_log.readouterr()
+    hook("backup-start", Mode.SNAPSHOT, 101, QEMU)
+    out = task_log.readouterr().out
+    _assert_task_log_is_ours(out)
+    assert "has a control character" in out, out  # the marker is refused, naming the field

@@ -63,3 +63,31 @@ def test_report_keys_are_validated(text: str, problem: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse(f"[hook]\n{text}\n")
     assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+
+# -- guest names in the textfile and the message (security issue 20, finding 5) ----------------------
+
+HOSTILE = 'db"\\\n# TYPE x\x1b[2J\x85\u2028\u202e'
+SHOWN = r'db"\\x0a# TYPE x\x1b[2J\x85\u2028\u202e'  # as text.escape writes it: one line, printable
+
+
+def test_a_hostile_stack_name_is_one_escaped_label_value() -> None:
+    guests = {"101": {"stacks": [HOSTILE], "down": [HOSTILE], "downtime": 1.5, "result": "still-down", "last_success": None}}
+    text = report.render(guests, 1796127500.0)
+    lines = text[:-1].split("\n")
+    assert all(ln.isprintable() and (ln.startswith("# HELP ") or ln.startswith("# TYPE ") or ln.startswith("vzdump_hook_")) for ln in lines), text
+    assert len([ln for ln in lines if ln.startswith("# TYPE ")]) == 6  # no sample line became a comment or a new family
+    samples = [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+    assert ("vzdump_hook_stack_down", {"vmid": "101", "stack": SHOWN}, 1.0) in samples
+    assert ("vzdump_hook_last_downtime_seconds", {"vmid": "101", "stack": SHOWN}, 1.5) in samples
+
+
+def test_the_message_shows_guest_names_and_the_config_problem_escaped() -> None:
+    m = report.job_message("pve1", "pve1/123", [rec(101, Status.RESUME_FAILED, stacks=(HOSTILE, "web"), down=None)], "guests.101: bad\nvzdump-hook: ok\x1b[2J")
+    lines = m.text.split("\n")
+    assert lines == [
+        "STACKS STILL DOWN in guest(s) 101: run `vzdump-hook recover` on pve1",
+        "config unusable, guests backed up WITHOUT quiescing: guests.101: bad\\x0avzdump-hook: ok\\x1b[2J",
+        f"101: still-down ({SHOWN}, web)",
+    ]
+    assert m.data["guests"][0]["stacks"] == [SHOWN, "web"] and m.data["config_problem"] == "guests.101: bad\\x0avzdump-hook: ok\\x1b[2J"

@@ -11,6 +11,8 @@ from vzdump_hook import hook as hookmod
 from vzdump_hook.errors import ConfigError, TransportError
 from vzdump_hook.text import escape, escape_lines
 
+from .test_logs import unsafe
+
 FORGERIES = [
     "db\nvzdump-hook: all stacks running",
     "db\rvzdump-hook: all stacks running",
@@ -19,6 +21,11 @@ FORGERIES = [
     "db\u2028vzdump-hook: all stacks running",
     "db\u202evzdump-hook: gninnur",
     "db\x00\x07\x08\x7f",
+    # the rest of what str.splitlines() breaks at, CSI, and the bidi marks and isolates (issue 20)
+    "db\x0bvzdump-hook: x\x0cvzdump-hook: y\x1cvzdump-hook: z\x1d\x1e\u2029",
+    "db\x9b2J\x9b1Gvzdump-hook: all stacks running",
+    "db\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u2066\u2067\u2068\u2069",
+    "db\ud800\udc80",  # lone surrogates (undecodable bytes): no terminal shows one
 ]
 
 
@@ -26,6 +33,18 @@ FORGERIES = [
 def test_escape_leaves_no_control_character(text: str) -> None:
     out = escape(text)
     assert out.isprintable() and out.startswith("db\\")
+
+
+def test_escape_changes_exactly_the_unsafe_characters() -> None:
+    # the oracle is Unicode's own tables (tests/unit/test_logs.py), not text.py's list
+    chars = [chr(i) for i in range(0x10000)] + ["\U0001f600", "\U000e0001", "\U0010ffff"]
+    assert [f"U+{ord(c):04X}" for c in chars if (escape(c) != c) != bool(unsafe(c))] == []
+
+
+def test_escape_writes_each_as_its_code_and_escaping_again_changes_nothing() -> None:
+    assert [escape(c) for c in "\x85\x9b\x1b\u2028\u202e\u061c\ud800"] == ["\\x85", "\\x9b", "\\x1b", "\\u2028", "\\u202e", "\\u061c", "\\ud800"]
+    for text in FORGERIES:
+        assert escape(escape(text)) == escape(text)
 
 
 def test_escape_keeps_ordinary_text() -> None:

@@ -163,7 +163,7 @@ class HttpCarrier:
         from ..errors import ConnectError
 
         s = self._open()
-        method, args = ("GET", {}) if phase == "status" else ("POST", {"json": fields})
+        method, args = ("GET", dict[str, Any]()) if phase == "status" else ("POST", {"json": fields})
         try:
             r = httpio.request(s, method, f"{self.spec.url}/v1/{phase}", timeout=timeout, cap=MAX_ANSWER,
                                source=f"{self.where}: {phase}", connect_timeout=CONNECT_TIMEOUT, **args)

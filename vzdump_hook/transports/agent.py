@@ -165,7 +165,7 @@ class AgentTransport(Transport):
     def _https(self, method: str, path: str, args: dict[str, Any]) -> Any:
         host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
         url = f"https://{host}:{self.cfg.port}/api2/json{path}"
-        form = {"data": args} if method == "POST" else {"params": args}
+        form: dict[str, Any] = {"data": args} if method == "POST" else {"params": args}
         from .. import httpio
 
         # lists go as repeated keys, as PVE takes them; the whole request within the timeout, the answer
