@@ -8,7 +8,6 @@ Layout (see examples/config.toml):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re

@@ -42,7 +42,7 @@ def directory_problem(st: os.stat_result, path: str) -> str | None:
 def _open_dir(path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
+    except OSError:
         if os.path.islink(path):
             raise UnsafePath(f"{path} is a symbolic link: vzdump-hook writes only into a real directory of root's") from None
         raise

@@ -11,7 +11,6 @@ the same directory runs it."""
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 import sys
 from pathlib import Path
