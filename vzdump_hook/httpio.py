@@ -140,14 +140,7 @@ def request(session: Any, method: str, url: str, *, timeout: float, cap: int, so
         try:
             resp = session.request(method, url, headers=headers, stream=True, allow_redirects=False,
                                    timeout=(min(connect_timeout, timeout), timeout), **kwargs)
-            data = bytearray()
-            if body:
-                for chunk in resp.raw.stream(CHUNK, decode_content=False):
-                    data += chunk
-                    if len(data) > cap:
-                        raise TooLarge(f"{source}: the answer is longer than {_size(cap)}: not read further")
-                    if time.monotonic() > deadline:
-                        break
+            data = _body(resp, cap, deadline, source) if body else b""
         except TooLarge:
             raise
         except Exception:
@@ -162,6 +155,24 @@ def request(session: Any, method: str, url: str, *, timeout: float, cap: int, so
         _current.watch = None
         if resp is not None:
             resp.close()
+
+
+def _body(resp: Any, cap: int, deadline: float, source: str) -> bytes:
+    """The body of `resp`, as it came (a compressed one is not unpacked), up to `cap` bytes."""
+    import requests
+    import urllib3.exceptions
+
+    data = bytearray()
+    try:
+        for chunk in resp.raw.stream(CHUNK, decode_content=False):
+            data += chunk
+            if len(data) > cap:
+                raise TooLarge(f"{source}: the answer is longer than {_size(cap)}: not read further")
+            if time.monotonic() > deadline:
+                break
+    except urllib3.exceptions.HTTPError as e:  # as requests' own reading reports them: a broken answer
+        raise requests.exceptions.ChunkedEncodingError(f"{source}: {e}") from None
+    return bytes(data)
 
 
 def _size(n: int) -> str:
