@@ -416,7 +416,7 @@ def simulate(vmid: int, vmtype: str, mode: str, pause: float, transfer: float, d
     env = {"STOREID": "simulate", "DUMPDIR": "/tmp", "VMTYPE": vmtype, "HOSTNAME": f"guest{vmid}", "TARGET": f"/tmp/vzdump-{vmtype}-{vmid}-simulate.tar", "LOGFILE": "/dev/null"}
     # Test/dev deviation from vzdump: the config path (and state dirs) must reach the child.
     env[configuration.CONFIG_ENV] = cfg.source
-    for k in (RUN_DIR_ENV, STATE_DIR_ENV, "VZDUMP_HOOK_DEBUG"):
+    for k in (RUN_DIR_ENV, STATE_DIR_ENV, guest_install.GUEST_ROOT_ENV, "VZDUMP_HOOK_DEBUG"):  # the phases look where `check` looked
         if os.environ.get(k):
             env[k] = os.environ[k]
     t0 = time.monotonic()
