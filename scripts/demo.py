@@ -28,7 +28,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--type", default="lxc", choices=["lxc", "qemu"])
     ap.add_argument("--mode", default="snapshot", choices=["stop", "suspend", "snapshot"])
-    ap.add_argument("--transfer", type=float, default=5.0, help="seconds of simulated data transfer")
+    ap.add_argument("--transfer", type=float, default=2.0, help="seconds of simulated data transfer")
     args = ap.parse_args()
     hook = str(Path(sys.executable).with_name("vzdump-hook"))
     tmp = Path(tempfile.mkdtemp(prefix="vzdump-hook-demo."))

