@@ -217,47 +217,35 @@ outcome = 'sent'
     assert float(got["seconds"]) < 3.0 + 5, got
 
 
-def test_the_agent_transports_api_answer_is_capped(servers: list[Hostile], tmp_path: Path) -> None:
-    """The PVE API's answer carries a guest's output (agent/exec-status): read up to its cap, no further."""
+def agent_code(servers: list[Hostile], tmp_path: Path, mode: str, timeout: float) -> str:
+    """A hostile HTTPS "PVE API" (`mode`) with its CA, and the agent transport's connect() against it."""
     from tests.infra.pve_api import make_ca
 
     ca, cert, key = make_ca(tmp_path)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
-    servers.append(srv := Hostile("endless", ctx))
+    servers.append(srv := Hostile(mode, ctx))
     token = tmp_path / "api-token"
     token.write_text("00000000-0000-0000-0000-000000000000\n")
     token.chmod(0o600)
-    code = f"""
+    return f"""
 from vzdump_hook.config import AgentConfig
 from vzdump_hook.transports.agent import AgentTransport
 cfg = AgentConfig(api='https', host='127.0.0.1', port={srv.port}, token_id='root@pam!hook', token_file={str(token)!r},
                   verify={str(ca)!r}, node='pve')
-outcome = AgentTransport(101, cfg).connect(20)
+outcome = AgentTransport(101, cfg).connect({timeout})
 """
-    got = child(code)
+
+
+def test_the_agent_transports_api_answer_is_capped(servers: list[Hostile], tmp_path: Path) -> None:
+    """The PVE API's answer carries a guest's output (agent/exec-status): read up to its cap, no further."""
+    got = child(agent_code(servers, tmp_path, "endless", 20))
     assert got["outcome"].startswith("TransportError:") and "longer than 16 MiB" in got["outcome"], got
     assert float(got["maxrss_kib"]) < MEMORY_LIMIT_KIB, got
 
 
 def test_a_trickled_api_answer_ends_at_the_requests_timeout(servers: list[Hostile], tmp_path: Path) -> None:
-    from tests.infra.pve_api import make_ca
-
-    ca, cert, key = make_ca(tmp_path)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    servers.append(srv := Hostile("trickle-body", ctx))
-    token = tmp_path / "api-token"
-    token.write_text("00000000-0000-0000-0000-000000000000\n")
-    token.chmod(0o600)
-    code = f"""
-from vzdump_hook.config import AgentConfig
-from vzdump_hook.transports.agent import AgentTransport
-cfg = AgentConfig(api='https', host='127.0.0.1', port={srv.port}, token_id='root@pam!hook', token_file={str(token)!r},
-                  verify={str(ca)!r}, node='pve')
-outcome = AgentTransport(101, cfg).connect(3)
-"""
     start = time.monotonic()
-    got = child(code)
+    got = child(agent_code(servers, tmp_path, "trickle-body", 3))
     assert "ConnectError" in got["outcome"] and "within 3.0 s" in got["outcome"], got
     assert float(got["seconds"]) < 3.0 + 5 and time.monotonic() - start < 3.0 + 10, got
