@@ -1,7 +1,8 @@
 """Fuzzing the guest's recovery program (vzdump-hook-recover, dash and busybox sh) with random markers
 of the shape the node's key could write: whatever a marker lists, every docker call that starts
 something is of a project as docker's labels give it (name, working directory, compose files, its own
-containers), with no compose file in the marker's directory."""
+containers), with no compose file in the marker's directory; and every container of a container stack
+started is one the settings allow, by its id, never a container whose name a marker gives as an id."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from tests.guest_sh.conftest import RECOVER, SHELLS, Guest, make_guest
 from tests.guest_sh.fakedocker import cid
 
 CHANGING = {"start", "stop", "restart", "kill", "rm", "run", "exec", "down", "up", "create"}
+# container stacks: db's app by name, web's containers by a label; VICTIM is the NAME (64 hex digits) of a
+# container that is neither, which the engine takes for it where no container has that id
+CONTAINERS, LABEL = "db-app-1", "com.docker.compose.project=web"
+VICTIM = cid("victim-name", 0)
+ALLOWED = {cid("db", 0), cid("web", 0)}
 
 
 def _projects(g: Guest) -> dict[str, dict[str, Any]]:
@@ -39,7 +45,7 @@ def stacks(draw: st.DrawFn, projects: dict[str, dict[str, Any]], mdir: str) -> d
     name = draw(st.sampled_from(names))
     workdirs = [p["workdir"] for p in projects.values()] + ["/tmp/evil", mdir, "/"]
     files = [f for p in projects.values() for f in p["files"]] + ["/tmp/evil/compose.yaml", f"{mdir}/marker.json", "/etc/passwd"]
-    ids = [cid(n, i) for n in projects for i in range(2)] + [cid("nope", 0), "ab" * 32]
+    ids = [cid(n, i) for n in projects for i in range(2)] + [cid("nope", 0), "ab" * 32, VICTIM]
     real = projects.get(name)
     exact = real is not None and draw(st.integers(0, 3)) > 0  # mostly the stack as docker has it, else anything
     return {
@@ -53,6 +59,15 @@ def stacks(draw: st.DrawFn, projects: dict[str, dict[str, Any]], mdir: str) -> d
         "stopped": True,
         "services": draw(st.lists(st.sampled_from(["app", "worker", "db"]), max_size=2, unique=True)),
     }
+
+
+@st.composite
+def container_stacks(draw: st.DrawFn, projects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    choices = [cid(n, i) for n in projects for i in range(2)] + [cid("nope", 0), VICTIM]
+    ids = draw(st.lists(st.sampled_from(choices), min_size=1, max_size=3, unique=True))
+    return {"name": draw(st.sampled_from(["app", "db", "web"])), "driver": "container",
+            "engine": draw(st.sampled_from(["docker", "podman"])), "names": [f"c{i}" for i in range(len(ids))],
+            "containers": ids, "stopped": True}
 
 
 def _marker(stack_list: list[dict[str, Any]]) -> bytes:
@@ -89,6 +104,8 @@ def check_calls(calls: list[dict[str, Any]], projects: dict[str, dict[str, Any]]
             assert current is not None, argv
             own = [cid(current, i) for i in range(len(projects[current]["services"]))]
             assert all(any(o.startswith(i) for o in own) for i in argv[2:]), (argv, current)
+        elif argv[0] in ("docker", "podman") and argv[1:3] == ["container", "start"]:
+            assert len(argv) == 4 and argv[3] in ALLOWED, argv  # an allowed container, by its id
         else:
             raise AssertionError(f"unexpected changing call {argv}")
 
@@ -99,7 +116,8 @@ def test_recovery_starts_nothing_outside_the_validated_project(shell: str, tmp_p
     projects = _projects(g)
     for p in projects.values():
         Path(p["workdir"]).mkdir(parents=True)
-    g.write_conf(MARKER=str(g.marker), VMID="101", DEADLINE_GRACE="0", WAIT_DOCKER="1")
+    g.write_conf(MARKER=str(g.marker), VMID="101", DEADLINE_GRACE="0", WAIT_DOCKER="1", CONTAINERS=CONTAINERS,
+                 CONTAINER_LABELS=LABEL)
     mdir = str(g.marker.parent)
     outcomes: dict[int, int] = {}
 
@@ -107,13 +125,18 @@ def test_recovery_starts_nothing_outside_the_validated_project(shell: str, tmp_p
     as_written = {"name": "db", "driver": "compose", "compose": ["docker", "compose"], "workdir": db["workdir"], "files": db["files"],
                   "containers": [cid("db", 0), cid("db", 1)], "stopped": True, "services": ["app", "worker"]}
 
+    victim = {"name": "app", "driver": "container", "engine": "docker", "names": ["c0", "c1"],
+              "containers": [cid("db", 0), VICTIM], "stopped": True}
+
     @budget(10)
     @example([as_written])  # (a control: a marker that is used)
-    @given(st.lists(stacks(projects, mdir), min_size=1, max_size=3))
+    @example([victim])  # issue 20: a container's name given as an id
+    @given(st.lists(stacks(projects, mdir) | container_stacks(projects), min_size=1, max_size=3))
     def nothing_else(stack_list: list[dict[str, Any]]) -> None:
         g.docker.save({"projects": {}})
         for name, spec in projects.items():
             g.docker.add_project(name, spec["services"], workdir=spec["workdir"], files=spec["files"], running=False)
+        g.docker.add_project("victim", ("app",), names=(VICTIM,), running=False)
         g.docker.log.write_text("")
         g.marker.write_bytes(_marker(stack_list))
         g.marker.chmod(0o600)

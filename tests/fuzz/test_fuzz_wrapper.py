@@ -1,6 +1,7 @@
 """Fuzzing the wrapper's argument checks (examples/guest/vzdump-hook-wrapper, dash and busybox sh): a
-command line near one of the hook's (a word replaced, inserted or removed, a character edited) is
-accepted only if it is exactly a line the hook sends for this guest."""
+command line near one of the hook's (a word replaced, inserted or removed, a character edited, the
+spaces between words doubled, leading or trailing, or tabs) is accepted only if it is exactly a line
+the hook sends for this guest."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ CLIS = (("docker", "compose"), ("docker-compose",))
 CONTAINERS, LABELS = ["db-worker-1"], ["com.docker.compose.project=web"]
 CONTAINER_IDS = [cid("db", 1), cid("web", 0)]
 ENGINES = ("docker", "podman")
+# the guest's controller (kind controller): a stand-in that does nothing, at CTL under the guest's root
+CTL = "ctl"
+JOB = "pve1/0f0f0f0f-1111/4242/1000"
+PHASES = ("quiesce", "snapshotted", "done", "failed", "abort", "status")
 
 
 def _digits(w: str, n: int) -> bool:
@@ -42,11 +47,35 @@ def _digits(w: str, n: int) -> bool:
 
 
 def _ids(words: Sequence[str], known: bool) -> bool:
+    """Container ids: of a compose project's containers, by full id, when `known` (a stop or start)."""
     ok = bool(words) and all(re.fullmatch(r"[0-9a-f]{12,64}", w) for w in words)
-    return ok and (not known or all(any(i.startswith(w) for i in IDS) for w in words))
+    return ok and (not known or all(w in IDS for w in words))
 
 
-def hook_sends(argv: list[str], marker: str) -> bool:
+def controller_sends(words: list[str]) -> bool:
+    """True when `CTL signal WORDS` is a message of the controller contract (docs/controller-api.md)."""
+    if not words or words[0] not in PHASES:
+        return False
+    opts = words[1:]
+    if len(opts) % 2 or len({opts[i] for i in range(0, len(opts), 2)}) != len(opts) // 2:
+        return False
+    given = dict(zip(opts[::2], opts[1::2], strict=True))
+    checks = {"--job": lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]*", v) is not None and len(v) <= 200,
+              "--vmid": lambda v: re.fullmatch(r"[1-9][0-9]{0,8}", v) is not None,
+              "--mode": lambda v: v in ("snapshot", "suspend", "stop"),
+              "--deadline": lambda v: re.fullmatch(r"[0-9]+(\.[0-9]*)?", v) is not None and len(v) <= 20,
+              "--answer-within": lambda v: re.fullmatch(r"[0-9]+(\.[0-9]*)?", v) is not None and len(v) <= 20}
+    if any(k not in checks or not checks[k](v) for k, v in given.items()):
+        return False
+    quiesce_only = {"--mode", "--deadline", "--answer-within"}
+    if words[0] == "status":
+        return not given
+    if words[0] == "quiesce":
+        return set(given) == set(checks)
+    return {"--job", "--vmid"} <= set(given) and not quiesce_only & set(given)
+
+
+def hook_sends(argv: list[str], marker: str, ctl: str = "") -> bool:
     """True when `argv` is a command line vzdump-hook sends to this guest (transports/base.py,
     stacks/compose.py, guest_install.py)."""
     if argv in (["true"], sh(compose_mod._DETECT), LIST, sh(base._WRITE_SCRIPT, marker), sh(base._REMOVE_SCRIPT, marker)):
@@ -73,6 +102,8 @@ def hook_sends(argv: list[str], marker: str) -> bool:
         return True
     if argv[:1] and argv[0] in ENGINES and argv[1:2] == ["container"]:
         return container_sends(argv[2:])
+    if ctl and argv[:2] == [ctl, "signal"]:
+        return controller_sends(argv[2:])
     if len(argv) in (2, 3) and argv[1] == "status" and re.fullmatch(r"(.*/)?vzdump-hook-wrapper", argv[0]):
         return all(re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", w) for w in argv)
     return False
@@ -97,7 +128,7 @@ EVIL = ["; id", "$(id)", "`id`", "\nid", "id", "-v", "--privileged", "-H", "tcp:
 
 
 @st.composite
-def base_argvs(draw: st.DrawFn, marker: str) -> list[str]:
+def base_argvs(draw: st.DrawFn, marker: str, ctl: str) -> list[str]:
     num = draw(st.sampled_from(["0", "5", "30", "65537", "123456", "1234567"]))
     ids = draw(st.lists(st.sampled_from([*IDS, cid("nope", 1), "ab" * 32]), min_size=1, max_size=3))
     name = draw(st.sampled_from(sorted(PROJECTS)))
@@ -111,6 +142,9 @@ def base_argvs(draw: st.DrawFn, marker: str) -> list[str]:
         [*compose_head, "stop", "-t", num], [*compose_head, "start", *draw(st.lists(st.sampled_from(svcs), max_size=2))],
         ["/usr/local/sbin/vzdump-hook-wrapper", "status", "/etc/vzdump-hook/guest.conf"],
         *container_argvs(draw, num, ids),
+        [ctl, "signal", "quiesce", "--job", JOB, "--vmid", "101", "--mode", "snapshot", "--deadline", "1700000600.5",
+         "--answer-within", num],
+        [ctl, "signal", draw(st.sampled_from(PHASES[1:5])), "--job", JOB, "--vmid", "101"], [ctl, "signal", "status"],
     ]))
 
 
@@ -125,8 +159,8 @@ def container_argvs(draw: st.DrawFn, num: str, ids: list[str]) -> list[list[str]
 
 
 @st.composite
-def command_lines(draw: st.DrawFn, marker: str) -> str:
-    argv = list(draw(base_argvs(marker)))
+def command_lines(draw: st.DrawFn, marker: str, ctl: str) -> str:
+    argv = list(draw(base_argvs(marker, ctl)))
     for _ in range(draw(st.integers(0, 2))):
         op = draw(st.sampled_from(["replace", "insert", "delete", "edit"]))
         i = draw(st.integers(0, len(argv) - 1)) if argv else 0
@@ -145,7 +179,25 @@ def command_lines(draw: st.DrawFn, marker: str) -> str:
     if draw(st.integers(0, 4)) == 0:  # a raw edit of the line itself, outside any quoting
         j = draw(st.integers(0, len(line)))
         line = line[:j] + draw(st.sampled_from(["; id", " ", "'", "\n", "&", "|", "$", "`", "\\", "#"])) + line[j:]
+    # whitespace that a shell splits the same way: a separator doubled or a tab, leading, trailing
+    if draw(st.integers(0, 2)) == 0:
+        line = draw(respaced(line))
     return line
+
+
+@st.composite
+def respaced(draw: st.DrawFn, line: str) -> str:
+    where = draw(st.sampled_from(["separator", "leading", "trailing"]))
+    ws = draw(st.sampled_from([" ", "  ", "\t", " \t", "\t "]))
+    if where == "leading":
+        return ws + line
+    if where == "trailing":
+        return line + ws
+    spaces = [i for i, ch in enumerate(line) if ch == " "]
+    if not spaces:
+        return line + ws
+    i = draw(st.sampled_from(spaces))
+    return line[:i] + draw(st.sampled_from(["  ", "\t", " \t", "   "])) + line[i + 1:]
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -153,14 +205,20 @@ def test_the_wrapper_accepts_only_the_hooks_lines(shell: str, tmp_path_factory: 
     g: Guest = make_guest(shell, tmp_path_factory.mktemp(f"wrapper-{shell}"), busybox_bin)
     for name, (wd, files, svcs) in PROJECTS.items():
         g.docker.add_project(name, svcs, workdir=wd, files=list(files))
-    g.write_conf(MARKER=str(g.marker), LOG=str(g.root / "wrapper.log"), ROOT=str(g.root), KINDS="compose container",
-                 CONTAINERS=" ".join(CONTAINERS), CONTAINER_LABELS=" ".join(LABELS))
+    ctl = g.root / CTL
+    ctl.write_text("#!/bin/sh\nexit 0\n")
+    ctl.chmod(0o755)
+    g.write_conf(MARKER=str(g.marker), LOG=str(g.root / "wrapper.log"), ROOT=str(g.root),
+                 KINDS="compose container controller", CONTAINERS=" ".join(CONTAINERS),
+                 CONTAINER_LABELS=" ".join(LABELS), CONTROLLER=str(ctl))
     marker = str(g.marker)
     seen = {True: 0, False: 0}
 
     @budget(40)
     @example("true")  # (a control: a line that is accepted)
-    @given(command_lines(marker))
+    @example(f"{ctl} signal  snapshotted --job {JOB} --vmid 101")  # issue 20: the words checked were not those run
+    @example(f"docker start  {IDS[0]}")
+    @given(command_lines(marker, str(ctl)))
     def only_hook_lines(line: str) -> None:
         assume("\0" not in line)  # an environment variable (sshd's SSH_ORIGINAL_COMMAND) cannot carry one
         p = g.run(WRAPPER, "--conf", str(g.conf), env={"SSH_ORIGINAL_COMMAND": line}, timeout=30)
@@ -171,7 +229,7 @@ def test_the_wrapper_accepts_only_the_hooks_lines(shell: str, tmp_path_factory: 
                 argv = shlex.split(line)
             except ValueError:
                 raise AssertionError(f"accepted a line that is no shell word list: {line!r}") from None
-            assert shlex.join(argv) == line and hook_sends(argv, marker), (line, p.returncode, p.stderr)
+            assert shlex.join(argv) == line and hook_sends(argv, marker, str(ctl)), (line, p.returncode, p.stderr)
         else:
             assert b"refused" in p.stderr, p.stderr
 

@@ -11,11 +11,14 @@ Understood (everything else exits 125 with "fake docker: unsupported"):
     docker compose version
     docker compose|docker-compose [-p NAME] [-f FILE]... stop [-t N] | start [SERVICE...]
     docker ps [-a] [-q] [--no-trunc] [--filter label=K[=V]] [--filter status=running] [--format FMT]
-    docker inspect --format FMT ID...                       ids may be prefixes, as docker allows
+    docker [container] inspect --format FMT [--] REF...    a REF is resolved as docker resolves it: the
+                                                            container of that full id, else the one of
+                                                            that name, else the one whose id starts so
     docker stop [-t N] ID... | docker start ID...
     docker container ls|inspect|stop|start ...              as ps, inspect, stop, start
 Installed as ``podman`` too (the same engine: the container kind's commands are the same words). A
-container's name is PROJECT-SERVICE-1, as compose v2 names it.
+container's name is PROJECT-SERVICE-1, as compose v2 names it, unless the test gives it another
+(``add_project(names=...)``: a name may look like an id, as with the real engines).
 """
 
 from __future__ import annotations
@@ -84,10 +87,18 @@ def _render(fmt: str, fields: dict[str, str], labels: dict[str, str]) -> str:
     return _TOKEN.sub(sub, fmt).replace("\\t", "\t")
 
 
+def _name(project: str, c: dict[str, Any]) -> str:
+    return str(c.get("name") or f"{project}-{c['service']}-1")
+
+
 def _find(state: dict[str, Any], ref: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    for _, p, cid, c in _containers(state):
-        if cid.startswith(ref) and len(ref) >= 1:
-            return p, c
+    """The container `ref` names, in docker's order (daemon/container.go GetContainer): the full id, then
+    the name, then an id prefix."""
+    every = list(_containers(state))
+    for found in ([x for x in every if x[2] == ref], [x for x in every if _name(x[0], x[3]) == ref],
+                  [x for x in every if ref and x[2].startswith(ref)]):
+        if found:
+            return found[0][1], found[0][3]
     return None
 
 
@@ -130,7 +141,7 @@ def _ps(state: dict[str, Any], args: list[str]) -> int:
                 print(f"fake docker: ps: unsupported filter {flt}", file=sys.stderr)
                 return 125
         if ok:
-            out.append(cid if quiet else _render(fmt, {".ID": cid, ".Names": f"{name}-{c['service']}-1"}, labels))
+            out.append(cid if quiet else _render(fmt, {".ID": cid, ".Names": _name(name, c)}, labels))
     sys.stdout.write("".join(line + "\n" for line in out))
     return 0
 
@@ -139,7 +150,8 @@ def _inspect(state: dict[str, Any], args: list[str]) -> int:
     if len(args) < 3 or args[0] != "--format":
         return 125
     fmt, status = args[1], 0
-    for ref in args[2:]:
+    refs = args[3:] if args[2:3] == ["--"] else args[2:]
+    for ref in refs:
         found = _find(state, ref)
         if found is None:
             print(f"Error: No such object: {ref}", file=sys.stderr)
@@ -306,15 +318,21 @@ class FakeDocker:
         self.save(state)
 
     def add_project(self, name: str, services: tuple[str, ...] = ("app",), *, workdir: str | None = None,
-                    files: list[str] | None = None, running: bool = True, **knobs: Any) -> list[str]:
-        """A compose project with one container per service; returns the container ids."""
+                    files: list[str] | None = None, running: bool = True, names: tuple[str, ...] = (),
+                    **knobs: Any) -> list[str]:
+        """A compose project with one container per service (named PROJECT-SERVICE-1, or as `names`
+        says); returns the container ids."""
         state = self.load()
         workdir = workdir or f"/srv/{name}"
         ids = [cid(name, i) for i in range(len(services))]
+        containers = {i: {"service": s, "running": running, "restarting": False, "exit": 0}
+                      for i, s in zip(ids, services, strict=True)}
+        for i, n in zip(ids, names, strict=False):
+            containers[i]["name"] = n
         state["projects"][name] = {
             "workdir": workdir,
             "files": files if files is not None else [f"{workdir}/compose.yaml"],
-            "containers": {i: {"service": s, "running": running, "restarting": False, "exit": 0} for i, s in zip(ids, services, strict=True)},
+            "containers": containers,
             **knobs,
         }
         self.save(state)

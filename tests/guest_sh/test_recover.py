@@ -567,3 +567,36 @@ def test_container_stacks_start_one_by_one_last_stopped_first_and_only_allowed_o
     code, out = recover(guest)
     assert code == 2 and "is not one that CONTAINERS or CONTAINER_LABELS" in out, out
     assert no_changing_calls(guest.docker.argvs()[before:]) and guest.marker.read_bytes() == data
+
+
+def test_a_recorded_id_that_is_another_containers_name_is_not_started(guest: Guest) -> None:
+    # issue 20: docker and podman take a container's name where no container has the id given; a marker
+    # listing as an "id" the 64-hex NAME of a container the settings do not allow got that one started
+    victim = cid("victim", 0)
+    guest.write_conf(MARKER=str(guest.marker), VMID=str(VMID), DEADLINE_GRACE="0", WAIT_DOCKER="1",
+                     CONTAINERS="db-app-1")
+    guest.docker.add_project("db", ("app",), running=False)
+    guest.docker.add_project("other", ("app",), running=False, names=(victim,))
+    assert cid("other", 0) != victim  # (its id is another)
+    for engine in ("docker", "podman"):
+        rec = StackRecord.container("app", engine, ("db-app-1", "innocent"), (cid("db", 0), victim), stopped=True)
+        other = cid("other", 0)[:12]
+        why = f"app: container {victim[:12]} is not the id of a container ({engine} gives the container {other} for it"
+        _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100), why)
+        assert guest.docker.running() == {"db": False, "other": False}
+
+
+def test_a_recorded_container_that_no_longer_exists_is_reported_and_not_started(guest: Guest) -> None:
+    # only the ids checked are started: one that no container has is not asked for at all
+    guest.write_conf(MARKER=str(guest.marker), VMID=str(VMID), DEADLINE_GRACE="0", WAIT_DOCKER="1",
+                     CONTAINERS="db-app-1")
+    guest.docker.add_project("db", ("app",), running=False)
+    gone = cid("gone", 0)
+    rec = StackRecord.container("app", "docker", ("db-app-1", "gone"), (cid("db", 0), gone), stopped=True)
+    data = marker_bytes((rec,), deadline_in=1, written_ago=100)
+    put(guest, data)
+    code, out = recover(guest)
+    assert code == 1 and f"app: not running after start: {gone[:12]} (no longer exists)" in out, out
+    assert "STILL DOWN: app" in out, out
+    assert guest.docker.running() == {"db": True} and guest.marker.read_bytes() == data
+    assert [a for a in guest.docker.argvs() if "start" in a] == [["docker", "container", "start", cid("db", 0)]]

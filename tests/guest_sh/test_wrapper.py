@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from vzdump_hook.controller import GuestController
 from vzdump_hook.job import JobId
 from vzdump_hook.marker import Marker, StackRecord
 from vzdump_hook.stacks import compose as compose_mod
+from vzdump_hook.stacks import container as container_mod
+from vzdump_hook.stacks import systemd as systemd_mod
 from vzdump_hook.stacks.compose import ComposeDriver
 from vzdump_hook.transports import base
 from vzdump_hook.transports.base import Transport, sh, shell_join
@@ -191,8 +194,12 @@ def test_status_verb(guest: Guest) -> None:
 # -- refusals ------------------------------------------------------------------------------------------
 
 
+def _compose_line_argv(workdir: str, *tail: str, name: str = "db") -> list[str]:
+    return sh(compose_mod._IN_DIR, workdir, "docker", "compose", "-p", name, "-f", f"{workdir}/compose.yaml", *tail)
+
+
 def _compose_line(workdir: str, *tail: str, name: str = "db") -> str:
-    return shell_join(sh(compose_mod._IN_DIR, workdir, "docker", "compose", "-p", name, "-f", f"{workdir}/compose.yaml", *tail))
+    return shell_join(_compose_line_argv(workdir, *tail, name=name))
 
 
 def refused_commands(g: Guest) -> dict[str, str | None]:
@@ -422,3 +429,141 @@ def test_container_stacks_through_the_wrapper(guest: Guest) -> None:
         p = forced(guest, command)
         assert p.returncode == 126 and b"refused" in p.stderr, (command, p.stderr)
     assert guest.docker.running()["other"]
+
+
+# -- issue 20: ids are ids; the log never follows a link; what runs is what was checked ------------------
+
+
+def test_a_container_is_acted_on_by_its_id_never_by_a_name_that_looks_like_one(guest: Guest) -> None:
+    # docker and podman take a container's name where no container has the id given: a request naming
+    # the 64-hex NAME of a container must not stop or start it
+    victim = cid("victim", 0)
+    guest.write_conf(MARKER=str(guest.marker), LOG=str(guest.root / LOG_NAME), ROOT=str(guest.root), KINDS="container",
+                     CONTAINERS=f"db-app-1 {victim}")
+    guest.docker.add_project("db", ("app",), running=False)
+    guest.docker.add_project("other", ("app",), running=False, names=(victim,))
+    for engine in ("docker", "podman"):
+        for verb, running in (("start", False), ("stop -t 5", True)):
+            guest.docker.set_running("other", running)
+            command = f"{engine} container {verb} {victim}"
+            p = forced(guest, command)
+            err = p.stderr.decode()
+            assert p.returncode == 126, (command, err)
+            assert f"refused: container {victim[:12]} is not the id of a container" in err, (command, err)
+            assert guest.docker.running()["other"] is running, command
+    assert no_changing_calls(guest.docker.argvs()), guest.docker.argvs()
+    p = forced(guest, f"docker container start {cid('db', 0)}")  # (a control: by its id, it starts)
+    assert p.returncode == 0 and guest.docker.running() == {"db": True, "other": True}, p.stderr
+
+
+@pytest.mark.parametrize("case", ["symlink", "hard link", "group-writable directory", "fine"])
+def test_the_log_file_fallback_never_writes_through_a_planted_link(guest: Guest, case: str) -> None:
+    # without /dev/log the wrapper appends to ROOT/var/log/vzdump-hook-wrapper.log as root: a link planted
+    # there by whoever may write the directory must not make it append to another file
+    if os.path.exists("/dev/log"):
+        pytest.skip("this host has /dev/log: the wrapper logs to syslog, not to the file")
+    guest.write_conf(MARKER=str(guest.marker), LOG="syslog", ROOT=str(guest.root))
+    logdir = guest.root / "var" / "log"
+    logdir.mkdir(mode=0o755)
+    log = logdir / "vzdump-hook-wrapper.log"
+    victim = guest.root / "victim"
+    victim.write_text("untouched\n")
+    why = {"symlink": "is a symlink", "hard link": "has 2 links", "fine": "",
+           "group-writable directory": "has mode 775: others may write it"}[case]
+    if case == "symlink":
+        log.symlink_to(victim)
+    elif case == "hard link":
+        os.link(victim, log)
+    elif case == "group-writable directory":
+        logdir.chmod(0o775)
+    refused, allowed = forced(guest, "id"), forced(guest, "true")
+    assert refused.returncode == 126 and allowed.returncode == 0, (refused, allowed)
+    assert victim.read_text() == "untouched\n"
+    for p, line in ((refused, "REFUSED (not one of vzdump-hook's commands): id"), (allowed, "allowed: connect check")):
+        err = p.stderr.decode()
+        if why:
+            assert f"NOT LOGGED to {log} (" in err and why in err and line in err, err
+        else:
+            assert "NOT LOGGED" not in err, err
+    if case == "fine":  # (a control: the file is used when nothing is wrong with it)
+        lines = log.read_text().splitlines()
+        assert len(lines) == 2, lines
+        assert lines[0].endswith("REFUSED (not one of vzdump-hook's commands): id"), lines
+        assert lines[1].endswith("allowed: connect check"), lines
+    elif case == "group-writable directory":
+        assert not log.exists()
+
+
+CONTROLLER_STUB = "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$0.argv\"\n"
+
+
+def _spacing_setup(g: Guest) -> tuple[Path, list[list[str]]]:
+    """A guest with every kind (a stand-in controller that records its argv), and one line of each form
+    the hook sends whose words the wrapper splits: every one accepted as sent."""
+    ctl = g.root / "ctl"
+    ctl.write_text(CONTROLLER_STUB)
+    ctl.chmod(0o755)
+    g.write_conf(MARKER=str(g.marker), LOG=str(g.root / LOG_NAME), ROOT=str(g.root),
+                 KINDS="compose container controller systemd", CONTAINERS="db-app-1", CONTROLLER=str(ctl),
+                 UNITS="vzdh-none.service")
+    ids = g.docker.add_project("db", ("app", "worker"))
+    job = "pve1/0f0f0f0f-1111/4242/1000"
+    fmt = container_mod.INSPECT_FORMAT
+    return ctl, [
+        [str(ctl), "signal", "snapshotted", "--job", job, "--vmid", "101"],
+        [str(ctl), "signal", "quiesce", "--job", job, "--vmid", "101", "--mode", "snapshot",
+         "--deadline", "1700000600.5", "--answer-within", "30"],
+        ["docker", "start", *ids],
+        ["docker", "stop", "-t", "5", ids[0]],
+        ["docker", "inspect", "--format", compose_mod.HEALTH_FORMAT, *ids],
+        services_of("db"),
+        _compose_line_argv("/srv/db", "start", "app", "worker"),
+        sh(base._READ_SCRIPT, str(g.marker), "100"),
+        ["docker", "container", "start", ids[0]],
+        ["podman", "container", "stop", "-t", "5", ids[0]],
+        ["docker", "container", "inspect", "--format", fmt, ids[0]],
+        systemd_mod.show_argv(["vzdh-none.service"]),
+        [f"{g.root}/usr/local/sbin/vzdump-hook-wrapper", "status"],
+    ]
+
+
+def respaced(line: str) -> list[str]:
+    """The line with each separator between words doubled in turn, with a tab for the middle one, and with
+    a leading and a trailing space: lines a shell splits into the same words, which the hook never sends."""
+    argv = shlex.split(line)
+    # the spaces between words, not those in a quoted word
+    seps = [i for i, ch in enumerate(line) if ch == " " and shlex.split(line[:i] + "  " + line[i + 1:]) == argv]
+    out = [" " + line, line + " ", *(line[:i] + "  " + line[i + 1:] for i in seps)]
+    mid = seps[len(seps) // 2]
+    return [*out, line[:mid] + "\t" + line[mid + 1:]]
+
+
+def test_a_request_runs_only_as_the_words_checked(guest: Guest) -> None:
+    # issue 20: `ctl signal  snapshotted ...` (two spaces) passed the checks of the words split at single
+    # spaces, then ran another argv; now a request is run only if it is its checked argv as shlex.join
+    # writes it, byte for byte
+    ctl, argvs = _spacing_setup(guest)
+    argv_file = Path(f"{ctl}.argv")
+    variants = [v for argv in argvs for v in respaced(shell_join(argv))]
+    with ThreadPoolExecutor(8) as pool:  # (independent runs; the stand-in docker locks its state)
+        for variant, p in zip(variants, pool.map(lambda v: forced(guest, v), variants), strict=True):
+            assert p.returncode == 126 and b"refused" in p.stderr, (variant, p.returncode, p.stderr)
+    assert no_changing_calls(guest.docker.argvs()), guest.docker.argvs()
+    assert guest.docker.running() == {"db": True} and not argv_file.exists()
+    for argv in argvs:
+        line = shell_join(argv)
+        p = forced(guest, line)  # (a control: the line as sent is accepted)
+        assert p.returncode != 126, (line, p.stderr)
+        if argv[0] == str(ctl):
+            assert argv_file.read_text().splitlines() == argv[1:], line
+            argv_file.unlink()
+    lines = log_lines(guest)
+    assert any("REFUSED (not exactly a command line vzdump-hook sends" in ln for ln in lines), lines
+
+
+def test_a_doubled_space_in_a_controller_request_is_refused(guest: Guest) -> None:
+    ctl, argvs = _spacing_setup(guest)
+    line = shell_join(argvs[0]).replace(" signal ", " signal  ")
+    p = forced(guest, line)
+    assert p.returncode == 126 and b"refused: not exactly a command line vzdump-hook sends" in p.stderr, p.stderr
+    assert not Path(f"{ctl}.argv").exists()

@@ -13,6 +13,7 @@ README, What can be quiesced); the hook itself only stops and starts containers 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -31,7 +32,9 @@ from vzdump_hook import config as configuration
 from vzdump_hook import marker as markers
 from vzdump_hook.config import Kind
 from vzdump_hook.controller import GuestController
+from vzdump_hook.errors import ControllerError
 from vzdump_hook.job import JobId
+from vzdump_hook.stacks.container import ContainerDriver
 from vzdump_hook.transports.base import Transport, shell_join
 from vzdump_hook.transports.local import run_local
 
@@ -86,8 +89,10 @@ class Containers:
     def marker(self) -> Path:
         return self.mdir / "marker.json"
 
-    def run(self, name: str, *, script: str = POLITE, labels: tuple[str, ...] = (), restart: str = "no", running: bool = True) -> str:
-        full = self.prefix + name
+    def run(self, name: str, *, script: str = POLITE, labels: tuple[str, ...] = (), restart: str = "no",
+            running: bool = True, literal: bool = False) -> str:
+        """A container named PREFIX-NAME (or NAME itself, `literal`); its full name."""
+        full = name if literal else self.prefix + name
         self.names.append(full)
         argv = [self.e, *RUN[self.e], "-d", "--name", full, "--network", "none", f"--restart={restart}", "-e", f"NAME={name}",
                 "-v", f"{self.mdir}:/m:ro", "-v", f"{self.out}:/out"]
@@ -100,7 +105,7 @@ class Containers:
         return full
 
     def inspect(self, name: str, fmt: str) -> str:
-        return self.engine("container", "inspect", "--format", fmt, self.prefix + name)
+        return self.engine("container", "inspect", "--format", fmt, name if name in self.names else self.prefix + name)
 
     def running(self, name: str) -> bool:
         """Up: running, and not waiting to be restarted (the engine says Running while it restarts)."""
@@ -476,3 +481,65 @@ def test_the_recovery_program_starts_nothing_of_a_marker_listing_another_contain
     p = guarded.recover()
     assert p.returncode == 2 and "is not one that CONTAINERS or CONTAINER_LABELS" in p.stderr, p
     assert not c.running("x") and not c.running("other") and c.marker.exists()
+
+
+# -- issue 20: ids are ids -------------------------------------------------------------------------------
+
+
+def hex_name(c: Containers) -> str:
+    """64 hex digits, unique to this run and engine: the NAME of a container, which looks like an id."""
+    return hashlib.sha256(f"{c.prefix}{c.e}{c.user}victim".encode()).hexdigest()
+
+
+def test_a_marker_listing_a_containers_name_as_an_id_starts_nothing(guarded: Guarded) -> None:
+    # docker and podman take a container's name where no container has the id given: the recovery program
+    # started the container NAMED by a marker's 64-hex "id"
+    c = guarded.c
+    victim = c.run(hex_name(c), literal=True, running=False)
+    c.engine("container", "stop", "-t", "5", c.prefix + "x")
+    assert c.inspect(victim, "{{.Id}}") != victim  # (the engine gave it an id of its own)
+    rec = markers.StackRecord.container("app", c.e, (c.prefix + "x", "innocent"), (c.inspect("x", "{{.Id}}"), victim),
+                                        stopped=True)
+    m = markers.Marker(JobId("node", "boot", 1, 1), VMID, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped",
+                       (rec,))
+    c.marker.write_bytes(m.to_json())
+    c.marker.chmod(0o600)
+    shutil.chown(c.marker, c.user or "root")  # as the node's key would have written it
+    p = guarded.recover()
+    assert p.returncode == 2, p
+    assert f"app: container {victim[:12]} is not the id of a container ({c.e} gives the container " in p.stderr, p
+    assert c.inspect(victim, "{{.State.Running}}") == "false" and not c.running("x") and c.marker.exists()
+
+
+def test_the_wrapper_stops_and_starts_ids_never_names_that_look_like_ids(guarded: Guarded) -> None:
+    c, e = guarded.c, guarded.c.e
+    victim = c.run(hex_name(c), literal=True, running=False)
+    conf = guarded.conf.read_text()
+    guarded.conf.write_text(conf.replace(f"CONTAINERS={c.prefix}x", f"CONTAINERS={victim} {c.prefix}x"))
+    for command, running in ((f"{e} container start {victim}", "false"), (f"{e} container stop -t 5 {victim}", "true")):
+        if running == "true":
+            c.engine("container", "start", victim)
+        rc, err = guarded.forced(command)
+        assert rc == 126, (command, err)
+        assert f"refused: container {victim[:12]} is not the id of a container ({e} gives the container " in err, err
+        assert c.inspect(victim, "{{.State.Running}}") == running, command
+    # (a control: by its id it is acted on)
+    rc, err = guarded.forced(f"{e} container stop -t 5 {c.inspect(victim, '{{.Id}}')}")
+    assert rc == 0 and c.inspect(victim, "{{.State.Running}}") == "false", err
+
+
+def test_the_node_stops_and_starts_ids_never_names_that_look_like_ids(ctrs: Containers) -> None:
+    # a record read back from a marker (`vzdump-hook recover`, a stale marker at backup-start) is the guest's word
+    c = ctrs
+    victim = c.run(hex_name(c), literal=True)
+    c.run("x", running=False)
+    rec = markers.StackRecord.container("app", c.e, (c.prefix + "x", "innocent"), (c.inspect("x", "{{.Id}}"), victim),
+                                        stopped=True)
+    driver = ContainerDriver(HostTransport(c.user))
+    out = driver.stop(rec, 5, 60)
+    assert f"container {victim} is not the id of a container in the guest ({c.e} gives the container" in out.error, out
+    assert c.inspect(victim, "{{.State.Running}}") == "true"
+    c.engine("container", "stop", "-t", "5", victim)
+    with pytest.raises(ControllerError, match=f"stack app: container {victim} is not the id of a container in the"):
+        driver.start(rec, 60)
+    assert c.inspect(victim, "{{.State.Running}}") == "false" and c.running("x")  # the stack's own container started

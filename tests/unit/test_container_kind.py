@@ -124,7 +124,9 @@ class Ctr:
 
 
 class Engine(Transport):
-    """An in-memory engine behind the transport: answers exactly the argv the driver sends."""
+    """An in-memory engine behind the transport: answers exactly the argv the driver sends. A reference
+    to a container is resolved as docker and podman resolve it: the container of that id, else the one
+    of that name (which may look like an id)."""
 
     def __init__(self, engine: str, *ctrs: Ctr, answers: str = "docker") -> None:
         super().__init__("fake")
@@ -140,6 +142,7 @@ class Engine(Transport):
         assert argv[0] == self.engine and argv[1] == "container", argv
         verb, rest = argv[2], list(argv[3:])
         by_id = {c.id: c for c in self.ctrs.values()}
+        by_id = {**{c.name: c for c in self.ctrs.values()}, **by_id}  # an id before a name
         if verb == "ls":
             label = next((f[6:] for f in rest if f.startswith("label=")), None)
             self.calls.append(f"ls {label or ''}".strip())
@@ -148,7 +151,8 @@ class Engine(Transport):
             return 0, "".join(x + "\n" for x in out).encode(), b""
         if verb == "inspect":
             ids = rest[2:]
-            out = [f"{i} {str(by_id[i].running).lower()} false {by_id[i].exit_code} {str(by_id[i].oom).lower()}" for i in ids if i in by_id]
+            found = [by_id[i] for i in ids if i in by_id]
+            out = [f"{c.id} {str(c.running).lower()} false {c.exit_code} {str(c.oom).lower()}" for c in found]
             return (0 if len(out) == len(ids) else 1), "".join(x + "\n" for x in out).encode(), b"Error: No such container" if len(out) != len(ids) else b""
         c = by_id.get(rest[-1])
         self.calls.append(f"{verb} {c.name if c else rest[-1][:12]}")
@@ -218,6 +222,26 @@ def test_a_container_that_will_not_start_or_is_gone_is_named() -> None:
     with pytest.raises(ControllerError, match=r"stack app: not running after start: a, gone \(no longer exists\)"):
         ContainerDriver(e).start(rec, 30)
     assert e.ctrs["b"].running  # the others are started all the same
+
+
+def test_a_recorded_id_that_is_another_containers_name_is_neither_started_nor_stopped() -> None:
+    # issue 20: a marker (the node's recover, a stale marker at backup-start) lists as an id 64 hex digits
+    # that no container has as its id, but one has as its name; the engine would take it for that name
+    victim = cid("victim")  # the name of a container, not its id
+    e = Engine("docker", Ctr("a", running=False), Ctr(victim, running=False))
+    assert e.ctrs[victim].id != victim
+    rec = StackRecord.container("app", "docker", ("a", "innocent"), (cid("a"), victim))
+    d = ContainerDriver(e)
+    with pytest.raises(ControllerError) as err:
+        d.start(rec, 30)
+    assert f"stack app: container {victim} is not the id of a container" in str(err.value), err.value
+    assert not e.ctrs[victim].running and f"start {victim}" not in e.calls
+    assert e.ctrs["a"].running and e.calls == ["start a"]  # the stack's real container is started all the same
+    e.ctrs[victim].running = True
+    e.calls.clear()
+    out = d.stop(rec, 7, 30)
+    assert f"container {victim} is not the id of a container" in out.error and not out.clean, out
+    assert e.ctrs[victim].running and e.calls == ["stop a"] and not e.ctrs["a"].running
 
 
 def test_no_engine_in_the_guest_is_an_error() -> None:

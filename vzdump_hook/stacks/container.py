@@ -7,6 +7,11 @@ container the engine had to kill (the stop timeout ran out: exit code 137; or OO
 stop unclean, and the guest's policy applies. `docker stop` / `podman stop` mark a container as
 stopped by hand: its restart policy does not start it again during the window
 (tests/integration/test_container_kind.py checks this against the real engines).
+
+Ids are ids: docker and podman take a container's name where no container has the id given, and a name
+may be 64 hex digits. So a stop or start acts only on a recorded id that the engine, asked for it,
+answers with the container of exactly that id (`.Id`); a record from a marker whose "id" is another
+container's name is an error naming the stack and the id, and nothing is stopped or started for it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ _ID = re.compile(r"[0-9a-f]{64}")
 LIST_FORMAT = "{{.ID}}\t{{.Names}}"
 INSPECT_FORMAT = "{{.Id}} {{.State.Running}} {{.State.Restarting}} {{.State.ExitCode}} {{.State.OOMKilled}}"
 DETECT = 'for e in docker podman; do if command -v "$e" >/dev/null 2>&1 && "$e" container ls -q >/dev/null 2>&1; then echo "$e"; exit 0; fi; done; echo none'
+
+
+# container id -> (running and not restarting, killed: exit code 137 or OOMKilled)
+States = dict[str, tuple[bool, bool]]
 
 
 def list_argv(engine: str, label: str = "") -> list[str]:
@@ -92,16 +101,39 @@ class ContainerDriver:
                 found[s.name] = StackRecord.container(s.name, engine, tuple(n for _, n in matches), tuple(c for c, _ in matches))
         return found
 
-    def _states(self, rec: StackRecord, timeout: float) -> dict[str, tuple[bool, bool]]:
-        """container id -> (running and not restarting, killed: exit code 137 or OOMKilled) for the
-        containers recorded; containers that no longer exist are left out."""
-        res = self.t.run([rec.engine, "container", "inspect", "--format", INSPECT_FORMAT, *rec.containers], timeout=timeout)
-        states: dict[str, tuple[bool, bool]] = {}
-        for line in res.stdout.splitlines():
+    def _inspect(self, rec: StackRecord, ids: tuple[str, ...], timeout: float) -> tuple[States, bool]:
+        """The states of those of `ids` the engine gives by that very id (`.Id`); containers that no
+        longer exist are left out. And whether the engine answered with anything else (then it took an
+        id for a name)."""
+        res = self.t.run([rec.engine, "container", "inspect", "--format", INSPECT_FORMAT, *ids], timeout=timeout)
+        states: States = {}
+        lines = res.stdout.splitlines()
+        for line in lines:
             parts = line.split()
-            if len(parts) == 5 and parts[0] in rec.containers:
-                states[parts[0]] = (parts[1] == "true" and parts[2] == "false", parts[3] == str(KILLED) or parts[4] == "true")
-        return states
+            if len(parts) == 5 and parts[0] in ids:
+                killed = parts[3] == str(KILLED) or parts[4] == "true"
+                states[parts[0]] = (parts[1] == "true" and parts[2] == "false", killed)
+        return states, len(lines) != len(states)
+
+    def _states(self, rec: StackRecord, timeout: float) -> States:
+        return self._inspect(rec, rec.containers, timeout)[0]
+
+    def _verified(self, rec: StackRecord, deadline: float) -> tuple[States, list[str]]:
+        """The states of the recorded containers the engine gives by their ids, the only ones to act on;
+        and, for each recorded id the engine takes for another container (a name that looks like an
+        id), what it is. Raises TransportError."""
+        states, other = self._inspect(rec, rec.containers, deadline - time.monotonic())
+        wrong: list[str] = []
+        if other:  # which ids: asked one by one
+            for cid in rec.containers:
+                if cid in states:
+                    continue
+                argv = [rec.engine, "container", "inspect", "--format", INSPECT_FORMAT, cid]
+                word = (self.t.run(argv, timeout=deadline - time.monotonic()).stdout.split() or [""])[0]
+                if word != cid and _ID.fullmatch(word):
+                    wrong.append(f"{cid} is not the id of a container in the guest ({rec.engine} gives the container "
+                                 f"{word[:12]} for it: a name, not an id), nothing done for it")
+        return states, wrong
 
     def _each(self, rec: StackRecord, verb: list[str], ids: tuple[str, ...], deadline: float) -> list[str]:
         """`ENGINE container VERB ID` for each id in turn (the order is the point); the errors."""
@@ -122,25 +154,33 @@ class ContainerDriver:
         return timed_stop(rec.name, timeout, lambda deadline: self._stop(rec, stop_timeout, deadline))
 
     def _stop(self, rec: StackRecord, stop_timeout: float, deadline: float) -> tuple[tuple[str, ...], str]:
-        errors = self._each(rec, ["stop", "-t", str(int(max(1, stop_timeout)))], rec.containers, deadline)
-        states = self._states(rec, deadline - time.monotonic())
+        found, wrong = self._verified(rec, deadline)
+        ids = tuple(c for c in rec.containers if c in found)
+        errors = self._each(rec, ["stop", "-t", str(int(max(1, stop_timeout)))], ids, deadline)
+        states = self._inspect(rec, ids, deadline - time.monotonic())[0] if ids else {}
         still = [self._named(rec, c) for c, (running, _) in states.items() if running]
         killed = tuple(self._named(rec, c) for c, (running, k) in states.items() if not running and k)
-        if not still:
-            return killed, ""
-        return killed, f"still running after stop: {', '.join(still)}" + (f" ({'; '.join(errors)})" if errors else "")
+        problems = [f"container {w}" for w in wrong]
+        if still:
+            detail = f" ({'; '.join(errors)})" if errors else ""
+            problems.append(f"still running after stop: {', '.join(still)}{detail}")
+        return killed, "; ".join(problems)
 
     def start(self, rec: StackRecord, timeout: float) -> float:
         """Start the recorded containers, last stopped first, and check each runs; seconds taken.
         Raises ControllerError / TransportError when one is not up."""
         start = time.monotonic()
         deadline = start + timeout
-        errors = self._each(rec, ["start"], tuple(reversed(rec.containers)), deadline)
+        found, wrong = self._verified(rec, deadline)
+        errors = self._each(rec, ["start"], tuple(c for c in reversed(rec.containers) if c in found), deadline)
         states = self._states(rec, deadline - time.monotonic())
         down = [self._named(rec, c) + ("" if c in states else " (no longer exists)") for c in rec.containers if not states.get(c, (False,))[0]]
+        problems = [f"container {w}" for w in wrong]
         if down:
             detail = f" ({'; '.join(errors)})" if errors else ""
-            raise ControllerError(f"stack {rec.name}: not running after start: {', '.join(down)}{detail}")
+            problems.append(f"not running after start: {', '.join(down)}{detail}")
+        if problems:
+            raise ControllerError(f"stack {rec.name}: {'; '.join(problems)}")
         return time.monotonic() - start
 
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
