@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,41 @@ import pytest
 pytest_plugins = ["tests.infra.fixtures"]
 VM_TIER_SKIP = "VM tier skipped on this machine:"  # tests/vm/conftest.py
 _vm_tier_skips: set[str] = set()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """The VM tier's skip, as the process that prints the summary sees it (with xdist, a worker's
+    report reaches the controller here)."""
+    if report.skipped and VM_TIER_SKIP in str(report.longrepr):
+        _vm_tier_skips.add(str(report.longrepr).split(VM_TIER_SKIP, 1)[1].split("'")[0].strip())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """For a parallel run (scripts/test.sh: pytest-xdist, --dist loadgroup), keep together what shares
+    an expensive fixture: the VM tier (one VM per session) and the LXC tier (one container per session)
+    each on one worker, and a module whose fixture is module-scoped (a booted systemd guest, the Debian
+    roots) on one worker. Every other test goes to whichever worker is free."""
+    for item in items:
+        group = _group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # the longest groups first, so that a worker starts each at once rather than at the end: the VM tier
+    # (about 10 min of one worker), then the LXC tier; the order within each stays as collected
+    first = {"vm-tier": 0, "lxc-tier": 1}
+    items.sort(key=lambda item: first.get(_group(item) or "", 2))
+
+
+def _group(item: pytest.Item) -> str | None:
+    path = Path(str(item.path)).resolve().relative_to(ROOT)
+    if path.parts[:2] in (("tests", "vm"), ("tests", "lxc")):
+        return f"{path.parts[1]}-tier"
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        if defs and defs[-1].scope in ("module", "package"):
+            return str(path)
+    return None
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -36,7 +36,7 @@ INPUT_LIMIT = 64 * 1024  # PVE: input-data maxLength
 BODY_LIMIT = 60 * 1024  # pveproxy refuses request bodies over 64 KiB; keep a margin for the form encoding
 PART = 30 * 1024  # raw bytes per file-write (base64: 40 KiB, under file-write's 60 KiB content limit)
 REQUEST_CAP = 30.0  # one API request never waits longer than this
-MAX_API_ANSWER = 16 * 1024 * 1024  # bytes of one API answer read: twice MAX_OUTPUT, base64, with room
+MAX_API_ANSWER = 48 * 1024 * 1024  # bytes of one API answer read: qemu-ga keeps up to 16 MiB of each stream, base64 (4/3), two streams, with room
 _HTTP_STATUS = re.compile(r"^(\d{3}) [A-Za-z]", re.M)  # pvesh prints an API error's status first
 _AGENT_OFF = re.compile(r"guest agent is not running|no qemu guest agent configured|not running|got timeout", re.I)
 
