@@ -38,10 +38,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = _group(item)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
-    # the longest groups first, so that a worker starts each at once rather than at the end: the VM tier
-    # (about 10 min of one worker), then the LXC tier; the order within each stays as collected
-    first = {"vm-tier": 0, "lxc-tier": 1}
-    items.sort(key=lambda item: first.get(_group(item) or "", 2))
+    # On xdist's workers, the longest groups first, so that a worker starts each at once rather than at
+    # the end: the VM tier (about 10 min of one worker), then the LXC tier. Not in a run without workers:
+    # there the VM (a session fixture) would idle through every later test, taking a core.
+    if hasattr(config, "workerinput"):
+        first = {"vm-tier": 0, "lxc-tier": 1}
+        items.sort(key=lambda item: first.get(_group(item) or "", 2))
 
 
 def _group(item: pytest.Item) -> str | None:
