@@ -14,7 +14,7 @@ after backup-end (LXC stop) both columns measure the same thing; the ratio shows
 resume pays off.
 
 QEMU: the point in time is the start of QEMU's backup job, which the hook learns from QMP
-`query-backup` (its resident, vzdump_hook/resident.py, with qemu/watcher.py). QEMU's QMP socket is played by
+`query-backup` (its resident, vzdump_hook/resident/process.py, with qemu/watcher.py). QEMU's QMP socket is played by
 the QMP double (tests/infra/qmp_double.py, `[hook] qmp_dir`): the stand-in's point in time starts the
 job in it (qemu stop: vzdump's shutdown removes the socket, the paused restart brings it back). QEMU
 already ran a backup job before (a leftover, which must not count). The baseline runs with

@@ -72,10 +72,10 @@ def configure(setup: HookSetup, guest: TestGuest, n: int, project: compose.Compo
 
 def plant_markers(setup: HookSetup, vmids: range) -> None:
     """Markers of a job that is over (its worker is gone), with the ledger entries its node wrote first."""
-    from vzdump_hook.hook import HARD_GRACE
-    from vzdump_hook.job import JobId, node_name
-    from vzdump_hook.ledger import QUIESCE, Ledger
-    from vzdump_hook.marker import Marker, StackRecord
+    from vzdump_hook.guest.marker import Marker, StackRecord
+    from vzdump_hook.node.job import JobId, node_name
+    from vzdump_hook.node.ledger import QUIESCE, Ledger
+    from vzdump_hook.phase.runner import HARD_GRACE
 
     dead = JobId(node_name(), "boot-before-the-last-reboot", 4242, 1)
     ledger = Ledger(str(setup.tmp / "state" / "ledger"), node_name(), str(setup.tmp / "state"), 600 + HARD_GRACE)

@@ -76,7 +76,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
 
 @pytest.fixture(autouse=True)
 def _no_resident_outlives_its_test(tmp_path_factory: pytest.TempPathFactory) -> Generator[None, None, None]:
-    """A resident (vzdump_hook/resident.py) of a test whose guest is gone would go on retrying until
+    """A resident (vzdump_hook/resident/process.py) of a test whose guest is gone would go on retrying until
     its deadline, and load every later test: end the ones whose files are in this session's temp
     directories once the test is over. (Tests that care check that their residents end by themselves.)"""
     yield
@@ -89,7 +89,7 @@ def _no_resident_outlives_its_test(tmp_path_factory: pytest.TempPathFactory) -> 
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"vzdump_hook.resident" in argv and any(a.startswith(base) for a in argv):
+        if b"vzdump_hook.resident.process" in argv and any(a.startswith(base) for a in argv):
             try:
                 os.kill(int(pid), 9)
             except ProcessLookupError:

@@ -1,5 +1,5 @@
-"""Entry point. `vzdump-hook PHASE [MODE VMID]` is vzdump calling: handled by hook.py without
-importing click (every phase pays its imports). Any other first word is an admin command (admin.py)."""
+"""Entry point. `vzdump-hook PHASE [MODE VMID]` is vzdump calling: handled by phase/runner.py without
+importing click (every phase pays its imports). Any other first word is an admin command (admin/commands.py)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ ADMIN_COMMANDS = frozenset({"check", "status", "recover", "simulate", "history",
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] not in ADMIN_COMMANDS and not args[0].startswith("-"):
-        from .early import tell_early
+        from .resident.client import tell_early
 
         if tell_early(args, os.environ):  # first: a resume point's start is sent before the rest is imported
             sys.stdout.flush()
             os._exit(0)  # the resident did all this phase had to do for the guest
-        from .hook import exit_process, run_phase
         from .logs import setup_logging
+        from .phase.runner import exit_process, run_phase
 
         setup_logging(debug=bool(os.environ.get("VZDUMP_HOOK_DEBUG")))
         exit_process(run_phase(args, os.environ))  # at once: every phase is bounded, no thread waited for
-    from .admin import cli
+    from .admin.commands import cli
 
     cli.main(args=args, prog_name="vzdump-hook")

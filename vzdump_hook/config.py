@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .early import DEFAULT_RUN_DIR
 from .errors import ConfigError
+from .resident.client import DEFAULT_RUN_DIR
 
 DEFAULT_CONFIG_PATH = "/etc/vzdump-hook/config.toml"
 CONFIG_ENV = "VZDUMP_HOOK_CONFIG"
@@ -163,7 +163,7 @@ class GuestConfig:
 
 @dataclass(frozen=True)
 class NotifyConfig:
-    """[hook.notify]: a webhook told at job-end (report.py)."""
+    """[hook.notify]: a webhook told at job-end (node/report.py)."""
 
     url: str
     format: str = "json"  # json | ntfy | gotify | healthchecks
@@ -194,12 +194,12 @@ class HookSettings:
     pve_dir: str = "/etc/pve"
     tag: str = DEFAULT_TAG  # guests with this PVE tag are handled with [defaults]; "" turns this off
     qmp_dir: str = "/var/run/qemu-server"  # QEMU's QMP sockets (VMID.qmp), asked for the backup job's start
-    chain: tuple[str, ...] = ()  # other hook scripts, run with vzdump's arguments and environment (hook.py: chain)
+    chain: tuple[str, ...] = ()  # other hook scripts, run with vzdump's arguments and environment (phase/runner.py: chain)
     chain_timeout: float = 3600.0  # bound for one chained script in one phase; killed after it
-    metrics_file: str = ""  # node_exporter textfile written at job-end (report.py); "" = off
-    notify: NotifyConfig | None = None  # webhook at job-end (report.py)
-    ledger_dir: str = ""  # "": pve_dir/priv/vzdump-hook/ledger on a PVE node, else state_dir/ledger (ledger.py)
-    resident: bool = True  # one process per guest from the stop to the start (resident.py); false: the phases alone
+    metrics_file: str = ""  # node_exporter textfile written at job-end (node/report.py); "" = off
+    notify: NotifyConfig | None = None  # webhook at job-end (node/report.py)
+    ledger_dir: str = ""  # "": pve_dir/priv/vzdump-hook/ledger on a PVE node, else state_dir/ledger (node/ledger.py)
+    resident: bool = True  # one process per guest from the stop to the start (resident/process.py); false: the phases alone
 
 
 @dataclass(frozen=True)
@@ -911,7 +911,7 @@ def _cached(key: str, cache_dir: str) -> Any:
 
 def _cache(key: str, data: Any, cache_dir: str) -> None:
     """Keep the TOML data as JSON for the next phase (a best effort: any failure only costs a parse)."""
-    from . import safefile
+    from .node import safefile
 
     try:
         safefile.write_atomic(os.path.join(cache_dir, CACHE_FILE), json.dumps({"key": key, "data": data}), 0o600)

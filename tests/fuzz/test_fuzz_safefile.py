@@ -1,4 +1,4 @@
-"""Fuzz the files written as root (vzdump_hook/safefile.py): random layouts an attacker could leave
+"""Fuzz the files written as root (vzdump_hook/node/safefile.py): random layouts an attacker could leave
 (a link or a directory of its own at the target, links at names next to it, a directory that is a
 link, belongs to another user or may be written by others), a random name and content. Whatever the
 layout: the victim file is unchanged, and the write either leaves exactly the content at the target
@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fuzz.profile import budget
-from vzdump_hook import safefile
+from vzdump_hook.node import safefile
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
 NAMES = st.text(alphabet="abcxyz.-_0123456789", min_size=1, max_size=12).filter(lambda n: n not in (".", ".."))

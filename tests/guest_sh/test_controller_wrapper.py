@@ -17,8 +17,8 @@ import pytest
 from tests.guest_sh.conftest import Guest
 from tests.guest_sh.test_wrapper import LOG_NAME, WrapperTransport, forced, log_lines
 from vzdump_hook import config as configuration
-from vzdump_hook.guest_install import Layout, conf_text
-from vzdump_hook.job import JobId
+from vzdump_hook.guest.install import Layout, conf_text
+from vzdump_hook.node.job import JobId
 from vzdump_hook.stacks.controller import ControllerDriver, job_string
 
 CONTROLLER = Path(__file__).resolve().parents[2] / "examples" / "controller" / "vzdump-controller"

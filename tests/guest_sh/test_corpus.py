@@ -12,8 +12,8 @@ import pytest
 
 from tests.guest_sh.conftest import RECOVER, Guest, no_changing_calls
 from tests.guest_sh.fakedocker import cid
-from vzdump_hook import marker as markers
 from vzdump_hook.errors import MarkerError
+from vzdump_hook.guest import marker as markers
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 VERDICTS: dict[str, dict[str, str]] = json.loads((CORPUS / "verdicts.json").read_text())

@@ -1,5 +1,5 @@
 """examples/guest/vzdump-hook-recover under dash and busybox sh, against real marker files written by
-vzdump_hook.marker (valid, expired, from before this boot, from a restored backup) and hand-made ones
+vzdump_hook.guest.marker (valid, expired, from before this boot, from a restored backup) and hand-made ones
 (corrupt, hostile, foreign), with a stand-in docker that records every call."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 
 from tests.guest_sh.conftest import RECOVER, Guest, no_changing_calls
 from tests.guest_sh.fakedocker import cid
-from vzdump_hook import marker as markers
 from vzdump_hook.errors import MarkerError
-from vzdump_hook.job import JobId
-from vzdump_hook.marker import Marker, StackRecord
+from vzdump_hook.guest import marker as markers
+from vzdump_hook.guest.marker import Marker, StackRecord
+from vzdump_hook.node.job import JobId
 
 VMID = 101
 JOB = JobId("pve1", "0b5c3d1e-boot", 4242, 987654)

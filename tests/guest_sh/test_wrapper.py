@@ -1,7 +1,7 @@
 """examples/guest/vzdump-hook-wrapper (the authorized_keys `command=` of the node's key) under dash and
 busybox sh, as sshd runs it: the request in SSH_ORIGINAL_COMMAND, a stand-in docker recording calls.
 
-The package's own code (GuestController, ComposeDriver, Transport file helpers) is driven through the
+The package's own code (GuestSession, ComposeDriver, Transport file helpers) is driven through the
 wrapper, so a change in the commands the hook sends that the wrapper does not know fails here."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import pytest
 from tests.guest_sh.conftest import WRAPPER, Guest, no_changing_calls
 from tests.guest_sh.fakedocker import cid
 from vzdump_hook import config as configuration
-from vzdump_hook.controller import GuestController
-from vzdump_hook.job import JobId
-from vzdump_hook.marker import Marker, StackRecord
+from vzdump_hook.guest.marker import Marker, StackRecord
+from vzdump_hook.guest.session import GuestSession
+from vzdump_hook.node.job import JobId
 from vzdump_hook.stacks import compose as compose_mod
 from vzdump_hook.stacks import container as container_mod
 from vzdump_hook.stacks import systemd as systemd_mod
@@ -77,7 +77,7 @@ def test_the_hook_quiesces_and_resumes_through_the_wrapper(guest: Guest) -> None
     guest.docker.add_project("web", ("app",), files=["/srv/web/compose.yaml", "/srv/web/over ride.yaml"])
     guest.docker.add_project("other", ("app",), running=False)
     t = WrapperTransport(guest)
-    ctl = GuestController(guest_config(guest), JobId("pve1", "b", 1, 2), transport=t)
+    ctl = GuestSession(guest_config(guest), JobId("pve1", "b", 1, 2), transport=t)
     deadline = time.monotonic() + 60
     p = ctl.preflight(deadline)
     assert p.compose == ("docker", "compose") and p.running == ("db", "web") and p.marker is None
@@ -410,7 +410,7 @@ def test_container_stacks_through_the_wrapper(guest: Guest) -> None:
     cfg = configuration.validate_guest(101, {"ssh": {"host": "192.0.2.1"}, "marker_path": str(guest.marker), "stop_timeout": 7, "stacks": [
         {"kind": "container", "name": "db", "containers": ["db-worker-1", "db-app-1"]},
         {"kind": "container", "name": "web", "label": "com.docker.compose.project=web", "engine": "podman"}]})
-    ctl = GuestController(cfg, JobId("pve1", "b", 1, 2), transport=WrapperTransport(guest))
+    ctl = GuestSession(cfg, JobId("pve1", "b", 1, 2), transport=WrapperTransport(guest))
     deadline = time.monotonic() + 60
     q = ctl.quiesce("qemu", "snapshot", deadline)
     assert [s.containers for s in q.stacks] == [(cid("db", 1), cid("db", 0)), (cid("web", 0),)] and not q.errors, q

@@ -1,6 +1,6 @@
 """A stand-in for Proxmox VE's ``vzdump`` that calls a hook executable exactly as vzdump does.
 
-Written from DESIGN.md §1 and checked against the sources it cites (pve-manager ``PVE/VZDump.pm``
+Written from docs/design.md §1 and checked against the sources it cites (pve-manager ``PVE/VZDump.pm``
 ``exec_backup``/``exec_backup_task``/``run_hook_script``, pve-container ``PVE/VZDump/LXC.pm``,
 qemu-server ``PVE/VZDump/QemuServer.pm``). It does not import ``vzdump_hook``: it is the
 independent referee the package is tested against.
@@ -93,7 +93,7 @@ before ``backup-start``; ``guest-stop`` when its own shutdown/freeze/pause fails
   (resume/start), ``post-restart`` only if vzdump itself had suspended or shut down the guest
   and not yet resumed it; then ``backup-abort``, then ``log-end``. Non-zero in the clean-up,
   in ``backup-abort`` or ``log-end`` is a warning.
-- Decided from the sources, where DESIGN.md is not explicit:
+- Decided from the sources, where docs/design.md is not explicit:
   * lxc snapshot, one volume: the CT is frozen only *inside* the storage-snapshot step, which
     thaws it itself; vzdump sets no resume flag, so a failure after ``pre-stop`` goes straight
     to ``backup-abort`` (no ``pre-restart``/``post-restart``). With ``volumes > 1`` the flag is

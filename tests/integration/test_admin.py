@@ -115,8 +115,8 @@ def test_status_exits_1_for_a_marker_of_a_job_that_is_over(guest_with_stacks: An
     r = admin(setup, "simulate", str(VMID), "--type", "lxc", "--mode", "snapshot", "--pause", "0.5", "--yes")
     assert r.returncode == 0
     # a marker as a job that died would leave it: written by a pid that is gone
-    from vzdump_hook.job import JobId, node_name
-    from vzdump_hook.marker import Marker
+    from vzdump_hook.guest.marker import Marker
+    from vzdump_hook.node.job import JobId, node_name
 
     gone = JobId(node_name(), "", 999999, 1)
     setup.marker_path(VMID).write_bytes(Marker(gone, VMID, "lxc", "snapshot", time.time(), time.time() + 600, "stopped", ()).to_json())

@@ -8,7 +8,7 @@ The hook run as vzdump runs it, and its admin commands, on a container stack.
 
 Containers are named vzdh-ctr-PID-NAME and removed by the fixture. podman runs with runc and ulimits
 below the sandbox's hard limits (this test host has no CAP_SYS_RESOURCE: podman's defaults fail, see
-README, What can be quiesced); the hook itself only stops and starts containers made that way.
+docs/configuration.md, Podman); the hook itself only stops and starts containers made that way.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import pytest
 from tests.infra.guest import TestGuest
 from tests.integration.test_restart_policy import WINDOW
 from vzdump_hook import config as configuration
-from vzdump_hook import marker as markers
 from vzdump_hook.config import Kind
-from vzdump_hook.controller import GuestController
 from vzdump_hook.errors import ControllerError
-from vzdump_hook.job import JobId
+from vzdump_hook.guest import marker as markers
+from vzdump_hook.guest.session import GuestSession
+from vzdump_hook.node.job import JobId
 from vzdump_hook.stacks.container import ContainerDriver
 from vzdump_hook.transports.base import Transport, shell_join
 from vzdump_hook.transports.local import run_local
@@ -170,10 +170,10 @@ class HostTransport(Transport):
         return run_local(as_user(self.user, argv), stdin, timeout, shown=shell_join(argv), target=self.target)
 
 
-def controller(g: TestGuest, c: Containers, stacks: list[dict[str, Any]], **over: Any) -> GuestController:
+def controller(g: TestGuest, c: Containers, stacks: list[dict[str, Any]], **over: Any) -> GuestSession:
     """The guest reached over ssh (docker: the engine is a daemon), or the host itself (podman)."""
     table = {**ssh_table(g, c), "stacks": stacks, "stop_timeout": 10, **over}
-    return GuestController(configuration.validate_guest(VMID, table), JobId("node", "boot", 1, 1),
+    return GuestSession(configuration.validate_guest(VMID, table), JobId("node", "boot", 1, 1),
                            transport=HostTransport(c.user) if c.e == "podman" else None)
 
 
@@ -415,7 +415,7 @@ def stacks_of(g: Guarded) -> list[dict[str, Any]]:
 def test_the_hook_quiesces_and_resumes_through_the_wrapper(guarded: Guarded) -> None:
     c = guarded.c
     guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": stacks_of(guarded), "marker_path": str(c.marker)})
-    ctl = GuestController(guest, JobId("node", "boot", 1, 1), transport=WrapperTransport(guarded))
+    ctl = GuestSession(guest, JobId("node", "boot", 1, 1), transport=WrapperTransport(guarded))
     q = ctl.quiesce("lxc", "snapshot", soon())
     assert not q.errors and [s.names for s in q.stacks] == [(c.prefix + "x", c.prefix + "y"), (c.prefix + "l",)]
     assert [c.running(n) for n in ("x", "y", "l", "other")] == [False, False, False, True]

@@ -20,7 +20,7 @@ from tests.integration.hookenv import HookSetup, installed_hook, running, wait_u
 pytestmark = pytest.mark.integration
 
 VMID = 101
-# Where the stacks must be running again, per DESIGN.md (derived here independently of the package):
+# Where the stacks must be running again, per docs/design.md (derived here independently of the package):
 # LXC: post-restart (pre-restart may still see the CT frozen); LXC stop: post-restart, after the CT is
 # started; QEMU: backup-end (the backup job, the point in time, starts after post-restart).
 RESUME_AT = {
@@ -334,7 +334,7 @@ def _dead_worker_job(hook: str, setup: HookSetup, *phases: str) -> str:
 
 def _residents(setup: HookSetup) -> list[int]:
     """pids of the live residents of this test's run directory."""
-    from vzdump_hook import resident
+    from vzdump_hook.resident import process as resident
 
     return [info.pid for _, info in resident.residents(setup.env["VZDUMP_HOOK_RUN_DIR"])]
 

@@ -14,7 +14,7 @@ import pytest
 from tests.infra import compose
 from tests.infra.vzdump import GuestSpec, GuestType, Mode, run_job, run_phase
 from tests.integration.hookenv import HookSetup, installed_hook
-from vzdump_hook.job import node_name
+from vzdump_hook.node.job import node_name
 
 pytestmark = pytest.mark.integration
 VMIDS = range(101, 107)

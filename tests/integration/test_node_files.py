@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_failsafe import launcher
-from vzdump_hook import report, safefile
 from vzdump_hook.config import HookSettings
-from vzdump_hook.state import GuestRecord, Status
+from vzdump_hook.node import report, safefile
+from vzdump_hook.node.state import GuestRecord, Status
 
 pytestmark = pytest.mark.integration
 

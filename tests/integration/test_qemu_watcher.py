@@ -97,7 +97,7 @@ def watcher_processes(tag: str) -> list[int]:
                 state = f.read().rpartition(")")[2].split()[0]
         except OSError:
             continue
-        if "vzdump_hook.resident" in argv and tag in argv and state not in ("Z", "X"):
+        if "vzdump_hook.resident.process" in argv and tag in argv and state not in ("Z", "X"):
             found.append(int(pid))
     return found
 

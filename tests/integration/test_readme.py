@@ -1,9 +1,17 @@
-"""README.md is checked against the program: every sample output block in it is marked, either
-`<!-- sample: NAME -->` (produced here by running the command against the test guest and compared
-line by line, after the normalisation below) or `<!-- abridged: why -->` (an excerpt, not compared).
+"""README.md and docs/*.md are checked against the program: every sample output block in them is
+marked, either `<!-- sample: NAME -->` (produced here by running the command against the test guest
+and compared line by line, after the normalisation below) or `<!-- abridged: why -->` (an excerpt, not
+compared). A sample may live in any of these files (README.md keeps the install steps' sample, the
+configuration reference the rest); each name is one block in all of them together. The files in
+NOT_OUTPUT are the exceptions: their plain blocks are not the program's output (diagrams, command
+synopses), so they are not held to the marks.
 
-Normalisation, applied to the README's block and to the program's output alike: durations
-(`0.4 s`) become `N s`; the test guest's address becomes the README's 192.0.2.10:22, the test's
+README.md is the front door: at most 300 lines, none over 300 characters (long table cells belong in
+docs/, as prose or lists). Every relative link in these files leads to a file that exists and, into a
+Markdown file, to a heading it has.
+
+Normalisation, applied to the document's block and to the program's output alike: durations
+(`0.4 s`) become `N s`; the test guest's address becomes the documents' 192.0.2.10:22, the test's
 config path /etc/vzdump-hook/config.toml, and the test's compose project names
 (`vzdh-t-PID-N-db`) their short names; in `running stacks:` lines, projects of other test runs on
 the shared Docker engine are left out and the rest sorted."""
@@ -23,7 +31,15 @@ from tests.integration.hookenv import HookSetup, installed_hook
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+# docs whose plain fenced blocks are not the program's output, and why
+NOT_OUTPUT = {
+    "docs/controller-api.md": "the controller contract: a diagram and command synopses",
+    "docs/design.md": "the design notes: vzdump's phase order drawn as a plain block",
+}
+README_MAX_LINES = 300
+MAX_LINE = 300
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>\S*)\s*$")
 MARK = re.compile(r"<!-- (?P<kind>sample|abridged): ?(?P<name>[^>]*?) ?-->")
 
@@ -49,6 +65,20 @@ def blocks(text: str) -> list[tuple[str, str, list[str]]]:
     return out
 
 
+def documents() -> list[Path]:
+    """README.md and every Markdown file in docs/."""
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def all_blocks() -> list[tuple[str, str, str, list[str]]]:
+    """(document, mark kind, mark name, lines) of every output block of every document."""
+    return [(rel(doc), *block) for doc in documents() for block in blocks(doc.read_text())]
+
+
 def normalise(lines: list[str], subst: dict[str, str] | None = None) -> list[str]:
     out = []
     for line in lines:
@@ -66,10 +96,64 @@ def normalise(lines: list[str], subst: dict[str, str] | None = None) -> list[str
 
 
 def test_every_output_block_is_a_checked_sample_or_marked_abridged() -> None:
-    unmarked = [name for kind, name, _ in blocks(README.read_text()) if not kind]
-    assert unmarked == [], "output blocks in README.md without <!-- sample: --> or <!-- abridged: -->"
-    samples = [name for kind, name, _ in blocks(README.read_text()) if kind == "sample"]
-    assert sorted(samples) == sorted(SAMPLES), "each sample block needs a producer here, and each producer a block"
+    unmarked = [(doc, name) for doc, kind, name, _ in all_blocks() if not kind and doc not in NOT_OUTPUT]
+    assert unmarked == [], "output blocks in README.md or docs/ without <!-- sample: --> or <!-- abridged: -->"
+    samples = [name for _, kind, name, _ in all_blocks() if kind == "sample"]
+    assert sorted(samples) == sorted(SAMPLES), "each sample block needs a producer here, and each producer one block"
+
+
+def test_readme_is_a_front_door() -> None:
+    lines = README.read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines: move details to docs/"
+    long = [(n, len(line)) for n, line in enumerate(lines, 1) if len(line) > MAX_LINE]
+    assert long == [], f"README.md lines over {MAX_LINE} characters (line, length): rewrite them as prose or lists"
+
+
+LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+CODE_SPAN = re.compile(r"`[^`]*`")
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown file."""
+    out: set[str] = set()
+    fenced = False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#{1,6} +(.*?) *#* *$", line)):
+            slug = re.sub(r"[^\w\- ]", "", m[1].strip().lower()).replace(" ", "-")
+            n = 0
+            while (slug if n == 0 else f"{slug}-{n}") in out:
+                n += 1
+            out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def links(text: str) -> list[str]:
+    """Targets of the Markdown links outside code blocks and code spans."""
+    out = []
+    fenced = False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:
+            out += [m["target"] for m in LINK.finditer(CODE_SPAN.sub("", line))]
+    return out
+
+
+def test_relative_links_lead_somewhere() -> None:
+    broken = []
+    for doc in documents():
+        for target in links(doc.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists() or not dest.is_relative_to(ROOT):
+                broken.append((rel(doc), target, "no such file"))
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text()):
+                broken.append((rel(doc), target, "no such heading"))
+    assert broken == []
 
 
 def run(setup: HookSetup, *args: str) -> subprocess.CompletedProcess[str]:
@@ -84,7 +168,7 @@ def sample_check(tmp: Path, test_guest: Any, compose_project: Any) -> tuple[list
     setup.write({101: (test_guest, {"stacks": [projects["db"].name, {"name": projects["web"].name, "stop_timeout": 60}],
                                     "on_quiesce_error": "abort", "compose_command": "docker compose"})})
     r = run(setup, "check")
-    assert r.returncode == 1, r.stdout + r.stderr  # as in the README's step: no recovery program in the guest yet
+    assert r.returncode == 1, r.stdout + r.stderr  # as in the README's step 3: no recovery program in the guest yet
     subst = {p.name: short for short, p in projects.items()}
     subst |= {f"{test_guest.host}:{test_guest.port}": "192.0.2.10:22", str(setup.config): "/etc/vzdump-hook/config.toml"}
     return r.stdout.splitlines(), subst
@@ -112,6 +196,6 @@ SAMPLES: dict[str, Callable[[Path, Any, Any], tuple[list[str], dict[str, str]]]]
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_sample_output_is_what_the_program_prints(name: str, tmp_path: Path, test_guest: Any, compose_project: Any) -> None:
-    (readme,) = [body for kind, n, body in blocks(README.read_text()) if kind == "sample" and n == name]
+    (documented,) = [body for _, kind, n, body in all_blocks() if kind == "sample" and n == name]
     actual, subst = SAMPLES[name](tmp_path, test_guest, compose_project)
-    assert normalise(actual, subst) == normalise(readme)
+    assert normalise(actual, subst) == normalise(documented)

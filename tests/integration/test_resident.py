@@ -1,4 +1,4 @@
-"""The resident (vzdump_hook/resident.py) against the real test guest (sshd in a network namespace,
+"""The resident (vzdump_hook/resident/process.py) against the real test guest (sshd in a network namespace,
 a compose stack), with the installed hook run by the vzdump stand-in (one worker process per job).
 
 The fault matrix: the vzdump worker SIGKILLed after every phase from pre-stop on, the resident
@@ -24,8 +24,8 @@ from tests.infra import compose
 from tests.infra.guest import TestGuest
 from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, Moment, WorkerKilled, run_job, run_phase
 from tests.integration.hookenv import HookSetup, installed_hook, wait_until
-from vzdump_hook import resident
-from vzdump_hook.phases import backup_order
+from vzdump_hook.resident import process as resident
+from vzdump_hook.vzdump.phases import backup_order
 
 VMID = 101
 PHASE_BOUND = 20 + 15  # phase_timeout below plus the watchdog's grace

@@ -3,7 +3,7 @@
 its policy, while the same policy does restart it after a crash. Checked on the real engine, with a
 plain container (`docker run`, no compose labels).
 
-Found here and documented in the README: `docker stop` marks the container as stopped by hand, and the
+Found here and documented in docs/configuration.md: `docker stop` marks the container as stopped by hand, and the
 engine's restart manager leaves such a container alone (`always` brings it back only when dockerd
 itself starts again; `unless-stopped` not even then). The same through the hook's `container` kind,
 on docker and podman: tests/integration/test_container_kind.py.

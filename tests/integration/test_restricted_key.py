@@ -18,8 +18,8 @@ from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, r
 from tests.integration.hookenv import HookSetup, installed_hook, running
 from vzdump_hook import config as configuration
 from vzdump_hook.errors import TransportError
-from vzdump_hook.job import JobId
-from vzdump_hook.marker import Marker
+from vzdump_hook.guest.marker import Marker
+from vzdump_hook.node.job import JobId
 from vzdump_hook.stacks import compose as compose_mod
 from vzdump_hook.transports import base
 from vzdump_hook.transports.base import sh

@@ -1,4 +1,4 @@
-"""Per-stack strategies (README: Per-stack strategies), with the installed hook run as vzdump runs it
+"""Per-stack strategies (docs/configuration.md: Per-stack strategies), with the installed hook run as vzdump runs it
 against a real guest (sshd in a network namespace, the real Docker engine, compose projects):
 `before_stop` runs right before the stop and is not downtime; `group` stops groups in order, a group's
 stacks at once, and starts in reverse; `ready` ends the downtime when the app answers (a command in

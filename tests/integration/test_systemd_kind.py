@@ -1,5 +1,5 @@
 """Stacks of kind systemd against a real systemd (PID 1 of a guest booted with systemd-nspawn), reached
-with `pct exec` (the stand-in) as an LXC container is: GuestController stops only the listed units that
+with `pct exec` (the stand-in) as an LXC container is: GuestSession stops only the listed units that
 are active, holds down the sockets and timers that would start them, writes the marker before the first
 stop, reports units systemd had to kill, and starts exactly what it stopped.
 """
@@ -18,11 +18,11 @@ import pytest
 from tests.infra.pct_standin import make_pct
 from tests.infra.systemd_guest import SystemdGuest, support_problem
 from vzdump_hook import config as configuration
-from vzdump_hook import marker as markers
 from vzdump_hook.config import Kind
-from vzdump_hook.controller import GuestController
-from vzdump_hook.job import JobId
-from vzdump_hook.marker import StackRecord
+from vzdump_hook.guest import marker as markers
+from vzdump_hook.guest.marker import StackRecord
+from vzdump_hook.guest.session import GuestSession
+from vzdump_hook.node.job import JobId
 from vzdump_hook.stacks.systemd import systemctl
 from vzdump_hook.transports.base import Transport, shell_join
 
@@ -82,9 +82,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemdGuest]:
         g.close()
 
 
-def controller(g: SystemdGuest, stacks: list[object], **over: object) -> GuestController:
+def controller(g: SystemdGuest, stacks: list[object], **over: object) -> GuestSession:
     table = {"transport": "pct", "pct": {"path": make_pct(g.workdir)}, "stacks": stacks, "stop_timeout": 10, **over}
-    return GuestController(configuration.validate_guest(VMID, table), JobId("node", "boot", 1, 1))
+    return GuestSession(configuration.validate_guest(VMID, table), JobId("node", "boot", 1, 1))
 
 
 def ustate(g: SystemdGuest, unit: str) -> str:
@@ -254,7 +254,7 @@ def forced(g: SystemdGuest, command: str) -> subprocess.CompletedProcess[bytes]:
 def test_the_hook_quiesces_and_resumes_through_the_wrapper(guest_files: SystemdGuest) -> None:
     g = guest_files
     guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": [APP, IDLE, UAPP], "stop_timeout": 10})
-    ctl = GuestController(guest, JobId("node", "boot", 1, 1), transport=WrapperTransport(g))
+    ctl = GuestSession(guest, JobId("node", "boot", 1, 1), transport=WrapperTransport(g))
     q = ctl.quiesce("lxc", "snapshot", soon())
     assert not q.errors and [s.units for s in q.stacks] == [("vzdh-app.service",), ("vzdh-uapp.service",)]
     assert [g.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["inactive"] * 3

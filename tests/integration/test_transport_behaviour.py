@@ -28,11 +28,11 @@ from tests.infra import compose
 from tests.infra.pct_standin import NsContainer, make_pct, read_calls
 from tests.infra.pve_api import PveApiDouble, make_pvesh
 from vzdump_hook import config as configuration
-from vzdump_hook import marker as markers
 from vzdump_hook.config import GuestConfig
-from vzdump_hook.controller import GuestController
 from vzdump_hook.errors import CommandTimeout, ConnectError, MarkerError, TransportError
-from vzdump_hook.job import JobId
+from vzdump_hook.guest import marker as markers
+from vzdump_hook.guest.session import GuestSession
+from vzdump_hook.node.job import JobId
 from vzdump_hook.transports import open_transport
 from vzdump_hook.transports.base import Transport
 
@@ -150,7 +150,7 @@ def test_an_unreachable_guest_is_a_connect_error_within_the_timeout(reach: Reach
             t.connect(8)
         assert time.monotonic() - start < 9
     assert reach.unreachable_text in str(ei.value)
-    ctl = GuestController(reach.guest(), JobId.current())
+    ctl = GuestSession(reach.guest(), JobId.current())
     with pytest.raises(ConnectError):
         ctl.preflight(time.monotonic() + 8)
     ctl.close()
@@ -163,7 +163,7 @@ def test_quiesce_writes_the_marker_first_then_resume_starts_and_removes_it(reach
     db, web = stacks(compose_project, "db", "web")
     guest = reach.guest(stacks=[db.name, web.name, "not-running"], stop_timeout=5)
     job = JobId.current()
-    ctl = GuestController(guest, job)
+    ctl = GuestSession(guest, job)
     try:
         p = ctl.preflight(time.monotonic() + 60)
         assert p.selected == (db.name, web.name) and p.missing == ("not-running",) and p.marker is None
@@ -187,13 +187,13 @@ def test_quiesce_writes_the_marker_first_then_resume_starts_and_removes_it(reach
 def test_a_marker_left_by_a_crashed_job_is_enough_to_resume(reach: Reach, compose_project: Any) -> None:
     (db,) = stacks(compose_project, "db")
     guest = reach.guest(stacks=[db.name], stop_timeout=5)
-    first = GuestController(guest, JobId("node", "boot", 1, 1))
+    first = GuestSession(guest, JobId("node", "boot", 1, 1))
     try:
         first.quiesce("qemu", "snapshot", time.monotonic() + 120)
     finally:
         first.close()  # the hook "crashes": nothing on the node remembers what it stopped
     assert compose.running_services(db) == set() and reach.marker_file.exists()
-    later = GuestController(guest, JobId.current())  # a new process, a new connection
+    later = GuestSession(guest, JobId.current())  # a new process, a new connection
     try:
         m = later.read_marker(time.monotonic() + 30)
         assert m is not None and m.job == JobId("node", "boot", 1, 1)
@@ -218,7 +218,7 @@ def test_a_stack_that_fails_to_start_stays_in_the_marker(reach: Reach, compose_p
     (web,) = stacks(compose_project, "web")
     compose.up(db)
     guest = reach.guest(stacks=[db.name, web.name], stop_timeout=5)
-    ctl = GuestController(guest, JobId.current())
+    ctl = GuestSession(guest, JobId.current())
     try:
         ctl.quiesce("lxc", "snapshot", time.monotonic() + 120)
         shutil.rmtree(db.workdir / "data")  # a bind mount's source is gone: docker cannot start it
@@ -254,7 +254,7 @@ def test_a_large_marker_with_any_bytes_round_trips(reach: Reach) -> None:
 def test_a_bad_marker_read_from_the_guest_is_refused_and_the_node_record_is_used(reach: Reach, compose_project: Any, content: bytes) -> None:
     (db,) = stacks(compose_project, "db")
     guest = reach.guest(stacks=[db.name], stop_timeout=5)
-    ctl = GuestController(guest, JobId.current())
+    ctl = GuestSession(guest, JobId.current())
     try:
         q = ctl.quiesce("lxc", "snapshot", time.monotonic() + 120)
         reach.marker_file.write_bytes(content)  # the guest replaced it
@@ -282,7 +282,7 @@ def hostile_container(docker_engine: Any) -> Iterator[str]:
 
 def test_hostile_labels_in_docker_output_are_ignored(reach: Reach, compose_project: Any, hostile_container: str) -> None:
     (db,) = stacks(compose_project, "db")
-    ctl = GuestController(reach.guest(stacks="auto"), JobId.current())
+    ctl = GuestSession(reach.guest(stacks="auto"), JobId.current())
     try:
         running = ctl.driver.running(60)
     finally:
@@ -333,7 +333,7 @@ def test_agent_output_past_the_capture_limit_is_refused_not_used(reach: Reach) -
 def test_json_of_the_marker_is_what_the_guest_side_recovery_reads(reach: Reach, compose_project: Any) -> None:
     """The marker written over every transport has one stack per line (guest-side recovery reads lines)."""
     (db,) = stacks(compose_project, "db")
-    ctl = GuestController(reach.guest(stacks=[db.name], stop_timeout=5), JobId.current())
+    ctl = GuestSession(reach.guest(stacks=[db.name], stop_timeout=5), JobId.current())
     try:
         ctl.quiesce("lxc", "snapshot", time.monotonic() + 120)
         lines = [ln for ln in reach.marker_file.read_text().splitlines() if '"name":' in ln]
@@ -350,7 +350,7 @@ def test_the_hook_quiesces_a_tagged_container_over_pct_as_vzdump_runs_it(tmp_pat
     import subprocess
 
     from tests.integration.hookenv import installed_hook
-    from vzdump_hook.job import node_name
+    from vzdump_hook.node.job import node_name
 
     if os.geteuid() != 0:
         pytest.skip("namespace containers need root")

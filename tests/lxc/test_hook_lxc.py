@@ -7,7 +7,7 @@ snapshot_create), with two volumes from after pre-stop.
 
 Checked: the stacks are down at the point in time with the marker in the container's /var/lib; every
 pct call of the hook (phases and resident alike, one call log) ran outside the frozen window; the stacks
-are started after the thaw, during the phase the README names; the marker is gone and the job is ok.
+are started after the thaw, during the phase docs/how-it-works.md names; the marker is gone and the job is ok.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from tests.infra.lxc_ct import LxcContainer
 from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, Moment, WorkerKilled, run_job
 from tests.integration.hookenv import installed_hook, toml_value, wait_until
 from tests.lxc.conftest import VMID, CtCompose, Pct, in_flight
-from vzdump_hook import marker as markers
-from vzdump_hook.early import tell
+from vzdump_hook.guest import marker as markers
+from vzdump_hook.resident.client import tell
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +126,7 @@ def test_the_hook_never_sends_a_command_into_the_frozen_container(ct: LxcContain
     assert all(c["status"] == 0 and float(c["end"]) < window[0] for c in stops.values())  # type: ignore[arg-type]
     assert all(c["status"] == 0 and float(c["time"]) > window[1] for c in starts.values())  # type: ignore[arg-type]
 
-    # started again after the thaw, from the phase the README names on; nothing left behind
+    # started again after the thaw, from the phase docs/how-it-works.md names on; nothing left behind
     assert ct_compose.running(db) == {"app", "side"} and ct_compose.running(web) == {"app"}
     started = [epoch(str(c["State"]["StartedAt"])) for p in (db, web) for c in ct_compose.containers(p)]  # type: ignore[index]
     assert min(started) > window[1]

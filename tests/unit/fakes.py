@@ -443,7 +443,7 @@ class FakeTransport(Transport):
 
 
 def transport_factory(guests: dict[int, FakeGuest]) -> Callable[[object], FakeTransport]:
-    """A stand-in for vzdump_hook.controller.open_transport: one FakeTransport per call, on the
+    """A stand-in for vzdump_hook.guest.session.open_transport: one FakeTransport per call, on the
     FakeGuest of the guest config's vmid."""
 
     def open_transport(guest_cfg: object) -> FakeTransport:

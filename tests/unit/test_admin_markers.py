@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from pytest_mock import MockerFixture
 
-from vzdump_hook.admin import cli
+from vzdump_hook.admin.commands import cli
 from vzdump_hook.errors import TransportError
-from vzdump_hook.job import JobId
+from vzdump_hook.node.job import JobId
 
 from .test_hook import MARKER, Hook, dead_job, stale_marker
 

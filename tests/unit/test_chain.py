@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vzdump_hook import chain
+from vzdump_hook.vzdump import chain
 
 
 def script(tmp: Path, name: str, body: str) -> str:

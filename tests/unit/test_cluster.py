@@ -8,11 +8,11 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from vzdump_hook import cluster
 from vzdump_hook import config as configuration
-from vzdump_hook.admin import cli
-from vzdump_hook.hook import RUN_DIR_ENV, STATE_DIR_ENV, run_phase
-from vzdump_hook.job import node_name
+from vzdump_hook.admin.commands import cli
+from vzdump_hook.node import cluster
+from vzdump_hook.node.job import node_name
+from vzdump_hook.phase.runner import RUN_DIR_ENV, STATE_DIR_ENV, run_phase
 
 
 def make_cluster(tmp: Path) -> tuple[Path, Path]:
@@ -59,7 +59,7 @@ def test_not_a_pve_node_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_answers_about_guests_recovery_are_forgotten_after_an_upgrade(tmp_path: Path) -> None:
-    from vzdump_hook.state import RECHECK_GAP, forget_recovery_answers, keep_recovery_answer, recovery_answer
+    from vzdump_hook.node.state import RECHECK_GAP, forget_recovery_answers, keep_recovery_answer, recovery_answer
 
     now = time.time()
     state = str(tmp_path / "state")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vzdump_hook.errors import ControllerError, TransportError
-from vzdump_hook.marker import StackRecord
+from vzdump_hook.guest.marker import StackRecord
 from vzdump_hook.stacks import compose as compose_mod
 from vzdump_hook.stacks.compose import ComposeDriver
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from vzdump_hook import marker as markers
 from vzdump_hook.config import Kind, StackSpec
 from vzdump_hook.errors import ControllerError, MarkerError
-from vzdump_hook.job import JobId
-from vzdump_hook.marker import Marker, StackRecord
+from vzdump_hook.guest import marker as markers
+from vzdump_hook.guest.marker import Marker, StackRecord
+from vzdump_hook.node.job import JobId
+from vzdump_hook.node.state import GuestRecord
 from vzdump_hook.stacks.container import ContainerDriver
-from vzdump_hook.state import GuestRecord
 from vzdump_hook.transports.base import Transport
 
 from .test_config import parse, problems
@@ -254,7 +254,7 @@ def test_no_engine_in_the_guest_is_an_error() -> None:
 
 
 def test_guest_install_writes_the_containers_and_labels_the_wrapper_may_act_on() -> None:
-    from vzdump_hook.guest_install import Layout, conf_text
+    from vzdump_hook.guest.install import Layout, conf_text
 
     g = parse(GUEST + 'stacks = ["db", { kind = "container", name = "a", containers = ["web", "worker"] },'
                       ' { kind = "container", name = "b", label = "app=shop" }, { kind = "container", name = "c", label = "tier" }]\n').guests[101]

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 from pytest_mock import MockerFixture
 
-from vzdump_hook import config, controller
-from vzdump_hook import marker as markers
-from vzdump_hook.controller import GuestController, NothingStopped
+from vzdump_hook import config
 from vzdump_hook.errors import CommandTimeout, ConnectError, HookError, MarkerError, TransportError
-from vzdump_hook.job import JobId
-from vzdump_hook.marker import Marker, StackRecord
+from vzdump_hook.guest import marker as markers
+from vzdump_hook.guest import session as controller
+from vzdump_hook.guest.marker import Marker, StackRecord
+from vzdump_hook.guest.session import GuestSession, NothingStopped
+from vzdump_hook.node.job import JobId
 from vzdump_hook.stacks import compose as compose_mod
 
 from .fakes import FakeGuest, FakeTransport, container_id
@@ -30,8 +31,8 @@ def guest_cfg(**over: Any) -> config.GuestConfig:
     return config.validate_guest(101, table)
 
 
-def ctl(g: FakeGuest, **over: Any) -> GuestController:
-    return GuestController(guest_cfg(**over), JOB, transport=FakeTransport(g))
+def ctl(g: FakeGuest, **over: Any) -> GuestSession:
+    return GuestSession(guest_cfg(**over), JOB, transport=FakeTransport(g))
 
 
 def soon(seconds: float = 30.0) -> float:
@@ -532,8 +533,8 @@ def test_close_closes_the_transport(g: FakeGuest) -> None:
 
 
 def test_controller_opens_its_transport_lazily_through_the_registry(g: FakeGuest, mocker: MockerFixture) -> None:
-    opened = mocker.patch("vzdump_hook.controller.open_transport", return_value=FakeTransport(g))
-    c = GuestController(guest_cfg(), JOB)
+    opened = mocker.patch("vzdump_hook.guest.session.open_transport", return_value=FakeTransport(g))
+    c = GuestSession(guest_cfg(), JOB)
     assert opened.call_count == 1 and c.t is opened.return_value
     assert g.calls == []  # nothing is sent before a verb is used
 

@@ -11,10 +11,10 @@ import pytest
 
 from vzdump_hook.config import ControllerSpec, Kind
 from vzdump_hook.errors import ConnectError
-from vzdump_hook.job import JobId
-from vzdump_hook.marker import StackRecord
+from vzdump_hook.guest.marker import StackRecord
+from vzdump_hook.node.job import JobId
+from vzdump_hook.node.state import GuestRecord
 from vzdump_hook.stacks.controller import CommandCarrier, ControllerDriver, Refused, check_answer, job_string, parse_job
-from vzdump_hook.state import GuestRecord
 from vzdump_hook.transports.base import Transport
 
 from .test_config import parse, problems

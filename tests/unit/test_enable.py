@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from vzdump_hook import config as configuration
-from vzdump_hook.admin import cli
-from vzdump_hook.enable import plan, with_chain
+from vzdump_hook.admin.commands import cli
+from vzdump_hook.admin.enable import plan, with_chain
 from vzdump_hook.errors import HookError
 
 OURS = "/usr/local/bin/vzdump-hook"

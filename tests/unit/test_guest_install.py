@@ -1,4 +1,4 @@
-"""vzdump_hook.guest_install: deploying the guest side over a Transport, idempotently, with --dry-run,
+"""vzdump_hook.guest.install: deploying the guest side over a Transport, idempotently, with --dry-run,
 and the check of whether it is in place and current.
 
 The transport here runs the commands with a real local `sh` (files under a temporary install root),
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from vzdump_hook import config as configuration
-from vzdump_hook import guest_install as gi
 from vzdump_hook.errors import ConnectError
-from vzdump_hook.guest_install import FILES, Installer, InstallError, Layout, Setup, restricted_keys
+from vzdump_hook.guest import install as gi
+from vzdump_hook.guest.install import FILES, Installer, InstallError, Layout, Setup, restricted_keys
 from vzdump_hook.transports.base import Transport, shell_join
 
 REPO = Path(__file__).resolve().parents[2]

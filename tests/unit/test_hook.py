@@ -19,20 +19,20 @@ import pytest
 from pytest_mock import MockerFixture
 
 from vzdump_hook import config as configuration
-from vzdump_hook import hook as hookmod
-from vzdump_hook import marker as markers
-from vzdump_hook.hook import RUN_DIR_ENV, STATE_DIR_ENV, PhaseRunner, run_phase, settings_with_env
-from vzdump_hook.job import JobId, _boot_id, node_name, process_start
-from vzdump_hook.marker import Marker, StackRecord
-from vzdump_hook.phases import GuestType, Mode, Phase, backup_order
-from vzdump_hook.state import HostState, Status
+from vzdump_hook.guest import marker as markers
+from vzdump_hook.guest.marker import Marker, StackRecord
+from vzdump_hook.node.job import JobId, _boot_id, node_name, process_start
+from vzdump_hook.node.state import HostState, Status
+from vzdump_hook.phase import runner as hookmod
+from vzdump_hook.phase.runner import RUN_DIR_ENV, STATE_DIR_ENV, PhaseRunner, run_phase, settings_with_env
+from vzdump_hook.vzdump.phases import GuestType, Mode, Phase, backup_order
 
 from .fakes import FakeGuest, transport_factory
 
 MARKER = "/var/lib/vzdump-hook/marker.json"
 LXC, QEMU = GuestType.LXC, GuestType.QEMU
 ALL = [(t, m) for t in GuestType for m in Mode]
-FIRST_RESUME = {  # README "What happens when"
+FIRST_RESUME = {  # docs/how-it-works.md "What happens when"
     (LXC, Mode.SNAPSHOT): "pre-restart",
     (LXC, Mode.SUSPEND): "post-restart",
     (LXC, Mode.STOP): "post-restart",
@@ -86,8 +86,8 @@ class Hook:
         g.add_project("db", 2)
         g.add_project("web", 1)
         g.add_project("monitoring", 1)
-        self.open: MagicMock = mocker.patch("vzdump_hook.controller.open_transport", side_effect=transport_factory(self.guests))
-        self.watchdog: MagicMock = mocker.patch("vzdump_hook.hook._watchdog")
+        self.open: MagicMock = mocker.patch("vzdump_hook.guest.session.open_transport", side_effect=transport_factory(self.guests))
+        self.watchdog: MagicMock = mocker.patch("vzdump_hook.phase.runner._watchdog")
         self.configure()
 
     @property
@@ -249,7 +249,7 @@ def test_unconfigured_guest_gets_one_line_and_no_connection(hook: Hook, vmid: in
 
 @pytest.mark.parametrize("vmtype", list(GuestType))
 def test_guest_not_running_nothing_is_stopped(hook: Hook, mocker: MockerFixture, vmtype: GuestType, caplog: pytest.LogCaptureFixture) -> None:
-    mocker.patch("vzdump_hook.pve.guest_running", return_value=False)
+    mocker.patch("vzdump_hook.node.pve.guest_running", return_value=False)
     hook.configure('on_quiesce_error = "abort"')
     hook("job-start")
     hook.open.reset_mock()
@@ -697,7 +697,7 @@ def test_hostile_marker_does_not_crash_backup_start(hook: Hook) -> None:
 def test_admin_commands_are_all_known_to_the_fast_entry_point() -> None:
     """cli.py routes by a fixed word list (no click import for vzdump phases): every click command
     must be in it, or it would be taken for an unknown vzdump phase."""
-    from vzdump_hook.admin import cli as group
+    from vzdump_hook.admin.commands import cli as group
     from vzdump_hook.cli import ADMIN_COMMANDS
 
     assert set(group.commands) == set(ADMIN_COMMANDS)

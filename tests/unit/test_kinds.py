@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from vzdump_hook import marker as markers
 from vzdump_hook.config import Kind, StackSpec
 from vzdump_hook.errors import MarkerError
-from vzdump_hook.job import JobId
-from vzdump_hook.marker import Marker, StackRecord
-from vzdump_hook.state import GuestRecord
+from vzdump_hook.guest import marker as markers
+from vzdump_hook.guest.marker import Marker, StackRecord
+from vzdump_hook.node.job import JobId
+from vzdump_hook.node.state import GuestRecord
 
 from .test_config import parse, problems
 

@@ -16,13 +16,13 @@ from pytest_mock import MockerFixture
 
 from tests.infra.pmxcfs import ClusterFs, cluster_fs
 from vzdump_hook import config as configuration
-from vzdump_hook import ledger as ledgers
-from vzdump_hook.controller import GuestController
 from vzdump_hook.errors import ConfigError
-from vzdump_hook.hook import HARD_GRACE, PhaseRunner, settings_with_env
-from vzdump_hook.job import JobId, node_name
-from vzdump_hook.ledger import FOUND, QUIESCE, Ledger
-from vzdump_hook.phases import GuestType, Mode, Phase
+from vzdump_hook.guest.session import GuestSession
+from vzdump_hook.node import ledger as ledgers
+from vzdump_hook.node.job import JobId, node_name
+from vzdump_hook.node.ledger import FOUND, QUIESCE, Ledger
+from vzdump_hook.phase.runner import HARD_GRACE, PhaseRunner, settings_with_env
+from vzdump_hook.vzdump.phases import GuestType, Mode, Phase
 
 from .fakes import FakeGuest
 from .test_hook import ALL_UP, APP_DOWN, MARKER, Hook, dead_job, hook, lines_about, running_job, stale_marker  # noqa: F401
@@ -179,13 +179,13 @@ def test_upgrade_asks_every_guest_once_then_only_ledger_entries(hook: Hook, pve:
 def test_entry_is_written_before_the_marker_and_removed_after_the_resume(hook: Hook, pve: ClusterFs, mocker: MockerFixture) -> None:  # noqa: F811
     led = ledger_of(hook)
     entries_when_marker_written: list[int] = []
-    real_write = GuestController._write_marker
+    real_write = GuestSession._write_marker
 
-    def write_marker(ctl: GuestController, m: object, deadline: float) -> None:
+    def write_marker(ctl: GuestSession, m: object, deadline: float) -> None:
         entries_when_marker_written.append(len(led.of(ctl.guest.vmid)))
         real_write(ctl, m, deadline)  # type: ignore[arg-type]
 
-    mocker.patch.object(GuestController, "_write_marker", write_marker)
+    mocker.patch.object(GuestSession, "_write_marker", write_marker)
     job_start(hook)
     for step in ("backup-start", "pre-stop"):
         assert hook(step, Mode.SNAPSHOT, 101, LXC) == 0
@@ -217,7 +217,7 @@ def test_crash_between_the_two_writes_costs_one_contact(hook: Hook, pve: Cluster
     class Crash(BaseException):
         pass
 
-    with patch.object(GuestController, "_write_marker", side_effect=Crash), pytest.raises(Crash):
+    with patch.object(GuestSession, "_write_marker", side_effect=Crash), pytest.raises(Crash):
         hook.runner(dead_job()).run(Phase.PRE_STOP, LXC, Mode.SNAPSHOT, 101)
     assert MARKER not in hook.g.files and hook.g.running_stacks() == ALL_UP
     assert len(ledger_of(hook).of(101)) == 1
@@ -321,9 +321,9 @@ def test_second_node_writes_the_ledger_while_this_one_sweeps(hook: Hook, pve: Cl
     led.add(101, FOUND, None, {})
     b = Ledger(led.dir, NODE_B, str(hook.tmp / "state-b"), settle=615)
     written: list[str] = []
-    real_read = GuestController.read_marker
+    real_read = GuestSession.read_marker
 
-    def read_marker(ctl: GuestController, deadline: float) -> object:
+    def read_marker(ctl: GuestSession, deadline: float) -> object:
         if ctl.guest.vmid == 101 and not written:  # the sweep has read the ledger and asks 101 now
             written.append(b.add(101, QUIESCE, JobId(NODE_B, "b", 7, 7), {}).name)
             written.append(b.add(101, FOUND, None, {}).name)
@@ -331,7 +331,7 @@ def test_second_node_writes_the_ledger_while_this_one_sweeps(hook: Hook, pve: Cl
             b.mark_known([900])
         return real_read(ctl, deadline)
 
-    mocker.patch.object(GuestController, "read_marker", read_marker)
+    mocker.patch.object(GuestSession, "read_marker", read_marker)
     assert job_start(hook) == [101]
     left = led.entries()
     assert sorted(e.name for es in left.values() for e in es) == sorted(written)
@@ -350,13 +350,13 @@ def test_job_end_resumes_every_pending_guest_at_once(hook: Hook, pve: ClusterFs,
         for step in ("backup-start", "pre-stop"):
             assert hook(step, Mode.SNAPSHOT, v, GuestType.QEMU) == 0
     barrier = threading.Barrier(len(vmids), timeout=20)
-    real_resume = GuestController.resume
+    real_resume = GuestSession.resume
 
-    def resume(ctl: GuestController, deadline: float, fallback: tuple = ()) -> object:  # type: ignore[type-arg]
+    def resume(ctl: GuestSession, deadline: float, fallback: tuple = ()) -> object:  # type: ignore[type-arg]
         barrier.wait()  # breaks (and the resume fails) unless all of them run at the same time
         return real_resume(ctl, deadline, fallback)
 
-    mocker.patch.object(GuestController, "resume", resume)
+    mocker.patch.object(GuestSession, "resume", resume)
     assert hook("job-end") == 0
     assert all(hook.guests[v].running_stacks() == ["app"] for v in vmids)
     assert ledger_of(hook).entries() == {}
@@ -365,7 +365,7 @@ def test_job_end_resumes_every_pending_guest_at_once(hook: Hook, pve: ClusterFs,
 def test_fanout_reports_late_calls_and_does_not_wait_for_them() -> None:
     import threading
 
-    from vzdump_hook import fanout
+    from vzdump_hook.guest import fanout
 
     release = threading.Event()
     seen: list[tuple[int, int]] = []

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vzdump_hook.errors import ConfigError, MarkerError, TransportError
-from vzdump_hook.job import JobId
 from vzdump_hook.logs import Formatter
+from vzdump_hook.node.job import JobId
 from vzdump_hook.text import escape
 
 PACKAGE = Path(__file__).resolve().parents[2] / "vzdump_hook"
@@ -366,9 +366,11 @@ def test_every_logging_call_has_a_literal_template_and_passes_the_rest_as_argume
     assert not bad, "\n".join(bad)
     # the scan sees the calls it is about (it cannot pass by finding none)
     assert len(found) > 80, found
-    assert any(w == "vzdump_hook/hook.py" and "marker left by job" in c for w, c in found)
-    assert any(w == "vzdump_hook/hook.py" and c.startswith("log.log(level,") for w, c in found)
-    assert {w.split("/")[1] for w, _ in found} >= {"hook.py", "resident.py", "report.py", "recovery.py", "stacks", "transports"}
+    assert any(w == "vzdump_hook/phase/runner.py" and "marker left by job" in c for w, c in found)
+    assert any(w == "vzdump_hook/phase/runner.py" and c.startswith("log.log(level,") for w, c in found)
+    assert {"/".join(w.split("/")[1:3]) for w, _ in found} >= {
+        "phase/runner.py", "resident/process.py", "node/report.py", "guest/recovery.py", "stacks/container.py", "transports/base.py",
+    }
 
 
 def test_the_scan_reports_what_it_is_for() -> None:

@@ -11,7 +11,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from vzdump_hook.admin import cli
+from vzdump_hook.admin.commands import cli
 
 
 def helptext(*words: str) -> str:
@@ -30,7 +30,7 @@ def commands(*words: str) -> list[str]:
 @pytest.fixture(scope="module")
 def page() -> str:
     """The man page as groff formats it (groff-base: scripts/setup-test-host.sh installs it)."""
-    roff = subprocess.run([sys.executable, "-m", "vzdump_hook.manpage"], capture_output=True, text=True, check=True, env={"SOURCE_DATE_EPOCH": "0"}).stdout
+    roff = subprocess.run([sys.executable, "-m", "vzdump_hook.admin.manpage"], capture_output=True, text=True, check=True, env={"SOURCE_DATE_EPOCH": "0"}).stdout
     assert '.TH VZDUMP\\-HOOK 8 "1970-01-01"' in roff  # the build's date, not today's: reproducible
     if not shutil.which("groff"):
         pytest.skip("groff is not installed (Debian: groff-base)")

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from vzdump_hook import marker
 from vzdump_hook.errors import MarkerError
-from vzdump_hook.job import JobId
-from vzdump_hook.marker import MAX_SIZE, Marker, StackRecord
+from vzdump_hook.guest import marker
+from vzdump_hook.guest.marker import MAX_SIZE, Marker, StackRecord
+from vzdump_hook.node.job import JobId
 
 from .fakes import container_id
 

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from vzdump_hook import config as configuration
-from vzdump_hook import node_setup
-from vzdump_hook.admin import cli
-from vzdump_hook.enable import default_launcher
+from vzdump_hook.admin import setup as node_setup
+from vzdump_hook.admin.commands import cli
+from vzdump_hook.admin.enable import default_launcher
 
 REPO = Path(__file__).resolve().parents[2]
 

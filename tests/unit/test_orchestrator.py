@@ -1,4 +1,4 @@
-"""orchestrator.py: pure decisions per phase, checked against vzdump's phase order (phases.backup_order)."""
+"""rules.py: pure decisions per phase, checked against vzdump's phase order (phases.backup_order)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from dataclasses import fields
 
 import pytest
 
-from vzdump_hook import orchestrator
-from vzdump_hook.orchestrator import Outcome, Plan, Step, exit_status, first_resume_point, plan
-from vzdump_hook.phases import GuestType, Mode, Phase, backup_order
-from vzdump_hook.state import GuestRecord, Status
+from vzdump_hook.node.state import GuestRecord, Status
+from vzdump_hook.vzdump import rules
+from vzdump_hook.vzdump.phases import GuestType, Mode, Phase, backup_order
+from vzdump_hook.vzdump.rules import Outcome, Plan, Step, exit_status, first_resume_point, plan
 
 LXC, QEMU = GuestType.LXC, GuestType.QEMU
 ALL = [(t, m) for t in GuestType for m in Mode]
 
-# README "What happens when": where the stacks start again on the success path.
+# docs/how-it-works.md "What happens when": where the stacks start again on the success path.
 FIRST_RESUME = {
     (LXC, Mode.SNAPSHOT): Phase.PRE_RESTART,  # snapshot_create thawed the CT (pve-guest-common)
     (LXC, Mode.SUSPEND): Phase.POST_RESTART,
@@ -193,8 +193,8 @@ def test_pending_statuses() -> None:
 
 
 def test_resume_points_cover_every_type_and_mode() -> None:
-    assert set(orchestrator.RESUME_POINTS) == set(ALL)
-    for key, points in orchestrator.RESUME_POINTS.items():
+    assert set(rules.RESUME_POINTS) == set(ALL)
+    for key, points in rules.RESUME_POINTS.items():
         assert Phase.BACKUP_ABORT in points and Phase.LOG_END in points, key
         assert Phase.PRE_STOP not in points and Phase.BACKUP_START not in points, key
 
@@ -339,5 +339,5 @@ def test_early_resume_note_before_the_watcher_is_armed() -> None:
 
 
 def test_watcher_ends_where_this_guests_backup_ends() -> None:
-    assert orchestrator.WATCHER_ENDS == {Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END}
-    assert orchestrator.WATCHER_ARMED_AT == ARMED_AT
+    assert rules.WATCHER_ENDS == {Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END}
+    assert rules.WATCHER_ARMED_AT == ARMED_AT

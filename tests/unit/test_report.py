@@ -7,9 +7,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.test_config import parse
-from vzdump_hook import report
-from vzdump_hook.marker import StackRecord
-from vzdump_hook.state import GuestRecord, Status
+from vzdump_hook.guest.marker import StackRecord
+from vzdump_hook.node import report
+from vzdump_hook.node.state import GuestRecord, Status
 
 
 def rec(vmid: int, status: Status, stacks: tuple[str, ...] = ("db",), crash: bool = False, down: float | None = 2.5) -> GuestRecord:

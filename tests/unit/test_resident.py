@@ -10,7 +10,7 @@ run again (with qemu/watcher.py: QEMU's backup job as its trigger).
   of QEMU's new backup job, when its vzdump worker is gone; retries; ends at its deadline or once the
   stacks run again; survives a wiped run directory.
 - The real detached process: `spawn` leaves the caller's output and session; `python -m
-  vzdump_hook.resident INFO` answers, stops on SIGTERM, ends at its deadline and leaves its lines.
+  vzdump_hook.resident.process INFO` answers, stops on SIGTERM, ends at its deadline and leaves its lines.
 """
 
 from __future__ import annotations
@@ -36,20 +36,20 @@ from pytest_mock import MockerFixture
 
 from tests.infra.qmp_double import QmpDouble
 from vzdump_hook import config as configuration
-from vzdump_hook import early as earlymod
-from vzdump_hook import resident as residentmod
 from vzdump_hook.errors import HookError
-from vzdump_hook.hook import RUN_DIR_ENV
-from vzdump_hook.job import JobId, _boot_id, node_name, process_start
-from vzdump_hook.phases import GuestType, Mode
+from vzdump_hook.node.job import JobId, _boot_id, node_name, process_start
+from vzdump_hook.node.state import GuestRecord, HostState, Status
+from vzdump_hook.phase.runner import RUN_DIR_ENV
 from vzdump_hook.qemu import watcher as watchmod
-from vzdump_hook.resident import Info, Resident
-from vzdump_hook.state import GuestRecord, HostState, Status
+from vzdump_hook.resident import client as earlymod
+from vzdump_hook.resident import process as residentmod
+from vzdump_hook.resident.process import Info, Resident
+from vzdump_hook.vzdump.phases import GuestType, Mode
 
 from .test_hook import ALL_UP, APP_DOWN, MARKER, Hook
 
 QEMU, LXC = GuestType.QEMU, GuestType.LXC
-RESIDENT_PY = [sys.executable, "-I", "-m", "vzdump_hook.resident"]
+RESIDENT_PY = [sys.executable, "-I", "-m", "vzdump_hook.resident.process"]
 MAIN = "MainThread"  # the phases run here; each resident in a thread of its own (its "process")
 
 
@@ -171,7 +171,7 @@ def s(tmp_path: Path, mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -
         assert setup is not None
         return setup.spawn_with(argv, log_path)
 
-    mock = mocker.patch("vzdump_hook.resident.spawn", side_effect=spawn)
+    mock = mocker.patch("vzdump_hook.resident.process.spawn", side_effect=spawn)
     try:
         with QmpDouble(qmp_dir / "101.qmp", leftover=True) as double:
             setup = Setup(hook, double, mock)
@@ -793,7 +793,7 @@ def test_tell_works_with_a_socket_path_longer_than_the_kernels_limit(s: Setup) -
 
 SPAWNER = """
 import sys
-from vzdump_hook.resident import spawn
+from vzdump_hook.resident.process import spawn
 pid = spawn([sys.executable, "-c", "import os, time; print('daemon', os.getpid(), os.getsid(0), flush=True); time.sleep(60)"], sys.argv[1])
 print(pid, flush=True)
 """
@@ -830,7 +830,7 @@ def test_spawn_detaches_from_the_callers_output_and_session(tmp_path: Path) -> N
 
 
 def test_the_real_resident_answers_stops_on_sigterm_and_ends_at_its_deadline(tmp_path: Path) -> None:
-    """`python -m vzdump_hook.resident INFO`, armed by arm(): it listens; SIGTERM ends it (its socket
+    """`python -m vzdump_hook.resident.process INFO`, armed by arm(): it listens; SIGTERM ends it (its socket
     removed); another one ends by itself at its deadline, and a later phase finds its lines."""
     settings = configuration.HookSettings(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"), qmp_dir=str(tmp_path / "qmp"))
     me = os.getpid()

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from vzdump_hook import hook as hookmod
 from vzdump_hook.errors import ConfigError, TransportError
+from vzdump_hook.phase import runner as hookmod
 from vzdump_hook.text import escape, escape_lines
 
 from .test_logs import unsafe
@@ -62,7 +62,7 @@ def _task_log(*args: object) -> str:
         (handler,) = root.handlers
         assert isinstance(handler, logging.StreamHandler)
         handler.setStream(out)
-        logging.getLogger("vzdump_hook.controller").warning(*args)
+        logging.getLogger("vzdump_hook.guest.session").warning(*args)
         return out.getvalue()
     finally:
         root.handlers[:], root.level, root.propagate = saved

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from vzdump_hook import config, tags
+from vzdump_hook import config
 from vzdump_hook.config import AgentConfig, PctConfig
 from vzdump_hook.errors import ConfigError
-from vzdump_hook.job import node_name
+from vzdump_hook.node import tags
+from vzdump_hook.node.job import node_name
 
 
 def parse(text: str) -> config.Config:
@@ -185,10 +186,10 @@ def test_members_say_who_is_in_and_why(cluster: Path) -> None:
 
 def test_the_hook_handles_a_tagged_guest_without_a_table(cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.unit.fakes import FakeGuest, transport_factory
-    from vzdump_hook import hook as hookmod
-    from vzdump_hook.hook import PhaseRunner
-    from vzdump_hook.job import JobId
-    from vzdump_hook.phases import GuestType, Mode, Phase
+    from vzdump_hook.node.job import JobId
+    from vzdump_hook.phase import runner as hookmod
+    from vzdump_hook.phase.runner import PhaseRunner
+    from vzdump_hook.vzdump.phases import GuestType, Mode, Phase
 
     guest = FakeGuest()
     guest.add_project("db", 1)
@@ -199,7 +200,7 @@ def test_the_hook_handles_a_tagged_guest_without_a_table(cluster: Path, tmp_path
         opened.append(g)
         return factory(g)
 
-    monkeypatch.setattr("vzdump_hook.controller.open_transport", spy)
+    monkeypatch.setattr("vzdump_hook.guest.session.open_transport", spy)
     cfg = cluster_config(cluster)
     settings = hookmod.HookSettings(state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"), pve_dir=str(cluster))
     job = JobId.current()

@@ -39,7 +39,7 @@ from tests.integration.hookenv import HookSetup, installed_hook
 from tests.integration.test_consistency import CLEAN_START, restore
 from tests.vm.conftest import VMID
 from vzdump_hook import config as configuration
-from vzdump_hook.guest_install import Installer, Layout
+from vzdump_hook.guest.install import Installer, Layout
 
 pytestmark = pytest.mark.integration
 MARKER = "/var/lib/vzdump-hook/marker.json"

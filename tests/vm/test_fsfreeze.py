@@ -21,10 +21,10 @@ from tests.infra.vm import TestVm
 from tests.vm.conftest import VMID
 from tests.vm.test_agent import agent, api  # noqa: F401 - fixtures
 from vzdump_hook import config as configuration
-from vzdump_hook.controller import GuestController
 from vzdump_hook.errors import TransportError
-from vzdump_hook.guest_install import Installer, Layout
-from vzdump_hook.job import JobId
+from vzdump_hook.guest.install import Installer, Layout
+from vzdump_hook.guest.session import GuestSession
+from vzdump_hook.node.job import JobId
 from vzdump_hook.transports.base import Transport
 
 pytestmark = pytest.mark.integration
@@ -111,7 +111,7 @@ def test_the_agents_thaw_runs_the_hook_that_starts_the_stacks(vm: TestVm, thawed
         guest = configuration.validate_guest(VMID, {"ssh": {"host": vm.host, "user": "root", "identity_file": vm.identity_file,
                                                             "known_hosts": vm.known_hosts_file},
                                                     "marker_path": MARKER, "stacks": [project.name], "stop_timeout": 10})
-        ctl = GuestController(guest, JobId.current())
+        ctl = GuestSession(guest, JobId.current())
         try:
             q = ctl.quiesce("qemu", "snapshot", time.monotonic() + 120)
         finally:

@@ -1,5 +1,5 @@
 """QEMU's backup job as a resume trigger: the backup's point in time for a QEMU guest is the start of
-QEMU's backup job, which has no hook of its own. The resident (vzdump_hook/resident.py) asks QMP
+QEMU's backup job, which has no hook of its own. The resident (vzdump_hook/resident/process.py) asks QMP
 `query-backup` until that job has started, then starts the stacks. Whatever is unclear leaves the start
 to `backup-end`, as without early resume.
 
@@ -28,7 +28,7 @@ from ..errors import HookError
 from .qmp import BackupJob, QmpBusy, QmpError, QmpUnavailable, is_new_job, query_backup
 
 if TYPE_CHECKING:
-    from ..state import HostState
+    from ..node.state import HostState
 
 POLL = 0.1  # seconds between two query-backup while waiting for the job to start
 MAX_BACKOFF = 1.0  # seconds: the longest pause after a busy socket (it doubles from POLL)
@@ -67,7 +67,7 @@ def _paths(state: HostState, vmid: int) -> str:
 
 
 def _save(path: str, w: Watch) -> None:
-    from ..state import write_json
+    from ..node.state import write_json
 
     write_json(path, asdict(w))
 

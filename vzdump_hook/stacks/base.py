@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..config import Kind
-    from ..marker import StackRecord
+    from ..guest.marker import StackRecord
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import time
 
 from ..config import Kind, valid_stack_name
 from ..errors import ControllerError
-from ..marker import ALLOWED_COMPOSE, StackRecord
+from ..guest.marker import ALLOWED_COMPOSE, StackRecord
 from ..transports.base import Transport, sh
 from .base import StopOutcome, timed_stop
 

@@ -22,7 +22,7 @@ import time
 
 from ..config import ENGINES, Kind, StackSpec, valid_container_name
 from ..errors import ControllerError
-from ..marker import StackRecord
+from ..guest.marker import StackRecord
 from ..transports.base import Transport, sh
 from .base import StopOutcome, timed_stop
 from .compose import KILLED

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from .. import httpio
 from ..config import ControllerSpec, Kind, token_file_problem
 from ..errors import ConfigError, ControllerError, HookError
-from ..job import JobId
-from ..marker import StackRecord
+from ..guest.marker import StackRecord
+from ..node.job import JobId
 from .base import StopOutcome
 
 if TYPE_CHECKING:

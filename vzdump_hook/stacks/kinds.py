@@ -16,8 +16,8 @@ from .systemd import SystemdDriver
 
 if TYPE_CHECKING:
     from ..config import GuestConfig
-    from ..job import JobId
-    from ..marker import StackRecord
+    from ..guest.marker import StackRecord
+    from ..node.job import JobId
     from ..transports.base import Transport
 
 

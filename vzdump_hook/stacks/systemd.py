@@ -15,7 +15,7 @@ import time
 
 from ..config import Kind, StackSpec
 from ..errors import ControllerError
-from ..marker import StackRecord
+from ..guest.marker import StackRecord
 from ..transports.base import Transport, sh
 from .base import StopOutcome, timed_stop
 

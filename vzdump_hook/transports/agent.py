@@ -101,7 +101,7 @@ class AgentTransport(Transport):
         if cfg.node:
             self.node = cfg.node
         else:
-            from ..job import node_name
+            from ..node.job import node_name
 
             self.node = node_name()
         self._api: Any = None

@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from .early import LAUNCHER_ENV, job_key, process_start, worker_pid
+from ..resident.client import LAUNCHER_ENV, job_key, process_start, worker_pid
 
 __all__ = ["LAUNCHER_ENV", "JobId", "node_name", "process_start"]
 

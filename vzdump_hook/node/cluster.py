@@ -26,7 +26,7 @@ def installed_version() -> str:
 
 def vzdump_script(path: str = "/etc/vzdump.conf") -> str | None:
     """The hook script this node's vzdump.conf names, or None."""
-    from .enable import script_lines
+    from ..admin.enable import script_lines
 
     try:
         with open(path) as f:

@@ -20,7 +20,7 @@ import os
 import secrets
 import stat
 
-from .errors import HookError
+from ..errors import HookError
 
 
 class UnsafePath(HookError):

@@ -1,4 +1,4 @@
-"""The man page vzdump-hook(8), made from the CLI's own help (click): `python3 -m vzdump_hook.manpage`
+"""The man page vzdump-hook(8), made from the CLI's own help (click): `python3 -m vzdump_hook.admin.manpage`
 prints it (roff). The Debian package builds it with this; tests/unit/test_manpage.py checks it against
 the program's --help output. The date is $SOURCE_DATE_EPOCH's (reproducible builds), else today."""
 
@@ -105,7 +105,7 @@ def render(group: click.Group, when: float) -> str:
 
 
 def main() -> None:
-    from .admin import cli
+    from .commands import cli
 
     when = float(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
     sys.stdout.write(render(cli, when))

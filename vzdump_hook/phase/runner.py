@@ -1,6 +1,6 @@
 """Carries out one vzdump phase: `vzdump-hook PHASE [MODE VMID]`, one process per phase.
 
-The decisions come from orchestrator.py; this module does the I/O (config, host state, guest
+The decisions come from rules.py; this module does the I/O (config, host state, guest
 controller), prints the task log lines and returns the exit status for vzdump.
 """
 
@@ -14,19 +14,17 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from . import config as configuration
-from . import fanout, orchestrator, pve, resident, tags
-from .config import Config, GuestConfig, HookSettings, QuiescePolicy
-from .controller import GuestController, NothingStopped, Resume, describe
-from .early import RUN_DIR_ENV  # overrides for tests and development; vzdump passes no environment
-from .errors import ConfigError, HookError
-from .job import LAUNCHER_ENV, JobId
-from .logs import setup_logging as setup_logging  # re-exported: hookmod.setup_logging in tests
-from .marker import Marker
-from .orchestrator import Outcome, Step
-from .phases import GuestType, Mode, Phase, parse_phase
-from .resume import Resumer
-from .state import (
+from .. import config as configuration
+from ..config import Config, GuestConfig, HookSettings, QuiescePolicy
+from ..errors import ConfigError, HookError
+from ..guest import fanout
+from ..guest.marker import Marker
+from ..guest.resume import Resumer
+from ..guest.session import GuestSession, NothingStopped, Resume, describe
+from ..logs import setup_logging as setup_logging  # re-exported: hookmod.setup_logging in tests
+from ..node import pve, tags
+from ..node.job import LAUNCHER_ENV, JobId
+from ..node.state import (
     GuestRecord,
     HostState,
     Status,
@@ -36,9 +34,14 @@ from .state import (
     remember_settings,
     remembered_settings,
 )
+from ..resident import process as resident
+from ..resident.client import RUN_DIR_ENV  # overrides for tests and development; vzdump passes no environment
+from ..vzdump import rules
+from ..vzdump.phases import GuestType, Mode, Phase, parse_phase
+from ..vzdump.rules import Outcome, Step
 
 if TYPE_CHECKING:
-    from .ledger import Ledger
+    from ..node.ledger import Ledger
 
 log = logging.getLogger("vzdump_hook")
 
@@ -94,7 +97,7 @@ class PhaseRunner:
 
     def run(self, phase: Phase, vmtype: GuestType | None, mode: Mode | None, vmid: int | None) -> int:
         if phase.is_job_phase:
-            step = orchestrator.plan(phase, None, None, None).step
+            step = rules.plan(phase, None, None, None).step
             if step is Step.SWEEP:
                 self.report_config()
                 self.report_node()
@@ -108,13 +111,13 @@ class PhaseRunner:
                     log.error("%s: the config was unusable, guests were backed up WITHOUT quiescing: %s", phase.value, why)
                 if (self.settings.metrics_file or self.settings.notify) and (phase is Phase.JOB_END or not self.state.flag("reported")):
                     self.tell_outside(ending=True, config_problem=why)  # job-abort: only when job-end did not
-                return orchestrator.exit_status(phase, Outcome(still_down=down, config_error=why is not None))
+                return rules.exit_status(phase, Outcome(still_down=down, config_error=why is not None))
             return 0
         assert vmtype is not None and mode is not None and vmid is not None
         if phase.value in resident.TOLD_PHASES:
             self.hear_resident(vmid, phase)  # before the record is read: the resident may be starting the stacks
-        if vmtype is GuestType.QEMU and phase in orchestrator.WATCHER_ENDS:
-            from .qemu import watcher
+        if vmtype is GuestType.QEMU and phase in rules.WATCHER_ENDS:
+            from ..qemu import watcher
 
             watcher.forget(self.state, vmid)  # this guest's backup is over: no job start to wait for
         rec = self.state.load(vmid)
@@ -126,7 +129,7 @@ class PhaseRunner:
             elif phase is Phase.BACKUP_START:
                 log.info("%s %d: not in %s (or not enabled): left alone", phase.value, vmid, self.cfg.source if self.cfg else "the config")
             return 0
-        plan = orchestrator.plan(phase, vmtype, mode, rec, guest.early_resume)
+        plan = rules.plan(phase, vmtype, mode, rec, guest.early_resume)
         if plan.note and (rec is None or rec.status.pending or phase is Phase.PRE_STOP):
             log.info("%s %d: %s", phase.value, vmid, plan.note)
         if plan.step is Step.PREFLIGHT:
@@ -141,8 +144,8 @@ class PhaseRunner:
             self._say_watching(vmid, phase)
         if plan.step is Step.RESUME:
             self.resume(guest, phase, plan.wait_for_guest)
-        if phase in orchestrator.CONTROLLER_ENDS and rec is not None:
-            self.close_controllers(vmid, phase, orchestrator.CONTROLLER_ENDS[phase])
+        if phase in rules.CONTROLLER_ENDS and rec is not None:
+            self.close_controllers(vmid, phase, rules.CONTROLLER_ENDS[phase])
         return 0
 
     def _guest(self, vmid: int, rec: GuestRecord | None) -> GuestConfig | None:
@@ -170,7 +173,7 @@ class PhaseRunner:
             log.info("backup-start %d: guest not running: nothing to stop", vmid)
             return 0
         start = time.monotonic()
-        ctl = GuestController(guest, self.job)
+        ctl = GuestSession(guest, self.job)
         try:
             with self.state.guest_lock(vmid, self.left()):
                 seen = self.resumer.entries(vmid)
@@ -193,7 +196,7 @@ class PhaseRunner:
             else:
                 outcome = "nothing will be stopped, the backup is crash-consistent"
             log.warning("backup-start %d: guest not ready: %s -> %s", vmid, describe(e), outcome)
-            return orchestrator.exit_status(Phase.BACKUP_START, Outcome(preflight_failed=True, abort_policy=abort))
+            return rules.exit_status(Phase.BACKUP_START, Outcome(preflight_failed=True, abort_policy=abort))
         finally:
             ctl.close()
         for note in p.notes:
@@ -206,7 +209,7 @@ class PhaseRunner:
             self._recovery_note(ctl, p.selected)
         return 0
 
-    def _recovery_note(self, ctl: GuestController, stacks: tuple[str, ...]) -> None:
+    def _recovery_note(self, ctl: GuestSession, stacks: tuple[str, ...]) -> None:
         """Say when a restore of this backup would come up with its stacks down: the backup holds
         them stopped, and docker does not start a container stopped by hand when the restored guest
         boots; only the guest's recovery program does. The guest is asked only when the node has no
@@ -214,7 +217,7 @@ class PhaseRunner:
         vmid, now = ctl.guest.vmid, time.time()
         answer = recovery_answer(self.settings.state_dir, vmid, now)
         if answer is None:
-            from . import guest_install
+            from ..guest import install as guest_install
 
             try:
                 answer = guest_install.inspect(ctl.t, ctl.guest, guest_install.Layout.from_env(), min(self.deadline, time.monotonic() + RECOVERY_CHECK)).recovery
@@ -226,7 +229,7 @@ class PhaseRunner:
             log.warning("backup-start %d: guest side: recovery %s: a restore of this backup comes up with %s stopped "
                         "(docker does not start containers stopped by hand): `vzdump-hook guest install %d`", vmid, answer, ", ".join(stacks), vmid)
 
-    def _resume_stale(self, ctl: GuestController, m: Marker, where: str) -> Resume:
+    def _resume_stale(self, ctl: GuestSession, m: Marker, where: str) -> Resume:
         """Start what a marker of another job lists. At backup-start vzdump holds this guest's backup
         lock, so no other job can be working on it: any other job's marker is stale."""
         r = ctl.resume(self.deadline)
@@ -236,14 +239,14 @@ class PhaseRunner:
             raise HookError(f"stale marker: could not start {', '.join(r.failed)}: {'; '.join(r.problems)}")
         return r
 
-    # -- the ledger (ledger.py) ------------------------------------------------------------------
+    # -- the ledger (node/ledger.py) ------------------------------------------------------------------
 
     def _ledger_entry(self, guest: GuestConfig, vmtype: GuestType) -> Callable[[], None]:
         """The guest's entry, to be written right before its marker. When the ledger cannot be
         written, the guest is noted as unknown locally (the next job-start asks it); when that fails
         too, nothing is stopped: a marker the sweeps cannot learn of must not be written."""
 
-        from .ledger import QUIESCE, LedgerError
+        from ..node.ledger import QUIESCE, LedgerError
 
         def write() -> None:
             try:
@@ -266,7 +269,7 @@ class PhaseRunner:
         if rec is None:
             rec = GuestRecord(vmid, vmtype.value, mode.value, dict(guest.table))
         abort = guest.on_quiesce_error is QuiescePolicy.ABORT
-        ctl = GuestController(guest, self.job)
+        ctl = GuestSession(guest, self.job)
         if ctl.driver.compose is None and rec.compose:
             ctl.driver.compose = tuple(rec.compose)
         try:
@@ -282,12 +285,12 @@ class PhaseRunner:
                     rec.problems.append(f"quiesce: {e}")
                     self.state.save(rec)
                     log.warning("pre-stop %d: %s -> %s", vmid, e, "failing this guest's backup (on_quiesce_error = abort)" if abort else "nothing stopped, the backup is crash-consistent")
-                    return orchestrator.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
+                    return rules.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
                 except HookError as e:
                     rec.problems.append(f"quiesce: {describe(e)}")
                     self.state.save(rec)  # still QUIESCING: later phases start what the marker lists
                     log.warning("pre-stop %d: quiesce failed: %s; whatever the marker lists is started again later", vmid, describe(e))
-                    return orchestrator.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
+                    return rules.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
                 rec.stacks = list(q.stacks)
                 rec.stop_started, rec.stop_ended, rec.app_down_at = q.started, q.ended, q.down_at
                 rec.status = Status.QUIESCED if q.stacks else Status.NOTHING_STOPPED
@@ -310,10 +313,10 @@ class PhaseRunner:
                     self.resumer.resume_locked(ctl, rec, "pre-stop", wait=False)
                 else:
                     log.warning("pre-stop %d: backup goes on crash-consistent (on_quiesce_error = continue)", vmid)
-                return orchestrator.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
+                return rules.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
         except HookError as e:  # the lock
             log.warning("pre-stop %d: %s: nothing stopped", vmid, describe(e))
-            return orchestrator.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
+            return rules.exit_status(Phase.PRE_STOP, Outcome(quiesce_failed=True, abort_policy=abort))
         finally:
             ctl.close()
 
@@ -321,14 +324,14 @@ class PhaseRunner:
 
     def _note_backup_job(self, vmid: int, mode: Mode) -> None:
         """Before anything stops: the backup job QEMU knows now (a leftover must not count later)."""
-        from .qemu import watcher
+        from ..qemu import watcher
 
         try:
             watcher.note_backup_job(self.state, vmid, mode.value, self.deadline)
         except HookError as e:
             log.info("pre-stop %d: early resume off (%s): the stacks start at backup-end", vmid, describe(e))
 
-    # -- the resident (resident.py) --------------------------------------------------------------
+    # -- the resident (resident/process.py) --------------------------------------------------------------
 
     def arm_resident(self, guest: GuestConfig, vmtype: GuestType, mode: Mode, phase: Phase, watching: bool = False) -> None:
         """Start the guest's resident (pre-stop: before the stop), or, where a QEMU guest's watch is
@@ -347,7 +350,7 @@ class PhaseRunner:
             log.debug("%s %d: resident %d already running (told this phase)", phase.value, guest.vmid, info.pid)
 
     def _say_watching(self, vmid: int, phase: Phase) -> None:
-        from .qemu import watcher
+        from ..qemu import watcher
 
         rec = self.state.load(vmid)
         try:
@@ -372,7 +375,7 @@ class PhaseRunner:
 
     def resume(self, guest: GuestConfig, phase: Phase, wait: bool) -> bool:
         """Start what this job stopped in `guest`, exactly once. True when nothing of it is down."""
-        ctl = GuestController(guest, self.job)
+        ctl = GuestSession(guest, self.job)
         try:
             return self.resumer.resume_with(ctl, phase.value, wait)
         finally:
@@ -397,7 +400,7 @@ class PhaseRunner:
         if guest is None:
             return
         word = rec.ended or ("failed" if phase is Phase.JOB_ABORT else "abort")
-        ctl = GuestController(guest, self.job)
+        ctl = GuestSession(guest, self.job)
         try:
             with self.state.guest_lock(vmid, self.left()):
                 rec = self.state.load(vmid) or rec
@@ -405,7 +408,7 @@ class PhaseRunner:
                     try:
                         ctl.driver.controllers.close(s, word, max(0.1, min(self.left(), guest.command_timeout)))
                     except HookError as e:
-                        later = "job-end tells it again" if phase in orchestrator.CONTROLLER_ENDS else "the next job-start's sweep ends the job (or the controller at its deadline)"
+                        later = "job-end tells it again" if phase in rules.CONTROLLER_ENDS else "the next job-start's sweep ends the job (or the controller at its deadline)"
                         log.warning("%s %d: controller %s not told %s: %s; %s", phase.value, vmid, s.name, word, describe(e), later)
                         continue
                     rec.closed.append(s.name)
@@ -437,7 +440,7 @@ class PhaseRunner:
     def report_node(self) -> None:
         """What this node runs, for `check --cluster` on any node (cluster.py); after an upgrade, the
         answers about guests' recovery programs are stale (the guest files changed)."""
-        from . import cluster
+        from ..node import cluster
 
         version = cluster.installed_version()
         try:
@@ -472,8 +475,8 @@ class PhaseRunner:
                     kept.setdefault(directory, set()).add(g.vmid)
             if directory not in kept:
                 shutil.rmtree(directory, ignore_errors=True)
-        from .ledger import LedgerError
-        from .recovery import Recovery, guest_of_entries, recover_guest
+        from ..guest.recovery import Recovery, guest_of_entries, recover_guest
+        from ..node.ledger import LedgerError
 
         members = {m.vmid: m.guest for m in tags.members(self.cfg, self.job.node) if m.guest is not None} if self.cfg is not None else {}
         try:
@@ -570,10 +573,10 @@ class PhaseRunner:
         return bool(down)
 
     def tell_outside(self, ending: bool, config_problem: str | None = None) -> None:
-        """The metrics textfile and the webhook (report.py). `ending` (job-end, after every resume
+        """The metrics textfile and the webhook (node/report.py). `ending` (job-end, after every resume
         attempt): this job's records and message; else only the undelivered notifications of
         earlier jobs are retried. Never raises: reporting does not change a backup's outcome."""
-        from . import report
+        from ..node import report
 
         try:
             if not ending:
@@ -591,7 +594,7 @@ class PhaseRunner:
         guest = self._recorded_guest(rec, phase)
         if guest is None:
             return
-        ctl = GuestController(guest, self.job)
+        ctl = GuestSession(guest, self.job)
         try:
             self.resumer.await_ready(ctl, phase.value)
         finally:
@@ -663,7 +666,7 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
 
 
 def _run_chain(settings: HookSettings, args: list[str], env: Mapping[str, str]) -> int:
-    from . import chain  # subprocess: only phases with chained scripts pay for its import
+    from ..vzdump import chain  # subprocess: only phases with chained scripts pay for its import
 
     return chain.run(settings.chain, args, env, settings.chain_timeout)
 

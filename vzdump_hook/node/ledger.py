@@ -31,9 +31,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import HookSettings
+from ..errors import HookError
 from . import safefile
-from .config import HookSettings
-from .errors import HookError
 from .job import JobId
 
 log = logging.getLogger(__name__)

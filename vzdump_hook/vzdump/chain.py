@@ -1,7 +1,7 @@
 """Other hook scripts (`[hook] chain`): vzdump takes one `script:`, so an admin's existing hook runs
 from here, with vzdump's exact arguments and environment, its output going to the task log as before.
 
-When, per phase (hook.py): before the hook's own work in `pre-stop` (the stop stays right before the
+When, per phase (phase/runner.py): before the hook's own work in `pre-stop` (the stop stays right before the
 backup's point in time, and a script that fails there fails the backup before anything is stopped),
 after it in every other phase (stacks start again first; `job-end` sums up first). A script's exit
 status counts as it would on its own (vzdump's rules); one that runs longer than `chain_timeout` is

@@ -1,4 +1,4 @@
-"""What a phase does before anything else is imported: tell the guest's resident (resident.py) which
+"""What a phase does before anything else is imported: tell the guest's resident (resident/process.py) which
 phase vzdump is at, so that a start at a resume point goes out a few milliseconds after vzdump runs
 the hook. Only the standard library's cheapest modules: every phase of every guest pays for this
 import, and a phase the resident answers as done ends right here (cli.py).
@@ -20,7 +20,7 @@ TOLD_PHASES = frozenset({"pre-restart", "post-restart", "backup-end", "backup-ab
 ANSWER_WAIT = 5.0  # a phase waits this long for the resident's answer, then resumes itself
 _LEVELS = {30: "WARNING", 40: "ERROR", 50: "CRITICAL"}  # logging's names, without importing logging
 
-EARLY: dict[int, dict[str, Any] | None] = {}  # vmid -> the resident's answer to tell_early, for hook.py
+EARLY: dict[int, dict[str, Any] | None] = {}  # vmid -> the resident's answer to tell_early, for phase/runner.py
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:
@@ -106,7 +106,7 @@ def tell_early(args: list[str], env: Mapping[str, str]) -> bool:
     """cli.py, before the rest of the hook is imported: a guest phase after pre-stop is told to the
     resident at once (it decides whether that is a resume point). True when the resident answered
     that the phase has nothing left to do: its lines are printed and the phase may end. Uses the run
-    directory of the environment or the default; a config that moves it is asked later, by hook.py."""
+    directory of the environment or the default; a config that moves it is asked later, by phase/runner.py."""
     if len(args) < 3 or args[0] not in TOLD_PHASES or not args[2].isdigit():
         return False
     vmid = int(args[2])

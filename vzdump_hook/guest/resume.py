@@ -1,5 +1,5 @@
 """Starting what a job stopped in a guest, exactly once: the one resume path that every phase, the
-resident (resident.py) and the job's end share. Under the per-guest lock, and only while this job's
+resident (resident/process.py) and the job's end share. Under the per-guest lock, and only while this job's
 host record says the stacks are down; the ledger entry goes once the guest holds no marker.
 """
 
@@ -9,16 +9,16 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .config import HookSettings
-from .controller import GuestController, describe
-from .errors import HookError
-from .job import JobId
-from .state import GuestRecord, HostState, Status
+from ..config import HookSettings
+from ..errors import HookError
+from ..node.job import JobId
+from ..node.state import GuestRecord, HostState, Status
+from .session import GuestSession, describe
 
 if TYPE_CHECKING:
-    from .ledger import Entry, Ledger
+    from ..node.ledger import Entry, Ledger
 
-log = logging.getLogger("vzdump_hook.resume")
+log = logging.getLogger("vzdump_hook.guest.resume")
 
 RETRY_WAIT = 10.0  # seconds to wait for a guest that already failed to answer in this job
 LEDGER_SETTLE_GRACE = 15.0  # seconds past a phase's timeout before a ledger entry may be taken as stale
@@ -39,16 +39,16 @@ class Resumer:
 
     @property
     def ledger(self) -> Ledger:
-        """The ledger of outstanding markers (ledger.py; imported only by the phases that use it)."""
+        """The ledger of outstanding markers (node/ledger.py; imported only by the phases that use it)."""
         if self._ledger is None:
-            from .ledger import Ledger
+            from ..node.ledger import Ledger
 
             self._ledger = Ledger.for_settings(self.settings, self.job.node, settle=self.settings.phase_timeout + LEDGER_SETTLE_GRACE)
         return self._ledger
 
     def entries(self, vmid: int) -> list[Entry] | None:
         """The guest's ledger entries before it is asked (None: unreadable, nothing is removed then)."""
-        from .ledger import LedgerError
+        from ..node.ledger import LedgerError
 
         try:
             return self.ledger.of(vmid)
@@ -61,7 +61,7 @@ class Resumer:
         if seen:
             self.ledger.clear(seen, self.job)
 
-    def resume_with(self, ctl: GuestController, where: str, wait: bool, remembered: GuestRecord | None = None, ready: bool = True) -> bool:
+    def resume_with(self, ctl: GuestSession, where: str, wait: bool, remembered: GuestRecord | None = None, ready: bool = True) -> bool:
         """Start what this job stopped in ctl's guest, for `where` (a phase, or the resident): under
         the guest's lock, only if this job's record says the stacks are still down. `remembered`:
         the record as its holder last saw it, used when the file is gone (run_dir wiped). Then,
@@ -82,7 +82,7 @@ class Resumer:
             self.await_ready(ctl, where)
         return done
 
-    def await_ready(self, ctl: GuestController, where: str) -> None:
+    def await_ready(self, ctl: GuestSession, where: str) -> None:
         """The stacks started whose `ready` is awaited: wait for it (each within its ready_timeout),
         then end the downtime where the last one was ready. A stack not ready in time is reported
         (WARNING, the job-end table, history) and never fails the backup."""
@@ -121,7 +121,7 @@ class Resumer:
             log.warning("%s %d: %s NOT READY within %.0f s of its start (%snot seen): it runs, but its app did not answer; the backup goes on",
                         where, vmid, name, spec.ready_timeout if spec is not None else 0, what)
 
-    def resume_locked(self, ctl: GuestController, rec: GuestRecord, where: str, wait: bool) -> bool:
+    def resume_locked(self, ctl: GuestSession, rec: GuestRecord, where: str, wait: bool) -> bool:
         """resume_with() once the lock is held and `rec` is known to be pending."""
         vmid = rec.vmid
         start = time.monotonic()

@@ -8,7 +8,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 
-from .errors import HookError
+from ..errors import HookError
 
 LAUNCHER = "/usr/local/bin/vzdump-hook"  # scripts/install.sh
 PACKAGED_LAUNCHER = "/usr/bin/vzdump-hook"  # the Debian package
@@ -106,7 +106,7 @@ def write(path: str, text: str) -> None:
         mode = os.stat(real).st_mode & 0o777
     except FileNotFoundError:
         mode = 0o644
-    from . import safefile
+    from ..node import safefile
 
     safefile.write_atomic(real, text, mode)
 

@@ -10,22 +10,22 @@ import socket
 import subprocess
 from collections.abc import Callable
 
-from .config import SshConfig
+from ..config import SshConfig
 
 SSH_KEYGEN = "/usr/bin/ssh-keygen"  # absolute: vzdump empties PATH, and setup may run from a unit or postinst
 
 
 def initial_config() -> str | None:
     """examples/node/config.toml of this installation (checkout, pip source, or the Debian package), or None."""
-    from .guest_install import shipped_dirs
+    from ..guest.install import shipped_dirs
 
     return next((p for d in shipped_dirs("node") if d and os.path.isfile(p := os.path.join(d, "config.toml"))), None)
 
 
 def key_paths(config_path: str) -> tuple[str, str]:
     """The node's key and known_hosts: those of [defaults].ssh in the config, else the defaults."""
-    from .config import load
-    from .errors import ConfigError
+    from ..config import load
+    from ..errors import ConfigError
 
     key, known = SshConfig.identity_file, SshConfig.known_hosts
     try:

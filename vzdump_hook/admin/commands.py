@@ -12,21 +12,25 @@ from typing import TypeVar
 
 import click
 
-from . import config as configuration
-from . import fanout, guest_install, orchestrator, pve, resident, safefile, tags
-from .config import Config, GuestConfig
-from .controller import GuestController, describe
-from .early import RUN_DIR_ENV
-from .errors import ConfigError, HookError
-from .hook import HARD_GRACE, STATE_DIR_ENV, settings_with_env
-from .job import JobId
-from .ledger import Entry, Ledger, LedgerError
-from .logs import setup_logging
-from .marker import Marker
-from .phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
-from .recovery import Recovery, guest_of_entries, recover_guest
-from .state import GuestRecord, HostState, Status, forget_recovery_answers, keep_recovery_answer
-from .text import escape, escape_lines
+from .. import config as configuration
+from ..config import Config, GuestConfig
+from ..errors import ConfigError, HookError
+from ..guest import fanout
+from ..guest import install as guest_install
+from ..guest.marker import Marker
+from ..guest.recovery import Recovery, guest_of_entries, recover_guest
+from ..guest.session import GuestSession, describe
+from ..logs import setup_logging
+from ..node import pve, safefile, tags
+from ..node.job import JobId
+from ..node.ledger import Entry, Ledger, LedgerError
+from ..node.state import GuestRecord, HostState, Status, forget_recovery_answers, keep_recovery_answer
+from ..phase.runner import HARD_GRACE, STATE_DIR_ENV, settings_with_env
+from ..resident import process as resident
+from ..resident.client import RUN_DIR_ENV
+from ..text import escape, escape_lines
+from ..vzdump import rules
+from ..vzdump.phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -130,7 +134,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
         sys.exit(0 if node_ok else 1)
 
     def one(g: GuestConfig) -> tuple[str, bool]:
-        ctl = GuestController(g, JobId.current())
+        ctl = GuestSession(g, JobId.current())
         start = time.monotonic()
         try:
             p = ctl.preflight(time.monotonic() + timeout)
@@ -161,7 +165,7 @@ def check(vmid: int | None, config_path: str | None, timeout: float, no_connect:
         sys.exit(1)
 
 
-def _guest_side(ctl: GuestController, g: GuestConfig, state_dir: str, deadline: float) -> tuple[str, bool]:
+def _guest_side(ctl: GuestSession, g: GuestConfig, state_dir: str, deadline: float) -> tuple[str, bool]:
     """check's guest-side line, and whether it is no problem. A recovery program that is missing or
     outdated is one: a restore of a backup would come up with its stacks stopped (docker does not
     start containers stopped by hand); so is a marker directory others may write to. The answer is
@@ -179,7 +183,7 @@ def _guest_side(ctl: GuestController, g: GuestConfig, state_dir: str, deadline: 
 
 
 def _report_node(pve_dir: str) -> None:
-    from . import cluster
+    from ..node import cluster
 
     try:
         cluster.report(pve_dir, JobId.current().node)
@@ -188,7 +192,7 @@ def _report_node(pve_dir: str) -> None:
 
 
 def _check_cluster(config_path: str | None) -> None:
-    from . import cluster
+    from ..node import cluster
 
     try:
         pve_dir = configuration.load(config_path).hook.pve_dir
@@ -267,7 +271,7 @@ def status(config_path: str | None, no_connect: bool, timeout: float) -> None:
             asked.append(g)
 
     def one(g: GuestConfig) -> tuple[str, bool]:
-        ctl = GuestController(g, JobId.current())
+        ctl = GuestSession(g, JobId.current())
         try:
             m = ctl.read_marker(time.monotonic() + timeout)
             line, down = _marker_line(g.vmid, m, entries.get(g.vmid), g.vmid in known)
@@ -448,7 +452,7 @@ def simulate(vmid: int, vmtype: str, mode: str, pause: float, transfer: float, d
 
 
 def _fails_backup(step: str, vt: GuestType, md: Mode) -> bool:
-    """Whether vzdump fails the guest's backup when `step` exits non-zero (main path, DESIGN.md §1)."""
+    """Whether vzdump fails the guest's backup when `step` exits non-zero (main path, docs/design.md §1)."""
     if step in ("backup-start", "pre-stop", "backup-end"):
         return True
     before_archive = (vt is GuestType.LXC and md is not Mode.STOP) or (vt is GuestType.QEMU and md is Mode.SNAPSHOT)
@@ -465,7 +469,7 @@ def _run_hook(argv: list[str], env: dict[str, str], t0: float) -> int:
 
 
 def _simulate_dry(g: GuestConfig, vt: GuestType, md: Mode, order: tuple[str, ...]) -> None:
-    ctl = GuestController(g, JobId.current())
+    ctl = GuestSession(g, JobId.current())
     try:
         p = ctl.preflight(time.monotonic() + 30)
     except HookError as e:
@@ -478,21 +482,21 @@ def _simulate_dry(g: GuestConfig, vt: GuestType, md: Mode, order: tuple[str, ...
             click.echo(f"  {step}")
             continue
         phase = Phase(step)
-        plan = orchestrator.plan(phase, vt, md, rec, g.early_resume)
+        plan = rules.plan(phase, vt, md, rec, g.early_resume)
         what = {
-            orchestrator.Step.SWEEP: "resume markers left by jobs that are over",
-            orchestrator.Step.PREFLIGHT: f"check the guest ({ctl.t.target}): ok now",
-            orchestrator.Step.QUIESCE: f"write the marker, stop {', '.join(p.selected) or 'nothing'}",
-            orchestrator.Step.RESUME: f"start {', '.join(reversed(p.selected)) or 'nothing'}, remove the marker",
-            orchestrator.Step.ARM_WATCHER: "watch QMP: start the stacks once QEMU's backup job has started",
-            orchestrator.Step.FINISH: "last resume attempts, summary",
+            rules.Step.SWEEP: "resume markers left by jobs that are over",
+            rules.Step.PREFLIGHT: f"check the guest ({ctl.t.target}): ok now",
+            rules.Step.QUIESCE: f"write the marker, stop {', '.join(p.selected) or 'nothing'}",
+            rules.Step.RESUME: f"start {', '.join(reversed(p.selected)) or 'nothing'}, remove the marker",
+            rules.Step.ARM_WATCHER: "watch QMP: start the stacks once QEMU's backup job has started",
+            rules.Step.FINISH: "last resume attempts, summary",
         }.get(plan.step, plan.note or "nothing")
         if plan.arm_watcher:
             what += "; then watch QMP: start the stacks once QEMU's backup job has started"
         click.echo(f"  {step:13} {what}")
-        if plan.step is orchestrator.Step.QUIESCE and p.selected:
+        if plan.step is rules.Step.QUIESCE and p.selected:
             rec.status = Status.QUIESCED
-        elif plan.step is orchestrator.Step.RESUME:
+        elif plan.step is rules.Step.RESUME:
             rec.status = Status.RESUMED
 
 
@@ -585,7 +589,7 @@ def setup(vzdump_conf: str, launcher: str | None, config_path: str | None) -> No
     config that handles no guest yet, the node's SSH key and known_hosts; then print the line for
     vzdump.conf, and warn when vzdump.conf names another hook script. Exit 1 if something could not be made."""
     from . import enable as en
-    from . import node_setup
+    from . import setup as node_setup
 
     launcher = launcher or en.default_launcher()
     ok = node_setup.prepare(configuration.config_path(config_path), click.echo)

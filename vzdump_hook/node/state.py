@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from ..config import HookSettings, Kind, NotifyConfig
+from ..errors import HookError
+from ..guest.marker import StackRecord, record_from_dict
 from . import safefile
-from .config import HookSettings, Kind, NotifyConfig
-from .errors import HookError
 from .job import JobId
-from .marker import StackRecord, record_from_dict
 
 
 class Status(str, Enum):
@@ -140,7 +140,7 @@ def remembered_settings(state_dir: str) -> HookSettings | None:
         return None
 
 
-# -- what the node last heard of a guest's recovery program (backup-start's note, hook.py) -------------
+# -- what the node last heard of a guest's recovery program (backup-start's note, phase/runner.py) -------------
 
 RECOVERY_DIR = "guest-side"
 RECHECK = 7 * 86400.0  # seconds a "current" answer is trusted

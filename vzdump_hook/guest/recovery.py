@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import config as configuration
-from .config import GuestConfig
-from .controller import GuestController, describe
-from .errors import ConfigError, ConnectError, HookError
-from .job import JobId
-from .ledger import FOUND, QUIESCE, Entry, Ledger, LedgerError
-from .state import HostState
+from .. import config as configuration
+from ..config import GuestConfig
+from ..errors import ConfigError, ConnectError, HookError
+from ..node.job import JobId
+from ..node.ledger import FOUND, QUIESCE, Entry, Ledger, LedgerError
+from ..node.state import HostState
+from .session import GuestSession, describe
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def recover_guest(guest: GuestConfig, job: JobId, state: HostState, deadline: fl
     passed, or `force`), and keep `ledger` (entries `seen` before asking; read here when None) in
     step. A marker of a job that may still run is left alone: in a cluster sharing one config,
     another node may be backing this guest up right now."""
-    ctl = GuestController(guest, job)
+    ctl = GuestSession(guest, job)
     vmid = guest.vmid
     if seen is None and ledger is not None:
         try:
@@ -86,7 +86,7 @@ def recover_guest(guest: GuestConfig, job: JobId, state: HostState, deadline: fl
         ctl.close()
 
 
-def _recover_marker(ctl: GuestController, state: HostState, deadline: float, force: bool,
+def _recover_marker(ctl: GuestSession, state: HostState, deadline: float, force: bool,
                     forget: Callable[[], bool], note: Callable[[], bool]) -> Recovery:
     vmid = ctl.guest.vmid
     try:

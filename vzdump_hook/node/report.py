@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import HookSettings, NotifyConfig
+from ..text import escape
 from . import safefile
-from .config import HookSettings, NotifyConfig
 from .state import GuestRecord, Status, write_atomic
-from .text import escape
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _send(cfg: NotifyConfig, req: dict[str, Any], timeout: float) -> None:
         with open(cfg.token_file) as f:
             token = f.read().strip()
         headers["X-Gotify-Key" if cfg.format == "gotify" else "Authorization"] = token if cfg.format == "gotify" else f"Bearer {token}"
-    from . import httpio
+    from .. import httpio
 
     with requests.Session() as s:
         s.trust_env = False

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .config import TAG_TRANSPORTS, Config, GuestConfig, tagged_guest
+from ..config import TAG_TRANSPORTS, Config, GuestConfig, tagged_guest
 
 _KINDS = {"lxc": "lxc", "qemu-server": "qemu"}
 _SPLIT = re.compile(r"[;,\s]+")

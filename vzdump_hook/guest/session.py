@@ -1,4 +1,4 @@
-"""GuestController: the verbs the hook uses on one guest (preflight, quiesce, resume, marker),
+"""GuestSession: the verbs the hook uses on one guest (preflight, quiesce, resume, marker),
 built on a transport and a stack driver. Every call takes a monotonic `deadline`: no operation
 outlives the phase.
 """
@@ -14,18 +14,18 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
+from ..config import Kind
+from ..errors import ConnectError, ConnectionLost, ControllerError, GuestFrozen, HookError, MarkerError
+from ..node.job import JobId
+from ..stacks.base import StopOutcome
+from ..stacks.kinds import Stacks
+from ..transports import open_transport
 from . import marker as markers
-from .config import Kind
-from .errors import ConnectError, ConnectionLost, ControllerError, GuestFrozen, HookError, MarkerError
-from .job import JobId
 from .marker import Marker, StackRecord
-from .stacks.base import StopOutcome
-from .stacks.kinds import Stacks
-from .transports import open_transport
 
 if TYPE_CHECKING:
-    from .config import GuestConfig, ReadySpec, StackSpec
-    from .transports.base import Transport
+    from ..config import GuestConfig, ReadySpec, StackSpec
+    from ..transports.base import Transport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,7 +82,7 @@ class Resume:
 
 
 class _ReadyWatch:
-    """The looks at one stack's `ready` (GuestController._watch_ready): `seen` once one succeeded."""
+    """The looks at one stack's `ready` (GuestSession._watch_ready): `seen` once one succeeded."""
 
     def __init__(self) -> None:
         self.seen: float | None = None
@@ -94,7 +94,7 @@ class _ReadyWatch:
             self.thread.join(timeout)
 
 
-class GuestController:
+class GuestSession:
     """One guest, one phase. Connects lazily; close() when done."""
 
     def __init__(self, guest: GuestConfig, job: JobId, transport: Transport | None = None) -> None:
@@ -417,7 +417,7 @@ class GuestController:
         if ready.url:
             import requests
 
-            from . import httpio
+            from .. import httpio
 
             with requests.Session() as s:
                 s.trust_env = False
@@ -440,4 +440,4 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-__all__ = ["ControllerError", "GuestController", "NothingStopped", "Preflight", "Quiesce", "Resume", "describe"]
+__all__ = ["ControllerError", "GuestSession", "NothingStopped", "Preflight", "Quiesce", "Resume", "describe"]

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ENGINES, MAX_CONTAINERS, Kind, valid_container_name, valid_stack_name, valid_unit, valid_user
-from .errors import MarkerError
-from .job import JobId
+from ..config import ENGINES, MAX_CONTAINERS, Kind, valid_container_name, valid_stack_name, valid_unit, valid_user
+from ..errors import MarkerError
+from ..node.job import JobId
 
 SCHEMA = 1
 TOOL = "vzdump-hook"

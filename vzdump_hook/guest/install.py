@@ -25,15 +25,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import Kind
-from .errors import HookError
-from .text import escape
-from .transports import open_transport
-from .transports.base import sh
+from ..config import Kind
+from ..errors import HookError
+from ..text import escape
+from ..transports import open_transport
+from ..transports.base import sh
 
 if TYPE_CHECKING:
-    from .config import GuestConfig
-    from .transports.base import Transport
+    from ..config import GuestConfig
+    from ..transports.base import Transport
 
 GUEST_ROOT_ENV = "VZDUMP_HOOK_GUEST_ROOT"  # tests and development: install under this directory of the guest
 GUEST_FILES_ENV = "VZDUMP_HOOK_GUEST_FILES"  # where examples/guest/ is, when not next to the package
@@ -115,7 +115,7 @@ def shipped_dirs(sub: str) -> list[str]:
 
     source = _installed_from()
     return [
-        str(Path(__file__).resolve().parent.parent / "examples" / sub),
+        str(Path(__file__).resolve().parents[2] / "examples" / sub),
         os.path.join(source, "examples", sub) if source else "",
         os.path.join(sys.prefix, "share", "vzdump-hook", sub),
         os.path.join(PACKAGED, sub),

@@ -1,4 +1,4 @@
-"""vzdump's vocabulary: phases, modes, guest types (see DESIGN.md §1)."""
+"""vzdump's vocabulary: phases, modes, guest types (see docs/design.md §1)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ TRANSFER = "[data transfer]"
 
 def backup_order(vmtype: GuestType, mode: Mode, running: bool = True) -> tuple[str, ...]:
     """vzdump's hook calls for one guest on the success path, with where the point in time is
-    (DESIGN.md §1). A guest that is not running is backed up in stop mode without stop/restart hooks."""
+    (docs/design.md §1). A guest that is not running is backed up in stop mode without stop/restart hooks."""
     p = Phase
     if not running:
         seq: tuple[object, ...] = (p.BACKUP_START, POINT_IN_TIME, TRANSFER, p.BACKUP_END, p.LOG_END)

@@ -1,10 +1,10 @@
 """The resident: one detached process per guest and vzdump job, from right before the stop until the
 stacks run again. It holds a session to the guest open and owns the resume.
 
-Armed by `pre-stop` before anything stops (hook.py), it starts the stacks, exactly once (under the
+Armed by `pre-stop` before anything stops (phase/runner.py), it starts the stacks, exactly once (under the
 per-guest lock every resume path takes, resume.py), at the first of:
 - a phase hook tells it a phase over its unix socket, and that phase is a resume point
-  (orchestrator.plan); cli.py tells it before anything else is imported, so the start is sent a few
+  (rules.plan); cli.py tells it before anything else is imported, so the start is sent a few
   milliseconds after vzdump runs the hook;
 - QEMU's backup job has started (early_resume; qemu/watcher.py), once the last hook before the job
   has passed (snapshot: told `post-restart`; suspend, stop: the stop is done);
@@ -39,19 +39,19 @@ from dataclasses import asdict, dataclass, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .early import EARLY, TOLD_PHASES, Address, proc_stat, socket_path, tell
-from .job import JobId, process_start
-from .state import write_json
+from ..node.job import JobId, process_start
+from ..node.state import write_json
+from .client import EARLY, TOLD_PHASES, Address, proc_stat, socket_path, tell
 
 __all__ = ["EARLY", "TOLD_PHASES", "Info", "arm", "leftover_lines", "paths", "residents", "tell"]
 
 if TYPE_CHECKING:
-    from .config import GuestConfig
-    from .controller import GuestController
-    from .state import GuestRecord, HostState
+    from ..config import GuestConfig
+    from ..guest.session import GuestSession
+    from ..node.state import GuestRecord, HostState
 
-log = logging.getLogger("vzdump_hook.resident")  # not __name__: "__main__" when run with -m
-MODULE = "vzdump_hook.resident"
+log = logging.getLogger("vzdump_hook.resident.process")  # not __name__: "__main__" when run with -m
+MODULE = "vzdump_hook.resident.process"
 
 POLL = 0.1  # seconds between two looks at the job, the record and QMP
 CONNECT_WAIT = 10.0  # the resident's first connect to the guest (while the hook stops the stacks)
@@ -163,7 +163,7 @@ def spawn(argv: list[str], log_path: str) -> int:
     `log_path`, no other descriptor (vzdump reads a hook's stdout and stderr until EOF: a child that
     kept them, or a lock, would hold the backup up). Returns its pid. Raises HookError when it could
     not be started."""
-    from .errors import HookError
+    from ..errors import HookError
 
     os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
     env = dict(os.environ)
@@ -231,7 +231,7 @@ class _Keep(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        from .logs import Formatter
+        from ..logs import Formatter
 
         self.setFormatter(Formatter())
         self.lines: list[tuple[int, str]] = []
@@ -249,9 +249,9 @@ class _Keep(logging.Handler):
 
 class Resident:
     def __init__(self, info: Info, info_path: str) -> None:
-        from .config import HookSettings
-        from .resume import Resumer
-        from .state import HostState
+        from ..config import HookSettings
+        from ..guest.resume import Resumer
+        from ..node.state import HostState
 
         self.info = info
         self.info_path = info_path
@@ -273,7 +273,7 @@ class Resident:
         self.srv_inode = 0
         self.watch: Any = None  # qemu.watcher.JobWatch once armed
         self.watch_tried = False  # armed once at most: after GiveUp, a phase starts the stacks
-        self.ctl: GuestController | None = None
+        self.ctl: GuestSession | None = None
         self.readiness: threading.Thread | None = None
 
     @property
@@ -304,11 +304,11 @@ class Resident:
         return 0
 
     def _run(self) -> None:
-        from . import config as configuration
-        from .controller import GuestController
+        from .. import config as configuration
+        from ..guest.session import GuestSession
 
         guest = configuration.validate_guest(self.vmid, self.info.guest)
-        self.ctl = GuestController(guest, self.job)
+        self.ctl = GuestSession(guest, self.job)
         self._listen()
         if self.info.watching:
             self._arm_watch()
@@ -373,29 +373,29 @@ class Resident:
         """Act on a phase a hook told. True when that phase has nothing left to do for this guest
         (the stacks run again, or they stay down by plan and the watch, if any, is armed): the hook
         then ends at once, with the [hook] settings recorded at pre-stop (no chained scripts)."""
-        from . import orchestrator
-        from .orchestrator import Step
-        from .phases import GuestType, Mode, parse_phase
-        from .state import Status
+        from ..node.state import Status
+        from ..vzdump import rules
+        from ..vzdump.phases import GuestType, Mode, parse_phase
+        from ..vzdump.rules import Step
 
         phase = parse_phase(name)
         rec = self._record()
         if phase is None or rec is None:
             return False
-        # backup-end/abort tell the guest's controllers that the job is over (hook.py): the phase goes on
-        closing = phase in orchestrator.CONTROLLER_ENDS and bool(rec.unclosed_controllers)
+        # backup-end/abort tell the guest's controllers that the job is over (phase/runner.py): the phase goes on
+        closing = phase in rules.CONTROLLER_ENDS and bool(rec.unclosed_controllers)
         if not rec.status.pending:
             return rec.status is Status.RESUMED and not phase.is_job_phase and not self.info.chain and not closing
         vmtype, mode = GuestType(self.info.vmtype), Mode(self.info.mode)
         if phase.is_job_phase:  # job-end, job-abort: the job's last attempt
             self._start(phase.value, wait=True)
             return False
-        plan = orchestrator.plan(phase, vmtype, mode, rec, self._early())
+        plan = rules.plan(phase, vmtype, mode, rec, self._early())
         done = False
         if plan.step is Step.ARM_WATCHER:
             self._arm_watch()
             if self.watch is not None:
-                from .qemu import watcher
+                from ..qemu import watcher
 
                 log.info("%s %d: %s", phase.value, self.vmid, watcher.watching(self.watch.w))
                 done = True
@@ -450,7 +450,7 @@ class Resident:
         return bool(self.ctl and self.ctl.guest.early_resume)
 
     def _arm_watch(self) -> None:
-        from .qemu import watcher
+        from ..qemu import watcher
 
         if self.watch_tried or not self._early():
             return
@@ -465,7 +465,7 @@ class Resident:
             self.status = "watching"
 
     def _watch_tick(self) -> bool:
-        from .qemu import watcher
+        from ..qemu import watcher
 
         try:
             job = self.watch.poll(self.left())
@@ -511,7 +511,7 @@ class Resident:
 
     def _close(self) -> None:
         if self.info.vmtype == "qemu" and self.status == "done":
-            from .qemu import watcher
+            from ..qemu import watcher
 
             watcher.forget(self.state, self.vmid)  # the stacks run: no job start to wait for
         if self.ctl is not None:
@@ -530,10 +530,10 @@ class Resident:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m vzdump_hook.resident INFO_FILE`: run a resident (armed by vzdump-hook)."""
+    """`python -m vzdump_hook.resident.process INFO_FILE`: run a resident (armed by vzdump-hook)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m vzdump_hook.resident INFO_FILE (armed by vzdump-hook)", file=sys.stderr)
+        print("usage: python -m vzdump_hook.resident.process INFO_FILE (armed by vzdump-hook)", file=sys.stderr)
         return 2
     info = load(args[0])
     if info is None:

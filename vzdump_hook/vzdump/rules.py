@@ -1,7 +1,7 @@
 """Pure decisions: given the phase, guest type, mode and what this job already did to the guest,
-what to do now and what exit status a failure earns. No I/O here; hook.py carries the plans out.
+what to do now and what exit status a failure earns. No I/O here; phase/runner.py carries the plans out.
 
-Where the backup's point in time is decides the earliest safe resume (DESIGN.md §1):
+Where the backup's point in time is decides the earliest safe resume (docs/design.md §1):
 - LXC snapshot/suspend: the snapshot (or the frozen rsync pass) is done before `pre-restart`. In
   suspend mode vzdump calls `pre-restart` while the container is still FROZEN (it thaws it right
   after), and a command sent into a frozen container blocks until its timeout: the resume happens
@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from ..node.state import GuestRecord, Status
 from .phases import GuestType, Mode, Phase
-from .state import GuestRecord, Status
 
 _ALWAYS_AFTER = frozenset({Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END})
 
@@ -43,7 +43,7 @@ RESUME_POINTS: dict[tuple[GuestType, Mode], frozenset[Phase]] = {
 }
 
 
-# The last hook before QEMU's backup job starts, per mode (DESIGN.md §1): where the watcher is armed.
+# The last hook before QEMU's backup job starts, per mode (docs/design.md §1): where the watcher is armed.
 WATCHER_ARMED_AT: dict[Mode, Phase] = {Mode.SNAPSHOT: Phase.POST_RESTART, Mode.SUSPEND: Phase.PRE_STOP, Mode.STOP: Phase.PRE_STOP}
 # The phases that end a guest's watcher: this guest's backup is over (or about to be) there.
 WATCHER_ENDS = frozenset({Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END})
