@@ -716,7 +716,7 @@ def test_job_start_resumes_a_dead_jobs_stacks_with_its_recorded_settings(hook: H
     """A job died after its pre-stop; since then the config broke (or lost the guest). The next
     job's job-start still starts the stacks: the node recorded how to reach the guest."""
     dead = hook.runner(dead_job())
-    dead.state.write_job_info()
+    dead.ctx.state.write_job_info()
     assert dead.run(Phase.BACKUP_START, LXC, Mode.SNAPSHOT, 101) == 0
     assert dead.run(Phase.PRE_STOP, LXC, Mode.SNAPSHOT, 101) == 0
     assert hook.g.running_stacks() == APP_DOWN and MARKER in hook.g.files
@@ -724,21 +724,21 @@ def test_job_start_resumes_a_dead_jobs_stacks_with_its_recorded_settings(hook: H
     assert hook("job-start") == 0
     assert hook.g.running_stacks() == ALL_UP and MARKER not in hook.g.files
     assert any(m.startswith("job-start 101: marker of job") and "started db, web" in m for m in caplog.messages), caplog.messages
-    assert not os.path.exists(dead.state.job_dir)  # its guest runs again: the record goes
+    assert not os.path.exists(dead.ctx.state.job_dir)  # its guest runs again: the record goes
 
 
 def test_job_start_keeps_a_dead_jobs_record_while_its_guest_is_unreachable(hook: Hook) -> None:
     dead = hook.runner(dead_job())
-    dead.state.write_job_info()
+    dead.ctx.state.write_job_info()
     dead.run(Phase.BACKUP_START, LXC, Mode.SNAPSHOT, 101)
     dead.run(Phase.PRE_STOP, LXC, Mode.SNAPSHOT, 101)
     hook.configure(text="")
     hook.g.unreachable = True
     assert hook("job-start") == 0
-    assert os.path.exists(dead.state.job_dir)  # tried again at the next job
+    assert os.path.exists(dead.ctx.state.job_dir)  # tried again at the next job
     hook.g.unreachable = False
     assert hook("job-start") == 0
-    assert hook.g.running_stacks() == ALL_UP and not os.path.exists(dead.state.job_dir)
+    assert hook.g.running_stacks() == ALL_UP and not os.path.exists(dead.ctx.state.job_dir)
 
 
 # -- one guest's hostile marker (issue 9) ------------------------------------------------------------

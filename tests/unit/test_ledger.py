@@ -384,8 +384,8 @@ def test_fanout_reports_late_calls_and_does_not_wait_for_them() -> None:
 def test_runner_ledger_uses_the_phase_deadline_to_settle(hook: Hook) -> None:  # noqa: F811
     cfg = configuration.load(str(hook.cfg_path))
     r = PhaseRunner(cfg, settings_with_env(cfg.hook, hook.env), running_job())
-    assert r.ledger.settle == cfg.hook.phase_timeout + HARD_GRACE
-    assert r.ledger.dir == str(hook.tmp / "state" / "ledger")
+    assert r.ctx.ledger.settle == cfg.hook.phase_timeout + HARD_GRACE
+    assert r.ctx.ledger.dir == str(hook.tmp / "state" / "ledger")
 
 
 @pytest.fixture(autouse=True)

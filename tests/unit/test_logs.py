@@ -366,10 +366,10 @@ def test_every_logging_call_has_a_literal_template_and_passes_the_rest_as_argume
     assert not bad, "\n".join(bad)
     # the scan sees the calls it is about (it cannot pass by finding none)
     assert len(found) > 80, found
-    assert any(w == "vzdump_hook/phase/runner.py" and "marker left by job" in c for w, c in found)
-    assert any(w == "vzdump_hook/phase/runner.py" and c.startswith("log.log(level,") for w, c in found)
+    assert any(w == "vzdump_hook/phase/preflight.py" and "marker left by job" in c for w, c in found)
+    assert any(w == "vzdump_hook/phase/handover.py" and c.startswith("log.log(level,") for w, c in found)
     assert {"/".join(w.split("/")[1:3]) for w, _ in found} >= {
-        "phase/runner.py", "resident/process.py", "node/report.py", "guest/recovery.py", "stacks/container.py", "transports/base.py",
+        "phase/quiesce.py", "resident/process.py", "node/report.py", "guest/recovery.py", "stacks/container.py", "transports/base.py",
     }
 
 
