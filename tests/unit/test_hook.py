@@ -8,10 +8,12 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest.mock import MagicMock
 
@@ -26,6 +28,7 @@ from vzdump_hook.node.state import HostState, Status
 from vzdump_hook.phase import runner as hookmod
 from vzdump_hook.phase.runner import RUN_DIR_ENV, STATE_DIR_ENV, PhaseRunner, run_phase, settings_with_env
 from vzdump_hook.vzdump.phases import GuestType, Mode, Phase, backup_order
+from vzdump_hook.vzdump.rules import Outcome
 
 from .fakes import FakeGuest, transport_factory
 
@@ -231,6 +234,50 @@ def test_every_phase_arms_the_watchdog(hook: Hook) -> None:
     hook("job-start")
     hook("backup-start", Mode.SNAPSHOT)
     assert [c.args for c in hook.watchdog.call_args_list] == [(30 + hookmod.HARD_GRACE, "job-start"), (30 + hookmod.HARD_GRACE, "backup-start")]
+
+
+@pytest.mark.parametrize("policy", ["continue", "abort"])
+@pytest.mark.parametrize("mode", [Mode.SNAPSHOT, Mode.STOP])
+def test_the_step_under_way_tells_the_watchdog_what_an_overrun_means(hook: Hook, policy: str, mode: Mode) -> None:
+    """The watchdog ends an overrunning phase with the policy table's status for the step's failure:
+    a preflight or a quiesce that never ends is a failed one (issue 22: no `exit 1` at pre-stop
+    whatever on_quiesce_error says)."""
+    hook.configure(f'on_quiesce_error = "{policy}"')
+    abort = policy == "abort"
+    hook.watchdog.return_value = SimpleNamespace(if_overrun=Outcome(), cancel=lambda: None)
+    hook("job-start")
+    assert hook.watchdog.return_value.if_overrun == Outcome()  # no step set it: a job phase
+    hook("backup-start", mode)
+    # stop mode is also how vzdump backs up a guest that is off: an unanswered preflight fails nothing
+    assert hook.watchdog.return_value.if_overrun == Outcome(preflight_failed=True, abort_policy=abort and mode is not Mode.STOP)
+    hook("pre-stop", mode)
+    assert hook.watchdog.return_value.if_overrun == Outcome(quiesce_failed=True, abort_policy=abort)
+
+
+@pytest.mark.parametrize(("phase", "outcome", "status"), [
+    ("pre-stop", Outcome(quiesce_failed=True), 0),
+    ("pre-stop", Outcome(quiesce_failed=True, abort_policy=True), 1),
+    ("backup-start", Outcome(preflight_failed=True), 0),
+    ("backup-start", Outcome(preflight_failed=True, abort_policy=True), 1),
+    ("backup-end", Outcome(), 0),
+    ("job-end", Outcome(), 0),
+    ("a-future-phase", Outcome(), 0),
+])
+def test_an_overrun_phase_ends_with_the_policy_tables_status(mocker: MockerFixture, capsys: pytest.CaptureFixture[str],
+                                                             phase: str, outcome: Outcome, status: int) -> None:
+    ended: list[int] = []
+    fired = threading.Event()
+
+    def exit_process(code: int) -> None:  # the process boundary: os._exit in the program
+        ended.append(code)
+        fired.set()
+
+    mocker.patch("vzdump_hook.phase.runner.exit_process", side_effect=exit_process)
+    dog = hookmod.Watchdog(0.05, phase)
+    dog.if_overrun = outcome
+    assert fired.wait(10)
+    assert ended == [status]
+    assert f"vzdump-hook: {phase}: phase deadline of 0 s exceeded, giving up" in capsys.readouterr().out
 
 
 # -- guests the hook must leave alone -----------------------------------------------------------
@@ -698,6 +745,7 @@ def test_admin_commands_are_all_known_to_the_fast_entry_point() -> None:
     """cli.py routes by a fixed word list (no click import for vzdump phases): every click command
     must be in it, or it would be taken for an unknown vzdump phase."""
     from vzdump_hook.admin.commands import cli as group
+
     from vzdump_hook.cli import ADMIN_COMMANDS
 
     assert set(group.commands) == set(ADMIN_COMMANDS)

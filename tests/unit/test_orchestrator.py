@@ -9,7 +9,7 @@ import pytest
 
 from vzdump_hook.node.state import GuestRecord, Status
 from vzdump_hook.vzdump import rules
-from vzdump_hook.vzdump.phases import GuestType, Mode, Phase, backup_order
+from vzdump_hook.vzdump.phases import TRANSFER, GuestType, Mode, Phase, backup_order, parse_phase
 from vzdump_hook.vzdump.rules import Outcome, Plan, Step, exit_status, first_resume_point, plan
 
 LXC, QEMU = GuestType.LXC, GuestType.QEMU
@@ -341,3 +341,32 @@ def test_early_resume_note_before_the_watcher_is_armed() -> None:
 def test_watcher_ends_where_this_guests_backup_ends() -> None:
     assert rules.WATCHER_ENDS == {Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END}
     assert rules.WATCHER_ARMED_AT == ARMED_AT
+
+
+# -- the rest of vzdump's contract (vzdump/rules.py) ----------------------------------------------
+
+
+def test_the_resident_is_told_every_resume_point_and_its_stdlib_copy_says_the_same() -> None:
+    from vzdump_hook.resident import client
+
+    points = set().union(*rules.RESUME_POINTS.values())
+    assert rules.TOLD_TO_RESIDENT == points
+    assert client.TOLD_PHASES == {p.value for p in points}
+
+
+@pytest.mark.parametrize(("vmtype", "mode"), ALL)
+def test_a_failing_phase_fails_the_backup_before_the_archive_is_written_and_at_backup_end(vmtype: GuestType, mode: Mode) -> None:
+    """Derived from vzdump's order (phases.backup_order, written from docs/design.md §1): the main-path
+    phases before the data transfer, and backup-end, fail the guest's backup; the rest do not."""
+    order = backup_order(vmtype, mode)
+    before_transfer = {Phase(p) for p in order[: order.index(TRANSFER)] if parse_phase(p) is not None}
+    expected = before_transfer | {Phase.BACKUP_END}
+    assert {p for p in Phase if not p.is_job_phase and rules.fails_backup(p, vmtype, mode)} == expected
+
+
+def test_a_chained_scripts_failure_is_passed_on_except_at_pre_restart() -> None:
+    for phase in Phase:
+        assert rules.chained_status(phase, 3) == (0 if phase is Phase.PRE_RESTART else 3)
+        assert rules.chained_status(phase, 0) == 0
+    assert rules.chained_status(None, 3) == 3  # a phase this version does not know
+    assert rules.CHAIN_FIRST == {Phase.PRE_STOP}

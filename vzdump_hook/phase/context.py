@@ -18,9 +18,11 @@ from ..node import tags
 from ..node.job import JobId
 from ..node.state import GuestRecord, HostState
 from ..vzdump.phases import Phase
+from ..vzdump.rules import Outcome
 
 if TYPE_CHECKING:
     from ..node.ledger import Ledger
+    from .runner import Watchdog
 
 log = logging.getLogger("vzdump_hook")
 
@@ -28,14 +30,21 @@ log = logging.getLogger("vzdump_hook")
 class PhaseContext:
     """One phase of one job. `cfg` is None when the config could not be read (`problem` says why)."""
 
-    def __init__(self, cfg: Config | None, settings: HookSettings, job: JobId, problem: ConfigError | None = None) -> None:
+    def __init__(self, cfg: Config | None, settings: HookSettings, job: JobId, problem: ConfigError | None = None,
+                 watchdog: Watchdog | None = None) -> None:
         self.cfg = cfg
+        self.watchdog = watchdog
         self.problem = problem
         self.settings = settings
         self.job = job
         self.state = HostState(settings, job)
         self.deadline = time.monotonic() + settings.phase_timeout
         self.resumer = Resumer(settings, job, self.state, self.deadline)
+
+    def if_overrun(self, outcome: Outcome) -> None:
+        """What it means when the phase's watchdog ends the process during the step under way."""
+        if self.watchdog is not None:
+            self.watchdog.if_overrun = outcome
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

@@ -34,12 +34,15 @@ def run(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode: Mode) ->
         log.info("backup-start %d: guest not running: nothing to stop", vmid)
         return Outcome()
     start = time.monotonic()
+    # stop mode is also how vzdump backs up a guest that is off: unreachable is no failure then
+    failed = Outcome(preflight_failed=True, abort_policy=guest.on_quiesce_error is QuiescePolicy.ABORT and mode is not Mode.STOP)
+    ctx.if_overrun(failed)
     ctl = GuestSession(guest, ctx.job)
     try:
         with ctx.state.guest_lock(vmid, ctx.left()):
             p = _ask(ctx, ctl, rec)
     except HookError as e:
-        return _not_ready(ctx, guest, mode, rec, e)
+        return _not_ready(ctx, guest, mode, rec, e, failed)
     finally:
         ctl.close()
     for note in p.notes:
@@ -65,20 +68,18 @@ def _ask(ctx: PhaseContext, ctl: GuestSession, rec: GuestRecord) -> Preflight:
     return p
 
 
-def _not_ready(ctx: PhaseContext, guest: GuestConfig, mode: Mode, rec: GuestRecord, e: HookError) -> Outcome:
+def _not_ready(ctx: PhaseContext, guest: GuestConfig, mode: Mode, rec: GuestRecord, e: HookError, failed: Outcome) -> Outcome:
     rec.status = Status.PREFLIGHT_FAILED
     rec.problems.append(f"preflight: {describe(e)}")
     ctx.state.save(rec)
-    # stop mode is also how vzdump backs up a guest that is off: unreachable is no failure then
-    abort = guest.on_quiesce_error is QuiescePolicy.ABORT and mode is not Mode.STOP
-    if abort:
+    if failed.abort_policy:
         outcome = "failing this guest's backup (on_quiesce_error = abort)"
     elif mode is Mode.STOP:
         outcome = "nothing will be stopped (if the guest is off, its backup is consistent anyway)"
     else:
         outcome = "nothing will be stopped, the backup is crash-consistent"
     log.warning("backup-start %d: guest not ready: %s -> %s", guest.vmid, describe(e), outcome)
-    return Outcome(preflight_failed=True, abort_policy=abort)
+    return failed
 
 
 def _recovery_note(ctx: PhaseContext, ctl: GuestSession, stacks: tuple[str, ...]) -> None:

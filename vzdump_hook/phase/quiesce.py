@@ -27,6 +27,7 @@ def run(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode: Mode, re
         rec = GuestRecord(vmid, vmtype.value, mode.value, dict(guest.table))
     abort = guest.on_quiesce_error is QuiescePolicy.ABORT
     failed = Outcome(quiesce_failed=True, abort_policy=abort)
+    ctx.if_overrun(failed)
     with ctx.session(guest) as ctl:
         if ctl.driver.compose is None and rec.compose:
             ctl.driver.compose = tuple(rec.compose)

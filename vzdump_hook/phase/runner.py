@@ -18,7 +18,6 @@ from ..guest.session import describe
 from ..logs import setup_logging as setup_logging  # re-exported: hookmod.setup_logging in tests
 from ..node.job import LAUNCHER_ENV, JobId
 from ..node.state import GuestRecord, Status, remember_settings, remembered_settings
-from ..resident import process as resident
 from ..resident.client import RUN_DIR_ENV  # overrides for tests and development; vzdump passes no environment
 from ..vzdump import rules
 from ..vzdump.phases import GuestType, Mode, Phase, parse_phase
@@ -43,17 +42,29 @@ def settings_with_env(settings: HookSettings, env: Mapping[str, str]) -> HookSet
     )
 
 
-def _watchdog(seconds: float, phase: str) -> threading.Timer:
-    """End the process if a phase overruns every per-operation timeout: vzdump has no timeout."""
+class Watchdog:
+    """Ends the process when a phase overruns every per-operation timeout (vzdump has no timeout),
+    with the exit status the policy gives the outcome the running step said an overrun means."""
 
-    def fire() -> None:
-        print(f"vzdump-hook: {phase}: phase deadline of {seconds:.0f} s exceeded, giving up", flush=True)
-        exit_process(1 if phase == "pre-stop" else 0)
+    def __init__(self, seconds: float, phase: str) -> None:
+        self.phase = phase
+        self.seconds = seconds
+        self.if_overrun = Outcome()  # set by the step under way (preflight, quiesce)
+        self.timer = threading.Timer(seconds, self.fire)
+        self.timer.daemon = True
+        self.timer.start()
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    return timer
+    def fire(self) -> None:
+        print(f"vzdump-hook: {self.phase}: phase deadline of {self.seconds:.0f} s exceeded, giving up", flush=True)
+        phase = parse_phase(self.phase)
+        exit_process(rules.exit_status(phase, self.if_overrun) if phase is not None else 0)
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+
+
+def _watchdog(seconds: float, phase: str) -> Watchdog:
+    return Watchdog(seconds, phase)
 
 
 class PhaseRunner:
@@ -61,8 +72,9 @@ class PhaseRunner:
     finish.py) share one PhaseContext and return an Outcome; only here does an outcome become the exit
     status for vzdump (vzdump/rules.py). `cfg` is None when the config could not be read."""
 
-    def __init__(self, cfg: Config | None, settings: HookSettings, job: JobId, problem: ConfigError | None = None) -> None:
-        self.ctx = PhaseContext(cfg, settings, job, problem)
+    def __init__(self, cfg: Config | None, settings: HookSettings, job: JobId, problem: ConfigError | None = None,
+                 watchdog: Watchdog | None = None) -> None:
+        self.ctx = PhaseContext(cfg, settings, job, problem, watchdog)
 
     def run(self, phase: Phase, vmtype: GuestType | None, mode: Mode | None, vmid: int | None) -> int:
         if phase.is_job_phase:
@@ -84,7 +96,7 @@ class PhaseRunner:
 
     def _guest_phase(self, phase: Phase, vmtype: GuestType, mode: Mode, vmid: int) -> Outcome:
         ctx = self.ctx
-        if phase.value in resident.TOLD_PHASES:
+        if phase in rules.TOLD_TO_RESIDENT:
             handover.hear_resident(ctx, vmid, phase)  # before the record is read: the resident may be starting the stacks
         if vmtype is GuestType.QEMU and phase in rules.WATCHER_ENDS:
             from ..qemu import watcher
@@ -138,25 +150,22 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
     settings = settings_with_env(settings, env)
     if phase is Phase.JOB_START and cfg is not None:
         _remember(settings, env)
-    if settings.chain and phase is Phase.PRE_STOP:
-        # before the stop: the stop stays right before the point in time, and a failing script
-        # fails the backup before anything is down
+    where = " ".join(args[:1] + args[2:3])
+    first = phase in rules.CHAIN_FIRST
+    if settings.chain and first:
         code = _run_chain(settings, args, env)
         if code:
-            log.warning("%s: a chained script failed (exit %d): vzdump fails this guest's backup; nothing stopped", " ".join(args[:1] + args[2:3]), code)
+            log.warning("%s: a chained script failed (exit %d): vzdump fails this guest's backup; nothing stopped", where, code)
             return code
     timer = _watchdog(settings.phase_timeout + HARD_GRACE, name)
-    code = _own_work(args, phase, env, cfg, settings, problem)
+    code = _own_work(args, phase, env, cfg, settings, problem, timer)
     timer.cancel()
-    if settings.chain and phase is not Phase.PRE_STOP:
+    if settings.chain and not first:
         chained = _run_chain(settings, args, env)
-        if chained and phase is Phase.PRE_RESTART:
-            # vzdump would skip what follows a failing pre-restart: an LXC guest in suspend mode stays
-            # frozen, one in stop mode stays stopped (pve-container's VZDump/LXC.pm, PVE/VZDump.pm)
-            log.error("%s: a chained script failed (exit %d); not passed on to vzdump: a failing pre-restart would leave the guest frozen or stopped",
-                      " ".join(args[:1] + args[2:3]), chained)
-            chained = 0
-        code = code or chained
+        if chained and not rules.chained_status(phase, chained):
+            log.error("%s: a chained script failed (exit %d); not passed on to vzdump: a failing pre-restart would leave "
+                      "the guest frozen or stopped", where, chained)
+        code = code or rules.chained_status(phase, chained)
     return code
 
 
@@ -182,7 +191,8 @@ def _remember(settings: HookSettings, env: Mapping[str, str]) -> None:
         log.warning("job-start: could not keep the [hook] settings for a phase that finds the config broken: %s", e)
 
 
-def _own_work(args: list[str], phase: Phase | None, env: Mapping[str, str], cfg: Config | None, settings: HookSettings, problem: ConfigError | None) -> int:
+def _own_work(args: list[str], phase: Phase | None, env: Mapping[str, str], cfg: Config | None, settings: HookSettings,
+              problem: ConfigError | None, watchdog: Watchdog | None = None) -> int:
     name = args[0]
     if phase is None:
         log.info("ignoring unknown phase %r (a newer vzdump?)", name)
@@ -192,7 +202,7 @@ def _own_work(args: list[str], phase: Phase | None, env: Mapping[str, str], cfg:
     if not phase.is_job_phase:
         if len(args) < 3 or args[1] not in {m.value for m in Mode} or not args[2].isdigit():
             log.error("%s: expected `%s MODE VMID`, got %r", name, name, " ".join(args))
-            return 2
+            return rules.USAGE_ERROR
         mode, vmid = Mode(args[1]), int(args[2])
         try:
             vmtype = GuestType(env.get("VMTYPE", ""))
@@ -200,7 +210,7 @@ def _own_work(args: list[str], phase: Phase | None, env: Mapping[str, str], cfg:
             log.warning("%s %d: VMTYPE %r unknown, assuming qemu (the latest resume point)", name, vmid, env.get("VMTYPE"))
             vmtype = GuestType.QEMU
     try:
-        return PhaseRunner(cfg, settings, JobId.current(), problem).run(phase, vmtype, mode, vmid)
+        return PhaseRunner(cfg, settings, JobId.current(), problem, watchdog).run(phase, vmtype, mode, vmid)
     except Exception as e:
         # Only the policies above fail a backup. An error that got this far (host state unwritable,
         # a bug) is reported loudly; whatever was stopped is in the marker and the host record and

@@ -16,6 +16,7 @@ from typing import Any
 DEFAULT_RUN_DIR = "/run/vzdump-hook"  # HookSettings.run_dir's default (config.py)
 RUN_DIR_ENV = "VZDUMP_HOOK_RUN_DIR"
 LAUNCHER_ENV = "VZDUMP_HOOK_LAUNCHER"  # set by the sh launcher: the pid of its parent, the vzdump worker
+# vzdump/rules.py TOLD_TO_RESIDENT as strings: this module imports nothing of the package (a test ties the two)
 TOLD_PHASES = frozenset({"pre-restart", "post-restart", "backup-end", "backup-abort", "log-end"})
 ANSWER_WAIT = 5.0  # a phase waits this long for the resident's answer, then resumes itself
 _LEVELS = {30: "WARNING", 40: "ERROR", 50: "CRITICAL"}  # logging's names, without importing logging

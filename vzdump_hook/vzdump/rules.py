@@ -30,23 +30,29 @@ from enum import Enum
 from ..node.state import GuestRecord, Status
 from .phases import GuestType, Mode, Phase
 
-_ALWAYS_AFTER = frozenset({Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END})
+# The phases by which a guest's backup is over (or about to be), well or not.
+BACKUP_OVER = frozenset({Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END})
 
 RESUME_POINTS: dict[tuple[GuestType, Mode], frozenset[Phase]] = {
-    (GuestType.LXC, Mode.SNAPSHOT): _ALWAYS_AFTER | {Phase.PRE_RESTART, Phase.POST_RESTART},
-    (GuestType.LXC, Mode.SUSPEND): _ALWAYS_AFTER | {Phase.POST_RESTART},
+    (GuestType.LXC, Mode.SNAPSHOT): BACKUP_OVER | {Phase.PRE_RESTART, Phase.POST_RESTART},
+    (GuestType.LXC, Mode.SUSPEND): BACKUP_OVER | {Phase.POST_RESTART},
     # backup-end comes while the container is still stopped: wait for post-restart
     (GuestType.LXC, Mode.STOP): frozenset({Phase.POST_RESTART, Phase.BACKUP_ABORT, Phase.LOG_END}),
-    (GuestType.QEMU, Mode.SNAPSHOT): _ALWAYS_AFTER,
-    (GuestType.QEMU, Mode.SUSPEND): _ALWAYS_AFTER | {Phase.POST_RESTART},
-    (GuestType.QEMU, Mode.STOP): _ALWAYS_AFTER | {Phase.POST_RESTART},
+    (GuestType.QEMU, Mode.SNAPSHOT): BACKUP_OVER,
+    (GuestType.QEMU, Mode.SUSPEND): BACKUP_OVER | {Phase.POST_RESTART},
+    (GuestType.QEMU, Mode.STOP): BACKUP_OVER | {Phase.POST_RESTART},
 }
+
+# The phases a guest's resident is told as soon as the hook runs (resident/client.py, before anything
+# else is imported): every phase that is a resume point for some type and mode. client.py keeps these
+# names as strings for its start-up cost; tests/unit/test_orchestrator.py ties the two.
+TOLD_TO_RESIDENT: frozenset[Phase] = frozenset().union(*RESUME_POINTS.values())
 
 
 # The last hook before QEMU's backup job starts, per mode (docs/design.md §1): where the watcher is armed.
 WATCHER_ARMED_AT: dict[Mode, Phase] = {Mode.SNAPSHOT: Phase.POST_RESTART, Mode.SUSPEND: Phase.PRE_STOP, Mode.STOP: Phase.PRE_STOP}
 # The phases that end a guest's watcher: this guest's backup is over (or about to be) there.
-WATCHER_ENDS = frozenset({Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END})
+WATCHER_ENDS = BACKUP_OVER
 # the guest's backup ended, well or not: its controllers are told done / failed (stacks/controller.py)
 CONTROLLER_ENDS = {Phase.BACKUP_END: "done", Phase.BACKUP_ABORT: "failed"}
 
@@ -120,6 +126,10 @@ class Outcome:
     config_error: bool = False  # the job ran without a usable config (not quiesced): job-end fails
 
 
+# A call vzdump never makes (a guest phase without MODE and VMID): a usage error, as for any command.
+USAGE_ERROR = 2
+
+
 def exit_status(phase: Phase, outcome: Outcome) -> int:
     """The exit status for vzdump (README's policy table). Resume problems never fail a backup."""
     if phase is Phase.BACKUP_START and outcome.preflight_failed and outcome.abort_policy:
@@ -129,3 +139,27 @@ def exit_status(phase: Phase, outcome: Outcome) -> int:
     if phase in (Phase.JOB_END, Phase.JOB_ABORT) and (outcome.still_down or outcome.config_error):
         return 1
     return 0
+
+
+def fails_backup(phase: Phase, vmtype: GuestType, mode: Mode) -> bool:
+    """Whether vzdump fails the guest's backup when `phase` exits non-zero on the success path
+    (docs/design.md §1): the phases before the archive is written, and backup-end. pre-restart and
+    post-restart come before the archive in LXC snapshot/suspend and QEMU snapshot mode only."""
+    if phase in (Phase.BACKUP_START, Phase.PRE_STOP, Phase.BACKUP_END):
+        return True
+    before_archive = (vmtype is GuestType.LXC and mode is not Mode.STOP) or (vmtype is GuestType.QEMU and mode is Mode.SNAPSHOT)
+    return phase in (Phase.PRE_RESTART, Phase.POST_RESTART) and before_archive
+
+
+# -- chained scripts ([hook] chain, vzdump/chain.py) ----------------------------------------------
+
+# Chained scripts run before the hook's own work in these phases (the stop stays right before the
+# point in time, and a failing script fails the backup before anything is down), after it elsewhere.
+CHAIN_FIRST = frozenset({Phase.PRE_STOP})
+
+
+def chained_status(phase: Phase | None, code: int) -> int:
+    """The exit status a chained script's `code` adds to the phase's. A failing pre-restart is not
+    passed on: vzdump would skip what follows it, and an LXC guest in suspend mode would stay frozen,
+    one in stop mode stopped (pve-container's VZDump/LXC.pm, PVE/VZDump.pm)."""
+    return 0 if phase is Phase.PRE_RESTART else code
