@@ -204,6 +204,10 @@ def test_install_use_upgrade_and_purge(root: Root, debs: tuple[Path, Path], test
     assert unit in ("/lib/systemd/system/vzdump-hook-boot-recover.service", "/usr/lib/systemd/system/vzdump-hook-boot-recover.service")
     assert "\nExecStart=/usr/bin/vzdump-hook recover --all\n" in root.file(unit).read_text()
     assert root.file("/usr/share/doc/vzdump-hook/config.example.toml").is_file()
+    # the README's links into docs/ lead somewhere in the installed package too
+    doc = root.file("/usr/share/doc/vzdump-hook")
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)", (doc / "README.md").read_text()))
+    assert "docs/design.md" in linked and all((doc / f).is_file() for f in linked), linked
     assert root.file("/usr/share/man/man8/vzdump-hook.8.gz").is_file()
 
     out = root.ok("vzdump-hook", "--help")
