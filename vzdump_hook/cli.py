@@ -1,5 +1,5 @@
 """Entry point. `vzdump-hook PHASE [MODE VMID]` is vzdump calling: handled by phase/runner.py without
-importing click (every phase pays its imports). Any other first word is an admin command (admin/commands.py)."""
+importing click (every phase pays its imports). Any other first word is an admin command (admin/cli.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,6 @@ def main(argv: list[str] | None = None) -> None:
 
         setup_logging(debug=bool(os.environ.get("VZDUMP_HOOK_DEBUG")))
         exit_process(run_phase(args, os.environ))  # at once: every phase is bounded, no thread waited for
-    from .admin.commands import cli
+    from .admin.cli import cli
 
     cli.main(args=args, prog_name="vzdump-hook")

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from pytest_mock import MockerFixture
 
-from vzdump_hook.admin.commands import cli
+from vzdump_hook.admin.cli import cli
 from vzdump_hook.errors import TransportError
 from vzdump_hook.node.job import JobId
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from vzdump_hook import config as configuration
-from vzdump_hook.admin.commands import cli
+from vzdump_hook.admin.cli import cli
 from vzdump_hook.node import cluster
 from vzdump_hook.node.job import node_name
 from vzdump_hook.phase.runner import RUN_DIR_ENV, STATE_DIR_ENV, run_phase

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from vzdump_hook import config as configuration
-from vzdump_hook.admin.commands import cli
+from vzdump_hook.admin.cli import cli
 from vzdump_hook.admin.enable import plan, with_chain
 from vzdump_hook.errors import HookError
 

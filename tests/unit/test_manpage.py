@@ -11,7 +11,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from vzdump_hook.admin.commands import cli
+from vzdump_hook.admin.cli import cli
 
 
 def helptext(*words: str) -> str:

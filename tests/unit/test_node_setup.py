@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from vzdump_hook import config as configuration
 from vzdump_hook.admin import setup as node_setup
-from vzdump_hook.admin.commands import cli
+from vzdump_hook.admin.cli import cli
 from vzdump_hook.admin.enable import default_launcher
 
 REPO = Path(__file__).resolve().parents[2]

@@ -99,13 +99,13 @@ def render(group: click.Group, when: float) -> str:
         "Phases: 0, or non\\-zero where failing the backup is the intended outcome (the policy of the guest's",
         "config). Commands: 0 on success, 1 on a problem (see each command), 2 on a usage error.",
         ".SH SEE ALSO",
-        "\\fBvzdump\\fR(1), " + esc("/usr/share/doc/vzdump-hook/README.md.gz"),
+        "\\fBvzdump\\fR(1), " + esc("/usr/share/doc/vzdump-hook/README.md"),
     ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    from .commands import cli
+    from .cli import cli
 
     when = float(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
     sys.stdout.write(render(cli, when))
