@@ -14,6 +14,7 @@ from ..errors import ConfigError, ConnectError, HookError
 from ..node.job import JobId
 from ..node.ledger import FOUND, QUIESCE, Entry, Ledger, LedgerError
 from ..node.state import HostState
+from .resume import resume_leftover
 from .session import GuestSession, describe
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,7 @@ def _recover_marker(ctl: GuestSession, state: HostState, deadline: float, force:
         over = m.job.is_over()
         if over is not True and not m.expired and not force:
             return Recovery(f"{vmid}: marker of job {m.job} left alone (that job may still run, deadline not passed)", False, note())
-        with state.guest_lock(vmid, max(0.1, deadline - time.monotonic())):
-            r = ctl.resume(deadline)
+        r = resume_leftover(ctl, state, deadline)
         why = "forced" if force and over is not True and not m.expired else "its job is over" if over else "its deadline passed"
         text = f"{vmid}: marker of job {m.job} ({why}): started {', '.join(r.started) or 'nothing'}"
         for p in r.problems:

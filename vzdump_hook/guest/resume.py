@@ -1,6 +1,9 @@
-"""Starting what a job stopped in a guest, exactly once: the one resume path that every phase, the
-resident (resident/process.py) and the job's end share. Under the per-guest lock, and only while this job's
-host record says the stacks are down; the ledger entry goes once the guest holds no marker.
+"""Starting what a job stopped in a guest, exactly once: the one resume path. This job's stacks
+(Resumer: every phase, the resident and the job's end) start under the per-guest lock, and only while
+this job's host record says they are down; the ledger entry goes once the guest holds no marker. A marker
+another job left (resume_leftover: a stale one at backup-start, one of a job that is over at job-start's
+sweep and `recover`) is started under the same lock. Nothing else starts a guest's stacks
+(tests/unit/test_resume_path.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from ..config import HookSettings
 from ..errors import HookError
 from ..node.job import JobId
 from ..node.state import GuestRecord, HostState, Status
-from .session import GuestSession, describe
+from .session import GuestSession, Resume, describe
 
 if TYPE_CHECKING:
     from ..node.ledger import Entry, Ledger
@@ -22,6 +25,15 @@ log = logging.getLogger("vzdump_hook.guest.resume")
 
 RETRY_WAIT = 10.0  # seconds to wait for a guest that already failed to answer in this job
 LEDGER_SETTLE_GRACE = 15.0  # seconds past a phase's timeout before a ledger entry may be taken as stale
+
+
+def resume_leftover(ctl: GuestSession, state: HostState, deadline: float, lock_held: bool = False) -> Resume:
+    """Start what the marker of another job lists in ctl's guest, under the guest's lock (taken here
+    unless the caller holds it); the caller decides that the marker's job no longer works on the guest."""
+    if lock_held:
+        return ctl.resume(deadline)
+    with state.guest_lock(ctl.guest.vmid, max(0.1, deadline - time.monotonic())):
+        return ctl.resume(deadline)
 
 
 class Resumer:

@@ -9,6 +9,7 @@ import time
 from ..config import GuestConfig, QuiescePolicy
 from ..errors import HookError
 from ..guest.marker import Marker
+from ..guest.resume import resume_leftover
 from ..guest.session import GuestSession, Preflight, Resume, describe
 from ..node import pve
 from ..node.state import GuestRecord, Status, keep_recovery_answer, recovery_answer
@@ -108,7 +109,7 @@ def _recovery_note(ctx: PhaseContext, ctl: GuestSession, stacks: tuple[str, ...]
 def resume_stale(ctx: PhaseContext, ctl: GuestSession, m: Marker, where: str) -> Resume:
     """Start what a marker of another job lists. At backup-start vzdump holds this guest's backup
     lock, so no other job can be working on it: any other job's marker is stale."""
-    r = ctl.resume(ctx.deadline)
+    r = resume_leftover(ctl, ctx.state, ctx.deadline, lock_held=True)  # preflight holds the guest's lock
     started = ", ".join(r.started) or "nothing"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.written_at))
     log.warning("%s %d: marker left by job %s (%s) found: started %s", where, ctl.guest.vmid, m.job, when, started)
