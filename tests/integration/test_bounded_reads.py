@@ -184,9 +184,9 @@ def test_a_ready_url_is_bounded(servers: list[Hostile], mode: str) -> None:
     servers.append(srv := Hostile(mode))
     code = f"""
 from vzdump_hook.config import ReadySpec
-from vzdump_hook.guest.session import GuestSession
+from vzdump_hook.guest.ready import Readiness
 try:
-    outcome = GuestSession._ready_once(None, None, ReadySpec(url={srv.url + '/health'!r}), 3.0)
+    outcome = Readiness.look_once(None, None, ReadySpec(url={srv.url + '/health'!r}), 3.0)
 except OSError as e:
     outcome = f'OSError: {{e}}'
 """

@@ -12,6 +12,7 @@ from pytest_mock import MockerFixture
 from vzdump_hook import config
 from vzdump_hook.errors import CommandTimeout, ConnectError, HookError, MarkerError, TransportError
 from vzdump_hook.guest import marker as markers
+from vzdump_hook.guest import ready, stops
 from vzdump_hook.guest import session as controller
 from vzdump_hook.guest.marker import Marker, StackRecord
 from vzdump_hook.guest.session import GuestSession, NothingStopped
@@ -388,7 +389,7 @@ def test_empty_marker_is_removed(g: FakeGuest) -> None:
 
 
 class _Clock:
-    """Stands in for the time module inside controller.py: sleep advances monotonic at once."""
+    """Stands in for the time module inside guest/ready.py: sleep advances monotonic at once."""
 
     def __init__(self) -> None:
         self.offset = 0.0
@@ -406,7 +407,7 @@ class _Clock:
 
 
 def test_wait_ready_retries_until_the_guest_answers(g: FakeGuest, mocker: MockerFixture) -> None:
-    clock = mocker.patch.object(controller, "time", _Clock())
+    clock = mocker.patch.object(ready, "time", _Clock())
     g.unreachable = True
     tries = []
 
@@ -421,7 +422,7 @@ def test_wait_ready_retries_until_the_guest_answers(g: FakeGuest, mocker: Mocker
 
 
 def test_wait_ready_gives_up_after_wait(g: FakeGuest, mocker: MockerFixture) -> None:
-    clock = mocker.patch.object(controller, "time", _Clock())
+    clock = mocker.patch.object(ready, "time", _Clock())
     g.unreachable = True
     with pytest.raises(ConnectError):
         ctl(g).wait_ready(5, soon(600))
@@ -430,7 +431,7 @@ def test_wait_ready_gives_up_after_wait(g: FakeGuest, mocker: MockerFixture) -> 
 
 
 def test_wait_ready_bounded_by_the_phase_deadline(g: FakeGuest, mocker: MockerFixture) -> None:
-    clock = mocker.patch.object(controller, "time", _Clock())
+    clock = mocker.patch.object(ready, "time", _Clock())
     g.unreachable = True
     with pytest.raises(ConnectError):
         ctl(g).wait_ready(600, time.monotonic() + 3)
@@ -492,7 +493,7 @@ def test_no_call_outlives_the_phase_deadline(g: FakeGuest) -> None:
     c.quiesce("qemu", "snapshot", deadline)
     c.resume(deadline)
     # stops get stop_timeout + STOP_MARGIN, everything else command_timeout, all within the deadline
-    _assert_within(g, deadline, cap=2 + controller.STOP_MARGIN)
+    _assert_within(g, deadline, cap=2 + stops.STOP_MARGIN)
     others = [t for v, _, t, _ in g.timed if v not in ("compose-stop", "inspect", "docker-stop", "connect")]
     assert others and max(others) <= 3 + 0.01
 
@@ -505,7 +506,7 @@ def test_a_hanging_stop_cannot_stretch_the_phase(g: FakeGuest) -> None:
     q = ctl(g, stacks=["web", "db"]).quiesce("qemu", "snapshot", deadline)
     took = time.monotonic() - start
     assert took < 1.0
-    _assert_within(g, deadline, cap=30 + controller.STOP_MARGIN)
+    _assert_within(g, deadline, cap=30 + stops.STOP_MARGIN)
     errors = dict(e.split(": ", 1) for e in q.errors)
     assert set(errors) == {"web", "db"}
     assert "no time left" in errors["db"]

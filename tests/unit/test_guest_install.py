@@ -20,7 +20,9 @@ import pytest
 from vzdump_hook import config as configuration
 from vzdump_hook.errors import ConnectError
 from vzdump_hook.guest import install as gi
+from vzdump_hook.guest import shipped
 from vzdump_hook.guest.install import FILES, Installer, InstallError, Layout, Setup, restricted_keys
+from vzdump_hook.guest.node_key import split_options
 from vzdump_hook.transports.base import Transport, shell_join
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +46,7 @@ class LocalSsh(Transport):
         forced: str | None = None
         for entry in (self.keys.read_text().splitlines() if self.keys.exists() else []):
             if self.blob in entry.split():
-                opts, _ = gi._split_options(entry)
+                opts, _ = split_options(entry)
                 forced = next((o[len('command="') : -1] for o in opts if o.startswith('command="')), None)
                 break
         else:
@@ -335,11 +337,11 @@ def test_guest_files_are_found_next_to_the_package(monkeypatch: pytest.MonkeyPat
 def test_guest_files_of_a_non_editable_install(monkeypatch: pytest.MonkeyPatch) -> None:
     # scripts/install.sh: pip installs from the checkout into a venv; pip's direct_url.json names it
     monkeypatch.delenv(gi.GUEST_FILES_ENV, raising=False)
-    monkeypatch.setattr(gi, "__file__", "/opt/venv/lib/python3.11/site-packages/vzdump_hook/guest_install.py")
-    monkeypatch.setattr(gi, "_installed_from", lambda: str(REPO))
+    monkeypatch.setattr(shipped, "__file__", "/opt/venv/lib/python3.11/site-packages/vzdump_hook/guest_install.py")
+    monkeypatch.setattr(shipped, "_installed_from", lambda: str(REPO))
     assert gi.guest_files_dir() == REPO / "examples" / "guest"
-    monkeypatch.setattr(gi, "_installed_from", lambda: "")
-    monkeypatch.setattr(gi, "PACKAGED", "/nonexistent")
+    monkeypatch.setattr(shipped, "_installed_from", lambda: "")
+    monkeypatch.setattr(shipped, "PACKAGED", "/nonexistent")
     with pytest.raises(InstallError, match=gi.GUEST_FILES_ENV):
         gi.guest_files_dir()
 
@@ -348,9 +350,9 @@ def test_guest_files_of_the_debian_package(monkeypatch: pytest.MonkeyPatch, tmp_
     # the .deb: the package in /usr/lib/python3/dist-packages, the files in /usr/share/vzdump-hook/guest
     # (tests/integration/test_deb.py installs the real package into a Debian root)
     monkeypatch.delenv(gi.GUEST_FILES_ENV, raising=False)
-    monkeypatch.setattr(gi, "__file__", "/usr/lib/python3/dist-packages/vzdump_hook/guest_install.py")
-    monkeypatch.setattr(gi, "_installed_from", lambda: "")
-    monkeypatch.setattr(gi, "PACKAGED", str(tmp_path))
+    monkeypatch.setattr(shipped, "__file__", "/usr/lib/python3/dist-packages/vzdump_hook/guest_install.py")
+    monkeypatch.setattr(shipped, "_installed_from", lambda: "")
+    monkeypatch.setattr(shipped, "PACKAGED", str(tmp_path))
     shutil.copytree(REPO / "examples" / "guest", tmp_path / "guest")
     assert gi.guest_files_dir() == tmp_path / "guest"
     (tmp_path / "guest" / "vzdump-hook-wrapper").unlink()  # incomplete: not used
