@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from vzdump_hook import config
-from vzdump_hook.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, QuiescePolicy, SshConfig, StackSpec
+from vzdump_hook.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, QuiescePolicy, SshConfig
 from vzdump_hook.errors import ConfigError
+from vzdump_hook.stacks.table import StackSpec, valid_stack_name
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -345,11 +346,11 @@ def test_config_is_frozen() -> None:
 
 
 def test_valid_stack_name() -> None:
-    assert config.valid_stack_name("db")
-    assert config.valid_stack_name("my_app-2.prod")
-    assert config.valid_stack_name("0abc")
+    assert valid_stack_name("db")
+    assert valid_stack_name("my_app-2.prod")
+    assert valid_stack_name("0abc")
     for bad in ("", "-x", "_x", ".x", "Web", "a b", "a/b", "a;b", "x" * 129, "ü"):
-        assert not config.valid_stack_name(bad), bad
+        assert not valid_stack_name(bad), bad
 
 
 # -- load() and config_path() ------------------------------------------------------------------

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from vzdump_hook.config import Kind, StackSpec
 from vzdump_hook.errors import ControllerError, MarkerError
 from vzdump_hook.guest import marker as markers
 from vzdump_hook.guest.marker import Marker, StackRecord
 from vzdump_hook.node.job import JobId
 from vzdump_hook.node.state import GuestRecord
+from vzdump_hook.stacks import Kind
 from vzdump_hook.stacks.container import ContainerDriver
+from vzdump_hook.stacks.container_table import Table
+from vzdump_hook.stacks.table import StackSpec
 from vzdump_hook.transports.base import Transport
 
 from .test_config import parse, problems
@@ -36,8 +38,8 @@ def test_container_entries_by_name_and_by_label() -> None:
     g = parse(GUEST + 'stacks = [{ kind = "container", name = "app", containers = ["web", "db"], stop_timeout = 20 },'
                       ' { kind = "container", name = "pods", label = "io.podman.compose.project=shop", engine = "podman" }]\n').guests[101]
     assert g.stacks == (
-        StackSpec("app", 20.0, Kind.CONTAINER, containers=("web", "db")),
-        StackSpec("pods", None, Kind.CONTAINER, label="io.podman.compose.project=shop", engine="podman"),
+        StackSpec("app", 20.0, Table(containers=("web", "db"))),
+        StackSpec("pods", None, Table(label="io.podman.compose.project=shop", engine="podman")),
     )
 
 
@@ -172,7 +174,7 @@ class Engine(Transport):
 
 
 def spec(name: str, **kw: object) -> StackSpec:
-    return StackSpec(name, kind=Kind.CONTAINER, **kw)  # type: ignore[arg-type]
+    return StackSpec(name, table=Table(**kw))  # type: ignore[arg-type]
 
 
 def test_only_the_listed_containers_that_run_are_recorded_in_the_given_order() -> None:
@@ -269,8 +271,8 @@ def test_the_shipped_example_has_container_stacks() -> None:
     from vzdump_hook import config
 
     g = config.load(str(Path(__file__).resolve().parents[2] / "examples" / "config.toml")).guests[105]
-    assert g.stacks == (StackSpec("app", 60.0, Kind.CONTAINER, containers=("app-web", "app-db")),
-                        StackSpec("shop", None, Kind.CONTAINER, label="io.podman.compose.project=shop", engine="podman"))
+    assert g.stacks == (StackSpec("app", 60.0, Table(containers=("app-web", "app-db"))),
+                        StackSpec("shop", None, Table(label="io.podman.compose.project=shop", engine="podman")))
 
 
 def test_a_container_stack_may_take_its_stop_timeout_once_per_container() -> None:
@@ -287,11 +289,12 @@ def test_a_container_stack_may_take_its_stop_timeout_once_per_container() -> Non
 
 
 def test_container_stacks_take_the_per_stack_strategies() -> None:
-    from vzdump_hook.config import ReadySpec
+    from vzdump_hook.stacks.table import ReadySpec
 
     g = parse(GUEST + 'stacks = [{ kind = "container", name = "a", containers = ["db"], group = 2, before_stop = ["sync"],'
                       ' ready = { command = ["pg_isready"] } }]\n').guests[101]
     (spec,) = g.stacks or ()
-    assert (spec.group, spec.before_stop, spec.ready, spec.containers) == (2, ("sync",), ReadySpec(command=("pg_isready",)), ("db",))
+    assert (spec.group, spec.before_stop, spec.ready) == (2, ("sync",), ReadySpec(command=("pg_isready",)))
+    assert spec.table == Table(("db",))
     got = problems(GUEST + 'stacks = [{ kind = "container", name = "a", containers = ["db"], ready = { healthy = true } }]\n')
     assert got and got[0].startswith("guests.101.stacks[0].ready.healthy: only `healthy = true`, and only for compose stacks"), got

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from vzdump_hook.config import ControllerSpec, Kind
 from vzdump_hook.errors import ConnectError
 from vzdump_hook.guest.marker import StackRecord
 from vzdump_hook.node.job import JobId
 from vzdump_hook.node.state import GuestRecord
+from vzdump_hook.stacks import Kind
 from vzdump_hook.stacks.controller import CommandCarrier, ControllerDriver, Refused, check_answer, job_string, parse_job
+from vzdump_hook.stacks.controller_table import ControllerSpec
 from vzdump_hook.transports.base import Transport
 
 from .test_config import parse, problems
@@ -32,10 +33,13 @@ def test_command_and_https_controllers_parse(tmp_path: Path) -> None:
     token.chmod(0o600)
     g = parse(guest('{ kind = "controller", name = "ctl", command = ["vzdump-controller", "--config", "/etc/c.json"], answer_within = 90 }')).guests[101]
     assert g.stacks is not None and g.stacks[0].kind is Kind.CONTROLLER
-    assert g.stacks[0].controller == ControllerSpec(command=("vzdump-controller", "--config", "/etc/c.json"), answer_within=90.0)
+    assert g.stacks[0].table == ControllerSpec(command=("vzdump-controller", "--config", "/etc/c.json"),
+                                               answer_within=90.0)
     g = parse(guest(f'{{ kind = "controller", name = "ctl", url = "https://10.0.0.5:8443/", token_file = "{token}", fingerprint = "{FP}" }}',
                     'transport = "none"')).guests[101]
-    assert g.stacks is not None and g.stacks[0].controller == ControllerSpec(url="https://10.0.0.5:8443", token_file=str(token), fingerprint="ab" * 32)
+    assert g.stacks is not None
+    assert g.stacks[0].table == ControllerSpec(url="https://10.0.0.5:8443", token_file=str(token),
+                                               fingerprint="ab" * 32)
     assert g.has_controllers
 
 

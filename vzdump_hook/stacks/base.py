@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..config import Kind
     from ..guest.marker import StackRecord
+    from . import Kind
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import re
 import time
 
-from ..config import Kind, valid_stack_name
 from ..errors import ControllerError
 from ..guest.marker import ALLOWED_COMPOSE, StackRecord
 from ..transports.base import Transport, sh
+from . import Kind
 from .base import StopOutcome, timed_stop
+from .table import valid_stack_name
 
 KILLED = 137  # 128 + SIGKILL: compose's stop timeout ran out and docker killed the container
 _ID = re.compile(r"[0-9a-f]{64}")

@@ -20,12 +20,14 @@ import logging
 import re
 import time
 
-from ..config import ENGINES, Kind, StackSpec, valid_container_name
 from ..errors import ControllerError
 from ..guest.marker import StackRecord
 from ..transports.base import Transport, sh
+from . import Kind, of_kind
 from .base import StopOutcome, timed_stop
 from .compose import KILLED
+from .container_table import ENGINES, Table, valid_container_name
+from .table import StackSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +56,10 @@ class ContainerDriver:
         self.t = transport
         self.detected: str | None = None
 
-    def engine(self, spec: StackSpec, timeout: float) -> str:
+    def engine(self, table: Table, timeout: float) -> str:
         """The stack's configured engine, else the one the guest has (docker first). Raises ControllerError."""
-        if spec.engine:
-            return spec.engine
+        if table.engine:
+            return table.engine
         if self.detected is None:
             out = self.t.run(sh(DETECT), timeout=timeout).check("cannot look for docker or podman").stdout.strip()
             if out not in ENGINES:
@@ -82,16 +84,14 @@ class ContainerDriver:
         found: dict[str, StackRecord] = {}
         by_name: dict[str, dict[str, str]] = {}  # engine -> name -> id of every running container
         taken: set[str] = set()
-        for s in specs:
-            if s.kind is not Kind.CONTAINER:
-                continue
-            engine = self.engine(s, deadline - time.monotonic())
-            if s.label:
-                matches = self._list(engine, s.label, deadline - time.monotonic())
+        for s, t in of_kind(specs, Table):
+            engine = self.engine(t, deadline - time.monotonic())
+            if t.label:
+                matches = self._list(engine, t.label, deadline - time.monotonic())
             else:
                 if engine not in by_name:
                     by_name[engine] = {n: c for c, n in self._list(engine, "", deadline - time.monotonic())}
-                matches = [(by_name[engine][n], n) for n in s.containers if n in by_name[engine]]
+                matches = [(by_name[engine][n], n) for n in t.containers if n in by_name[engine]]
             for cid, n in matches:
                 if cid in taken:
                     log.warning("container %s: %s is in an earlier stack: left to that one", s.name, n)

@@ -27,15 +27,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import httpio
-from ..config import ControllerSpec, Kind, token_file_problem
 from ..errors import ConfigError, ControllerError, HookError
 from ..guest.marker import StackRecord
 from ..node.job import JobId
+from . import Kind, of_kind
 from .base import StopOutcome
+from .checks import token_file_problem
+from .controller_table import ControllerSpec
 
 if TYPE_CHECKING:
-    from ..config import GuestConfig, StackSpec
+    from ..config import GuestConfig
     from ..transports.base import Transport
+    from .table import StackSpec
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +199,13 @@ class ControllerDriver:
         self.deadline = 0.0
         self._carriers: dict[str, CommandCarrier | HttpCarrier] = {}
 
-    def specs(self) -> list[StackSpec]:
-        return [s for s in self.guest.stacks or () if s.kind is Kind.CONTROLLER]
+    def specs(self) -> list[tuple[StackSpec, ControllerSpec]]:
+        """The guest's controllers, each with its table."""
+        return of_kind(self.guest.stacks or (), ControllerSpec)
 
     def carrier(self, name: str) -> CommandCarrier | HttpCarrier:
         if name not in self._carriers:
-            spec = next((s.controller for s in self.specs() if s.name == name), None)
+            spec = next((c for s, c in self.specs() if s.name == name), None)
             if spec is None:
                 raise ControllerError(f"guest {self.guest.vmid}: controller {name!r} is not in its settings any more")
             self._carriers[name] = HttpCarrier(spec, name) if spec.url else CommandCarrier(self.t, spec, name)
@@ -223,7 +227,7 @@ class ControllerDriver:
         return {s.name: StackRecord.controller(s.name, job_string(self.job)) for s in specs if s.kind is Kind.CONTROLLER}
 
     def answer_within(self, rec: StackRecord, stop_timeout: float) -> float:
-        spec = next((s.controller for s in self.specs() if s.name == rec.name), None)
+        spec = next((c for s, c in self.specs() if s.name == rec.name), None)
         within = spec.answer_within if spec is not None and spec.answer_within is not None else stop_timeout + STOP_MARGIN
         return max(1.0, min(3600.0, within))
 
@@ -278,7 +282,7 @@ class ControllerDriver:
         worker is gone, its deadline passed, or `force`); with `act` false, only say so.
         [(controller, what was done, still down)]."""
         out: list[tuple[str, str, bool]] = []
-        for spec in self.specs():
+        for spec, _ in self.specs():
             try:
                 body = self.status(spec.name, timeout)
             except HookError as e:

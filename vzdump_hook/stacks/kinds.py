@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ..config import Kind
+from . import Kind
 from .base import Driver, StopOutcome
 from .compose import ComposeDriver
 from .container import ContainerDriver

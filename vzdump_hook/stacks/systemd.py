@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import time
 
-from ..config import Kind, StackSpec
 from ..errors import ControllerError
 from ..guest.marker import StackRecord
 from ..transports.base import Transport, sh
+from . import Kind, of_kind
 from .base import StopOutcome, timed_stop
+from .systemd_table import Table
+from .table import StackSpec
 
 log = logging.getLogger(__name__)
 
@@ -81,39 +83,41 @@ class SystemdDriver:
     def running(self, specs: tuple[StackSpec, ...], timeout: float) -> dict[str, StackRecord]:
         """The systemd stacks of `specs` that have something up: their active listed units and the
         active sockets and timers that trigger any listed unit. Units that do not exist are logged."""
-        specs = tuple(s for s in specs if s.kind is Kind.SYSTEMD)
-        if not specs:
+        mine = of_kind(specs, Table)
+        if not mine:
             return {}
         deadline = time.monotonic() + timeout
         found: dict[str, StackRecord] = {}
-        for user in sorted({s.user for s in specs}):
-            found.update(self._running(tuple(s for s in specs if s.user == user), user, deadline))
+        for user in sorted({t.user for _, t in mine}):
+            found.update(self._running({s.name: t.units for s, t in mine if t.user == user}, user, deadline))
         return found
 
-    def _running(self, specs: tuple[StackSpec, ...], user: str, deadline: float) -> dict[str, StackRecord]:
-        units = [u for s in specs for u in s.units]
+    def _running(self, stacks: dict[str, tuple[str, ...]], user: str, deadline: float) -> dict[str, StackRecord]:
+        """`stacks`: the units of each stack, by name (`user`'s units, or the system's)."""
+        units = [u for us in stacks.values() for u in us]
         state = dict(zip(units, self._show(units, deadline - time.monotonic(), user), strict=True))
         triggers: dict[str, list[str]] = {}
-        for s in specs:
-            for u in s.units:
+        for name, us in stacks.items():
+            for u in us:
                 if state[u].get("LoadState") == "not-found":
-                    log.warning("systemd %s: unit %s does not exist in %s", s.name, u, self.t.target)
+                    log.warning("systemd %s: unit %s does not exist in %s", name, u, self.t.target)
                 for trig in state[u].get("TriggeredBy", "").split():
-                    if trig.endswith((".socket", ".timer")) and trig not in triggers.setdefault(s.name, []):
-                        triggers[s.name].append(trig)
+                    if trig.endswith((".socket", ".timer")) and trig not in triggers.setdefault(name, []):
+                        triggers[name].append(trig)
         all_triggers = sorted({t for ts in triggers.values() for t in ts})
         tstate = dict(zip(all_triggers, self._show(all_triggers, deadline - time.monotonic(), user), strict=True)) if all_triggers else {}
         found: dict[str, StackRecord] = {}
-        for s in specs:
-            up = tuple(u for u in s.units if _up(state[u]))
-            held = tuple(t for t in triggers.get(s.name, ()) if _up(tstate[t]))
+        for name, us in stacks.items():
+            up = tuple(u for u in us if _up(state[u]))
+            held = tuple(t for t in triggers.get(name, ()) if _up(tstate[t]))
             if up or held:
-                found[s.name] = StackRecord.systemd(s.name, up, held, user=user)
+                found[name] = StackRecord.systemd(name, up, held, user=user)
             for u in up:
                 if state[u].get("Restart") == "always":
-                    log.info("systemd %s: %s has Restart=always: systemd does not restart a unit stopped by systemctl; its state is checked after the stop", s.name, u)
+                    log.info("systemd %s: %s has Restart=always: systemd does not restart a unit stopped by systemctl; "
+                             "its state is checked after the stop", name, u)
             for t in held:
-                log.info("systemd %s: %s would start a listed unit during the window: it is stopped too", s.name, t)
+                log.info("systemd %s: %s would start a listed unit during the window: it is stopped too", name, t)
         return found
 
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
