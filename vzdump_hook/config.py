@@ -20,21 +20,10 @@ from typing import Any
 from .errors import ConfigError
 from .resident.client import DEFAULT_RUN_DIR
 
-# The stack kinds (stacks/__init__.py: the registry; stacks/KIND_table.py: a kind's config table). The
-# names imported `as` themselves are re-exported from their old place here, for the modules named.
-from .stacks import Kind as Kind  # guest/marker.py, marker_file.py, session.py, shipped.py; node/state.py; tests
-from .stacks import kind_module, kinds_in
+# The stack kinds: stacks/__init__.py is the registry, stacks/KIND_table.py a kind's config table.
+from .stacks import Kind, kind_module, kinds_in
 from .stacks.checks import Problems, boolean, num, string, token_file_problem, unknown
-from .stacks.container_table import ENGINES as ENGINES  # guest/marker.py, tests/fuzz
-from .stacks.container_table import MAX_CONTAINERS as MAX_CONTAINERS  # guest/marker.py
-from .stacks.container_table import valid_container_name as valid_container_name  # guest/marker.py, tests/fuzz
-from .stacks.controller_table import ControllerSpec as ControllerSpec  # tests/integration/test_bounded_reads.py
-from .stacks.systemd_table import valid_unit as valid_unit  # guest/marker.py, tests/fuzz
-from .stacks.systemd_table import valid_user as valid_user  # guest/marker.py
-from .stacks.table import ReadySpec as ReadySpec  # guest/ready.py, tests/integration/test_bounded_reads.py
-from .stacks.table import StackSpec as StackSpec  # guest/session.py, guest/ready.py
-from .stacks.table import stack_list
-from .stacks.table import valid_stack_name as valid_stack_name  # guest/marker.py, tests/fuzz
+from .stacks.table import StackSpec, stack_list
 
 DEFAULT_CONFIG_PATH = "/etc/vzdump-hook/config.toml"
 CONFIG_ENV = "VZDUMP_HOOK_CONFIG"

@@ -69,7 +69,7 @@ def answers(draw: st.DrawFn) -> tuple[list[tuple[bytes, float]], bytes, bool]:
     cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=6)))
     bounds = [0, *cuts, len(wire)]
     pauses = draw(st.lists(st.sampled_from([0.0, 0.0, 0.01, 0.05, 0.2]), min_size=len(bounds) - 1, max_size=len(bounds) - 1))
-    pieces = [(wire[a:b], p) for (a, b), p in zip(zip(bounds, bounds[1:]), pauses)]
+    pieces = [(wire[a:b], p) for (a, b), p in zip(zip(bounds, bounds[1:], strict=False), pauses, strict=True)]
     return pieces, body, style in ("length", "close", "chunked")
 
 

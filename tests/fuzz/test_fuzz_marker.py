@@ -17,9 +17,12 @@ from hypothesis import strategies as st
 from tests.corpus.generate import CID, SYSTEMD_STACK, container, doc, layout
 from tests.fuzz.profile import budget
 from tests.fuzz.strategies import marker_bytes
-from vzdump_hook.config import ENGINES, Kind, valid_container_name, valid_stack_name, valid_unit
 from vzdump_hook.errors import MarkerError
 from vzdump_hook.guest import marker as markers
+from vzdump_hook.stacks import Kind
+from vzdump_hook.stacks.container_table import ENGINES, valid_container_name
+from vzdump_hook.stacks.systemd_table import valid_unit
+from vzdump_hook.stacks.table import valid_stack_name
 
 RECOVER = Path(__file__).resolve().parents[2] / "examples" / "guest" / "vzdump-hook-recover"
 PARSER = re.search(r"^PARSER='\n(.*?)^'$", RECOVER.read_text(), re.S | re.M).group(1)  # type: ignore[union-attr]

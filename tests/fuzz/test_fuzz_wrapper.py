@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from tests.fuzz.profile import budget
 from tests.guest_sh.conftest import SHELLS, WRAPPER, Guest, make_guest
 from tests.guest_sh.fakedocker import cid
-from vzdump_hook.config import valid_stack_name
 from vzdump_hook.stacks import compose as compose_mod
 from vzdump_hook.stacks import container as container_mod
+from vzdump_hook.stacks.table import valid_stack_name
 from vzdump_hook.transports import base
 from vzdump_hook.transports.base import sh
 

@@ -137,7 +137,7 @@ def child(code: str, timeout: float = 120) -> dict[str, float | str]:
 
 def carrier_code(url: str, fingerprint: str, token: Path, timeout: float) -> str:
     return f"""
-from vzdump_hook.config import ControllerSpec
+from vzdump_hook.stacks.controller_table import ControllerSpec
 from vzdump_hook.stacks.controller import HttpCarrier
 spec = ControllerSpec(url={url!r}, token_file={str(token)!r}, fingerprint={fingerprint.replace(':', '').lower()!r})
 outcome = HttpCarrier(spec, 'appctl').send('status', {{}}, {timeout})
@@ -183,7 +183,7 @@ def test_a_ready_url_is_bounded(servers: list[Hostile], mode: str) -> None:
     """`ready = { url }`: only the status counts; the body is never read, the look ends at its timeout."""
     servers.append(srv := Hostile(mode))
     code = f"""
-from vzdump_hook.config import ReadySpec
+from vzdump_hook.stacks.table import ReadySpec
 from vzdump_hook.guest.ready import Readiness
 try:
     outcome = Readiness.look_once(None, None, ReadySpec(url={srv.url + '/health'!r}), 3.0)

@@ -29,11 +29,11 @@ import pytest
 from tests.infra.guest import TestGuest
 from tests.integration.test_restart_policy import WINDOW
 from vzdump_hook import config as configuration
-from vzdump_hook.config import Kind
 from vzdump_hook.errors import ControllerError
 from vzdump_hook.guest import marker as markers
 from vzdump_hook.guest.session import GuestSession
 from vzdump_hook.node.job import JobId
+from vzdump_hook.stacks import Kind
 from vzdump_hook.stacks.container import ContainerDriver
 from vzdump_hook.transports.base import Transport, shell_join
 from vzdump_hook.transports.local import run_local

@@ -18,11 +18,11 @@ import pytest
 from tests.infra.pct_standin import make_pct
 from tests.infra.systemd_guest import SystemdGuest, support_problem
 from vzdump_hook import config as configuration
-from vzdump_hook.config import Kind
 from vzdump_hook.guest import marker as markers
 from vzdump_hook.guest.marker import StackRecord
 from vzdump_hook.guest.session import GuestSession
 from vzdump_hook.node.job import JobId
+from vzdump_hook.stacks import Kind
 from vzdump_hook.stacks.systemd import systemctl
 from vzdump_hook.transports.base import Transport, shell_join
 

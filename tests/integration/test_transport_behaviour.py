@@ -33,6 +33,7 @@ from vzdump_hook.errors import CommandTimeout, ConnectError, MarkerError, Transp
 from vzdump_hook.guest import marker as markers
 from vzdump_hook.guest.session import GuestSession
 from vzdump_hook.node.job import JobId
+from vzdump_hook.stacks.table import valid_stack_name
 from vzdump_hook.transports import open_transport
 from vzdump_hook.transports.base import Transport
 
@@ -287,7 +288,7 @@ def test_hostile_labels_in_docker_output_are_ignored(reach: Reach, compose_proje
         running = ctl.driver.running(60)
     finally:
         ctl.close()
-    assert db.name in running and all(configuration.valid_stack_name(n) for n in running)
+    assert db.name in running and all(valid_stack_name(n) for n in running)
     assert not any(hostile_container in s.containers for s in running.values())
     assert running[db.name].workdir == str(db.workdir) and set(running[db.name].services) == {"app", "side"}
 

@@ -16,9 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ENGINES, MAX_CONTAINERS, Kind, valid_container_name, valid_stack_name, valid_unit, valid_user
 from ..errors import MarkerError
 from ..node.job import JobId
+from ..stacks import Kind
+from ..stacks.container_table import ENGINES, MAX_CONTAINERS, valid_container_name
+from ..stacks.systemd_table import valid_unit, valid_user
+from ..stacks.table import valid_stack_name
 
 SCHEMA = 1
 TOOL = "vzdump-hook"

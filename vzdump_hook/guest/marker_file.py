@@ -11,7 +11,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..config import Kind
+from ..stacks import Kind
 from . import marker as markers
 from .marker import Marker
 from .ready import left

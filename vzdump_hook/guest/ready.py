@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 from ..errors import ConnectError, GuestFrozen, HookError
 
 if TYPE_CHECKING:
-    from ..config import GuestConfig, ReadySpec, StackSpec
+    from ..config import GuestConfig
     from ..stacks.kinds import Stacks
+    from ..stacks.table import ReadySpec, StackSpec
     from ..transports.base import Transport
     from .marker import StackRecord
 

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..config import Kind
 from ..errors import ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
 from ..node.job import JobId
+from ..stacks import Kind
 from ..stacks.base import StopOutcome
 from ..stacks.kinds import Stacks
 from ..transports import open_transport
@@ -24,7 +24,8 @@ from .marker import Marker, StackRecord
 from .ready import Readiness, left
 
 if TYPE_CHECKING:
-    from ..config import GuestConfig, StackSpec
+    from ..config import GuestConfig
+    from ..stacks.table import StackSpec
     from ..transports.base import Transport
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Kind
 from ..errors import HookError
+from ..stacks import Kind
 
 if TYPE_CHECKING:
     from ..config import GuestConfig

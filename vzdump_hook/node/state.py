@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from ..config import HookSettings, Kind, NotifyConfig
+from ..config import HookSettings, NotifyConfig
 from ..errors import HookError
 from ..guest.marker import StackRecord, record_from_dict
+from ..stacks import Kind
 from . import safefile
 from .job import JobId
 
