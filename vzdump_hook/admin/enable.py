@@ -79,7 +79,8 @@ def with_chain(config_text: str, scripts: tuple[str, ...], source: str) -> str:
         if not todo:
             return config_text
         raise HookError(f"{source}: [hook] chain exists already: add {', '.join(todo)} to it yourself")
-    line = "chain = [" + ", ".join(_toml_str(s) for s in scripts) + "]   # run after vzdump-hook, as vzdump would run them (vzdump-hook enable)\n"
+    line = ("chain = [" + ", ".join(_toml_str(s) for s in scripts)
+            + "]   # run after vzdump-hook, as vzdump would run them (vzdump-hook enable)\n")
     lines = config_text.splitlines(keepends=True)
     at = next((i for i, raw in enumerate(lines) if _HOOK_TABLE.match(raw)), None)
     if at is None:

@@ -21,10 +21,12 @@ file inside the guest so that nothing stays down after a crash. A hook program t
 backup: the launcher prints one line and exits 0 (job-end: 1)."""
 
 FILES = [
-    ("/etc/vzdump-hook/config.toml", "the config (TOML); every key with its default: /usr/share/doc/vzdump-hook/config.example.toml"),
+    ("/etc/vzdump-hook/config.toml",
+     "the config (TOML); every key with its default: /usr/share/doc/vzdump-hook/config.example.toml"),
     ("/etc/vzdump-hook/id_ed25519", "the node's SSH key (made by `vzdump-hook setup`)"),
     ("/etc/vzdump-hook/known_hosts", "the guests' SSH host keys (`vzdump-hook trust VMID` adds one)"),
-    ("/etc/vzdump.conf", "vzdump's node-wide defaults: the line `script: /usr/bin/vzdump-hook` enables the hook (`vzdump-hook enable`)"),
+    ("/etc/vzdump.conf",
+     "vzdump's node-wide defaults: the line `script: /usr/bin/vzdump-hook` enables the hook (`vzdump-hook enable`)"),
     ("/run/vzdump-hook/, /var/lib/vzdump-hook/", "the state of running jobs, the history"),
     ("/usr/share/vzdump-hook/guest/", "the guest side that `vzdump-hook guest install VMID` deploys"),
 ]
@@ -41,7 +43,8 @@ def _help(text: str | None) -> str:
     return esc(" ".join(inspect.cleandoc(text or "").split()))
 
 
-def _commands(group: click.Group, ctx: click.Context, prefix: str) -> Iterator[tuple[str, click.Command, click.Context]]:
+def _commands(group: click.Group, ctx: click.Context,
+              prefix: str) -> Iterator[tuple[str, click.Command, click.Context]]:
     for name in group.list_commands(ctx):
         cmd = group.get_command(ctx, name)
         if cmd is None or cmd.hidden:

@@ -43,7 +43,8 @@ def prepare(config_path: str, say: Callable[[str], None]) -> bool:
         os.makedirs(directory, mode=0o700)
         say(f"made {directory} (mode 0700)")
     elif os.stat(directory).st_mode & 0o077:
-        say(f"WARNING: {directory} is open to other users (mode {os.stat(directory).st_mode & 0o777:04o}): chmod 0700 {directory}")
+        say(f"WARNING: {directory} is open to other users (mode {os.stat(directory).st_mode & 0o777:04o}): "
+            f"chmod 0700 {directory}")
     if os.path.lexists(config_path):
         say(f"config {config_path}: there (not changed)")
     elif (source := initial_config()) is None:
@@ -61,12 +62,14 @@ def prepare(config_path: str, say: Callable[[str], None]) -> bool:
     else:
         os.makedirs(os.path.dirname(key), mode=0o700, exist_ok=True)
         comment = f"vzdump-hook@{socket.gethostname().split('.')[0]}"
-        r = subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        r = subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if r.returncode != 0:
             say(f"key {key}: ssh-keygen failed: {(r.stderr or r.stdout).strip()}")
             ok = False
         else:
-            say(f"key {key}: made; its public half ({key}.pub) goes into each guest's authorized_keys (`vzdump-hook guest install VMID` binds it to the wrapper)")
+            say(f"key {key}: made; its public half ({key}.pub) goes into each guest's authorized_keys "
+                "(`vzdump-hook guest install VMID` binds it to the wrapper)")
     if os.path.exists(known):
         say(f"known_hosts {known}: there (not changed)")
     else:

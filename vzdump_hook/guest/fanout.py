@@ -16,7 +16,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def run_all(fn: Callable[[T], R], items: Sequence[T], deadline: float, on_done: Callable[[int, int], None] | None = None) -> list[R | None]:
+def run_all(fn: Callable[[T], R], items: Sequence[T], deadline: float,
+            on_done: Callable[[int, int], None] | None = None) -> list[R | None]:
     """fn(item) for every item at once. Returns the results in item order; None for an item whose
     call had not returned by `deadline` (monotonic). An exception in fn is raised here.
     `on_done(done, total)` is called as calls return (from their threads, one at a time)."""
@@ -73,6 +74,7 @@ class Progress:
             self.write("\r\x1b[K")
 
 
-def progress_for(items: Sequence[object], isatty: bool, write: Callable[[str], None], what: str, few: int = 5) -> Progress | None:
+def progress_for(items: Sequence[object], isatty: bool, write: Callable[[str], None], what: str,
+                 few: int = 5) -> Progress | None:
     """A Progress when output is a terminal and more than `few` guests are contacted, else None."""
     return Progress(write, what) if isatty and len(items) > few else None

@@ -87,7 +87,7 @@ systemctl daemon-reload
 systemctl enable vzdump-hook-recover.service >/dev/null 2>&1
 systemctl enable --now vzdump-hook-recover.timer >/dev/null 2>&1
 echo "$(systemctl is-enabled vzdump-hook-recover.timer 2>/dev/null) $(systemctl is-active vzdump-hook-recover.timer 2>/dev/null)"
-"""
+"""  # noqa: E501
 
 
 def _diff(old: bytes | None, new: bytes, path: str, limit: int = 40) -> list[str]:

@@ -46,7 +46,7 @@ else
   else case ${s#* } in *00) echo "marker-dir ok" ;; *) echo "marker-dir INSECURE: $mdir has mode ${s#* }: others than its owner may use it" ;; esac
   fi
 fi
-"""
+"""  # noqa: E501
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,13 @@ class StackRecord:
     job: str = ""  # controller: the job it was told to quiesce (its later messages name the same job)
 
     @classmethod
-    def systemd(cls, name: str, units: tuple[str, ...], triggers: tuple[str, ...] = (), stopped: bool = False, user: str = "") -> StackRecord:
+    def systemd(cls, name: str, units: tuple[str, ...], triggers: tuple[str, ...] = (), stopped: bool = False,
+                user: str = "") -> StackRecord:
         return cls(name, (), "", (), (), stopped, kind=Kind.SYSTEMD, units=units, triggers=triggers, user=user)
 
     @classmethod
-    def container(cls, name: str, engine: str, names: tuple[str, ...], ids: tuple[str, ...], stopped: bool = False) -> StackRecord:
+    def container(cls, name: str, engine: str, names: tuple[str, ...], ids: tuple[str, ...],
+                  stopped: bool = False) -> StackRecord:
         """Plain containers that ran, in stop order: `names[i]` is the container with id `ids[i]`."""
         return cls(name, (), "", (), ids, stopped, kind=Kind.CONTAINER, engine=engine, names=names)
 
@@ -71,11 +73,13 @@ class StackRecord:
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind is Kind.CONTAINER:
-            return {"name": self.name, "driver": "container", "engine": self.engine, "names": list(self.names), "containers": list(self.containers), "stopped": self.stopped}
+            return {"name": self.name, "driver": "container", "engine": self.engine, "names": list(self.names),
+                    "containers": list(self.containers), "stopped": self.stopped}
         if self.kind is Kind.CONTROLLER:
             return {"name": self.name, "driver": "controller", "job": self.job, "stopped": self.stopped}
         if self.kind is Kind.SYSTEMD:
-            d: dict[str, Any] = {"name": self.name, "driver": "systemd", "units": list(self.units), "triggers": list(self.triggers), "stopped": self.stopped}
+            d: dict[str, Any] = {"name": self.name, "driver": "systemd", "units": list(self.units),
+                                 "triggers": list(self.triggers), "stopped": self.stopped}
             if self.user:
                 d["user"] = self.user
             return d
@@ -250,14 +254,16 @@ def record_from_dict(d: dict[str, Any]) -> StackRecord:
         return StackRecord.controller(d["name"], d["job"], d["stopped"])
     if d.get("driver") == "systemd":
         return StackRecord.systemd(d["name"], tuple(d["units"]), tuple(d["triggers"]), d["stopped"], d.get("user", ""))
-    return StackRecord(d["name"], tuple(d["compose"]), d["workdir"], tuple(d["files"]), tuple(d["containers"]), d["stopped"], tuple(d.get("services", ())))
+    return StackRecord(d["name"], tuple(d["compose"]), d["workdir"], tuple(d["files"]), tuple(d["containers"]),
+                       d["stopped"], tuple(d.get("services", ())))
 
 
 def parse(data: bytes) -> Marker:
     """A Marker from bytes read off a guest. Raises MarkerError naming what is wrong (and nothing else)."""
     if len(data) > MAX_SIZE:
         raise MarkerError(f"marker: larger than {MAX_SIZE} bytes")
-    if not data.isascii():  # the hook writes \u escapes (json.dumps), and the guest parser reads bytes: both refuse the rest
+    # the hook writes \u escapes (json.dumps), and the guest parser reads bytes: both refuse the rest
+    if not data.isascii():
         raise MarkerError("marker: not ASCII")
     try:
         d = json.loads(data, object_pairs_hook=_duplicates_refused, parse_constant=_no_constant)
@@ -278,7 +284,8 @@ def parse(data: bytes) -> Marker:
     if tool != TOOL:
         raise MarkerError(f"marker: tool {str(tool)[:40]!r}: not written by {TOOL}")
     j = _req(d, "job", dict, "")
-    job = JobId(_req(j, "node", str, "job."), _req(j, "boot", str, "job."), _int(j, "pid", "job."), _int(j, "start", "job."))
+    job = JobId(_req(j, "node", str, "job."), _req(j, "boot", str, "job."), _int(j, "pid", "job."),
+                _int(j, "start", "job."))
     stacks = _req(d, "stacks", list, "")
     if len(stacks) > 256:
         raise MarkerError("marker: too many stacks")

@@ -77,7 +77,8 @@ def recover_guest(guest: GuestConfig, job: JobId, state: HostState, deadline: fl
         # a controller keeps its own marker: ask it, and end a job of it that is over; the ledger
         # keeps listing the guest while a controller may hold something
         texts, down = [], False
-        for name, text, still in ctl.driver.controllers.end_stale(force, max(0.1, min(deadline - time.monotonic(), guest.command_timeout))):
+        for name, text, still in ctl.driver.controllers.end_stale(
+                force, max(0.1, min(deadline - time.monotonic(), guest.command_timeout))):
             if text:
                 texts.append(f"{vmid}: controller {name}: {text}")
             down = down or still
@@ -96,9 +97,11 @@ def _recover_marker(ctl: GuestSession, state: HostState, deadline: float, force:
             return Recovery("", False, forget())
         over = m.job.is_over()
         if over is not True and not m.expired and not force:
-            return Recovery(f"{vmid}: marker of job {m.job} left alone (that job may still run, deadline not passed)", False, note())
+            return Recovery(f"{vmid}: marker of job {m.job} left alone (that job may still run, deadline not passed)",
+                            False, note())
         r = resume_leftover(ctl, state, deadline)
-        why = "forced" if force and over is not True and not m.expired else "its job is over" if over else "its deadline passed"
+        why = ("forced" if force and over is not True and not m.expired
+               else "its job is over" if over else "its deadline passed")
         text = f"{vmid}: marker of job {m.job} ({why}): started {', '.join(r.started) or 'nothing'}"
         for p in r.problems:
             text += f"; {p}"

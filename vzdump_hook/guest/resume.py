@@ -55,7 +55,8 @@ class Resumer:
         if self._ledger is None:
             from ..node.ledger import Ledger
 
-            self._ledger = Ledger.for_settings(self.settings, self.job.node, settle=self.settings.phase_timeout + LEDGER_SETTLE_GRACE)
+            self._ledger = Ledger.for_settings(self.settings, self.job.node,
+                                               settle=self.settings.phase_timeout + LEDGER_SETTLE_GRACE)
         return self._ledger
 
     def entries(self, vmid: int) -> list[Entry] | None:
@@ -73,7 +74,8 @@ class Resumer:
         if seen:
             self.ledger.clear(seen, self.job)
 
-    def resume_with(self, ctl: GuestSession, where: str, wait: bool, remembered: GuestRecord | None = None, ready: bool = True) -> bool:
+    def resume_with(self, ctl: GuestSession, where: str, wait: bool, remembered: GuestRecord | None = None,
+                    ready: bool = True) -> bool:
         """Start what this job stopped in ctl's guest, for `where` (a phase, or the resident): under
         the guest's lock, only if this job's record says the stacks are still down. `remembered`:
         the record as its holder last saw it, used when the file is gone (run_dir wiped). Then,
@@ -126,11 +128,13 @@ class Resumer:
         down = f", down {rec.downtime:.1f} s" if rec.downtime is not None else ""
         ready = [n for n in seen if n not in late]
         if ready:
-            log.info("%s %d: %s ready %.1f s after the start%s", where, vmid, ", ".join(ready), max(times) - (rec.started_at or max(times)), down if not late else "")
+            log.info("%s %d: %s ready %.1f s after the start%s", where, vmid, ", ".join(ready),
+                     max(times) - (rec.started_at or max(times)), down if not late else "")
         for name in late:
             spec = ctl.spec(name)
             what = f"{spec.ready.describe()}, " if spec is not None and spec.ready is not None else ""
-            log.warning("%s %d: %s NOT READY within %.0f s of its start (%snot seen): it runs, but its app did not answer; the backup goes on",
+            log.warning("%s %d: %s NOT READY within %.0f s of its start (%snot seen): it runs, "
+                        "but its app did not answer; the backup goes on",
                         where, vmid, name, spec.ready_timeout if spec is not None else 0, what)
 
     def resume_locked(self, ctl: GuestSession, rec: GuestRecord, where: str, wait: bool) -> bool:
@@ -142,13 +146,15 @@ class Resumer:
             if wait:
                 # a guest that already failed to answer in an earlier phase gets a short wait: a dead
                 # guest must not add resume_wait to every remaining phase of the job
-                ctl.wait_ready(ctl.guest.resume_wait if rec.status is not Status.RESUME_FAILED else min(RETRY_WAIT, ctl.guest.resume_wait), self.deadline)
+                ctl.wait_ready(ctl.guest.resume_wait if rec.status is not Status.RESUME_FAILED
+                               else min(RETRY_WAIT, ctl.guest.resume_wait), self.deadline)
             r = ctl.resume(self.deadline, fallback=tuple(rec.stacks))
         except HookError as e:
             rec.status = Status.RESUME_FAILED
             rec.problems.append(f"{where}: resume: {describe(e)}")
             self._save(rec)
-            log.warning("%s %d: resume failed: %s (retried at the next phase; job-end fails if still down)", where, vmid, describe(e))
+            log.warning("%s %d: resume failed: %s (retried at the next phase; job-end fails if still down)",
+                        where, vmid, describe(e))
             return False
         for p in r.problems:
             log.warning("%s %d: %s", where, vmid, p)
@@ -170,8 +176,10 @@ class Resumer:
             log.warning("history not written: %s", e)
         down = f", down {rec.downtime:.1f} s" if rec.downtime is not None else ""
         if rec.ready_pending:
-            down = f" (down {rec.downtime:.1f} s to the start; waiting until {', '.join(rec.ready_pending)} ready)" if rec.downtime is not None else ""
-        log.info("%s %d: started %s in %.1f s%s", where, vmid, ", ".join(r.started) or "nothing", time.monotonic() - start, down)
+            down = (f" (down {rec.downtime:.1f} s to the start; waiting until {', '.join(rec.ready_pending)} ready)"
+                    if rec.downtime is not None else "")
+        log.info("%s %d: started %s in %.1f s%s", where, vmid, ", ".join(r.started) or "nothing",
+                 time.monotonic() - start, down)
         return True
 
     def _save(self, rec: GuestRecord) -> None:

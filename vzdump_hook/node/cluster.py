@@ -46,7 +46,8 @@ def report(pve_dir: str, node: str, vzdump_conf: str = "/etc/vzdump.conf", versi
     try:
         with open(path) as f:
             old = json.load(f)
-        if {k: old.get(k) for k in ("version", "script")} == {k: data[k] for k in ("version", "script")} and time.time() - old.get("at", 0) < STALE / 4:
+        if ({k: old.get(k) for k in ("version", "script")} == {k: data[k] for k in ("version", "script")}
+                and time.time() - old.get("at", 0) < STALE / 4):
             return  # unchanged and recent: no write to the cluster file system
     except (OSError, ValueError, AttributeError):
         pass

@@ -138,7 +138,8 @@ class Ledger:
                 d = json.load(f)
             j = d["job"]
             job = JobId(str(j["node"]), str(j["boot"]), int(j["pid"]), int(j["start"])) if j else None
-            return Entry(vmid, name, str(d["kind"]), str(d.get("vmtype", "")), job, float(d["written_at"]), float(d["settles_at"]), dict(d.get("guest", {})))
+            return Entry(vmid, name, str(d["kind"]), str(d.get("vmtype", "")), job, float(d["written_at"]),
+                         float(d["settles_at"]), dict(d.get("guest", {})))
         except FileNotFoundError:
             return None  # removed since the listing
         except (OSError, ValueError, KeyError, TypeError, AttributeError):

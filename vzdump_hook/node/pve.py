@@ -32,7 +32,8 @@ def local_type(pve_dir: str, node: str, vmid: int) -> str | None:
     return None
 
 
-def guest_running(vmtype: str, vmid: int, pve_dir: str = "/etc/pve", qemu_run_dir: str = "/var/run/qemu-server") -> bool | None:
+def guest_running(vmtype: str, vmid: int, pve_dir: str = "/etc/pve",
+                  qemu_run_dir: str = "/var/run/qemu-server") -> bool | None:
     """Whether the guest runs: a QEMU process from its pid file (in qemu-server's run directory,
     `[hook] qmp_dir`), or a container's cgroup."""
     if not _is_pve(pve_dir):

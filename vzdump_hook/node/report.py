@@ -91,11 +91,15 @@ def render(guests: dict[str, dict[str, Any]], now: float) -> str:
             out.append(f"{name}{{{text}}} {float(value)!r}" if text else f"{name} {float(value)!r}")
 
     vmids = sorted(guests, key=int)
-    metric("vzdump_hook_last_downtime_seconds", "App downtime of each stack in the guest's last backup (stop until started again).",
-           [({"vmid": v, "stack": s}, guests[v]["downtime"]) for v in vmids for s in guests[v]["stacks"] if guests[v]["downtime"] is not None])
-    metric("vzdump_hook_last_result", "Outcome of the guest's last backup as the hook saw it: 1 for the result that applies.",
+    metric("vzdump_hook_last_downtime_seconds",
+           "App downtime of each stack in the guest's last backup (stop until started again).",
+           [({"vmid": v, "stack": s}, guests[v]["downtime"]) for v in vmids for s in guests[v]["stacks"]
+            if guests[v]["downtime"] is not None])
+    metric("vzdump_hook_last_result",
+           "Outcome of the guest's last backup as the hook saw it: 1 for the result that applies.",
            [({"vmid": v, "result": r}, float(guests[v]["result"] == r)) for v in vmids for r in RESULTS])
-    metric("vzdump_hook_last_success_timestamp_seconds", "When the guest's last application-consistent backup ended (Unix time).",
+    metric("vzdump_hook_last_success_timestamp_seconds",
+           "When the guest's last application-consistent backup ended (Unix time).",
            [({"vmid": v}, guests[v]["last_success"]) for v in vmids if guests[v].get("last_success") is not None])
     metric("vzdump_hook_stack_down", "1 while a stack the hook stopped has not been started again.",
            [({"vmid": v, "stack": s}, float(s in guests[v]["down"])) for v in vmids for s in guests[v]["stacks"]])
@@ -135,16 +139,21 @@ def job_message(node: str, job: str, records: list[GuestRecord], config_problem:
     lines = []
     down = [r for r in records if r.status.pending]
     if down:
-        lines.append(f"STACKS STILL DOWN in guest(s) {', '.join(str(r.vmid) for r in down)}: run `vzdump-hook recover` on {node}")
+        lines.append(f"STACKS STILL DOWN in guest(s) {', '.join(str(r.vmid) for r in down)}: "
+                     f"run `vzdump-hook recover` on {node}")
     if config_problem:
         lines.append(f"config unusable, guests backed up WITHOUT quiescing: {config_problem}")
     for r in records:
         down_s = f", down {r.downtime:.1f} s" if r.downtime is not None else ""
-        lines.append(f"{r.vmid}: {result_of(r)}{down_s}" + (f" ({', '.join(escape(s.name) for s in r.stacks)})" if r.stacks else ""))
-    problem = bool(down or config_problem or any(result_of(r) != "ok" for r in records if r.status is not Status.SKIPPED))
+        lines.append(f"{r.vmid}: {result_of(r)}{down_s}"
+                     + (f" ({', '.join(escape(s.name) for s in r.stacks)})" if r.stacks else ""))
+    problem = bool(down or config_problem
+                   or any(result_of(r) != "ok" for r in records if r.status is not Status.SKIPPED))
     title = f"vzdump-hook on {node}: " + ("stacks still DOWN" if down else "problems" if problem else "ok")
-    data = {"node": node, "job": job, "at": round(time.time(), 3), "result": "down" if down else "problem" if problem else "ok", "config_problem": config_problem,
-            "guests": [{"vmid": r.vmid, "result": result_of(r), "downtime": r.downtime, "stacks": [escape(s.name) for s in r.stacks]} for r in records]}
+    data = {"node": node, "job": job, "at": round(time.time(), 3),
+            "result": "down" if down else "problem" if problem else "ok", "config_problem": config_problem,
+            "guests": [{"vmid": r.vmid, "result": result_of(r), "downtime": r.downtime,
+                        "stacks": [escape(s.name) for s in r.stacks]} for r in records]}
     return Message(title, "\n".join(lines) or "no guests", problem, data)
 
 
@@ -154,7 +163,8 @@ def _request(cfg: NotifyConfig, m: Message) -> dict[str, Any]:
     token is added when it is sent. This is what a queued message keeps under state_dir."""
     req: dict[str, Any] = {"to": cfg.key(), "suffix": "", "headers": {"Content-Type": "application/json"}}
     if cfg.format == "ntfy":
-        headers = {"Title": m.title, "Priority": "urgent" if m.problem else "default", "Tags": "warning" if m.problem else "white_check_mark"}
+        headers = {"Title": m.title, "Priority": "urgent" if m.problem else "default",
+                   "Tags": "warning" if m.problem else "white_check_mark"}
         return {**req, "headers": headers, "body": m.text}
     if cfg.format == "gotify":
         return {**req, "body": json.dumps({"title": m.title, "message": m.text, "priority": 8 if m.problem else 4})}
@@ -183,14 +193,16 @@ def _send(cfg: NotifyConfig, req: dict[str, Any], timeout: float) -> None:
     if cfg.token_file:
         with open(cfg.token_file) as f:
             token = f.read().strip()
-        headers["X-Gotify-Key" if cfg.format == "gotify" else "Authorization"] = token if cfg.format == "gotify" else f"Bearer {token}"
+        headers["X-Gotify-Key" if cfg.format == "gotify" else "Authorization"] = (
+            token if cfg.format == "gotify" else f"Bearer {token}")
     from .. import httpio
 
     with requests.Session() as s:
         s.trust_env = False
         httpio.mount(s)
-        r = httpio.request(s, "POST", _url(cfg, req), timeout=timeout, cap=64 * 1024, source=f"notify {shown_url(cfg.url)}",
-                           connect_timeout=min(timeout, 5), data=req["body"].encode(), headers=headers)
+        r = httpio.request(s, "POST", _url(cfg, req), timeout=timeout, cap=64 * 1024,
+                           source=f"notify {shown_url(cfg.url)}", connect_timeout=min(timeout, 5),
+                           data=req["body"].encode(), headers=headers)
     if r.status >= 400:
         raise OSError(f"HTTP {r.status} {r.reason}")
 
@@ -222,7 +234,8 @@ def notify(settings: HookSettings, m: Message | None) -> None:
             if "url" in req:  # queued by an older version, with the url itself: kept without it from now on
                 old, fail = str(req["url"]), cfg.url.rstrip("/") + "/fail"
                 to = cfg.key() if old in (cfg.url, fail) else NotifyConfig(old).key()
-                req = {**{k: v for k, v in req.items() if k != "url"}, "to": to, "suffix": "/fail" if old == fail != cfg.url else ""}
+                req = {**{k: v for k, v in req.items() if k != "url"}, "to": to,
+                       "suffix": "/fail" if old == fail != cfg.url else ""}
                 _write(path, json.dumps(req))
         except (OSError, ValueError, TypeError, AttributeError, safefile.UnsafePath):
             with contextlib.suppress(OSError):
@@ -247,7 +260,8 @@ def _try(cfg: NotifyConfig, req: dict[str, Any], deadline: float) -> bool:
         _send(cfg, req, min(cfg.timeout, left))
         return True
     except Exception as e:  # a notifier must never break a backup: requests' errors, a bad token file
-        log.warning("notify: %s not delivered (%s): queued, retried at the next job", shown_url(cfg.url), _hide(_short(e), cfg))
+        log.warning("notify: %s not delivered (%s): queued, retried at the next job", shown_url(cfg.url),
+                    _hide(_short(e), cfg))
         return False
 
 

@@ -33,9 +33,11 @@ def directory_problem(st: os.stat_result, path: str) -> str | None:
     if not stat.S_ISDIR(st.st_mode):
         return f"{path} is not a directory"
     if not owner_ok:
-        return f"{path} belongs to uid {st.st_uid}, who may replace what root writes there: chown root {path}, or choose a directory of root's"
+        return (f"{path} belongs to uid {st.st_uid}, who may replace what root writes there: chown root {path}, "
+                "or choose a directory of root's")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"{path} may be written by other users (mode {stat.S_IMODE(st.st_mode):04o}): chmod go-w {path}, or choose a directory of root's"
+        return (f"{path} may be written by other users (mode {stat.S_IMODE(st.st_mode):04o}): chmod go-w {path}, "
+                "or choose a directory of root's")
     return None
 
 
@@ -44,7 +46,8 @@ def _open_dir(path: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         if os.path.islink(path):
-            raise UnsafePath(f"{path} is a symbolic link: vzdump-hook writes only into a real directory of root's") from None
+            raise UnsafePath(f"{path} is a symbolic link: "
+                             "vzdump-hook writes only into a real directory of root's") from None
         raise
 
 

@@ -59,11 +59,13 @@ class GuestRecord:
     crash_consistent: bool = False
     problems: list[str] = field(default_factory=list)
     compose: list[str] = field(default_factory=list)  # detected at preflight: pre-stop need not ask again
-    ended: str = ""  # controllers: what to tell them once resumed ("done" after backup-end, "failed" after backup-abort)
+    # controllers: what to tell them once resumed ("done" after backup-end, "failed" after backup-abort)
+    ended: str = ""
     closed: list[str] = field(default_factory=list)  # controllers that confirmed the job's end (stacks/controller.py)
     started_at: float | None = None  # when the start returned; with `ready`, resumed_at is when the apps answered
     ready_pending: list[str] = field(default_factory=list)  # started stacks whose `ready` is still awaited
-    not_ready: list[str] = field(default_factory=list)  # stacks not ready within their ready_timeout (reported, never a failure)
+    # stacks not ready within their ready_timeout (reported, never a failure)
+    not_ready: list[str] = field(default_factory=list)
     app_down_at: float | None = None  # when every stack stopped has `ready`: its first failed check during the stop
 
     @property
@@ -236,7 +238,8 @@ class HostState:
             names = os.listdir(job_dir)
         except FileNotFoundError:
             return []
-        found = (_read_record(os.path.join(job_dir, n)) for n in names if n.startswith("guest-") and n.endswith(".json"))
+        found = (_read_record(os.path.join(job_dir, n)) for n in names
+                 if n.startswith("guest-") and n.endswith(".json"))
         return sorted((r for r in found if r is not None), key=lambda r: r.vmid)
 
     def write_job_info(self) -> None:
@@ -305,7 +308,8 @@ class HostState:
                     if e.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
                     if time.monotonic() >= deadline:
-                        raise LockTimeout(f"guest {vmid}: another vzdump-hook process holds its lock for more than {timeout:.0f} s") from None
+                        raise LockTimeout(f"guest {vmid}: another vzdump-hook process holds its lock "
+                                          f"for more than {timeout:.0f} s") from None
                     time.sleep(0.05)
             yield
         finally:
@@ -347,6 +351,7 @@ class HostState:
     def history(self, vmid: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
         with contextlib.closing(self._db()) as db:
             db.row_factory = sqlite3.Row
-            q = "SELECT * FROM runs" + (" WHERE vmid = ?" if vmid is not None else "") + " ORDER BY stop_started DESC LIMIT ?"
+            q = ("SELECT * FROM runs" + (" WHERE vmid = ?" if vmid is not None else "")
+                 + " ORDER BY stop_started DESC LIMIT ?")
             args: tuple[Any, ...] = (vmid, limit) if vmid is not None else (limit,)
             return [dict(r) for r in db.execute(q, args)]

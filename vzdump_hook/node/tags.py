@@ -99,7 +99,8 @@ def all_guests(pve_dir: str, node: str | None = None) -> list[PveGuest]:
             for name in names:
                 stem = name.removesuffix(".conf")
                 if name.endswith(".conf") and stem.isdigit():
-                    found.append(PveGuest(int(stem), vmtype, n, read_tags(os.path.join(pve_dir, "nodes", n, kind, name))))
+                    found.append(PveGuest(int(stem), vmtype, n,
+                                          read_tags(os.path.join(pve_dir, "nodes", n, kind, name))))
     return sorted(found, key=lambda g: g.vmid)
 
 
@@ -107,7 +108,8 @@ def _tagged(cfg: Config, g: PveGuest) -> Member:
     guest = tagged_guest(cfg, g.vmid, g.vmtype)
     if guest is None:
         return Member(g.vmid, None, f"tagged {cfg.hook.tag}, but [defaults] do not make a valid guest: left alone")
-    return Member(g.vmid, guest, f"tag {cfg.hook.tag} ({g.vmtype} on {g.node}): [defaults], transport {TAG_TRANSPORTS[g.vmtype]}")
+    return Member(g.vmid, guest,
+                  f"tag {cfg.hook.tag} ({g.vmtype} on {g.node}): [defaults], transport {TAG_TRANSPORTS[g.vmtype]}")
 
 
 def guest_config(cfg: Config, vmid: int) -> GuestConfig | None:
@@ -124,7 +126,9 @@ def guest_config(cfg: Config, vmid: int) -> GuestConfig | None:
 
 def members(cfg: Config, node: str | None = None) -> list[Member]:
     """Every guest with a config table, and every tagged guest (of `node`, if given), sorted by VMID."""
-    found = {vmid: Member(vmid, g if g.enabled else None, "config table" if g.enabled else "config table with enabled = false: left alone") for vmid, g in cfg.guests.items()}
+    found = {vmid: Member(vmid, g if g.enabled else None,
+                          "config table" if g.enabled else "config table with enabled = false: left alone")
+             for vmid, g in cfg.guests.items()}
     if cfg.hook.tag:
         for g in all_guests(cfg.hook.pve_dir, node):
             if cfg.hook.tag not in g.tags:
@@ -151,5 +155,6 @@ def warnings(cfg: Config) -> list[str]:
         g = find_guest(cfg.hook.pve_dir, m.vmid)
         if g is not None and g.vmtype == "qemu" and not agent_enabled(conf_path(cfg.hook.pve_dir, g)):
             out.append(f"{m.vmid}: {m.why}: its VM config has no `agent: 1`, so nothing can be stopped in it: "
-                       f"qm set {m.vmid} --agent enabled=1 (then restart the VM), and run qemu-guest-agent in the guest")
+                       f"qm set {m.vmid} --agent enabled=1 (then restart the VM), "
+                       "and run qemu-guest-agent in the guest")
     return out

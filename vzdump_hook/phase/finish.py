@@ -45,9 +45,11 @@ def finish(ctx: PhaseContext, phase: Phase) -> bool:
     for _, info in resident.residents(ctx.settings.run_dir):
         if JobId.from_dict(info.job) == ctx.job and info.vmid in down:
             until = time.strftime("%H:%M:%S", time.localtime(info.deadline))
-            log.warning("%s %d: its resident keeps trying to start the stacks until %s (the marker's deadline)", phase.value, info.vmid, until)
+            log.warning("%s %d: its resident keeps trying to start the stacks until %s (the marker's deadline)",
+                        phase.value, info.vmid, until)
     if down:
-        log.warning("%s: stacks still DOWN in guest(s) %s: run `vzdump-hook recover` on %s", phase.value, ", ".join(map(str, down)), ctx.job.node)
+        log.warning("%s: stacks still DOWN in guest(s) %s: run `vzdump-hook recover` on %s", phase.value,
+                    ", ".join(map(str, down)), ctx.job.node)
     for r in records:
         if r.status is not Status.RESUMED and r.stop_started is not None:
             try:

@@ -29,7 +29,8 @@ def arm_resident(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode:
     try:
         info = resident.arm(ctx.state, guest, vmtype.value, mode.value, deadline, watching=watching)
     except HookError as e:
-        log.warning("%s %d: no resident (%s): the phases start the stacks themselves", phase.value, guest.vmid, describe(e))
+        log.warning("%s %d: no resident (%s): the phases start the stacks themselves", phase.value, guest.vmid,
+                    describe(e))
         return
     if info.pid and watching and not info.watching:
         log.debug("%s %d: resident %d already running (told this phase)", phase.value, guest.vmid, info.pid)

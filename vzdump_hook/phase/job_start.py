@@ -75,7 +75,8 @@ def sweep(ctx: PhaseContext) -> None:
     budget = min(ctx.left(), ctx.settings.sweep_timeout)
     sweep_deadline = time.monotonic() + budget
     recorded, kept = _over_jobs(ctx)
-    members = {m.vmid: m.guest for m in tags.members(ctx.cfg, ctx.job.node) if m.guest is not None} if ctx.cfg is not None else {}
+    members = ({m.vmid: m.guest for m in tags.members(ctx.cfg, ctx.job.node) if m.guest is not None}
+               if ctx.cfg is not None else {})
     try:
         entries, known = ctx.ledger.entries(), ctx.ledger.known()
     except LedgerError as e:
@@ -83,7 +84,8 @@ def sweep(ctx: PhaseContext) -> None:
         entries, known = {}, set()
     guests, waiting = _to_ask(ctx, _candidates(ctx, members, entries, known, recorded), recorded, entries)
     if not guests:
-        log.info("job-start: no guest of this node may hold a marker (%d configured, ledger %s): none asked", len(members), ctx.ledger.dir)
+        log.info("job-start: no guest of this node may hold a marker (%d configured, ledger %s): none asked",
+                 len(members), ctx.ledger.dir)
         return
 
     def ask(g: GuestConfig) -> Recovery:
@@ -105,8 +107,8 @@ def sweep(ctx: PhaseContext) -> None:
         log.info("job-start %s", line)
     unknown = sum(1 for g in guests if g.vmid not in known and g.vmid not in entries)
     why = f" ({len(guests) - unknown} in the ledger, {unknown} not covered by it yet)" if unknown else ""
-    log.info("job-start: %d guest(s) checked for leftover markers in %.1f s%s%s", len(guests), time.monotonic() - start, why,
-             "" if found else ", none found")
+    log.info("job-start: %d guest(s) checked for leftover markers in %.1f s%s%s", len(guests),
+             time.monotonic() - start, why, "" if found else ", none found")
 
 
 def _over_jobs(ctx: PhaseContext) -> tuple[dict[int, GuestConfig], dict[str, set[int]]]:
@@ -156,9 +158,11 @@ def _to_ask(ctx: PhaseContext, candidates: dict[int, GuestConfig], recorded: dic
     for vmid, g in sorted(candidates.items()):
         if vmid not in recorded and pve.guest_is_local(s.pve_dir, ctx.job.node, vmid) is False:
             continue  # another node's guest: that node asks it
-        vmtype = pve.local_type(s.pve_dir, ctx.job.node, vmid) or next((e.vmtype for e in entries.get(vmid, ()) if e.vmtype), "")
+        vmtype = (pve.local_type(s.pve_dir, ctx.job.node, vmid)
+                  or next((e.vmtype for e in entries.get(vmid, ()) if e.vmtype), ""))
         if vmtype and pve.guest_running(vmtype, vmid, s.pve_dir, s.qmp_dir) is False:
-            log.info("job-start %d: not running (PVE), not asked: a marker in it waits for the guest-side recovery at boot, "
+            log.info("job-start %d: not running (PVE), not asked: "
+                     "a marker in it waits for the guest-side recovery at boot, "
                      "or for its next backup's backup-start", vmid)
             waiting.add(vmid)
             continue

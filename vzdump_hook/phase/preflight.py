@@ -26,7 +26,8 @@ def run(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode: Mode) ->
     vmid = guest.vmid
     old = ctx.state.load(vmid)
     if old is not None and old.status.pending:
-        log.warning("backup-start %d: called again while stacks of this job are down: keeping them for the resume", vmid)
+        log.warning("backup-start %d: called again while stacks of this job are down: keeping them for the resume",
+                    vmid)
         return Outcome()
     rec = GuestRecord(vmid, vmtype.value, mode.value, dict(guest.table))
     if mode is Mode.STOP and pve.guest_running(vmtype.value, vmid, ctx.settings.pve_dir, ctx.settings.qmp_dir) is False:
@@ -36,7 +37,8 @@ def run(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode: Mode) ->
         return Outcome()
     start = time.monotonic()
     # stop mode is also how vzdump backs up a guest that is off: unreachable is no failure then
-    failed = Outcome(preflight_failed=True, abort_policy=guest.on_quiesce_error is QuiescePolicy.ABORT and mode is not Mode.STOP)
+    failed = Outcome(preflight_failed=True,
+                     abort_policy=guest.on_quiesce_error is QuiescePolicy.ABORT and mode is not Mode.STOP)
     ctx.if_overrun(failed)
     ctl = GuestSession(guest, ctx.job)
     try:
@@ -51,7 +53,8 @@ def run(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode: Mode) ->
     compose = " ".join(p.compose) or "no compose"
     will = ", ".join(p.selected) if p.selected else "nothing (no selected stack is running)"
     extra = f"; not running: {', '.join(p.missing)}" if p.missing else ""
-    log.info("backup-start %d: %s answers, will stop %s (%s)%s in %.1f s", vmid, ctl.t.target, will, compose, extra, time.monotonic() - start)
+    log.info("backup-start %d: %s answers, will stop %s (%s)%s in %.1f s", vmid, ctl.t.target, will, compose, extra,
+             time.monotonic() - start)
     if p.selected:
         _recovery_note(ctx, ctl, p.selected)
     return Outcome()
@@ -61,7 +64,8 @@ def _ask(ctx: PhaseContext, ctl: GuestSession, rec: GuestRecord) -> Preflight:
     """Under the guest's lock: the guest's answer, a stale marker resumed, the record saved."""
     seen = ctx.resumer.entries(rec.vmid)
     p = ctl.preflight(ctx.deadline, end_stale=True)
-    if p.marker is None or (p.marker.job != ctx.job and not resume_stale(ctx, ctl, p.marker, "backup-start").marker_left):
+    if p.marker is None or (p.marker.job != ctx.job
+                            and not resume_stale(ctx, ctl, p.marker, "backup-start").marker_left):
         ctx.resumer.forget(seen)
     rec.status = Status.PREFLIGHT_OK
     rec.compose = list(p.compose)
@@ -69,7 +73,8 @@ def _ask(ctx: PhaseContext, ctl: GuestSession, rec: GuestRecord) -> Preflight:
     return p
 
 
-def _not_ready(ctx: PhaseContext, guest: GuestConfig, mode: Mode, rec: GuestRecord, e: HookError, failed: Outcome) -> Outcome:
+def _not_ready(ctx: PhaseContext, guest: GuestConfig, mode: Mode, rec: GuestRecord, e: HookError,
+               failed: Outcome) -> Outcome:
     rec.status = Status.PREFLIGHT_FAILED
     rec.problems.append(f"preflight: {describe(e)}")
     ctx.state.save(rec)

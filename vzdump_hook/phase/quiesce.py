@@ -54,13 +54,15 @@ def _stop(ctx: PhaseContext, ctl: GuestSession, guest: GuestConfig, vmtype: Gues
         rec.crash_consistent = True
         rec.problems.append(f"quiesce: {e}")
         ctx.state.save(rec)
-        then = "failing this guest's backup (on_quiesce_error = abort)" if abort else "nothing stopped, the backup is crash-consistent"
+        then = ("failing this guest's backup (on_quiesce_error = abort)" if abort
+                else "nothing stopped, the backup is crash-consistent")
         log.warning("pre-stop %d: %s -> %s", vmid, e, then)
         return failed
     except HookError as e:
         rec.problems.append(f"quiesce: {describe(e)}")
         ctx.state.save(rec)  # still QUIESCING: later phases start what the marker lists
-        log.warning("pre-stop %d: quiesce failed: %s; whatever the marker lists is started again later", vmid, describe(e))
+        log.warning("pre-stop %d: quiesce failed: %s; whatever the marker lists is started again later", vmid,
+                    describe(e))
         return failed
     _record(ctx, rec, q)
     if not q.stacks:
@@ -70,12 +72,13 @@ def _stop(ctx: PhaseContext, ctl: GuestSession, guest: GuestConfig, vmtype: Gues
     if not (q.killed or q.errors):
         return Outcome()
     for k in q.killed:
-        log.warning("pre-stop %d: %s did not stop within its stop timeout and was KILLED: the backup of %d is crash-consistent",
-                    vmid, k, vmid)
+        log.warning("pre-stop %d: %s did not stop within its stop timeout and was KILLED: "
+                    "the backup of %d is crash-consistent", vmid, k, vmid)
     for err in q.errors:
         log.warning("pre-stop %d: stop failed: %s", vmid, err)
     if abort:
-        log.warning("pre-stop %d: on_quiesce_error = abort: starting the stacks again and failing this guest's backup", vmid)
+        log.warning("pre-stop %d: on_quiesce_error = abort: starting the stacks again and failing this guest's backup",
+                    vmid)
         ctx.resumer.resume_locked(ctl, rec, "pre-stop", wait=False)
     else:
         log.warning("pre-stop %d: backup goes on crash-consistent (on_quiesce_error = continue)", vmid)

@@ -48,7 +48,8 @@ def close_controllers(ctx: PhaseContext, vmid: int, phase: Phase, message: str =
                     except HookError as e:
                         later = ("job-end tells it again" if phase in rules.CONTROLLER_ENDS
                                  else "the next job-start's sweep ends the job (or the controller at its deadline)")
-                        log.warning("%s %d: controller %s not told %s: %s; %s", phase.value, vmid, s.name, word, describe(e), later)
+                        log.warning("%s %d: controller %s not told %s: %s; %s", phase.value, vmid, s.name, word,
+                                    describe(e), later)
                         continue
                     rec.closed.append(s.name)
                     log.info("%s %d: controller %s told %s", phase.value, vmid, s.name, word)

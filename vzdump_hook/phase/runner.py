@@ -97,7 +97,8 @@ class PhaseRunner:
     def _guest_phase(self, phase: Phase, vmtype: GuestType, mode: Mode, vmid: int) -> Outcome:
         ctx = self.ctx
         if phase in rules.TOLD_TO_RESIDENT:
-            handover.hear_resident(ctx, vmid, phase)  # before the record is read: the resident may be starting the stacks
+            # before the record is read: the resident may be starting the stacks
+            handover.hear_resident(ctx, vmid, phase)
         if vmtype is GuestType.QEMU and phase in rules.WATCHER_ENDS:
             from ..qemu import watcher
 
@@ -136,9 +137,11 @@ class PhaseRunner:
         if phase is Phase.BACKUP_START and ctx.problem is not None:
             log.error("backup-start %d: the config is unusable (%s): backed up WITHOUT quiescing (crash-consistent)",
                       vmid, first_line(ctx.problem))
-            ctx.state.save(GuestRecord(vmid, vmtype.value, mode.value, {}, status=Status.CONFIG_ERROR, crash_consistent=True))
+            ctx.state.save(GuestRecord(vmid, vmtype.value, mode.value, {}, status=Status.CONFIG_ERROR,
+                                       crash_consistent=True))
         elif phase is Phase.BACKUP_START:
-            log.info("%s %d: not in %s (or not enabled): left alone", phase.value, vmid, ctx.cfg.source if ctx.cfg else "the config")
+            log.info("%s %d: not in %s (or not enabled): left alone", phase.value, vmid,
+                     ctx.cfg.source if ctx.cfg else "the config")
 
 
 def run_phase(args: list[str], env: Mapping[str, str]) -> int:
@@ -155,7 +158,8 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
     if settings.chain and first:
         code = _run_chain(settings, args, env)
         if code:
-            log.warning("%s: a chained script failed (exit %d): vzdump fails this guest's backup; nothing stopped", where, code)
+            log.warning("%s: a chained script failed (exit %d): vzdump fails this guest's backup; nothing stopped",
+                        where, code)
             return code
     timer = _watchdog(settings.phase_timeout + HARD_GRACE, name)
     code = _own_work(args, phase, env, cfg, settings, problem, timer)
@@ -163,8 +167,8 @@ def run_phase(args: list[str], env: Mapping[str, str]) -> int:
     if settings.chain and not first:
         chained = _run_chain(settings, args, env)
         if chained and not rules.chained_status(phase, chained):
-            log.error("%s: a chained script failed (exit %d); not passed on to vzdump: a failing pre-restart would leave "
-                      "the guest frozen or stopped", where, chained)
+            log.error("%s: a chained script failed (exit %d); not passed on to vzdump: "
+                      "a failing pre-restart would leave the guest frozen or stopped", where, chained)
         code = code or rules.chained_status(phase, chained)
     return code
 
@@ -178,7 +182,8 @@ def _run_chain(settings: HookSettings, args: list[str], env: Mapping[str, str]) 
 def _load_config(env: Mapping[str, str]) -> tuple[Config | None, HookSettings, ConfigError | None]:
     """The config, or (None, the [hook] settings of the last valid config, why) when it cannot be used."""
     try:
-        cfg = configuration.load(env.get(configuration.CONFIG_ENV), cache_dir=settings_with_env(HookSettings(), env).run_dir)
+        cfg = configuration.load(env.get(configuration.CONFIG_ENV),
+                                 cache_dir=settings_with_env(HookSettings(), env).run_dir)
         return cfg, cfg.hook, None
     except ConfigError as e:
         return None, remembered_settings(settings_with_env(HookSettings(), env).state_dir) or HookSettings(), e
@@ -207,7 +212,8 @@ def _own_work(args: list[str], phase: Phase | None, env: Mapping[str, str], cfg:
         try:
             vmtype = GuestType(env.get("VMTYPE", ""))
         except ValueError:
-            log.warning("%s %d: VMTYPE %r unknown, assuming qemu (the latest resume point)", name, vmid, env.get("VMTYPE"))
+            log.warning("%s %d: VMTYPE %r unknown, assuming qemu (the latest resume point)", name, vmid,
+                        env.get("VMTYPE"))
             vmtype = GuestType.QEMU
     try:
         return PhaseRunner(cfg, settings, JobId.current(), problem, watchdog).run(phase, vmtype, mode, vmid)

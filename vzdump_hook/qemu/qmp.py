@@ -130,7 +130,8 @@ def execute(path: str, command: str, timeout: float = 2.0, arguments: dict[str, 
         try:
             greeting = conn.receive()
         except TimeoutError:
-            raise QmpBusy(f"QMP {path}: busy (no greeting within {timeout:g} s: another client holds the monitor)") from None
+            raise QmpBusy(f"QMP {path}: busy (no greeting within {timeout:g} s: "
+                          "another client holds the monitor)") from None
         if "QMP" not in greeting:
             raise QmpProtocolError(f"QMP {path}: no QMP greeting: {str(greeting)[:120]}")
         conn.greeted = True

@@ -50,7 +50,8 @@ class ComposeDriver:
         if self.compose is None:
             out = self.t.run(sh(_DETECT), timeout=timeout).check("cannot look for docker compose").stdout.strip()
             if out == "none":
-                raise ControllerError(f"{self.t.target}: neither `docker compose` nor `docker-compose` found in the guest's PATH")
+                raise ControllerError(f"{self.t.target}: neither `docker compose` nor `docker-compose` "
+                                      "found in the guest's PATH")
             self.compose = tuple(out.split())
         return self.compose
 
@@ -58,7 +59,8 @@ class ComposeDriver:
         """Running compose projects by name, each with the ids of its running containers."""
         start = time.monotonic()
         # status=running leaves out containers in a restart loop: a stack that was not up is not ours to stop
-        argv = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running", "--format", _LIST_FORMAT]
+        argv = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project",
+                "--filter", "status=running", "--format", _LIST_FORMAT]
         res = self.t.run(argv, timeout=timeout)
         res.check("cannot list containers (is docker running, and may this user use it?)")
         compose = self.detect(timeout - (time.monotonic() - start))
@@ -68,12 +70,15 @@ class ComposeDriver:
             if len(parts) != 5:
                 continue
             cid, name, workdir, files, service = parts
-            if not _ID.fullmatch(cid) or not valid_stack_name(name) or not workdir.startswith("/") or not _SERVICE.fullmatch(service):
+            if (not _ID.fullmatch(cid) or not valid_stack_name(name) or not workdir.startswith("/")
+                    or not _SERVICE.fullmatch(service)):
                 continue
             prev = found.get(name)
             containers = (prev.containers if prev else ()) + (cid,)
-            services = (prev.services if prev else ()) + ((service,) if not prev or service not in prev.services else ())
-            found[name] = StackRecord(name, compose, workdir, tuple(f for f in files.split(",") if f), containers, services=services)
+            services = ((prev.services if prev else ())
+                        + ((service,) if not prev or service not in prev.services else ()))
+            found[name] = StackRecord(name, compose, workdir, tuple(f for f in files.split(",") if f), containers,
+                                      services=services)
         return found
 
     def _compose(self, rec: StackRecord, *args: str) -> list[str]:
@@ -89,7 +94,9 @@ class ComposeDriver:
         containers that no longer exist are left out."""
         if not rec.containers:
             return {}
-        res = self.t.run(["docker", "inspect", "--format", "{{.Id}} {{.State.Running}} {{.State.Restarting}} {{.State.ExitCode}}", *rec.containers], timeout=timeout)
+        res = self.t.run(["docker", "inspect", "--format",
+                          "{{.Id}} {{.State.Running}} {{.State.Restarting}} {{.State.ExitCode}}", *rec.containers],
+                         timeout=timeout)
         states: dict[str, tuple[bool, int]] = {}
         for line in res.stdout.splitlines():
             parts = line.split()
@@ -114,7 +121,8 @@ class ComposeDriver:
         killed = tuple(c[:12] for c, (running, code) in states.items() if not running and code == KILLED)
         error = ""
         if still:
-            error = f"still running after stop: {', '.join(c[:12] for c in still)}" + (f" ({res.stderr.strip()[-200:]})" if not res.ok else "")
+            error = (f"still running after stop: {', '.join(c[:12] for c in still)}"
+                     + (f" ({res.stderr.strip()[-200:]})" if not res.ok else ""))
         return killed, error
 
     def start(self, rec: StackRecord, timeout: float) -> float:
@@ -135,13 +143,16 @@ class ComposeDriver:
             gone = []  # recreated (new ids), and every service that ran before runs again
         if down or gone or (not res.ok and not rec.containers):
             detail = res.stderr.strip()[-300:] if not res.ok else ""
-            what = ", ".join([c[:12] for c in down] + [f"{c[:12]} (no longer exists)" for c in gone]) or "compose failed"
-            raise ControllerError(f"stack {rec.name}: not running after start: {what}" + (f" ({detail})" if detail else ""))
+            what = (", ".join([c[:12] for c in down] + [f"{c[:12]} (no longer exists)" for c in gone])
+                    or "compose failed")
+            raise ControllerError(f"stack {rec.name}: not running after start: {what}"
+                                  + (f" ({detail})" if detail else ""))
         return time.monotonic() - start
 
     def _services_up(self, rec: StackRecord, timeout: float) -> bool:
         """Every service recorded (or, for a record without services, any) runs in the project now."""
-        argv = ["docker", "ps", "--filter", f"label=com.docker.compose.project={rec.name}", "--filter", "status=running", "--format", '{{.Label "com.docker.compose.service"}}']
+        argv = ["docker", "ps", "--filter", f"label=com.docker.compose.project={rec.name}",
+                "--filter", "status=running", "--format", '{{.Label "com.docker.compose.service"}}']
         res = self.t.run(argv, timeout=timeout)
         running = set(res.stdout.split()) if res.ok else set()
         return set(rec.services) <= running if rec.services else bool(running)
@@ -153,7 +164,8 @@ class ComposeDriver:
             return self._services_up(rec, timeout)
         res = self.t.run(["docker", "inspect", "--format", HEALTH_FORMAT, *rec.containers], timeout=timeout)
         seen = [line.split() for line in res.stdout.splitlines()]
-        return res.ok and len(seen) == len(rec.containers) and all(len(w) == 3 and w[1] == "true" and w[2] in ("healthy", "none") for w in seen)
+        return res.ok and len(seen) == len(rec.containers) and all(
+            len(w) == 3 and w[1] == "true" and w[2] in ("healthy", "none") for w in seen)
 
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
         states = self._states(rec, timeout)

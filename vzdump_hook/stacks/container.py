@@ -35,7 +35,8 @@ _ID = re.compile(r"[0-9a-f]{64}")
 # the formats and the detection script the hook sends; the restricted wrapper accepts these exactly
 LIST_FORMAT = "{{.ID}}\t{{.Names}}"
 INSPECT_FORMAT = "{{.Id}} {{.State.Running}} {{.State.Restarting}} {{.State.ExitCode}} {{.State.OOMKilled}}"
-DETECT = 'for e in docker podman; do if command -v "$e" >/dev/null 2>&1 && "$e" container ls -q >/dev/null 2>&1; then echo "$e"; exit 0; fi; done; echo none'
+DETECT = ('for e in docker podman; do if command -v "$e" >/dev/null 2>&1 && "$e" container ls -q >/dev/null 2>&1; '
+          'then echo "$e"; exit 0; fi; done; echo none')
 
 
 # container id -> (running and not restarting, killed: exit code 137 or OOMKilled)
@@ -44,7 +45,8 @@ States = dict[str, tuple[bool, bool]]
 
 def list_argv(engine: str, label: str = "") -> list[str]:
     """The running containers (id, name), all of them or those carrying `label`."""
-    return [engine, "container", "ls", "--no-trunc", "--filter", "status=running", *(["--filter", f"label={label}"] if label else []), "--format", LIST_FORMAT]
+    return [engine, "container", "ls", "--no-trunc", "--filter", "status=running",
+            *(["--filter", f"label={label}"] if label else []), "--format", LIST_FORMAT]
 
 
 class ContainerDriver:
@@ -63,13 +65,15 @@ class ContainerDriver:
         if self.detected is None:
             out = self.t.run(sh(DETECT), timeout=timeout).check("cannot look for docker or podman").stdout.strip()
             if out not in ENGINES:
-                raise ControllerError(f"{self.t.target}: neither docker nor podman answers in the guest (container stacks)")
+                raise ControllerError(f"{self.t.target}: neither docker nor podman answers in the guest "
+                                      "(container stacks)")
             self.detected = out
         return self.detected
 
     def _list(self, engine: str, label: str, timeout: float) -> list[tuple[str, str]]:
         """(id, name) of the running containers (carrying `label`), sorted by name. Raises TransportError."""
-        res = self.t.run(list_argv(engine, label), timeout=timeout).check(f"cannot list containers (is {engine} running?)")
+        res = self.t.run(list_argv(engine, label), timeout=timeout).check(
+            f"cannot list containers (is {engine} running?)")
         found: list[tuple[str, str]] = []
         for line in res.stdout.splitlines():
             cid, _, name = line.partition("\t")
@@ -98,7 +102,8 @@ class ContainerDriver:
             matches = [(c, n) for c, n in matches if c not in taken]
             taken.update(c for c, _ in matches)
             if matches:
-                found[s.name] = StackRecord.container(s.name, engine, tuple(n for _, n in matches), tuple(c for c, _ in matches))
+                found[s.name] = StackRecord.container(s.name, engine, tuple(n for _, n in matches),
+                                                      tuple(c for c, _ in matches))
         return found
 
     def _inspect(self, rec: StackRecord, ids: tuple[str, ...], timeout: float) -> tuple[States, bool]:
@@ -174,7 +179,8 @@ class ContainerDriver:
         found, wrong = self._verified(rec, deadline)
         errors = self._each(rec, ["start"], tuple(c for c in reversed(rec.containers) if c in found), deadline)
         states = self._states(rec, deadline - time.monotonic())
-        down = [self._named(rec, c) + ("" if c in states else " (no longer exists)") for c in rec.containers if not states.get(c, (False,))[0]]
+        down = [self._named(rec, c) + ("" if c in states else " (no longer exists)") for c in rec.containers
+                if not states.get(c, (False,))[0]]
         problems = [f"container {w}" for w in wrong]
         if down:
             detail = f" ({'; '.join(errors)})" if errors else ""

@@ -51,7 +51,8 @@ CLOSING = ("done", "failed", "abort")
 # exit codes of the command carrier, by error code (docs/controller-api.md, section 6)
 _EXIT = {"bad_request": 2, "not_found": 2, "busy": 3, "job_closed": 3, "out_of_order": 3,
          "stop_failed": 4, "start_failed": 4, "timeout": 4, "internal": 5}
-_JOB = re.compile(r"(?P<node>[A-Za-z0-9][A-Za-z0-9.-]*):(?P<boot>[0-9a-f-]{1,64}):(?P<pid>[0-9]{1,10})-(?P<start>[0-9]{1,20})")
+_JOB = re.compile(r"(?P<node>[A-Za-z0-9][A-Za-z0-9.-]*):(?P<boot>[0-9a-f-]{1,64}):"
+                  r"(?P<pid>[0-9]{1,10})-(?P<start>[0-9]{1,20})")
 
 
 def job_string(job: JobId) -> str:
@@ -105,7 +106,8 @@ class CommandCarrier:
         lines = res.stdout.strip().splitlines()
         if len(lines) != 1:
             tail = res.stderr.strip().splitlines()[-3:]
-            raise Refused(f"{self.where}: {phase}: exit {res.exit_status}, {len(lines)} lines on stdout (one JSON line expected){': ' + ' | '.join(tail) if tail else ''}")
+            raise Refused(f"{self.where}: {phase}: exit {res.exit_status}, {len(lines)} lines on stdout "
+                          f"(one JSON line expected){': ' + ' | '.join(tail) if tail else ''}")
         try:
             body = check_answer(lines[0], phase, self.where)
         except Refused as e:
@@ -137,7 +139,8 @@ class HttpCarrier:
         with open(self.spec.token_file, encoding="ascii", errors="replace") as f:
             token = f.read().strip()
         if len(token) < 16 or any(c.isspace() for c in token):
-            raise ConfigError([f"{self.where}: token_file: {self.spec.token_file} must hold one token of at least 16 characters without spaces"])
+            raise ConfigError([f"{self.where}: token_file: {self.spec.token_file} "
+                               "must hold one token of at least 16 characters without spaces"])
         s = requests.Session()
         s.trust_env = False  # no proxy or CA bundle from the environment
         s.headers["Authorization"] = f"Bearer {token}"
@@ -177,7 +180,8 @@ class HttpCarrier:
         except requests.RequestException as e:
             raise ConnectError(f"{self.where}: {phase}: {type(e).__name__}: {str(e)[:300]}") from None
         if r.status in (401, 403):
-            raise ConfigError([f"{self.where}: {phase}: HTTP {r.status}: the token in {self.spec.token_file} is refused (is it the controller's?)"])
+            raise ConfigError([f"{self.where}: {phase}: HTTP {r.status}: the token in {self.spec.token_file} "
+                               "is refused (is it the controller's?)"])
         return check_answer(r.body, phase, f"{self.where}, HTTP {r.status}")
 
     def close(self) -> None:
@@ -216,7 +220,8 @@ class ControllerDriver:
             if isinstance(c, HttpCarrier):
                 c.close()
 
-    def _send(self, rec: StackRecord, phase: str, timeout: float, vmid: int | None = None, **extra: Any) -> dict[str, Any]:
+    def _send(self, rec: StackRecord, phase: str, timeout: float, vmid: int | None = None,
+              **extra: Any) -> dict[str, Any]:
         fields = {"job": rec.job, "vmid": self.guest.vmid if vmid is None else vmid, **extra}
         return self.carrier(rec.name).send(phase, fields, timeout)
 
@@ -224,11 +229,13 @@ class ControllerDriver:
 
     def running(self, specs: tuple[StackSpec, ...], timeout: float) -> dict[str, StackRecord]:
         """Every configured controller: it alone knows what it runs, and is asked at the quiesce."""
-        return {s.name: StackRecord.controller(s.name, job_string(self.job)) for s in specs if s.kind is Kind.CONTROLLER}
+        return {s.name: StackRecord.controller(s.name, job_string(self.job)) for s in specs
+                if s.kind is Kind.CONTROLLER}
 
     def answer_within(self, rec: StackRecord, stop_timeout: float) -> float:
         spec = next((c for s, c in self.specs() if s.name == rec.name), None)
-        within = spec.answer_within if spec is not None and spec.answer_within is not None else stop_timeout + STOP_MARGIN
+        within = (spec.answer_within if spec is not None and spec.answer_within is not None
+                  else stop_timeout + STOP_MARGIN)
         return max(1.0, min(3600.0, within))
 
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
@@ -237,13 +244,16 @@ class ControllerDriver:
         within = max(1.0, min(self.answer_within(rec, stop_timeout), timeout - ANSWER_MARGIN))
         try:
             body = self._send(rec, "quiesce", within + ANSWER_MARGIN, mode=self.mode or "snapshot",
-                              deadline=round(self.deadline or time.time() + self.guest.max_downtime, 3), answer_within=round(within, 3))
+                              deadline=round(self.deadline or time.time() + self.guest.max_downtime, 3),
+                              answer_within=round(within, 3))
         except ConfigError as e:
             return StopOutcome(rec.name, time.monotonic() - t0, (), "; ".join(e.problems))
         except HookError as e:
             return StopOutcome(rec.name, time.monotonic() - t0, (), str(e))
         if body.get("job_state") != "quiesced":
-            return StopOutcome(rec.name, time.monotonic() - t0, (), f"controller {rec.name}: quiesce answered job_state {str(body.get('job_state'))[:40]!r}, not quiesced")
+            return StopOutcome(rec.name, time.monotonic() - t0, (),
+                               f"controller {rec.name}: quiesce answered job_state "
+                               f"{str(body.get('job_state'))[:40]!r}, not quiesced")
         killed = body.get("killed")
         killed = tuple(str(k)[:128] for k in killed) if isinstance(killed, list) else ()
         return StopOutcome(rec.name, time.monotonic() - t0, killed)
@@ -261,7 +271,8 @@ class ControllerDriver:
         """The controller holds nothing of this job stopped (its job is resumed, closed or unknown)."""
         body = self.status(rec.name, timeout)
         open_job = body.get("open_job")
-        return not (isinstance(open_job, dict) and open_job.get("job") == rec.job and open_job.get("state") in ("quiescing", "quiesced", "quiesce_failed"))
+        return not (isinstance(open_job, dict) and open_job.get("job") == rec.job
+                    and open_job.get("state") in ("quiescing", "quiesced", "quiesce_failed"))
 
     def close(self, rec: StackRecord, phase: str, timeout: float) -> None:
         """`done`, `failed` or `abort`: the job is over for the hook. Raises HookError unless confirmed."""
@@ -291,24 +302,29 @@ class ControllerDriver:
             open_job = body.get("open_job")
             if not isinstance(open_job, dict) or not isinstance(open_job.get("job"), str):
                 held = body.get("held") or []
-                out.append((spec.name, f"holds {', '.join(map(str, held))} without a job (its own recovery starts them)" if held else "", False))
+                out.append((spec.name,
+                            f"holds {', '.join(map(str, held))} without a job (its own recovery starts them)"
+                            if held else "", False))
                 continue
             job_text, deadline = open_job["job"], open_job.get("deadline")
             jid = parse_job(job_text)
             over = jid.is_over() if jid is not None else None
             expired = isinstance(deadline, (int, float)) and deadline < time.time()
             if jid == self.job or not (force or over or expired):
-                out.append((spec.name, f"job {job_text} open ({open_job.get('state')}), left alone (it may still run, deadline not passed)", False))
+                out.append((spec.name, f"job {job_text} open ({open_job.get('state')}), "
+                                       "left alone (it may still run, deadline not passed)", False))
                 continue
             why = "its job is over" if over else "its deadline passed" if expired else "forced"
             if not act:
                 holds = open_job.get("state") in ("quiescing", "quiesced", "quiesce_failed")
-                out.append((spec.name, f"job {job_text} open ({open_job.get('state')}): the next backup tells it abort ({why}), "
+                out.append((spec.name, f"job {job_text} open ({open_job.get('state')}): "
+                                       f"the next backup tells it abort ({why}), "
                                        f"or `vzdump-hook recover {self.guest.vmid}`", holds))
                 continue
             try:
                 vmid = open_job.get("vmid")
-                self._send(StackRecord.controller(spec.name, job_text), "abort", timeout, vmid=vmid if isinstance(vmid, int) else None)
+                self._send(StackRecord.controller(spec.name, job_text), "abort", timeout,
+                           vmid=vmid if isinstance(vmid, int) else None)
             except HookError as e:
                 out.append((spec.name, f"job {job_text} ({why}): abort failed: {e}", True))
                 continue

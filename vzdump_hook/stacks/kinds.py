@@ -30,8 +30,8 @@ class Stacks:
         self.systemd = SystemdDriver(transport)
         self.container = ContainerDriver(transport)
         self.controllers = ControllerDriver(transport, guest, job)
-        self.drivers: dict[Kind, Driver] = {Kind.COMPOSE: self.compose_driver, Kind.SYSTEMD: self.systemd, Kind.CONTAINER: self.container,
-                                            Kind.CONTROLLER: self.controllers}
+        self.drivers: dict[Kind, Driver] = {Kind.COMPOSE: self.compose_driver, Kind.SYSTEMD: self.systemd,
+                                            Kind.CONTAINER: self.container, Kind.CONTROLLER: self.controllers}
 
     @property
     def compose(self) -> tuple[str, ...] | None:

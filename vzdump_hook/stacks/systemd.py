@@ -66,7 +66,8 @@ class SystemdDriver:
 
     def _show(self, units: list[str], timeout: float, user: str = "") -> list[dict[str, str]]:
         """The properties of each unit, in the order given. Raises TransportError."""
-        what = f"cannot ask {user}'s systemd (does {user} linger: loginctl enable-linger {user})" if user else "cannot ask systemd (is this guest's init systemd?)"
+        what = (f"cannot ask {user}'s systemd (does {user} linger: loginctl enable-linger {user})" if user
+                else "cannot ask systemd (is this guest's init systemd?)")
         res = self.t.run(show_argv(units, user), timeout=timeout).check(what)
         blocks: list[dict[str, str]] = []
         for chunk in res.stdout.strip("\n").split("\n\n"):
@@ -105,7 +106,8 @@ class SystemdDriver:
                     if trig.endswith((".socket", ".timer")) and trig not in triggers.setdefault(name, []):
                         triggers[name].append(trig)
         all_triggers = sorted({t for ts in triggers.values() for t in ts})
-        tstate = dict(zip(all_triggers, self._show(all_triggers, deadline - time.monotonic(), user), strict=True)) if all_triggers else {}
+        tstate = (dict(zip(all_triggers, self._show(all_triggers, deadline - time.monotonic(), user), strict=True))
+                  if all_triggers else {})
         found: dict[str, StackRecord] = {}
         for name, us in stacks.items():
             up = tuple(u for u in us if _up(state[u]))
@@ -126,7 +128,8 @@ class SystemdDriver:
         return timed_stop(rec.name, timeout, lambda deadline: self._stop(rec, deadline))
 
     def _stop(self, rec: StackRecord, deadline: float) -> tuple[tuple[str, ...], str]:
-        res = self.t.run(systemctl(rec.user, "stop", "--", *rec.triggers, *rec.units), timeout=deadline - time.monotonic())
+        res = self.t.run(systemctl(rec.user, "stop", "--", *rec.triggers, *rec.units),
+                         timeout=deadline - time.monotonic())
         units = [*rec.triggers, *rec.units]
         after = dict(zip(units, self._show(units, deadline - time.monotonic(), rec.user), strict=True))
         killed: list[str] = []
@@ -135,7 +138,8 @@ class SystemdDriver:
             active, result = p.get("ActiveState", "?"), p.get("Result", "?")
             if active not in ("inactive", "failed"):
                 problems.append(f"{u} is {active}")
-            elif result in _KILLED_RESULTS or (p.get("ExecMainCode") in (_CLD_KILLED, _CLD_DUMPED) and p.get("ExecMainStatus") == _SIGKILL):
+            elif result in _KILLED_RESULTS or (p.get("ExecMainCode") in (_CLD_KILLED, _CLD_DUMPED)
+                                               and p.get("ExecMainStatus") == _SIGKILL):
                 killed.append(u)
             elif result != "success":  # e.g. exit-code: the app failed its own shutdown
                 problems.append(f"{u} stopped with Result={result}")
@@ -152,7 +156,8 @@ class SystemdDriver:
         units = [*rec.units, *rec.triggers]
         res = self.t.run(systemctl(rec.user, "start", "--", *units), timeout=timeout)
         after = self._show(units, deadline - time.monotonic(), rec.user)
-        down = [f"{u} ({p.get('ActiveState', '?')}/{p.get('SubState', '?')})" for u, p in zip(units, after, strict=True) if not _started(p)]
+        down = [f"{u} ({p.get('ActiveState', '?')}/{p.get('SubState', '?')})" for u, p in zip(units, after, strict=True)
+                if not _started(p)]
         if down:
             detail = f" ({res.stderr.strip()[-300:]})" if not res.ok else ""
             raise ControllerError(f"stack {rec.name}: not running after start: {', '.join(down)}{detail}")

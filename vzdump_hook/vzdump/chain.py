@@ -21,8 +21,10 @@ from collections.abc import Mapping, Sequence
 log = logging.getLogger(__name__)
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a script past its timeout
-OWN_ENV = ("VZDUMP_HOOK_LAUNCHER", "VZDUMP_HOOK_NO_LC_CTYPE")  # set by the launcher for this program, not part of vzdump's environment
-NO_LC_CTYPE = "VZDUMP_HOOK_NO_LC_CTYPE"  # vzdump gave no LC_CTYPE: the one Python's locale coercion set is not passed on
+# set by the launcher for this program, not part of vzdump's environment
+OWN_ENV = ("VZDUMP_HOOK_LAUNCHER", "VZDUMP_HOOK_NO_LC_CTYPE")
+# vzdump gave no LC_CTYPE: the one Python's locale coercion set is not passed on
+NO_LC_CTYPE = "VZDUMP_HOOK_NO_LC_CTYPE"
 
 
 def run(scripts: Sequence[str], argv: Sequence[str], env: Mapping[str, str], timeout: float) -> int:

@@ -56,11 +56,15 @@ def backup_order(vmtype: GuestType, mode: Mode, running: bool = True) -> tuple[s
     if not running:
         seq: tuple[object, ...] = (p.BACKUP_START, POINT_IN_TIME, TRANSFER, p.BACKUP_END, p.LOG_END)
     elif vmtype is GuestType.LXC and mode is not Mode.STOP:  # snapshot, suspend
-        seq = (p.BACKUP_START, p.PRE_STOP, POINT_IN_TIME, p.PRE_RESTART, p.POST_RESTART, TRANSFER, p.BACKUP_END, p.LOG_END)
+        seq = (p.BACKUP_START, p.PRE_STOP, POINT_IN_TIME, p.PRE_RESTART, p.POST_RESTART, TRANSFER, p.BACKUP_END,
+               p.LOG_END)
     elif vmtype is GuestType.LXC:
-        seq = (p.BACKUP_START, p.PRE_STOP, POINT_IN_TIME, TRANSFER, p.BACKUP_END, p.PRE_RESTART, p.POST_RESTART, p.LOG_END)
+        seq = (p.BACKUP_START, p.PRE_STOP, POINT_IN_TIME, TRANSFER, p.BACKUP_END, p.PRE_RESTART, p.POST_RESTART,
+               p.LOG_END)
     elif mode is Mode.SNAPSHOT:
-        seq = (p.BACKUP_START, p.PRE_STOP, p.PRE_RESTART, p.POST_RESTART, POINT_IN_TIME, TRANSFER, p.BACKUP_END, p.LOG_END)
+        seq = (p.BACKUP_START, p.PRE_STOP, p.PRE_RESTART, p.POST_RESTART, POINT_IN_TIME, TRANSFER, p.BACKUP_END,
+               p.LOG_END)
     else:  # qemu suspend, stop
-        seq = (p.BACKUP_START, p.PRE_STOP, POINT_IN_TIME, TRANSFER, p.BACKUP_END, p.PRE_RESTART, p.POST_RESTART, p.LOG_END)
+        seq = (p.BACKUP_START, p.PRE_STOP, POINT_IN_TIME, TRANSFER, p.BACKUP_END, p.PRE_RESTART, p.POST_RESTART,
+               p.LOG_END)
     return tuple(s.value if isinstance(s, Phase) else str(s) for s in seq)

@@ -50,7 +50,8 @@ TOLD_TO_RESIDENT: frozenset[Phase] = frozenset().union(*RESUME_POINTS.values())
 
 
 # The last hook before QEMU's backup job starts, per mode (docs/design.md §1): where the watcher is armed.
-WATCHER_ARMED_AT: dict[Mode, Phase] = {Mode.SNAPSHOT: Phase.POST_RESTART, Mode.SUSPEND: Phase.PRE_STOP, Mode.STOP: Phase.PRE_STOP}
+WATCHER_ARMED_AT: dict[Mode, Phase] = {Mode.SNAPSHOT: Phase.POST_RESTART, Mode.SUSPEND: Phase.PRE_STOP,
+                                       Mode.STOP: Phase.PRE_STOP}
 # The phases that end a guest's watcher: this guest's backup is over (or about to be) there.
 WATCHER_ENDS = BACKUP_OVER
 # the guest's backup ended, well or not: its controllers are told done / failed (stacks/controller.py)
@@ -83,7 +84,8 @@ def first_resume_point(vmtype: GuestType, mode: Mode) -> Phase:
     return Phase.BACKUP_END
 
 
-def plan(phase: Phase, vmtype: GuestType | None, mode: Mode | None, record: GuestRecord | None, early_resume: bool = False) -> Plan:
+def plan(phase: Phase, vmtype: GuestType | None, mode: Mode | None, record: GuestRecord | None,
+         early_resume: bool = False) -> Plan:
     """What to do in `phase` for a configured guest (job phases: for the job). `early_resume`: the
     guest's setting; it only applies to QEMU guests."""
     if phase is Phase.JOB_INIT:
@@ -147,7 +149,8 @@ def fails_backup(phase: Phase, vmtype: GuestType, mode: Mode) -> bool:
     post-restart come before the archive in LXC snapshot/suspend and QEMU snapshot mode only."""
     if phase in (Phase.BACKUP_START, Phase.PRE_STOP, Phase.BACKUP_END):
         return True
-    before_archive = (vmtype is GuestType.LXC and mode is not Mode.STOP) or (vmtype is GuestType.QEMU and mode is Mode.SNAPSHOT)
+    before_archive = ((vmtype is GuestType.LXC and mode is not Mode.STOP)
+                      or (vmtype is GuestType.QEMU and mode is Mode.SNAPSHOT))
     return phase in (Phase.PRE_RESTART, Phase.POST_RESTART) and before_archive
 
 
