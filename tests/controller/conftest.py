@@ -71,9 +71,11 @@ def session(verify: str | bool = False, pin: str | None = None, token: str | Non
 
 def started_at(project: ComposeProject) -> dict[str, str]:
     """Service -> the container's State.StartedAt (changes at every start)."""
-    ids = subprocess.run(["docker", "ps", "-aq", "--no-trunc", "--filter", f"label=com.docker.compose.project={project.name}"],
+    ids = subprocess.run(["docker", "ps", "-aq", "--no-trunc", "--filter",
+                          f"label=com.docker.compose.project={project.name}"],
                          check=True, capture_output=True, text=True, timeout=60).stdout.split()
-    data = json.loads(subprocess.run(["docker", "inspect", *ids], check=True, capture_output=True, text=True, timeout=60).stdout)
+    data = json.loads(subprocess.run(["docker", "inspect", *ids], check=True, capture_output=True, text=True,
+                                     timeout=60).stdout)
     return {c["Config"]["Labels"]["com.docker.compose.service"]: c["State"]["StartedAt"] for c in data}
 
 
@@ -112,8 +114,9 @@ class Env:
     def serve(self, token_file: Path | None = None, listen: str = "127.0.0.1:0") -> subprocess.Popen[str]:
         """Start `serve` (on a free loopback port by default); return once it listens (its first stdout line)."""
         stderr = open(self.tmp / "controller.log", "a")  # noqa: SIM115 - the process owns it
-        proc = subprocess.Popen([sys.executable, str(CONTROLLER), "--config", str(self.config), "serve", "--listen", listen,
-                                 "--token-file", str(token_file or self.token_file), "--tls-cert", str(self.cert), "--tls-key", str(self.key)],
+        proc = subprocess.Popen([sys.executable, str(CONTROLLER), "--config", str(self.config), "serve",
+                                 "--listen", listen, "--token-file", str(token_file or self.token_file),
+                                 "--tls-cert", str(self.cert), "--tls-key", str(self.key)],
                                 stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True)
         stderr.close()
         self.procs.append(proc)
@@ -142,7 +145,8 @@ class Env:
         body = {"job": job, "vmid": VMID, **fields}
         if phase == "quiesce":
             body = {"mode": "snapshot", "deadline": time.time() + 600, "answer_within": 60, **body}
-        return (client or session(verify=str(self.cert))).post(f"{self.url}/v1/{phase}", json=body, timeout=REQUEST_TIMEOUT)
+        return (client or session(verify=str(self.cert))).post(f"{self.url}/v1/{phase}", json=body,
+                                                               timeout=REQUEST_TIMEOUT)
 
     def status(self) -> dict[str, Any]:
         """GET /v1/status."""
@@ -165,7 +169,8 @@ def env(tmp_path: Path, compose_project: Callable[..., ComposeProject]) -> Itera
     config = tmp_path / "config.json"
     config.write_text(json.dumps({
         "state_dir": str(state_dir), "stop_timeout": STOP_TIMEOUT, "deadline_grace": 0,
-        "stacks": [{"name": p.name.rsplit("-", 1)[1], "project": p.name, "workdir": str(p.workdir)} for p in (off, db, web)],
+        "stacks": [{"name": p.name.rsplit("-", 1)[1], "project": p.name, "workdir": str(p.workdir)}
+                   for p in (off, db, web)],
     }))
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")

@@ -29,13 +29,16 @@ pytestmark = pytest.mark.integration
 VMID = 101  # the conftest's controller config answers for this guest
 
 
-def write_config(tmp: Path, stack: dict[str, Any], transport: str = "none", extra: str = "", hook: str = "") -> dict[str, str]:
+def write_config(tmp: Path, stack: dict[str, Any], transport: str = "none", extra: str = "",
+                 hook: str = "") -> dict[str, str]:
     """A hook config with one guest whose only stack is the controller; returns the env for the hook."""
     cfg = tmp / "hook.toml"
-    lines = ["[hook]", f"pve_dir = {toml_value(str(tmp / 'pve'))}", hook, f"[guests.{VMID}]", f'transport = "{transport}"',
+    lines = ["[hook]", f"pve_dir = {toml_value(str(tmp / 'pve'))}", hook, f"[guests.{VMID}]",
+             f'transport = "{transport}"',
              f"stacks = [{toml_value(stack)}]", "max_downtime = 120", "stop_timeout = 5", extra]
     cfg.write_text("\n".join(lines) + "\n")
-    return {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp / "state")}
+    return {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp / "run"),
+            "VZDUMP_HOOK_STATE_DIR": str(tmp / "state")}
 
 
 def https_stack(env: Env, pin: bool = False) -> dict[str, Any]:
@@ -66,16 +69,19 @@ class AtPointInTime:
 
 
 @pytest.mark.parametrize("pin", [False, True], ids=["ca-file", "pinned"])
-def test_https_lxc_snapshot_stopped_at_the_point_in_time_resumed_and_closed_done(served: Env, tmp_path: Path, pin: bool) -> None:
+def test_https_lxc_snapshot_stopped_at_the_point_in_time_resumed_and_closed_done(served: Env, tmp_path: Path,
+                                                                                  pin: bool) -> None:
     env = served
     pit = AtPointInTime(env)
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=write_config(tmp_path, https_stack(env, pin)),
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)],
+                     extra_env=write_config(tmp_path, https_stack(env, pin)),
                      on_point_in_time=pit, timeout=120)
     log = result.task_log()
     assert result.status is JobStatus.OK and all(r.returncode == 0 for r in result.records), log
     # at the point in time: the controller had stopped its apps, with its marker listing them, for this job
     assert pit.seen["stopped"] is True, log
-    assert pit.seen["open"] is not None and pit.seen["open"]["state"] == "quiesced" and pit.seen["open"]["vmid"] == VMID, (pit.seen, log)
+    assert (pit.seen["open"] is not None and pit.seen["open"]["state"] == "quiesced"
+            and pit.seen["open"]["vmid"] == VMID), (pit.seen, log)
     job = pit.seen["open"]["job"]
     assert pit.seen["marker"] is not None and pit.seen["marker"]["job"] == job
     assert sorted(s["name"] for s in pit.seen["marker"]["stacks"]) == ["db", "web"]  # off was not running
@@ -123,7 +129,8 @@ def test_job_killed_after_the_stop_next_job_start_aborts_the_controllers_job(ser
             seen["stopped"] = env.all_stopped()
             raise WorkerKilled
 
-    first = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=hook_env, on_phase=on_phase, timeout=120)
+    first = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=hook_env,
+                    on_phase=on_phase, timeout=120)
     assert first.status is JobStatus.KILLED and seen == {"stopped": True}, first.task_log()
     assert env.all_stopped() and env.status()["open_job"]["state"] == "quiesced"  # nothing ran after the kill
     start = run_phase(installed_hook(), "job-start", extra_env=hook_env)
@@ -143,19 +150,24 @@ def test_recover_ends_an_open_job_whose_deadline_passed(env: Env, tmp_path: Path
     resp = env.post("quiesce", "othernode:0f0f:42-4242", deadline=time.time() + 6, answer_within=60)
     assert resp.status_code == 200 and env.all_stopped(), resp.text
     hook_env = write_config(tmp_path, https_stack(env))
-    early = subprocess.run([installed_hook(), "recover", str(VMID)], env=hook_env, capture_output=True, text=True, timeout=120)
+    early = subprocess.run([installed_hook(), "recover", str(VMID)], env=hook_env, capture_output=True, text=True,
+                           timeout=120)
     assert "left alone" in early.stdout + early.stderr and env.all_stopped(), early.stdout + early.stderr
     assert wait_until(lambda: time.time() > env.status()["open_job"]["deadline"], 10)
     # `status` shows what the controller holds, and counts it as down
     before = subprocess.run([installed_hook(), "status"], env=hook_env, capture_output=True, text=True, timeout=120)
-    assert before.returncode == 1 and "controller appctl: job othernode:0f0f:42-4242 open (quiesced)" in before.stdout, before.stdout + before.stderr
-    late = subprocess.run([installed_hook(), "recover", str(VMID)], env=hook_env, capture_output=True, text=True, timeout=120)
+    assert (before.returncode == 1
+            and "controller appctl: job othernode:0f0f:42-4242 open (quiesced)" in before.stdout), (
+        before.stdout + before.stderr)
+    late = subprocess.run([installed_hook(), "recover", str(VMID)], env=hook_env, capture_output=True, text=True,
+                          timeout=120)
     out = late.stdout + late.stderr
     assert late.returncode == 0, out
     assert env.all_running(), out
     assert [(c["job"], c["state"]) for c in closed_jobs(env)] == [("othernode:0f0f:42-4242", "aborted")], env.status()
     after = subprocess.run([installed_hook(), "status"], env=hook_env, capture_output=True, text=True, timeout=120)
-    assert after.returncode == 0 and f"{VMID}: " in after.stdout and "controller appctl: holds nothing" in after.stdout, after.stdout + after.stderr
+    assert (after.returncode == 0 and f"{VMID}: " in after.stdout
+            and "controller appctl: holds nothing" in after.stdout), after.stdout + after.stderr
 
 
 @pytest.fixture
@@ -167,10 +179,13 @@ def ct(tmp_path: Path) -> Iterator[NsContainer]:
 
 def test_command_carrier_through_pct_qemu_snapshot(env: Env, ct: NsContainer, tmp_path: Path) -> None:
     """Carrier A: `vzdump-controller signal ...` run in the guest with `pct exec` (no server)."""
-    stack = {"kind": "controller", "name": "appctl", "command": [sys.executable, str(CONTROLLER), "--config", str(env.config)]}
-    hook_env = write_config(tmp_path, stack, transport="pct", extra=f"pct = {{ path = {toml_value(make_pct(tmp_path / 'ct'))} }}")
+    stack = {"kind": "controller", "name": "appctl",
+             "command": [sys.executable, str(CONTROLLER), "--config", str(env.config)]}
+    hook_env = write_config(tmp_path, stack, transport="pct",
+                            extra=f"pct = {{ path = {toml_value(make_pct(tmp_path / 'ct'))} }}")
     pit = AtPointInTime(env)
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=hook_env, on_point_in_time=pit, timeout=120)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=hook_env,
+                     on_point_in_time=pit, timeout=120)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
     # QEMU snapshot: the point in time is after post-restart; without Proxmox's query-backup the
@@ -188,7 +203,8 @@ def test_check_reports_a_wrong_token(served: Env, tmp_path: Path) -> None:
     bad.write_text("x" * 32 + "\n")
     bad.chmod(0o600)
     hook_env = write_config(tmp_path, {**https_stack(env), "token_file": str(bad)})
-    out = subprocess.run([installed_hook(), "check", str(VMID)], env=hook_env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([installed_hook(), "check", str(VMID)], env=hook_env, capture_output=True, text=True,
+                         timeout=120)
     text = out.stdout + out.stderr
     assert out.returncode != 0, text
     assert "403" in text and str(bad) in text, text
@@ -205,10 +221,12 @@ def test_serve_killed_between_quiesce_and_snapshotted_the_hook_resends(served: E
         if phase == "pre-stop" and ctx.moment is Moment.AFTER_PHASE:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-            restarted = env.serve(listen=env.url.removeprefix("https://"))  # the same address, as its systemd unit would
+            # the same address, as its systemd unit would
+            restarted = env.serve(listen=env.url.removeprefix("https://"))
             assert restarted.poll() is None, (env.tmp / "controller.log").read_text()
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=write_config(tmp_path, https_stack(env)),
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)],
+                     extra_env=write_config(tmp_path, https_stack(env)),
                      on_phase=on_phase, timeout=120)
     log = result.task_log()
     assert result.status is JobStatus.OK, log

@@ -17,7 +17,18 @@ import time
 import pytest
 import requests
 
-from tests.controller.conftest import CONTROLLER, REQUEST_TIMEOUT, STOP_TIMEOUT, TOKEN, VMID, Env, PinnedAdapter, openssl_cert, session, started_at  # noqa: F401
+from tests.controller.conftest import (  # noqa: F401
+    CONTROLLER,
+    REQUEST_TIMEOUT,
+    STOP_TIMEOUT,
+    TOKEN,
+    VMID,
+    Env,
+    PinnedAdapter,
+    openssl_cert,
+    session,
+    started_at,
+)
 from tests.infra import compose
 
 pytestmark = pytest.mark.integration
@@ -36,7 +47,8 @@ def test_quiesce_answers_after_the_stop_snapshotted_starts_done_closes(served: E
     assert e.all_stopped()
     assert compose.container_exit_codes(e.db)["slow"] == 137  # killed after stop_timeout: the answer waited for it
     marker = json.loads(e.marker.read_text())
-    assert (marker["job"], marker["vmid"], [s["name"] for s in marker["stacks"]]) == ("pve1/4242-1000", VMID, ["db", "web"])
+    assert (marker["job"], marker["vmid"], [s["name"] for s in marker["stacks"]]) == ("pve1/4242-1000", VMID,
+                                                                                      ["db", "web"])
     assert stat.S_IMODE(e.marker.stat().st_mode) == 0o600
     st = e.status()
     assert st["open_job"]["job"] == "pve1/4242-1000" and st["open_job"]["state"] == "quiesced"
@@ -63,7 +75,8 @@ def test_every_message_twice_is_harmless(served: Env) -> None:
     job = "pve1/77-1"
     first = e.post("quiesce", job).json()
     second = e.post("quiesce", job).json()
-    assert (first["duplicate"], second["duplicate"], second["held"], second["job_state"]) == (False, True, ["db", "web"], "quiesced")
+    assert (first["duplicate"], second["duplicate"], second["held"], second["job_state"]) == (False, True,
+                                                                                              ["db", "web"], "quiesced")
     assert e.all_stopped()
     assert e.post("snapshotted", job).json()["duplicate"] is False
     starts = {**started_at(e.db), **{f"web-{k}": v for k, v in started_at(e.web).items()}}
@@ -86,7 +99,8 @@ def test_second_job_stray_snapshotted_and_abort(served: Env) -> None:
     e = served
     assert e.post("quiesce", "A").status_code == 200
     busy = e.post("quiesce", "B")
-    assert (busy.status_code, busy.json()["error"]["code"], busy.json()["open_job"]) == (409, "busy", {"job": "A", "vmid": VMID})
+    assert (busy.status_code, busy.json()["error"]["code"], busy.json()["open_job"]) == (409, "busy",
+                                                                                         {"job": "A", "vmid": VMID})
     stray = e.post("snapshotted", "C")
     assert (stray.status_code, stray.json()["known"], stray.json()["job_state"]) == (200, False, "unknown")
     assert stray.json()["held"] == ["db", "web"]  # still held, for job A
@@ -115,15 +129,18 @@ def test_command_carrier(env: Env) -> None:
     as the HTTP carrier uses (here with no server running at all)."""
     e = env
     deadline = str(int(time.time()) + 600)
-    rc, body = e.cli("signal", "quiesce", "--job", "cli-1", "--vmid", str(VMID), "--mode", "suspend", "--deadline", deadline, "--answer-within", "60")
+    rc, body = e.cli("signal", "quiesce", "--job", "cli-1", "--vmid", str(VMID), "--mode", "suspend",
+                     "--deadline", deadline, "--answer-within", "60")
     assert (rc, body["ok"], body["job_state"], body["held"]) == (0, True, "quiesced", ["db", "web"])
     assert e.all_stopped()
-    rc, body = e.cli("signal", "quiesce", "--job", "cli-2", "--vmid", str(VMID), "--mode", "suspend", "--deadline", deadline, "--answer-within", "60")
+    rc, body = e.cli("signal", "quiesce", "--job", "cli-2", "--vmid", str(VMID), "--mode", "suspend",
+                     "--deadline", deadline, "--answer-within", "60")
     assert (rc, body["ok"], body["error"]["code"]) == (3, False, "busy")
     rc, body = e.cli("signal", "snapshotted", "--vmid", str(VMID))
     assert (rc, body["ok"], body["error"]["code"]) == (2, False, "bad_request")
     rc, body = e.cli("status")
-    assert (rc, body["open_job"]["job"], body["open_job"]["mode"], body["held"]) == (0, "cli-1", "suspend", ["db", "web"])
+    assert (rc, body["open_job"]["job"], body["open_job"]["mode"], body["held"]) == (0, "cli-1", "suspend",
+                                                                                     ["db", "web"])
     rc, body = e.cli("signal", "abort", "--job", "cli-1", "--vmid", str(VMID))
     assert (rc, body["job_state"]) == (0, "aborted")
     assert e.all_running()
@@ -167,7 +184,8 @@ def test_tls_verified_by_ca_or_pinned_fingerprint(served: Env) -> None:
     for client in (session(verify=True), session(verify=str(other_cert)), session(pin=other_fp)):
         with pytest.raises(requests.exceptions.SSLError):
             client.post(f"{e.url}/v1/quiesce", json={"job": "tls", "vmid": VMID, "mode": "snapshot",
-                                                     "deadline": time.time() + 600, "answer_within": 60}, timeout=REQUEST_TIMEOUT)
+                                                     "deadline": time.time() + 600, "answer_within": 60},
+                        timeout=REQUEST_TIMEOUT)
     assert e.all_running()
     assert e.status()["closed"] == []
 

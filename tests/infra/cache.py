@@ -51,7 +51,8 @@ def cached(directory: Path, name: str, suffix: str, recipe: Any, build: Callable
             raise
         tmp.rename(final)
         for old in directory.glob(f"{name}-*{suffix}"):
-            if old != final and re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{16}}{re.escape(suffix)}(\.part)?", old.name):
+            if old != final and re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{16}}{re.escape(suffix)}(\.part)?",
+                                             old.name):
                 _remove(old)
     return final
 

@@ -118,7 +118,8 @@ def _build(out: Path) -> None:
     """Write the root's tar to ``out``. Raises RuntimeError with the failing command's output."""
     with tempfile.TemporaryDirectory(prefix="vzdh-lxc-build.", dir="/var/tmp") as tmp:
         root = Path(tmp) / "root"
-        _run(["mmdebstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), MIRROR], timeout=1800)
+        _run(["mmdebstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(root), MIRROR],
+             timeout=1800)
         for path, text in FILES.items():
             target = root / path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,8 @@ def root_tar() -> Path:
 
 # -- containers -------------------------------------------------------------------------------------
 
-def _lxc(verb: str, lxcpath: Path, name: str, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+def _lxc(verb: str, lxcpath: Path, name: str, *args: str, timeout: float = 120,
+         check: bool = True) -> subprocess.CompletedProcess[str]:
     return _run([f"/usr/bin/lxc-{verb}", "-P", str(lxcpath), "-n", name, *args], timeout=timeout, check=check)
 
 
@@ -212,7 +214,8 @@ class LxcContainer:
         return self.lxc("info", "-s", "-H").stdout.strip()
 
     def freeze(self) -> None:
-        """Freeze every process of the CT with the cgroup freezer, as vzdump's suspend mode does; returns once frozen."""
+        """Freeze every process of the CT with the cgroup freezer, as vzdump's suspend mode does; returns once
+        frozen."""
         self.lxc("freeze")
 
     def unfreeze(self) -> None:
@@ -247,7 +250,8 @@ class LxcContainer:
         """Host pids of the processes in the CT's freezer cgroup and below it (its docker containers too)."""
         return {int(pid) for f in self.freezer().rglob("cgroup.procs") for pid in f.read_text().split()}
 
-    def attach(self, argv: list[str], input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    def attach(self, argv: list[str], input: bytes | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
         """Run argv in the CT with lxc-attach (test set-up and checks; no pct involved)."""
         return subprocess.run([LXC_ATTACH, "-P", str(self.lxcpath), "-n", self.name, "--", *argv], input=input,
                               capture_output=True, timeout=timeout, env={"PATH": PCT_PATH})
@@ -256,7 +260,8 @@ class LxcContainer:
         """attach(), asserting exit status 0; out: stdout."""
         r = self.attach(argv, **kw)  # type: ignore[arg-type]
         if r.returncode != 0:
-            raise RuntimeError(f"CT {self.vmid}: {argv}: exit {r.returncode}: {r.stderr.decode(errors='replace')[-800:]}")
+            raise RuntimeError(f"CT {self.vmid}: {argv}: exit {r.returncode}: "
+                               f"{r.stderr.decode(errors='replace')[-800:]}")
         return r.stdout.decode(errors="replace")
 
     def file(self, path: str) -> Path:
@@ -281,7 +286,8 @@ def make_pct(state: Path, lxcpath: Path) -> str:
     """An executable `pct` for the containers in `lxcpath`, logging to `state`; returns its absolute path."""
     state.mkdir(parents=True, exist_ok=True)
     exe = state / "pct"
-    exe.write_text(f"#!/bin/sh\nexec {sys.executable} -I {Path(__file__).resolve()} pct --state {state} --lxcpath {lxcpath} \"$@\"\n")
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} -I {Path(__file__).resolve()} pct --state {state} "
+                   f"--lxcpath {lxcpath} \"$@\"\n")
     exe.chmod(0o755)
     return str(exe)
 

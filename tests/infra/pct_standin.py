@@ -61,9 +61,10 @@ class NsContainer:
         if self.running:
             return
         script = 'mount --bind "$1" /var/lib || exit 1; echo ready; exec sleep 2147483647'
-        self._proc = subprocess.Popen([UNSHARE, "--mount", "--net", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", str(self.var_lib)],
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                      env={"PATH": PCT_PATH})
+        self._proc = subprocess.Popen([UNSHARE, "--mount", "--net", "--propagation", "private", "--",
+                                       "/bin/sh", "-c", script, "sh", str(self.var_lib)],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      start_new_session=True, env={"PATH": PCT_PATH})
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
         if line.strip() != b"ready":
@@ -90,9 +91,11 @@ class NsContainer:
             os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait(timeout=10)
 
-    def run(self, argv: list[str], input: bytes | None = None, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    def run(self, argv: list[str], input: bytes | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
         """Run argv in the container directly (test set-up; no pct involved)."""
-        return subprocess.run([NSENTER, "-t", str(self.pid), "-m", "-n", "--", *argv], input=input, capture_output=True, timeout=timeout, env={"PATH": PCT_PATH})
+        return subprocess.run([NSENTER, "-t", str(self.pid), "-m", "-n", "--", *argv], input=input, capture_output=True,
+                              timeout=timeout, env={"PATH": PCT_PATH})
 
     def close(self) -> None:
         self.stop()

@@ -79,14 +79,18 @@ def make_ca(directory: Path) -> tuple[Path, Path, Path]:
           .not_valid_after(now + datetime.timedelta(days=2))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "testnode")])).issuer_name(ca_name)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "testnode")]))
+            .issuer_name(ca_name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             # key identifiers: Python 3.13's default TLS context (VERIFY_X509_STRICT) refuses a chain without them
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -96,7 +100,8 @@ def make_ca(directory: Path) -> tuple[Path, Path, Path]:
     paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
     return paths
 
 
@@ -214,10 +219,12 @@ class PveApiDouble:
                 args["input-data"] = base64.b64encode(input_data).decode()
             return int(vm.agent("guest-exec", args)["pid"])
         try:
-            popen = subprocess.Popen(self._argv(vm, command), stdin=subprocess.PIPE if input_data is not None else subprocess.DEVNULL,
+            popen = subprocess.Popen(self._argv(vm, command),
+                                     stdin=subprocess.PIPE if input_data is not None else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=GUEST_ENV, cwd="/")
         except OSError as e:  # qemu-ga: g_spawn fails
-            raise _ApiError(500, f"Agent error: Guest agent command failed, error was 'Failed to execute child process \u201c{command[0]}\u201d ({e.strerror})'") from None
+            raise _ApiError(500, "Agent error: Guest agent command failed, error was "
+                                 f"'Failed to execute child process \u201c{command[0]}\u201d ({e.strerror})'") from None
         proc = _Proc(popen)
         for stream, which in ((popen.stdout, "out"), (popen.stderr, "err")):
             t = threading.Thread(target=self._pump, args=(proc, stream, which), daemon=True)
@@ -275,7 +282,8 @@ class PveApiDouble:
             vm.agent("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(data).decode()})
             vm.agent("guest-file-close", {"handle": handle})
             return
-        r = subprocess.run(self._argv(vm, ["/bin/sh", "-c", 'exec cat > "$1"', "sh", path]), input=data, capture_output=True, env=GUEST_ENV, timeout=30)
+        r = subprocess.run(self._argv(vm, ["/bin/sh", "-c", 'exec cat > "$1"', "sh", path]), input=data,
+                           capture_output=True, env=GUEST_ENV, timeout=30)
         if r.returncode != 0:
             raise _ApiError(500, f"Agent error: failed to open file '{path}' (mode: 'wb'): No such file or directory")
 
@@ -290,7 +298,8 @@ class PveApiDouble:
         if m is None:
             raise _ApiError(501, f"Method '{method} {path}' not implemented")
         node, vmid, what = m.group(1), int(m.group(2)), m.group(3)
-        self.requests.append((method, what, {k: v if len(v) > 1 or k == "command" else v[0] for k, v in params.items()}))
+        self.requests.append((method, what,
+                              {k: v if len(v) > 1 or k == "command" else v[0] for k, v in params.items()}))
         schema = {
             ("POST", "exec"): {"command": "array", "input-data": "string"},
             ("GET", "exec-status"): {"pid": "integer"},
@@ -351,7 +360,8 @@ class PveApiDouble:
             try:
                 data = base64.b64decode(content, validate=True)
             except ValueError:
-                raise _ApiError(500, "Agent error: Guest agent command failed, error was 'Base64 data is invalid'") from None
+                raise _ApiError(500, "Agent error: Guest agent command failed, error was "
+                                     "'Base64 data is invalid'") from None
         else:
             data = content.encode("utf-8")
         self.file_write(vm, params["file"][0], data)
@@ -410,7 +420,8 @@ def make_pvesh(api: PveApiDouble, directory: Path) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     exe = directory / "pvesh"
     cfg = directory / "pvesh.json"
-    cfg.write_text(json.dumps({"url": api.url, "auth": f"PVEAPIToken={api.token_id}={api.secret}", "ca": str(api.ca_file), "log": str(directory / "pvesh-calls.jsonl")}))
+    cfg.write_text(json.dumps({"url": api.url, "auth": f"PVEAPIToken={api.token_id}={api.secret}",
+                               "ca": str(api.ca_file), "log": str(directory / "pvesh-calls.jsonl")}))
     exe.write_text(f"#!/bin/sh\nexec {sys.executable} -I {Path(__file__).resolve()} pvesh {cfg} \"$@\"\n")
     exe.chmod(0o755)
     return str(exe)
@@ -443,7 +454,8 @@ def _pvesh(cfg_path: str, argv: list[str]) -> int:
     query = urllib.parse.urlencode(fields)
     method = {"get": "GET", "create": "POST", "set": "PUT", "delete": "DELETE"}[verb]
     url = cfg["url"] + "/api2/json" + path + (f"?{query}" if method == "GET" and query else "")
-    req = urllib.request.Request(url, data=query.encode() if method != "GET" else None, method=method, headers={"Authorization": cfg["auth"]})
+    req = urllib.request.Request(url, data=query.encode() if method != "GET" else None, method=method,
+                                 headers={"Authorization": cfg["auth"]})
     ctx = ssl.create_default_context(cafile=cfg["ca"])
     try:
         with urllib.request.urlopen(req, context=ctx, timeout=60) as resp:

@@ -88,7 +88,8 @@ class SystemdGuest:
         """Boot; returns when systemd reports the boot finished (running or degraded)."""
         log = open(self.workdir / f"ct{self.vmid}-console.log", "ab")
         self._proc = subprocess.Popen(
-            [NSPAWN, "-q", "--boot", "--register=no", "--keep-unit", "--private-network", "-D", str(self.root), f"--machine={self.machine}"],
+            [NSPAWN, "-q", "--boot", "--register=no", "--keep-unit", "--private-network", "-D", str(self.root),
+             f"--machine={self.machine}"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env={"PATH": PATH})
         log.close()
         until = time.monotonic() + timeout
@@ -110,7 +111,8 @@ class SystemdGuest:
         path = self.workdir / f"ct{self.vmid}-console.log"
         return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
-    def run(self, argv: list[str], input: bytes | None = None, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    def run(self, argv: list[str], input: bytes | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run argv in the guest (all its namespaces), as root; test set-up and checks, no pct involved."""
         return subprocess.run([NSENTER, "-t", str(self.leader), "-a", "--", "env", "-i", f"PATH={PATH}",
                                *(f"{k}={v}" for k, v in (env or {}).items()), *argv],

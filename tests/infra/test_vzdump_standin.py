@@ -175,7 +175,8 @@ def test_phase_order_running_guest(hook: Hook, vmtype: GuestType, mode: Mode) ->
 
 def test_each_job_has_its_own_worker_which_is_gone_after_the_job(hook: Hook) -> None:
     seen: list[int | None] = []
-    run_job(hook.path, [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT)], on_phase=lambda phase, ctx: seen.append(ctx.worker_pid))
+    run_job(hook.path, [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT)],
+            on_phase=lambda phase, ctx: seen.append(ctx.worker_pid))
     first = {c.ppid for c in hook.calls()}
     assert set(seen) == first  # the callbacks name the hooks' parent
     run_job(hook.path, [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT)])
@@ -197,7 +198,8 @@ def test_a_worker_killed_between_two_hooks_runs_nothing_more(hook: Hook, after: 
             workers.append(ctx.worker_pid)
             raise WorkerKilled
 
-    result = run_job(hook.path, [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT), GuestSpec(102, GuestType.LXC, Mode.SNAPSHOT)], on_phase=on_phase)
+    result = run_job(hook.path, [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT),
+                                 GuestSpec(102, GuestType.LXC, Mode.SNAPSHOT)], on_phase=on_phase)
     assert result.status is JobStatus.KILLED
     assert [c.argv[0] for c in hook.calls()][-1] == after  # no abort, no log-end, no job-end
     assert not os.path.exists(f"/proc/{workers[0]}")
@@ -823,19 +825,24 @@ def test_lxc_stop_failure_after_shutdown_starts_ct_in_cleanup(hook: Hook) -> Non
 
 @pytest.mark.parametrize(("spec", "events"), [
     # vzdump freezes a multi-volume CT after pre-stop; snapshot_create's thaw ends that freeze
-    (GuestSpec(101, LXC, SNAPSHOT, volumes=2), ["<pre-stop", "SUSPEND", "PIT", "RESUME", "<pre-restart", "<post-restart"]),
+    (GuestSpec(101, LXC, SNAPSHOT, volumes=2),
+     ["<pre-stop", "SUSPEND", "PIT", "RESUME", "<pre-restart", "<post-restart"]),
     # snapshot_create thaws the CT also when the volume snapshots fail
-    (GuestSpec(101, LXC, SNAPSHOT, fail_at=FailPoint.BEFORE_POINT_IN_TIME), ["<pre-stop", "SUSPEND", "RESUME", "<backup-abort"]),
+    (GuestSpec(101, LXC, SNAPSHOT, fail_at=FailPoint.BEFORE_POINT_IN_TIME),
+     ["<pre-stop", "SUSPEND", "RESUME", "<backup-abort"]),
     # the failure before the copy was complete: vzdump's clean-up thaws between its two restart phases
-    (GuestSpec(101, LXC, SUSPEND, fail_at=FailPoint.BEFORE_POINT_IN_TIME), ["<pre-stop", "SUSPEND", "<pre-restart", "RESUME", "<post-restart", "<backup-abort"]),
-    (GuestSpec(101, QEMU, SUSPEND, fail_at=FailPoint.BEFORE_POINT_IN_TIME), ["<pre-stop", "SUSPEND", "RESUME", "<pre-restart", "<post-restart", "<backup-abort"]),
+    (GuestSpec(101, LXC, SUSPEND, fail_at=FailPoint.BEFORE_POINT_IN_TIME),
+     ["<pre-stop", "SUSPEND", "<pre-restart", "RESUME", "<post-restart", "<backup-abort"]),
+    (GuestSpec(101, QEMU, SUSPEND, fail_at=FailPoint.BEFORE_POINT_IN_TIME),
+     ["<pre-stop", "SUSPEND", "RESUME", "<pre-restart", "<post-restart", "<backup-abort"]),
 ])
 def test_suspend_and_resume_on_other_paths(hook: Hook, spec: GuestSpec, events: list[str]) -> None:
     rec = Recorder()
     rec.run(hook, spec)
     got = [e for e in rec.events if e.isupper() or e.startswith("<")]
     assert got[got.index("<pre-stop"):got.index(events[-1]) + 1] == events
-    states = [(c.moment, c.guest_state) for c in rec.contexts if c.moment in (Moment.GUEST_SUSPEND, Moment.GUEST_RESUME)]
+    states = [(c.moment, c.guest_state) for c in rec.contexts
+              if c.moment in (Moment.GUEST_SUSPEND, Moment.GUEST_RESUME)]
     assert states == [(Moment.GUEST_SUSPEND, GuestState.SUSPENDED), (Moment.GUEST_RESUME, GuestState.RUNNING)]
 
 

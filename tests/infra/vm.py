@@ -124,7 +124,8 @@ class Qga:
                 sock.connect(self.path)
                 buf = bytearray()
                 self._sync += 1
-                sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": self._sync}}).encode() + b"\n")
+                sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited",
+                                                   "arguments": {"id": self._sync}}).encode() + b"\n")
                 while _recv_json(sock, buf).get("return") != self._sync:
                     pass
                 msg: dict[str, Any] = {"execute": command}
@@ -244,20 +245,24 @@ class TestVm:
     def argv(self) -> list[str]:
         """QEMU's command line (PVE-like devices; see the module docstring)."""
         i = self.index
-        accel = ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+        accel = (["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm"
+                 else ["-accel", "tcg,thread=multi", "-cpu", "max"])
         # apparmor=0: Debian's kernel enables AppArmor, the image has no apparmor_parser, and docker
         # refuses to start containers then (PVE guests differ; the hook does not depend on it)
         # mitigations=off tsc=reliable no_timer_check, and a virtio RNG: less work under emulation, no wait
-        # for the random pool (bench/vmboot.py: 25.5 s to ssh against 29.1 s without, git a92f139, the run before they were adopted)
+        # for the random pool (bench/vmboot.py: 25.5 s to ssh against 29.1 s without, git a92f139, the run before
+        # they were adopted)
         cmdline = (f"root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet systemd.show_status=0 apparmor=0 "
-                   f"mitigations=off tsc=reliable no_timer_check ip={self.address}::10.233.{i}.1:255.255.255.0:{HOSTNAME}:eth0:off")
+                   f"mitigations=off tsc=reliable no_timer_check "
+                   f"ip={self.address}::10.233.{i}.1:255.255.255.0:{HOSTNAME}:eth0:off")
         return [
             QEMU, "-name", f"vzdh-vm-{self.vmid}", "-nodefaults", "-no-user-config", "-display", "none",
             *accel, "-smp", "2", "-m", str(MEMORY_MB), "-machine", "q35",
             "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd), "-append", cmdline,
             "-chardev", f"socket,id=qmp,path={self.qmp_path},server=on,wait=off", "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=qga0,path={self.qga_path},server=on,wait=off",
-            "-device", "virtio-serial,id=qga0-bus", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-device", "virtio-serial,id=qga0-bus",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
             "-drive", (f"file={self.overlay},format=qcow2" if self.use_overlay else f"file={self.disk},format=raw")
             + ",if=none,id=drive-virtio0,cache=unsafe,node-name=drive0",
             "-device", "virtio-blk-pci,drive=drive-virtio0,id=virtio0",

@@ -27,7 +27,8 @@ def make(vm: TestVm, name: str, services: Mapping[str, str | Mapping[str, Any]])
     with tempfile.TemporaryDirectory(prefix="vzdh-vmc.") as tmp:
         p = compose.make_project(name, services, workdir=tmp)
         tar = subprocess.run(["tar", "-C", tmp, "-c", p.name], capture_output=True, check=True).stdout
-        r = subprocess.run(vm.ssh_argv(f"mkdir -p {ROOT} && tar -C {ROOT} -x"), input=tar, capture_output=True, timeout=60)
+        r = subprocess.run(vm.ssh_argv(f"mkdir -p {ROOT} && tar -C {ROOT} -x"), input=tar, capture_output=True,
+                           timeout=60)
         if r.returncode != 0:
             raise VmError(f"copy {p.name} into the VM: {r.stderr.decode(errors='replace')}")
     return ComposeProject(name=p.name, workdir=Path(ROOT) / p.name, compose=p.compose, services=p.services)
@@ -43,7 +44,8 @@ def container_states(vm: TestVm, p: ComposeProject) -> dict[str, str]:
 
 def started_at(vm: TestVm, p: ComposeProject) -> dict[str, float]:
     """service -> when its container last started, by the VM's clock (epoch seconds)."""
-    out = vm.ok(f"docker inspect -f '{{{{index .Config.Labels \"{compose.LABEL_SERVICE}\"}}}} {{{{.State.StartedAt}}}}' "
+    out = vm.ok(f"docker inspect -f '{{{{index .Config.Labels \"{compose.LABEL_SERVICE}\"}}}} "
+                f"{{{{.State.StartedAt}}}}' "
                 f"$(docker ps -aq --filter label={compose.LABEL_PROJECT}={shlex.quote(p.name)})")
     result = {}
     for line in out.splitlines():

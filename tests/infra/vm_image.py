@@ -99,7 +99,8 @@ def _docker_image_hash(tag: str) -> str:
     proc = subprocess.run(["docker", "image", "inspect", "-f", f'{{{{ index .Config.Labels "{HASH_LABEL}" }}}}', tag],
                           capture_output=True, text=True, timeout=60)
     if proc.returncode != 0 or not proc.stdout.strip():
-        raise RuntimeError(f"docker image {tag} missing or unlabelled (run scripts/setup-test-host.sh): {proc.stderr.strip()}")
+        raise RuntimeError(f"docker image {tag} missing or unlabelled (run scripts/setup-test-host.sh): "
+                           f"{proc.stderr.strip()}")
     return proc.stdout.strip()
 
 
@@ -177,8 +178,8 @@ def _provision(img: VmImage) -> None:
         vm = TestVm(img, 9000, Path(qmp_dir), overlay=False)
         try:
             vm.start(timeout=900)
-            vm.ok("test ! -e /var/lib/vzdh/images.tar && systemctl is-system-running --wait; systemctl --failed --no-legend | "
-                  "grep . >&2 && exit 1; journalctl --rotate >/dev/null; sync")
+            vm.ok("test ! -e /var/lib/vzdh/images.tar && systemctl is-system-running --wait; "
+                  "systemctl --failed --no-legend | grep . >&2 && exit 1; journalctl --rotate >/dev/null; sync")
             vm.poweroff()
         finally:
             vm.close()

@@ -73,7 +73,8 @@ class HookSetup:
         for vmid, (g, table) in guests.items():
             self.guests[vmid] = g
             lines.append(f"[guests.{vmid}]")
-            ssh = {"host": g.host, "port": g.port, "user": g.user, "identity_file": g.identity_file, "known_hosts": g.known_hosts_file, "connect_timeout": 5}
+            ssh = {"host": g.host, "port": g.port, "user": g.user, "identity_file": g.identity_file,
+                   "known_hosts": g.known_hosts_file, "connect_timeout": 5}
             ssh.update(table.get("ssh", {}))
             lines.append(f"ssh = {toml_value(ssh)}")
             if "marker_path" in table:

@@ -18,11 +18,13 @@ VMID = 101
 
 def admin(setup: HookSetup, *args: str, timeout: float = 120, input: str = "") -> subprocess.CompletedProcess[str]:
     env = setup.env | {"PATH": "/usr/bin:/bin"}
-    return subprocess.run([installed_hook(), *args], env=env, capture_output=True, text=True, timeout=timeout, input=input)
+    return subprocess.run([installed_hook(), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          input=input)
 
 
 @pytest.fixture
-def guest_with_stacks(tmp_path: Path, test_guest: Any, compose_project: Any) -> tuple[HookSetup, list[compose.ComposeProject]]:
+def guest_with_stacks(tmp_path: Path, test_guest: Any,
+                      compose_project: Any) -> tuple[HookSetup, list[compose.ComposeProject]]:
     db = compose_project("db", {"app": "sleeper"})
     web = compose_project("web", {"app": "sleeper"})
     for p in (db, web):
@@ -93,11 +95,13 @@ def test_simulate_asks_before_stopping_anything(guest_with_stacks: Any) -> None:
     assert r.returncode == 0 and f"pre-stop {VMID}: stopped {db.name}, {web.name}" in r.stdout, r.stdout + r.stderr
 
 
-def test_status_shows_a_marker_and_exits_1_while_anything_is_down_or_unknown(guest_with_stacks: Any, test_guest: Any) -> None:
+def test_status_shows_a_marker_and_exits_1_while_anything_is_down_or_unknown(guest_with_stacks: Any,
+                                                                              test_guest: Any) -> None:
     setup, (db, web) = guest_with_stacks
     r = admin(setup, "status")
+    # no job-start has run
     expected = [f"ledger {setup.tmp / 'state' / 'ledger'}: no outstanding marker",
-                f"{VMID}: no marker; ledger: does not cover it yet (the next job-start asks it)"]  # no job-start has run
+                f"{VMID}: no marker; ledger: does not cover it yet (the next job-start asks it)"]
     assert (r.returncode, r.stdout.splitlines()) == (0, expected), r.stdout + r.stderr
     setup.marker_path(VMID).write_text("not json")
     r = admin(setup, "status")
@@ -119,7 +123,8 @@ def test_status_exits_1_for_a_marker_of_a_job_that_is_over(guest_with_stacks: An
     from vzdump_hook.node.job import JobId, node_name
 
     gone = JobId(node_name(), "", 999999, 1)
-    setup.marker_path(VMID).write_bytes(Marker(gone, VMID, "lxc", "snapshot", time.time(), time.time() + 600, "stopped", ()).to_json())
+    setup.marker_path(VMID).write_bytes(Marker(gone, VMID, "lxc", "snapshot", time.time(), time.time() + 600, "stopped",
+                                               ()).to_json())
     r = admin(setup, "status")
     assert r.returncode == 1 and f"{VMID}: MARKER of job" in r.stdout and "job over" in r.stdout, r.stdout + r.stderr
 
@@ -136,14 +141,17 @@ def test_check_no_connect_validates_without_contacting_guests(guest_with_stacks:
 
 def test_check_warns_about_contradicting_settings(tmp_path: Path, test_guest: Any) -> None:
     setup = HookSetup(tmp_path)
-    setup.write({VMID: (test_guest, {"stacks": ["db", {"name": "web", "stop_timeout": 3600}], "max_downtime": 60, "exclude": ["x"]})})
+    setup.write({VMID: (test_guest, {"stacks": ["db", {"name": "web", "stop_timeout": 3600}], "max_downtime": 60,
+                                     "exclude": ["x"]})})
     r = admin(setup, "check", "--no-connect")
     assert r.returncode == 0, r.stdout + r.stderr
     warnings = [line.strip() for line in r.stdout.splitlines() if "WARNING" in line]
     assert warnings == [
-        f"WARNING: guests.{VMID}.stop_timeout: the stop timeouts of its stacks add up to 3630 s, longer than max_downtime (60 s): "
+        f"WARNING: guests.{VMID}.stop_timeout: the stop timeouts of its stacks add up to 3630 s, "
+        "longer than max_downtime (60 s): "
         "the guest's recovery may start stacks while the backup still needs them down",
-        f'WARNING: guests.{VMID}.exclude: ignored: stacks is an explicit list (exclude only applies to stacks = "auto")',
+        f"WARNING: guests.{VMID}.exclude: ignored: stacks is an explicit list "
+        '(exclude only applies to stacks = "auto")',
     ], r.stdout
 
 
@@ -155,7 +163,8 @@ def test_version_is_the_packages(tmp_path: Path) -> None:
     assert (r.returncode, r.stdout) == (0, f"vzdump-hook {version}\n")
 
 
-def test_trust_shows_the_fingerprint_and_writes_only_after_confirmation(guest_with_stacks: Any, test_guest: Any) -> None:
+def test_trust_shows_the_fingerprint_and_writes_only_after_confirmation(guest_with_stacks: Any,
+                                                                         test_guest: Any) -> None:
     setup, _ = guest_with_stacks
     kh = Path(test_guest.known_hosts_file)
     kh.write_text("")

@@ -70,7 +70,8 @@ class Hostile:
                     return
                 data += chunk
             if self.mode == "huge":
-                conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {HUGE}\r\n\r\n".encode())
+                conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {HUGE}\r\n\r\n".encode())
                 block = b'{"api": 1, "ok": true, "pad": "' + b"A" * (1024 * 1024)
                 sent = 0
                 while sent < HUGE and not self.stop.is_set():
@@ -160,7 +161,8 @@ def test_control_an_unbounded_read_of_the_huge_answer_costs_its_size(servers: li
 
 
 @pytest.mark.parametrize("mode", ["huge", "endless"])
-def test_a_controller_answer_is_cut_at_its_cap(servers: list[Hostile], tls: tuple[ssl.SSLContext, str], token: Path, mode: str) -> None:
+def test_a_controller_answer_is_cut_at_its_cap(servers: list[Hostile], tls: tuple[ssl.SSLContext, str], token: Path,
+                                               mode: str) -> None:
     servers.append(srv := Hostile(mode, tls[0]))
     got = child(carrier_code(srv.url, tls[1], token, 3.0))
     assert got["outcome"].startswith("Refused: controller appctl"), got
@@ -170,11 +172,14 @@ def test_a_controller_answer_is_cut_at_its_cap(servers: list[Hostile], tls: tupl
 
 
 @pytest.mark.parametrize("mode", ["trickle-head", "trickle-body"])
-def test_a_trickled_controller_answer_ends_at_the_requests_timeout(servers: list[Hostile], tls: tuple[ssl.SSLContext, str], token: Path, mode: str) -> None:
+def test_a_trickled_controller_answer_ends_at_the_requests_timeout(servers: list[Hostile],
+                                                                   tls: tuple[ssl.SSLContext, str], token: Path,
+                                                                   mode: str) -> None:
     """One byte every 0.2 s keeps each socket read alive: the whole request still ends at its timeout."""
     servers.append(srv := Hostile(mode, tls[0]))
     got = child(carrier_code(srv.url, tls[1], token, 3.0))
-    assert got["outcome"].startswith("ConnectError: controller appctl") and "no whole answer within 3.0 s" in got["outcome"], got
+    assert (got["outcome"].startswith("ConnectError: controller appctl")
+            and "no whole answer within 3.0 s" in got["outcome"]), got
     assert 2.9 < float(got["seconds"]) < 3.0 + 5, got
 
 
@@ -211,7 +216,8 @@ outcome = 'sent'
 """
     got = child(code)
     if mode == "huge":
-        assert got["outcome"].startswith("TooLarge: notify http://127.0.0.1") and "secret-uuid" not in got["outcome"], got
+        assert (got["outcome"].startswith("TooLarge: notify http://127.0.0.1")
+                and "secret-uuid" not in got["outcome"]), got
     else:
         assert got["outcome"].startswith("DeadlineExceeded:"), got
     assert float(got["maxrss_kib"]) < MEMORY_LIMIT_KIB, got

@@ -346,7 +346,8 @@ def assert_consistent(run: Run, restored: Restored, app: App) -> None:
     assert len(pit.acked) > 20
     # the app comes back: the writer reconnects and commits rows after the job
     at_pit = len(restored.ids)
-    assert app.wait_rows(at_pit + 10, timeout=30), f"the writer did not come back ({app.writer.acked_count()} rows)\n{log}"
+    assert app.wait_rows(at_pit + 10, timeout=30), (f"the writer did not come back ({app.writer.acked_count()} rows)"
+                                                    f"\n{log}")
     assert int(compose.psql(app.project, "select count(*) from t")) > at_pit
 
 
@@ -406,9 +407,11 @@ def test_compose_v1_copy_starts_clean(setup: HookSetup, hook: str, test_guest: T
 # qemu stop: vzdump continues the VM it started paused, runs pre-restart/post-restart in its
 # clean-up, then backup-abort.
 FAILED_ORDERS = {
-    "lxc-snapshot": (GuestType.LXC, Mode.SNAPSHOT, ["backup-start", "pre-stop", "backup-abort", "log-end"], "backup-abort"),
+    "lxc-snapshot": (GuestType.LXC, Mode.SNAPSHOT, ["backup-start", "pre-stop", "backup-abort", "log-end"],
+                     "backup-abort"),
     "qemu-stop": (GuestType.QEMU, Mode.STOP,
-                  ["backup-start", "pre-stop", "pre-restart", "post-restart", "backup-abort", "log-end"], "post-restart"),
+                  ["backup-start", "pre-stop", "pre-restart", "post-restart", "backup-abort", "log-end"],
+                  "post-restart"),
 }
 
 

@@ -42,7 +42,8 @@ pytestmark = pytest.mark.integration
 
 VMID = 102
 IMAGE = {"docker": "vzdh/busybox:test", "podman": "localhost/vzdh/busybox:test"}  # built by scripts/setup-test-host.sh
-RUN = {"docker": ["run"], "podman": ["--runtime", "runc", "run", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]}
+RUN = {"docker": ["run"],
+       "podman": ["--runtime", "runc", "run", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]}
 ROOTLESS = "vzdhctr"  # the user of the rootless podman tests (made by scripts/setup-test-host.sh)
 # stops at SIGTERM, first leaving a copy of the marker as it is at that moment; or ignores it (killed at the timeout)
 POLITE = "trap 'cp /m/marker.json /out/$NAME.json 2>/dev/null; exit 0' TERM; while :; do sleep 1 & wait; done"
@@ -53,14 +54,16 @@ _TIME = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?")
 def as_user(user: str, argv: Sequence[str], **env: str) -> list[str]:
     """argv in a clean environment with `env`, as `user` (rootless podman's; "": root), as a login would run it."""
     base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **({"HOME": f"/home/{user}"} if user else {}), **env}
-    return [*(["runuser", "-u", user, "--"] if user else []), "env", "-i", *(f"{k}={v}" for k, v in base.items()), *argv]
+    return [*(["runuser", "-u", user, "--"] if user else []), "env", "-i", *(f"{k}={v}" for k, v in base.items()),
+            *argv]
 
 
 def podman_problem(user: str) -> str | None:
     """Why podman cannot run the test containers here (as `user`), or None."""
     if user and subprocess.run(["id", user], capture_output=True).returncode != 0:
         return f"no user {user}: run scripts/setup-test-host.sh"
-    if subprocess.run(as_user(user, ["podman", "image", "exists", IMAGE["podman"]]), capture_output=True, cwd="/").returncode != 0:
+    if subprocess.run(as_user(user, ["podman", "image", "exists", IMAGE["podman"]]), capture_output=True,
+                      cwd="/").returncode != 0:
         return f"podman{' of ' + user if user else ''} has no image {IMAGE['podman']}: run scripts/setup-test-host.sh"
     return None
 
@@ -94,11 +97,12 @@ class Containers:
         """A container named PREFIX-NAME (or NAME itself, `literal`); its full name."""
         full = name if literal else self.prefix + name
         self.names.append(full)
-        argv = [self.e, *RUN[self.e], "-d", "--name", full, "--network", "none", f"--restart={restart}", "-e", f"NAME={name}",
-                "-v", f"{self.mdir}:/m:ro", "-v", f"{self.out}:/out"]
+        argv = [self.e, *RUN[self.e], "-d", "--name", full, "--network", "none", f"--restart={restart}",
+                "-e", f"NAME={name}", "-v", f"{self.mdir}:/m:ro", "-v", f"{self.out}:/out"]
         for label in labels:
             argv += ["--label", label]
-        r = subprocess.run(as_user(self.user, [*argv, IMAGE[self.e], "sh", "-c", script]), capture_output=True, text=True, timeout=60, cwd="/")
+        r = subprocess.run(as_user(self.user, [*argv, IMAGE[self.e], "sh", "-c", script]), capture_output=True,
+                           text=True, timeout=60, cwd="/")
         assert r.returncode == 0, f"{argv}: {r.stderr}"
         if not running:
             self.engine("stop", "-t", "1", full)
@@ -121,7 +125,8 @@ class Containers:
         if self.names:
             # podman's rm -f first waits 10 s for a container that ignores SIGTERM; -t 0 kills it at once
             fast = ["-t", "0"] if self.e == "podman" else []
-            subprocess.run(as_user(self.user, [self.e, "rm", "-f", *fast, *self.names]), capture_output=True, timeout=120, cwd="/")
+            subprocess.run(as_user(self.user, [self.e, "rm", "-f", *fast, *self.names]), capture_output=True,
+                           timeout=120, cwd="/")
         if self.user:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -151,8 +156,8 @@ def docker_ctrs(docker_engine: Any, tmp_path: Path) -> Iterator[Containers]:
 
 
 def ssh_table(g: TestGuest, c: Containers) -> dict[str, Any]:
-    return {"ssh": {"host": g.host, "port": g.port, "user": g.user, "identity_file": g.identity_file, "known_hosts": g.known_hosts_file,
-                    "connect_timeout": 5}, "marker_path": str(c.marker)}
+    return {"ssh": {"host": g.host, "port": g.port, "user": g.user, "identity_file": g.identity_file,
+                    "known_hosts": g.known_hosts_file, "connect_timeout": 5}, "marker_path": str(c.marker)}
 
 
 class HostTransport(Transport):
@@ -181,22 +186,26 @@ def soon(s: float = 120) -> float:
     return time.monotonic() + s
 
 
-def test_only_the_listed_running_containers_stop_in_order_marker_first_and_start_in_reverse(ctrs: Containers, test_guest: TestGuest) -> None:
+def test_only_the_listed_running_containers_stop_in_order_marker_first_and_start_in_reverse(
+        ctrs: Containers, test_guest: TestGuest) -> None:
     c, p = ctrs, ctrs.prefix
     for n in ("a", "b", "d"):
         c.run(n)
     ids = {n: c.inspect(n, "{{.Id}}") for n in ("a", "b")}
     c.run("c", running=False)
-    ctl = controller(test_guest, c, [{"kind": "container", "name": "app", "containers": [p + "b", p + "c", p + "a"], "engine": c.e}])
+    ctl = controller(test_guest, c, [{"kind": "container", "name": "app", "containers": [p + "b", p + "c", p + "a"],
+                                      "engine": c.e}])
     try:
         q = ctl.quiesce("lxc", "snapshot", soon())
         assert not q.errors and not q.killed, q
         (rec,) = q.stacks
-        assert (rec.kind, rec.engine, rec.names, rec.containers) == (Kind.CONTAINER, c.e, (p + "b", p + "a"), (ids["b"], ids["a"]))
+        assert (rec.kind, rec.engine, rec.names, rec.containers) == (Kind.CONTAINER, c.e, (p + "b", p + "a"),
+                                                                     (ids["b"], ids["a"]))
         assert [c.running(n) for n in "abcd"] == [False, False, False, True]  # d is in no stack, c was not running
         assert c.at("b", "FinishedAt") < c.at("a", "FinishedAt")  # the given order
         at_stop = markers.parse((c.out / "b.json").read_bytes())  # the first one stopped saw the marker
-        assert at_stop.state == "stopping" and [(s.names, s.containers) for s in at_stop.stacks] == [(rec.names, rec.containers)]
+        assert (at_stop.state == "stopping"
+                and [(s.names, s.containers) for s in at_stop.stacks] == [(rec.names, rec.containers)])
         r = ctl.resume(soon())
         assert r.started == ("app",) and r.marker_removed, r.problems
         assert [c.running(n) for n in "abcd"] == [True, True, False, True]
@@ -238,11 +247,13 @@ def test_the_engine_is_detected(docker_ctrs: Containers, test_guest: TestGuest) 
         ctl.close()
 
 
-def test_a_container_killed_at_the_stop_timeout_is_reported_and_started_again(ctrs: Containers, test_guest: TestGuest) -> None:
+def test_a_container_killed_at_the_stop_timeout_is_reported_and_started_again(ctrs: Containers,
+                                                                               test_guest: TestGuest) -> None:
     c = ctrs
     c.run("slow", script=STUBBORN)
     c.run("fine")
-    ctl = controller(test_guest, c, [{"kind": "container", "name": "app", "containers": [c.prefix + "slow", c.prefix + "fine"], "engine": c.e,
+    ctl = controller(test_guest, c, [{"kind": "container", "name": "app",
+                                      "containers": [c.prefix + "slow", c.prefix + "fine"], "engine": c.e,
                                       "stop_timeout": 1}])
     try:
         q = ctl.quiesce("lxc", "snapshot", soon())
@@ -255,7 +266,9 @@ def test_a_container_killed_at_the_stop_timeout_is_reported_and_started_again(ct
 
 
 @pytest.mark.parametrize("policy", ["always", "unless-stopped", "on-failure"])
-def test_a_restart_policy_does_not_bring_a_stopped_container_back_during_the_window(ctrs: Containers, test_guest: TestGuest, policy: str) -> None:
+def test_a_restart_policy_does_not_bring_a_stopped_container_back_during_the_window(ctrs: Containers,
+                                                                                     test_guest: TestGuest,
+                                                                                     policy: str) -> None:
     c = ctrs
     c.run("rp", restart=policy)
     os.kill(int(c.inspect("rp", "{{.State.Pid}}")), 9)  # a crash: the policy is in force (on-failure too: 137)
@@ -263,13 +276,15 @@ def test_a_restart_policy_does_not_bring_a_stopped_container_back_during_the_win
     while c.inspect("rp", "{{.RestartCount}}") == "0" or not c.running("rp"):
         assert time.monotonic() < until, f"{c.e} did not restart a crashed container with --restart={policy}"
         time.sleep(0.05)
-    ctl = controller(test_guest, c, [{"kind": "container", "name": "rp", "containers": [c.prefix + "rp"], "engine": c.e}])
+    ctl = controller(test_guest, c, [{"kind": "container", "name": "rp", "containers": [c.prefix + "rp"],
+                                      "engine": c.e}])
     try:
         q = ctl.quiesce("lxc", "snapshot", soon())
         assert q.stacks and not q.errors and not q.killed
         stopped = time.monotonic()
         while time.monotonic() - stopped < WINDOW:
-            assert (c.running("rp"), c.inspect("rp", "{{.RestartCount}}")) == (False, "1"), f"restarted {time.monotonic() - stopped:.2f} s after the stop"
+            assert (c.running("rp"), c.inspect("rp", "{{.RestartCount}}")) == (False, "1"), (
+                f"restarted {time.monotonic() - stopped:.2f} s after the stop")
             time.sleep(0.1)
         assert ctl.resume(soon()).started == ("rp",) and c.running("rp")
     finally:
@@ -279,7 +294,8 @@ def test_a_restart_policy_does_not_bring_a_stopped_container_back_during_the_win
 # -- the hook as vzdump runs it, and the admin commands -----------------------------------------------
 
 
-def test_vzdump_job_and_admin_commands_on_a_container_stack(docker_ctrs: Containers, test_guest: TestGuest, tmp_path: Path) -> None:
+def test_vzdump_job_and_admin_commands_on_a_container_stack(docker_ctrs: Containers, test_guest: TestGuest,
+                                                            tmp_path: Path) -> None:
     from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, run_job
     from tests.integration.hookenv import HookSetup, installed_hook
 
@@ -290,14 +306,15 @@ def test_vzdump_job_and_admin_commands_on_a_container_stack(docker_ctrs: Contain
     setup.tmp.mkdir()
     stacks = [{"kind": "container", "name": "app", "containers": [c.prefix + "a", c.prefix + "b"]},
               {"kind": "container", "name": "idle", "containers": [c.prefix + "gone"]}]
-    setup.write({VMID: (test_guest, {"stacks": stacks, "stop_timeout": 5, "resume_wait": 30, "marker_path": str(c.marker)})})
+    setup.write({VMID: (test_guest, {"stacks": stacks, "stop_timeout": 5, "resume_wait": 30,
+                                     "marker_path": str(c.marker)})})
     seen: list[tuple[bool, bool, bool]] = []
 
     def at_pit(ctx: Context) -> None:
         seen.append((c.running("a"), c.running("b"), c.marker.exists()))
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT, hostname="demo")], extra_env=setup.env,
-                     on_point_in_time=at_pit, timeout=120)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT, hostname="demo")],
+                     extra_env=setup.env, on_point_in_time=at_pit, timeout=120)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
     assert seen == [(False, False, True)], log
@@ -338,14 +355,16 @@ def test_a_killed_container_with_policy_abort_fails_the_guests_backup_and_starts
     setup = HookSetup(tmp_path / "hook")
     setup.tmp.mkdir()
     stacks = [{"kind": "container", "name": "app", "containers": [c.prefix + "fine", c.prefix + "slow"]}]
-    setup.write({VMID: (test_guest, {"stacks": stacks, "stop_timeout": 1, "on_quiesce_error": "abort", "marker_path": str(c.marker)})})
+    setup.write({VMID: (test_guest, {"stacks": stacks, "stop_timeout": 1, "on_quiesce_error": "abort",
+                                     "marker_path": str(c.marker)})})
     after_pre_stop: list[tuple[bool, bool]] = []
 
     def on_phase(phase: str, ctx: Context) -> None:
         if phase == "pre-stop" and ctx.moment is Moment.AFTER_PHASE:
             after_pre_stop.append((c.running("fine"), c.running("slow")))
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, on_phase=on_phase, timeout=120)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                     on_phase=on_phase, timeout=120)
     log = result.task_log()
     assert next(r for r in result.records if r.phase == "pre-stop").returncode == 1, log
     assert result.guest(VMID).status.value == "failed", log
@@ -365,7 +384,8 @@ class Guarded:
     def __init__(self, c: Containers, label: str) -> None:
         self.c, self.conf, self.log = c, c.out.parent / "guest.conf", c.out.parent / "wrapper.log"
         self.conf.write_text(f"MARKER={c.marker}\nVMID={VMID}\nLOG={self.log}\nDEADLINE_GRACE=0\nKINDS=container\n"
-                             f"CONTAINERS={c.prefix}x {c.prefix}y\nCONTAINER_LABELS={label}\nMARKER_OWNER={c.user or 'root'}\n")
+                             f"CONTAINERS={c.prefix}x {c.prefix}y\nCONTAINER_LABELS={label}\n"
+                             f"MARKER_OWNER={c.user or 'root'}\n")
 
     def forced(self, command: str) -> tuple[int, str]:
         """The wrapper as sshd runs it for the restricted key, SSH_ORIGINAL_COMMAND = `command`."""
@@ -378,7 +398,8 @@ class Guarded:
                        SSH_ORIGINAL_COMMAND=command, SSH_CONNECTION="10.0.0.1 5555 10.0.0.2 22")
 
     def recover(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(as_user(self.c.user, ["sh", str(GUEST_FILES / "vzdump-hook-recover"), "--conf", str(self.conf), *args]),
+        return subprocess.run(as_user(self.c.user, ["sh", str(GUEST_FILES / "vzdump-hook-recover"),
+                                                    "--conf", str(self.conf), *args]),
                               capture_output=True, text=True, timeout=120, cwd="/")
 
 
@@ -392,7 +413,8 @@ class WrapperTransport(Transport):
         self.guarded = guarded
 
     def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
-        return run_local(self.guarded.wrapper(shell_join(argv)), stdin, timeout, shown=shell_join(argv), target=self.target)
+        return run_local(self.guarded.wrapper(shell_join(argv)), stdin, timeout, shown=shell_join(argv),
+                         target=self.target)
 
 
 @pytest.fixture
@@ -414,7 +436,8 @@ def stacks_of(g: Guarded) -> list[dict[str, Any]]:
 
 def test_the_hook_quiesces_and_resumes_through_the_wrapper(guarded: Guarded) -> None:
     c = guarded.c
-    guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": stacks_of(guarded), "marker_path": str(c.marker)})
+    guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": stacks_of(guarded),
+                                                "marker_path": str(c.marker)})
     ctl = GuestSession(guest, JobId("node", "boot", 1, 1), transport=WrapperTransport(guarded))
     q = ctl.quiesce("lxc", "snapshot", soon())
     assert not q.errors and [s.names for s in q.stacks] == [(c.prefix + "x", c.prefix + "y"), (c.prefix + "l",)]
@@ -438,8 +461,10 @@ def test_the_wrapper_refuses_what_the_settings_do_not_allow(guarded: Guarded) ->
         (f"{e} container stop -t 5 {x[:12]}", "not a container id"),
         (f"{e} container rm -f {x}", "not one of vzdump-hook's commands"),
         (f"{e} container stop -t 5x {x}", "stop timeout is not a number"),
-        (f"{e} container ls --no-trunc --filter status=running --filter label=vzdh.test={c.prefix}no --format {fmt}", "is not one that CONTAINER_LABELS"),
-        (f"{e} container ls --no-trunc --filter status=running --filter 'label=a b' --format {fmt}", "not one of vzdump-hook's commands"),
+        (f"{e} container ls --no-trunc --filter status=running --filter label=vzdh.test={c.prefix}no --format {fmt}",
+         "is not one that CONTAINER_LABELS"),
+        (f"{e} container ls --no-trunc --filter status=running --filter 'label=a b' --format {fmt}",
+         "not one of vzdump-hook's commands"),
         (f"{e} container ls -a --format {fmt}", "not one of vzdump-hook's commands"),
         (f"docker stop -t 5 {x}", "this guest has no compose stacks"),
     ]
@@ -452,7 +477,8 @@ def test_the_wrapper_refuses_what_the_settings_do_not_allow(guarded: Guarded) ->
     assert rc == 126 and "this guest has no container stacks" in err and c.running("x")
 
 
-def test_the_recovery_program_starts_what_the_marker_lists_last_stopped_first(guarded: Guarded, test_guest: TestGuest) -> None:
+def test_the_recovery_program_starts_what_the_marker_lists_last_stopped_first(guarded: Guarded,
+                                                                               test_guest: TestGuest) -> None:
     c = guarded.c
     ctl = controller(test_guest, c, stacks_of(guarded))
     try:
@@ -474,7 +500,8 @@ def test_the_recovery_program_starts_nothing_of_a_marker_listing_another_contain
     c.engine("container", "stop", "-t", "5", c.prefix + "x", c.prefix + "other")
     ids = [c.inspect(n, "{{.Id}}") for n in ("x", "other")]
     rec = markers.StackRecord.container("app", c.e, (c.prefix + "x", "innocent"), tuple(ids), stopped=True)
-    m = markers.Marker(JobId("node", "boot", 1, 1), VMID, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped", (rec,))
+    m = markers.Marker(JobId("node", "boot", 1, 1), VMID, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped",
+                       (rec,))
     c.marker.write_bytes(m.to_json())
     c.marker.chmod(0o600)
     shutil.chown(c.marker, c.user or "root")  # as the node's key would have written it

@@ -44,7 +44,8 @@ SUITES = {"bookworm": "Debian 12 (PVE 8)", "trixie": "Debian 13 (PVE 9)"}
 DEPS = ("python3", "python3-click", "python3-paramiko", "python3-requests", "openssh-client")
 RECIPE_VERSION = 1  # bump when the recipe below changes in a way its text does not show
 VMID = 101
-NODE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
+NODE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C.UTF-8",
+            "DEBIAN_FRONTEND": "noninteractive"}
 # enter ROOT ($0): a private mount namespace with /proc and /dev, then chroot; every path absolute (vzdump empties PATH)
 ENTER = '/bin/mount -t proc proc "$0/proc" && /bin/mount --rbind /dev "$0/dev" && exec /usr/sbin/chroot "$0" "$@"'
 
@@ -87,9 +88,11 @@ class Root:
     path: Path
     suite: str
 
-    def run(self, *argv: str, env: dict[str, str] | None = None, input: str = "", timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    def run(self, *argv: str, env: dict[str, str] | None = None, input: str = "",
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
         cmd = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", ENTER, str(self.path), *argv]
-        return subprocess.run(cmd, env=NODE_ENV | (env or {}), input=input, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, env=NODE_ENV | (env or {}), input=input, capture_output=True, text=True,
+                              timeout=timeout)
 
     def ok(self, *argv: str, **kw: Any) -> str:
         r = self.run(*argv, **kw)
@@ -103,7 +106,8 @@ class Root:
         """An executable that vzdump (the stand-in) can run as its hook script: it enters the root and
         execs the packaged /usr/bin/vzdump-hook in the same process, with the environment it was given."""
         script = where / "vzdump-hook-in-root"
-        script.write_text(f"#!/bin/sh\nexec /usr/bin/unshare --mount --propagation private /bin/sh -c '{ENTER}' '{self.path}' /usr/bin/vzdump-hook \"$@\"\n")
+        script.write_text(f"#!/bin/sh\nexec /usr/bin/unshare --mount --propagation private /bin/sh -c '{ENTER}' "
+                          f"'{self.path}' /usr/bin/vzdump-hook \"$@\"\n")
         script.chmod(0o755)
         return str(script)
 
@@ -117,13 +121,15 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("debs")
     first = subprocess.run([str(REPO / "scripts/build-deb.sh"), str(out)], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
-    second = subprocess.run([str(REPO / "scripts/build-deb.sh"), str(out), "99.0.0+upgrade"], capture_output=True, text=True, timeout=600)
+    second = subprocess.run([str(REPO / "scripts/build-deb.sh"), str(out), "99.0.0+upgrade"], capture_output=True,
+                            text=True, timeout=600)
     assert second.returncode == 0, second.stderr
     return Path(first.stdout.strip()), Path(second.stdout.strip())
 
 
 @pytest.fixture(params=sorted(SUITES))
-def root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, debs: tuple[Path, Path]) -> Iterator[Root]:
+def root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+         debs: tuple[Path, Path]) -> Iterator[Root]:
     tar = root_tarball(request.param)
     where = tmp_path_factory.mktemp(f"root-{request.param}")
     subprocess.run(["tar", "-C", str(where), "-xf", str(tar)], check=True)  # as root: owners, modes, device nodes
@@ -134,7 +140,8 @@ def root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_lintian_finds_no_error_and_every_warning_has_a_reason(debs: tuple[Path, Path]) -> None:
-    r = subprocess.run(["lintian", "--pedantic", "-I", "-E", "--fail-on", "error,warning", str(debs[0])], capture_output=True, text=True, env=NODE_ENV, timeout=600)
+    r = subprocess.run(["lintian", "--pedantic", "-I", "-E", "--fail-on", "error,warning", str(debs[0])],
+                       capture_output=True, text=True, env=NODE_ENV, timeout=600)
     tags = [line for line in r.stdout.splitlines() if re.match(r"^[EWIPX]: ", line)]
     assert r.returncode == 0 and not [t for t in tags if t.startswith(("E:", "W:"))], r.stdout + r.stderr
     # every override says why, in the comment above it
@@ -154,7 +161,7 @@ for cfg in (AgentConfig(pvesh="/opt/vzdh/pvesh", node="testnode"),
     r = AgentTransport(101, cfg).run(["sh", "-c", 'echo "agent says $0"', "hi"], timeout=30)
     print(cfg.api, r.exit_status, r.stdout.strip())
 assert not [m for m in sys.modules if m.startswith("proxmoxer")]
-"""
+"""  # noqa: E501
 
 
 def run_agent_transport(root: Root, tmp_path: Path) -> list[str]:
@@ -169,8 +176,10 @@ def run_agent_transport(root: Root, tmp_path: Path) -> list[str]:
         d.mkdir(parents=True)
         shutil.copy(pve_api.__file__, d / "pve_api.py")
         shutil.copy(api.ca_file, d / "ca.pem")
-        (d / "pvesh.json").write_text(json.dumps({"url": api.url, "auth": f"PVEAPIToken={api.token_id}={api.secret}", "ca": "/opt/vzdh/ca.pem", "log": "/opt/vzdh/calls.jsonl"}))
-        (d / "pvesh").write_text('#!/bin/sh\nexec /usr/bin/python3 -I /opt/vzdh/pve_api.py pvesh /opt/vzdh/pvesh.json "$@"\n')
+        (d / "pvesh.json").write_text(json.dumps({"url": api.url, "auth": f"PVEAPIToken={api.token_id}={api.secret}",
+                                                  "ca": "/opt/vzdh/ca.pem", "log": "/opt/vzdh/calls.jsonl"}))
+        (d / "pvesh").write_text('#!/bin/sh\nexec /usr/bin/python3 -I /opt/vzdh/pve_api.py pvesh '
+                                 '/opt/vzdh/pvesh.json "$@"\n')
         (d / "pvesh").chmod(0o755)
         (d / "token").write_text(api.secret + "\n")
         (d / "token").chmod(0o600)
@@ -185,7 +194,8 @@ def sha(path: Path) -> tuple[str, int]:
     return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode & 0o7777
 
 
-def test_install_use_upgrade_and_purge(root: Root, debs: tuple[Path, Path], test_guest: TestGuest, compose_project: Any, tmp_path: Path) -> None:
+def test_install_use_upgrade_and_purge(root: Root, debs: tuple[Path, Path], test_guest: TestGuest, compose_project: Any,
+                                       tmp_path: Path) -> None:
     first, second = (f"/tmp/{d.name}" for d in debs)
     assert root.file("/etc/os-release").read_text().count(f"VERSION_CODENAME={root.suite}") == 1
     assert root.run("python3", "-c", "import paramiko").returncode != 0  # clean: the Depends bring it
@@ -201,7 +211,8 @@ def test_install_use_upgrade_and_purge(root: Root, debs: tuple[Path, Path], test
     assert oct(cfg.stat().st_mode & 0o777) == "0o600" and "guests" not in tomllib.loads(cfg.read_text())
     wants = root.file("/etc/systemd/system/multi-user.target.wants/vzdump-hook-boot-recover.service")
     unit = os.readlink(wants)
-    assert unit in ("/lib/systemd/system/vzdump-hook-boot-recover.service", "/usr/lib/systemd/system/vzdump-hook-boot-recover.service")
+    assert unit in ("/lib/systemd/system/vzdump-hook-boot-recover.service",
+                    "/usr/lib/systemd/system/vzdump-hook-boot-recover.service")
     assert "\nExecStart=/usr/bin/vzdump-hook recover --all\n" in root.file(unit).read_text()
     assert root.file("/usr/share/doc/vzdump-hook/config.example.toml").is_file()
     # the README's links into docs/ lead somewhere in the installed package too
@@ -223,7 +234,8 @@ def test_install_use_upgrade_and_purge(root: Root, debs: tuple[Path, Path], test
     other.chmod(0o755)
     root.file("/etc/vzdump.conf").write_text("# vzdump default settings\nscript: /root/offsite.sh\n")
     out = root.ok("vzdump-hook", "setup")
-    assert "\n    script: /usr/bin/vzdump-hook\n" in out and "WARNING: /etc/vzdump.conf names another hook script: /root/offsite.sh" in out, out
+    assert ("\n    script: /usr/bin/vzdump-hook\n" in out
+            and "WARNING: /etc/vzdump.conf names another hook script: /root/offsite.sh" in out), out
     assert (etc / "id_ed25519").is_file() and (etc / "known_hosts").read_text() == ""
     out = root.ok("vzdump-hook", "enable", "--yes")
     assert root.file("/etc/vzdump.conf").read_text().count("\nscript: /usr/bin/vzdump-hook\n") == 1, out
@@ -240,7 +252,8 @@ def test_install_use_upgrade_and_purge(root: Root, debs: tuple[Path, Path], test
     assert test_guest.host_key_fingerprint in out and "added to /etc/vzdump-hook/known_hosts" in out
     guest_root = test_guest.workdir / "root"  # the guest side goes below this directory of the guest, not into its /
     install_env = {"VZDUMP_HOOK_GUEST_ROOT": str(guest_root)}
-    out = root.ok("vzdump-hook", "guest", "install", str(VMID), "--authorized-keys", str(test_guest.workdir / "authorized_keys"), env=install_env)
+    out = root.ok("vzdump-hook", "guest", "install", str(VMID), "--authorized-keys",
+                  str(test_guest.workdir / "authorized_keys"), env=install_env)
     installed = guest_root / "usr/local/sbin/vzdump-hook-recover"
     assert installed.read_bytes() == root.file("/usr/share/vzdump-hook/guest/vzdump-hook-recover").read_bytes(), out
     out = root.ok("vzdump-hook", "check", env=install_env)
@@ -250,7 +263,8 @@ def test_install_use_upgrade_and_purge(root: Root, debs: tuple[Path, Path], test
     result = run_job(root.hook_wrapper(tmp_path), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], timeout=180)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
-    assert f"pre-stop {VMID}: stopped {db.name}" in log and re.search(rf"(pre|post)-restart {VMID}: started {db.name}", log), log
+    assert (f"pre-stop {VMID}: stopped {db.name}" in log
+            and re.search(rf"(pre|post)-restart {VMID}: started {db.name}", log)), log
     assert compose.running_services(db) == {"app"} and not (test_guest.workdir / "marker.json").exists()
     assert "resumed" in root.ok("vzdump-hook", "history", str(VMID))
 
@@ -270,13 +284,17 @@ def test_install_use_upgrade_and_purge(root: Root, debs: tuple[Path, Path], test
     # -- purge: the node's files go; the guest keeps everything, a marker included ----------------------------
     marker = test_guest.workdir / "marker.json"
     marker.write_text('{"left": "by a job"}')
-    guest_before = {p: sha(p) for p in [*guest_root.rglob("*"), test_guest.workdir / "authorized_keys", marker] if p.is_file()}
+    guest_before = {p: sha(p) for p in [*guest_root.rglob("*"), test_guest.workdir / "authorized_keys", marker]
+                    if p.is_file()}
     r = root.run("apt-get", "purge", "-y", "-q", "vzdump-hook")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "WARNING: /etc/vzdump.conf names /usr/bin/vzdump-hook" in r.stdout + r.stderr  # else every job fails: the admin is told
-    for gone in ("/etc/vzdump-hook", "/var/lib/vzdump-hook", "/usr/bin/vzdump-hook", "/usr/share/vzdump-hook", "/usr/lib/python3/dist-packages/vzdump_hook"):
+    # else every job fails: the admin is told
+    assert "WARNING: /etc/vzdump.conf names /usr/bin/vzdump-hook" in r.stdout + r.stderr
+    for gone in ("/etc/vzdump-hook", "/var/lib/vzdump-hook", "/usr/bin/vzdump-hook", "/usr/share/vzdump-hook",
+                 "/usr/lib/python3/dist-packages/vzdump_hook"):
         assert not root.file(gone).exists(), gone
     assert not os.path.lexists(wants)
-    assert root.run("dpkg-query", "-W", "vzdump-hook").returncode != 0 or "un" in root.ok("dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "vzdump-hook")
+    assert (root.run("dpkg-query", "-W", "vzdump-hook").returncode != 0
+            or "un" in root.ok("dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "vzdump-hook"))
     assert {p: sha(p) for p in guest_before} == guest_before
     assert compose.running_services(db) == {"app"}

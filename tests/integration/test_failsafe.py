@@ -24,7 +24,8 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "examples" / "node" / "vzdump-hook"
 VMID, OTHER = 101, 102  # 101 is handled (a compose stack), 102 is not in the config
-GUESTS = [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT, hostname="app"), GuestSpec(OTHER, GuestType.QEMU, Mode.SNAPSHOT, hostname="plain")]
+GUESTS = [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT, hostname="app"),
+          GuestSpec(OTHER, GuestType.QEMU, Mode.SNAPSHOT, hostname="plain")]
 
 
 def launcher(tmp: Path, python: str) -> str:
@@ -67,7 +68,8 @@ def assert_backed_up_and_running(result: JobResult, db: compose.ComposeProject) 
 
 
 @pytest.mark.parametrize("breakage", ["invalid", "missing", "dangling-symlink"])
-def test_unusable_config_backs_up_every_guest_unquiesced_and_fails_the_job(breakage: str, stack: Any, tmp_path: Path) -> None:
+def test_unusable_config_backs_up_every_guest_unquiesced_and_fails_the_job(breakage: str, stack: Any,
+                                                                           tmp_path: Path) -> None:
     setup, db = stack
     if breakage == "invalid":
         setup.config.write_text(setup.config.read_text() + "max_downtime = 1\n")
@@ -97,7 +99,8 @@ def test_config_broken_after_the_stop_still_starts_the_stacks(stack: Any, tmp_pa
     seen: dict[str, bool] = {}
 
     def on_phase(phase: str, ctx: Context) -> None:
-        if ctx.moment is Moment.AFTER_PHASE and phase == "pre-stop" and ctx.record is not None and ctx.record.vmid == VMID:
+        if (ctx.moment is Moment.AFTER_PHASE and phase == "pre-stop" and ctx.record is not None
+                and ctx.record.vmid == VMID):
             seen["down"] = not running([db])[db.name]
             setup.config.write_text("[guests.101\n")
 
@@ -130,7 +133,8 @@ def test_a_hook_that_cannot_start_fails_no_backup(breakage: str, stack: Any, tmp
     assert result.status is JobStatus.FAILED, log  # job-end: 1
     for r in result.records:
         assert r.returncode == (1 if r.phase == "job-end" else 0), (r.phase, log)
-    lines = [line for line in log.splitlines() if "vzdump-hook: ERROR: " in line and "the hook program could not run" in line]
+    lines = [line for line in log.splitlines()
+             if "vzdump-hook: ERROR: " in line and "the hook program could not run" in line]
     assert len(lines) == len(result.records), log  # one loud line per phase
     assert "the backup goes on WITHOUT quiescing" in lines[0]
 
@@ -155,7 +159,8 @@ def test_launcher_under_dash_with_a_broken_interpreter(tmp_path: Path) -> None:
         assert r.returncode == code, (argv, r)
         assert r.stdout.startswith(f"vzdump-hook: ERROR: {argv[0]}: the hook program could not run"), r.stdout
         assert "status 127" in r.stdout
-    r = subprocess.run(["/bin/dash", hook, "check"], env={}, capture_output=True, text=True)  # admin commands: as they are
+    # admin commands: as they are
+    r = subprocess.run(["/bin/dash", hook, "check"], env={}, capture_output=True, text=True)
     assert r.returncode == 127 and r.stdout == ""
 
 
@@ -184,7 +189,8 @@ exit 0
     return script(tmp / "admin-hook", body), log
 
 
-def chain_config(setup: HookSetup, db: compose.ComposeProject, test_guest: Any, scripts: list[str], timeout: float = 30) -> None:
+def chain_config(setup: HookSetup, db: compose.ComposeProject, test_guest: Any, scripts: list[str],
+                 timeout: float = 30) -> None:
     setup.hook_table = {"chain": scripts, "chain_timeout": timeout}
     setup.write({VMID: (test_guest, {"stacks": [db.name], "stop_timeout": 5})})
 
@@ -213,12 +219,14 @@ def test_chained_script_gets_vzdumps_arguments_and_environment(stack: Any, tmp_p
     assert_backed_up_and_running(result, db)
 
 
-def test_chained_script_failing_at_pre_stop_fails_that_backup_before_anything_stops(stack: Any, tmp_path: Path, test_guest: Any) -> None:
+def test_chained_script_failing_at_pre_stop_fails_that_backup_before_anything_stops(stack: Any, tmp_path: Path,
+                                                                                    test_guest: Any) -> None:
     setup, db = stack
     path, _ = recorder(tmp_path, fail=f"pre-stop snapshot {VMID}")
     chain_config(setup, db, test_guest, [path])
     ups: list[bool] = []
-    result = job(launcher(tmp_path, sys.executable), setup, on_point_in_time=lambda ctx: ups.append(running([db])[db.name]))
+    result = job(launcher(tmp_path, sys.executable), setup,
+                 on_point_in_time=lambda ctx: ups.append(running([db])[db.name]))
     out = result.task_log()
     assert result.guest(VMID).status is BackupStatus.FAILED, out  # as the script alone would have
     assert result.guest(OTHER).status is BackupStatus.OK
@@ -228,17 +236,20 @@ def test_chained_script_failing_at_pre_stop_fails_that_backup_before_anything_st
     assert running([db]) == {db.name: True}
 
 
-def test_chained_script_failing_at_pre_restart_is_reported_and_not_passed_on(stack: Any, tmp_path: Path, test_guest: Any) -> None:
+def test_chained_script_failing_at_pre_restart_is_reported_and_not_passed_on(stack: Any, tmp_path: Path,
+                                                                             test_guest: Any) -> None:
     """vzdump skips what follows a failing pre-restart (an LXC guest in suspend mode stays frozen):
     the hook says so in an ERROR line and exits 0, so vzdump thaws the guest and goes on."""
     setup, db = stack
     path, _ = recorder(tmp_path, fail=f"pre-restart suspend {VMID}")
     chain_config(setup, db, test_guest, [path])
-    result = run_job(launcher(tmp_path, sys.executable), [GuestSpec(VMID, GuestType.LXC, Mode.SUSPEND)], extra_env=setup.env, timeout=120)
+    result = run_job(launcher(tmp_path, sys.executable), [GuestSpec(VMID, GuestType.LXC, Mode.SUSPEND)],
+                     extra_env=setup.env, timeout=120)
     out = result.task_log()
     pre_restart = next(r for r in result.records if r.phase == "pre-restart")
     assert pre_restart.returncode == 0, out
-    assert "post-restart" in result.phases(VMID) and result.guest(VMID).status is BackupStatus.OK, out  # vzdump thawed it
+    # vzdump thawed it
+    assert "post-restart" in result.phases(VMID) and result.guest(VMID).status is BackupStatus.OK, out
     assert f"chain: admin-hook pre-restart suspend {VMID} exited 3" in out
     assert f"ERROR: pre-restart {VMID}: a chained script failed (exit 3); not passed on to vzdump" in out, out
     assert running([db]) == {db.name: True}, out

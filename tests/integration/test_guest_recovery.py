@@ -59,10 +59,12 @@ def setup(tmp_path: Path) -> HookSetup:
 
 def node_dies_after_pre_stop(setup: HookSetup, vmtype: str = "qemu", mode: str = "snapshot") -> list[Any]:
     arg = json.dumps([installed_hook(), VMID, vmtype, mode, setup.env])
-    p = subprocess.run([sys.executable, "-c", _NODE_DIES_AFTER_PRE_STOP, arg], cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", _NODE_DIES_AFTER_PRE_STOP, arg], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr
     phases: list[Any] = json.loads(p.stdout.splitlines()[-1])
-    assert [(ph, rc) for ph, rc, _ in phases] == [("job-init", 0), ("job-start", 0), ("backup-start", 0), ("pre-stop", 0)], phases
+    assert [(ph, rc) for ph, rc, _ in phases] == [("job-init", 0), ("job-start", 0), ("backup-start", 0),
+                                                  ("pre-stop", 0)], phases
     return phases
 
 
@@ -96,11 +98,12 @@ def stacks(compose_project: Any, version: str) -> tuple[compose.ComposeProject, 
 
 
 @pytest.mark.parametrize("shell,version", [("dash", "v2"), ("busybox", "v1")])
-def test_deadline_recovery_when_the_node_never_comes_back(shell: str, version: str, setup: HookSetup, test_guest: TestGuest,
-                                                          compose_project: Any) -> None:
+def test_deadline_recovery_when_the_node_never_comes_back(shell: str, version: str, setup: HookSetup,
+                                                          test_guest: TestGuest, compose_project: Any) -> None:
     db, web, other, idle = stacks(compose_project, version)
     cmd = "docker compose" if version == "v2" else "docker-compose"
-    setup.write({VMID: (test_guest, {"stacks": [db.name, web.name, idle.name], "max_downtime": 10, "compose_command": cmd})})
+    setup.write({VMID: (test_guest, {"stacks": [db.name, web.name, idle.name], "max_downtime": 10,
+                                     "compose_command": cmd})})
     node_dies_after_pre_stop(setup)
     marker = setup.marker_path(VMID)
     assert marker.exists()
@@ -121,12 +124,14 @@ def test_deadline_recovery_when_the_node_never_comes_back(shell: str, version: s
     assert not marker.exists()
 
     # the node comes back later: nothing left to do, nothing fails
-    r = subprocess.run([installed_hook(), "recover", "--all"], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([installed_hook(), "recover", "--all"], env=setup.env | {"PATH": "/usr/bin:/bin"},
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "no marker, nothing to do" in r.stdout, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("shell", ["dash", "busybox"])
-def test_boot_recovery_when_node_and_guest_died_mid_backup(shell: str, setup: HookSetup, test_guest: TestGuest, compose_project: Any) -> None:
+def test_boot_recovery_when_node_and_guest_died_mid_backup(shell: str, setup: HookSetup, test_guest: TestGuest,
+                                                           compose_project: Any) -> None:
     db, web, other, idle = stacks(compose_project, "v2")
     setup.write({VMID: (test_guest, {"stacks": [db.name, web.name], "max_downtime": 3600})})
     node_dies_after_pre_stop(setup)
@@ -145,7 +150,8 @@ def test_boot_recovery_when_node_and_guest_died_mid_backup(shell: str, setup: Ho
     assert not marker.exists()
 
 
-def test_restored_backup_comes_up_with_its_stacks_running(setup: HookSetup, test_guest: TestGuest, compose_project: Any) -> None:
+def test_restored_backup_comes_up_with_its_stacks_running(setup: HookSetup, test_guest: TestGuest,
+                                                          compose_project: Any) -> None:
     db, web, other, idle = stacks(compose_project, "v2")
     setup.write({VMID: (test_guest, {"stacks": [db.name, web.name]})})
     marker = setup.marker_path(VMID)
@@ -179,7 +185,8 @@ def test_restored_backup_comes_up_with_its_stacks_running(setup: HookSetup, test
     assert json.loads(captured["data"])["state"] in ("stopping", "stopped")
 
 
-def test_guest_recovery_and_a_late_node_do_not_fight(setup: HookSetup, test_guest: TestGuest, compose_project: Any) -> None:
+def test_guest_recovery_and_a_late_node_do_not_fight(setup: HookSetup, test_guest: TestGuest,
+                                                     compose_project: Any) -> None:
     # the node is slow, not dead: the guest starts the stacks at the deadline; the hook's later phases
     # find no marker, start what they recorded (already running) and the job ends fine
     db, web, other, idle = stacks(compose_project, "v2")
@@ -190,9 +197,11 @@ def test_guest_recovery_and_a_late_node_do_not_fight(setup: HookSetup, test_gues
     recs += [run_phase(hook, ph, g, extra_env=setup.env) for ph in ("backup-start", "pre-stop")]
     assert running([db, web]) == {db.name: False, web.name: False}
     conf = write_guest_conf(test_guest, setup)
-    assert wait_until(lambda: recover_in_guest(test_guest, conf).returncode == 0 and not setup.marker_path(VMID).exists(), 30, step=1)
+    assert wait_until(lambda: (recover_in_guest(test_guest, conf).returncode == 0
+                               and not setup.marker_path(VMID).exists()), 30, step=1)
     assert running([db, web]) == {db.name: True, web.name: True}
-    recs += [run_phase(hook, ph, g, extra_env=setup.env) for ph in ("pre-restart", "post-restart", "backup-end", "log-end")]
+    recs += [run_phase(hook, ph, g, extra_env=setup.env)
+             for ph in ("pre-restart", "post-restart", "backup-end", "log-end")]
     recs.append(run_phase(hook, "job-end", None, extra_env=setup.env))
     out = "\n".join(line for r in recs for line in r.lines)
     assert all(r.returncode == 0 for r in recs), out
@@ -207,10 +216,12 @@ def test_node_boot_unit_resumes_markers_of_a_job_that_died_with_the_node(setup: 
     node_dies_after_pre_stop(setup)
     assert setup.marker_path(VMID).exists() and running([db]) == {db.name: False}
     # what the node's boot unit runs (its ExecStart, with this checkout's installed hook)
-    exec_start = next(line.split("=", 1)[1] for line in NODE_UNIT.read_text().splitlines() if line.startswith("ExecStart="))
+    exec_start = next(line.split("=", 1)[1] for line in NODE_UNIT.read_text().splitlines()
+                      if line.startswith("ExecStart="))
     argv = shlex.split(exec_start)
     assert argv[0] == "/usr/local/bin/vzdump-hook"
-    r = subprocess.run([installed_hook(), *argv[1:]], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=180)
+    r = subprocess.run([installed_hook(), *argv[1:]], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True,
+                       text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{VMID}: marker of job" in r.stdout and "(its job is over): started" in r.stdout
     assert running([db, web, other]) == {db.name: True, web.name: True, other.name: True}
@@ -228,16 +239,19 @@ def test_installed_over_pct_the_container_recovers_by_itself(tmp_path: Path, com
     ct = NsContainer(VMID, tmp_path / "ct")
     try:
         setup = HookSetup(tmp_path)
-        setup.config.write_text(f'[guests.{VMID}]\ntransport = "pct"\npct = {{ path = "{make_pct(tmp_path / "ct")}" }}\n'
+        setup.config.write_text(f'[guests.{VMID}]\ntransport = "pct"\n'
+                                f'pct = {{ path = "{make_pct(tmp_path / "ct")}" }}\n'
                                 f'stacks = ["{db.name}"]\nstop_timeout = 5\n')
         root = "/var/lib/vzdh-guest-root"  # inside the container; on the host: ct.var_lib / "vzdh-guest-root"
         env = setup.env | {"PATH": "/usr/bin:/bin", "VZDUMP_HOOK_GUEST_ROOT": root}
-        r = subprocess.run([installed_hook(), "guest", "install", str(VMID)], env=env, capture_output=True, text=True, timeout=120)
+        r = subprocess.run([installed_hook(), "guest", "install", str(VMID)], env=env, capture_output=True, text=True,
+                           timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "no SSH key" in r.stdout and "5 change(s)" in r.stdout
         installed = ct.var_lib / "vzdh-guest-root"
         assert (installed / "usr/local/sbin/vzdump-hook-recover").read_bytes() == RECOVER.read_bytes()
-        r = subprocess.run([installed_hook(), "guest", "install", str(VMID)], env=env, capture_output=True, text=True, timeout=120)
+        r = subprocess.run([installed_hook(), "guest", "install", str(VMID)], env=env, capture_output=True, text=True,
+                           timeout=120)
         assert r.returncode == 0 and "0 change(s)" in r.stdout, r.stdout + r.stderr
         r = subprocess.run([installed_hook(), "check", str(VMID)], env=env, capture_output=True, text=True, timeout=120)
         assert "guest side: recovery current; no SSH key to restrict (transport pct)" in r.stdout, r.stdout + r.stderr

@@ -71,7 +71,8 @@ class Watch:
 def _running_projects() -> set[str]:
     import subprocess
 
-    out = subprocess.run(["docker", "ps", "--filter", "label=com.docker.compose.project", "--format", '{{.Label "com.docker.compose.project"}}'],
+    out = subprocess.run(["docker", "ps", "--filter", "label=com.docker.compose.project",
+                          "--format", '{{.Label "com.docker.compose.project"}}'],
                          capture_output=True, text=True, check=True).stdout
     return set(out.split())
 
@@ -132,12 +133,13 @@ def test_phase_order_stops_before_and_resumes_after_the_point_in_time(
     assert re.search(rf"^INFO: vzdump-hook: {VMID} +{db.name},{web.name} +\d+\.\d +ok$", log, re.M), log
 
 
-def test_snapshot_fallback_to_suspend_resumes_at_post_restart(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_snapshot_fallback_to_suspend_resumes_at_post_restart(setup: HookSetup, hook: str, test_guest: Any,
+                                                              compose_project: Any) -> None:
     db, web, other = _stacks(compose_project)
     setup.write({VMID: (test_guest, {"stacks": [db.name]})})
     watch = Watch(setup, [db])
-    result = run_job(hook, [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT, snapshot_supported=False)], extra_env=setup.env,
-                     on_phase=watch.on_phase, on_point_in_time=watch.on_point_in_time)
+    result = run_job(hook, [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT, snapshot_supported=False)],
+                     extra_env=setup.env, on_phase=watch.on_phase, on_point_in_time=watch.on_point_in_time)
     assert result.status is JobStatus.OK
     assert all(r.argv[2] == "suspend" for r in result.records if len(r.argv) > 2)
     assert watch.at_pit == ({db.name: False}, True)
@@ -146,7 +148,8 @@ def test_snapshot_fallback_to_suspend_resumes_at_post_restart(setup: HookSetup, 
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_compose_v1_and_v2_auto_selection(version: str, setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_compose_v1_and_v2_auto_selection(version: str, setup: HookSetup, hook: str, test_guest: Any,
+                                          compose_project: Any) -> None:
     db, web, other = _stacks(compose_project, version)
     cmd = "docker-compose" if version == "v1" else "docker compose"
     # the test guest shares this machine's Docker engine: projects of other test runs are not ours
@@ -162,18 +165,21 @@ def test_compose_v1_and_v2_auto_selection(version: str, setup: HookSetup, hook: 
     assert all(running([db, web, other]).values())
 
 
-def test_guest_not_running_nothing_is_stopped(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_guest_not_running_nothing_is_stopped(setup: HookSetup, hook: str, test_guest: Any,
+                                              compose_project: Any) -> None:
     db, web, other = _stacks(compose_project)
     setup.write({VMID: (test_guest, {"stacks": [db.name]})})
     test_guest.stop_sshd()  # the guest is off
-    result = run_job(hook, [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT, running=False)], extra_env=setup.env, timeout=60)
+    result = run_job(hook, [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT, running=False)], extra_env=setup.env,
+                     timeout=60)
     assert result.status is JobStatus.OK
     assert [r.phase for r in result.records if r.vmid == VMID] == ["backup-start", "backup-end", "log-end"]
     assert all(r.returncode == 0 for r in result.records)
     assert all(running([db, web, other]).values())
 
 
-def test_unconfigured_guest_one_line_nothing_else(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_unconfigured_guest_one_line_nothing_else(setup: HookSetup, hook: str, test_guest: Any,
+                                                  compose_project: Any) -> None:
     db, web, other = _stacks(compose_project)
     setup.write({VMID: (test_guest, {"stacks": [db.name]})})
     result = run_job(hook, [GuestSpec(555, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env)
@@ -183,12 +189,13 @@ def test_unconfigured_guest_one_line_nothing_else(setup: HookSetup, hook: str, t
     assert not setup.marker_path(VMID).exists()
 
 
-def test_failure_after_point_in_time_backup_abort_resumes(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_failure_after_point_in_time_backup_abort_resumes(setup: HookSetup, hook: str, test_guest: Any,
+                                                          compose_project: Any) -> None:
     db, web, other = _stacks(compose_project)
     setup.write({VMID: (test_guest, {"stacks": [db.name, web.name]})})
     watch = Watch(setup, [db, web])
-    result = run_job(hook, [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT, fail_at=FailPoint.AFTER_POINT_IN_TIME)], extra_env=setup.env,
-                     on_phase=watch.on_phase, on_point_in_time=watch.on_point_in_time)
+    result = run_job(hook, [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT, fail_at=FailPoint.AFTER_POINT_IN_TIME)],
+                     extra_env=setup.env, on_phase=watch.on_phase, on_point_in_time=watch.on_point_in_time)
     assert result.status is JobStatus.ERRORS
     assert "backup-end" not in [p for p, _, _ in watch.after]
     assert watch.up_after("backup-abort") == {db.name: True, web.name: True}
@@ -197,7 +204,8 @@ def test_failure_after_point_in_time_backup_abort_resumes(setup: HookSetup, hook
     assert job_end and job_end[0].returncode == 0
 
 
-def test_stubborn_stack_killed_continue_policy_warns_crash_consistent(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_stubborn_stack_killed_continue_policy_warns_crash_consistent(setup: HookSetup, hook: str, test_guest: Any,
+                                                                      compose_project: Any) -> None:
     db = compose_project("db", {"app": "stubborn"})
     compose.up(db)
     setup.write({VMID: (test_guest, {"stacks": [db.name], "stop_timeout": 1})})
@@ -208,14 +216,16 @@ def test_stubborn_stack_killed_continue_policy_warns_crash_consistent(setup: Hoo
     assert compose.running_services(db) == {"app"}
 
 
-def test_stubborn_stack_abort_policy_fails_backup_and_restarts(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_stubborn_stack_abort_policy_fails_backup_and_restarts(setup: HookSetup, hook: str, test_guest: Any,
+                                                               compose_project: Any) -> None:
     db = compose_project("db", {"app": "stubborn"})
     web = compose_project("web", {"app": "sleeper"})
     compose.up(db)
     compose.up(web)
     setup.write({VMID: (test_guest, {"stacks": [web.name, db.name], "stop_timeout": 1, "on_quiesce_error": "abort"})})
     watch = Watch(setup, [db, web])
-    result = run_job(hook, [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, on_phase=watch.on_phase)
+    result = run_job(hook, [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                     on_phase=watch.on_phase)
     pre_stop = next(r for r in result.records if r.phase == "pre-stop")
     assert pre_stop.returncode == 1
     assert result.guest(VMID).status.value == "failed"
@@ -223,7 +233,8 @@ def test_stubborn_stack_abort_policy_fails_backup_and_restarts(setup: HookSetup,
     assert not setup.marker_path(VMID).exists()
 
 
-def test_guest_cut_off_before_quiesce_is_bounded_and_leaves_nothing_down(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_guest_cut_off_before_quiesce_is_bounded_and_leaves_nothing_down(setup: HookSetup, hook: str, test_guest: Any,
+                                                                         compose_project: Any) -> None:
     db, web, other = _stacks(compose_project)
     setup.write({VMID: (test_guest, {"stacks": [db.name]})})
 
@@ -233,7 +244,8 @@ def test_guest_cut_off_before_quiesce_is_bounded_and_leaves_nothing_down(setup: 
         if phase == "pre-stop" and ctx.moment is Moment.AFTER_PHASE:
             test_guest.restore()
 
-    result = run_job(hook, [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env, on_phase=on_phase, timeout=60)
+    result = run_job(hook, [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env, on_phase=on_phase,
+                     timeout=60)
     pre_stop = next(r for r in result.records if r.phase == "pre-stop")
     log = result.task_log()
     assert pre_stop.returncode == 0 and pre_stop.duration < 9, log  # one connect_timeout (5 s) + start-up
@@ -242,7 +254,8 @@ def test_guest_cut_off_before_quiesce_is_bounded_and_leaves_nothing_down(setup: 
     assert all(running([db, web, other]).values())
 
 
-def test_guest_cut_off_abort_policy_fails_backup_start(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_guest_cut_off_abort_policy_fails_backup_start(setup: HookSetup, hook: str, test_guest: Any,
+                                                       compose_project: Any) -> None:
     db, web, other = _stacks(compose_project)
     setup.write({VMID: (test_guest, {"stacks": [db.name], "on_quiesce_error": "abort"})})
     test_guest.cut_off()
@@ -267,7 +280,8 @@ def test_sshd_that_never_answers_is_bounded(setup: HookSetup, hook: str, test_gu
     assert all(running([db, web, other]).values())
 
 
-def test_compose_stop_that_outlives_the_phase_deadline_is_bounded(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_compose_stop_that_outlives_the_phase_deadline_is_bounded(setup: HookSetup, hook: str, test_guest: Any,
+                                                                  compose_project: Any) -> None:
     db = compose_project("db", {"app": "stubborn"})
     compose.up(db)
     setup.hook_table = {"phase_timeout": 6}
@@ -281,7 +295,8 @@ def test_compose_stop_that_outlives_the_phase_deadline_is_bounded(setup: HookSet
 
 
 @pytest.mark.parametrize("resident", [False, True], ids=["phases-alone", "resident"])
-def test_resume_fails_then_job_end_fails_and_recover_fixes(resident: bool, setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_resume_fails_then_job_end_fails_and_recover_fixes(resident: bool, setup: HookSetup, hook: str, test_guest: Any,
+                                                           compose_project: Any) -> None:
     """The guest drops out from backup-end on. Without a resident `recover` fixes it once it answers;
     with one, the resident does, within 10 s of the guest answering again, with no admin command."""
     db, web, other = _stacks(compose_project)
@@ -292,7 +307,8 @@ def test_resume_fails_then_job_end_fails_and_recover_fixes(resident: bool, setup
         if phase == "backup-end" and ctx.moment is Moment.BEFORE_PHASE:
             test_guest.stop_sshd()  # the guest is unreachable for the rest of the job
 
-    result = run_job(hook, [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env, on_phase=on_phase, timeout=120)
+    result = run_job(hook, [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env, on_phase=on_phase,
+                     timeout=120)
     log = result.task_log()
     assert next(r for r in result.records if r.phase == "backup-end").returncode == 0
     job_end = next(r for r in result.records if r.phase == "job-end")
@@ -313,7 +329,8 @@ def test_resume_fails_then_job_end_fails_and_recover_fixes(resident: bool, setup
     test_guest.start_sshd()
     import subprocess
 
-    rec = subprocess.run([hook, "recover", str(VMID)], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    rec = subprocess.run([hook, "recover", str(VMID)], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True,
+                         text=True, timeout=60)
     assert rec.returncode == 0, rec.stdout + rec.stderr
     assert "(its job is over): started" in rec.stdout and db.name in rec.stdout, rec.stdout
     assert compose.running_services(db) == {"app"}
@@ -339,7 +356,8 @@ def _residents(setup: HookSetup) -> list[int]:
     return [info.pid for _, info in resident.residents(setup.env["VZDUMP_HOOK_RUN_DIR"])]
 
 
-def test_stale_marker_from_a_dead_job_is_resumed_at_job_start(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_stale_marker_from_a_dead_job_is_resumed_at_job_start(setup: HookSetup, hook: str, test_guest: Any,
+                                                              compose_project: Any) -> None:
     """Without a resident (`[hook] resident = false`): the next job's job-start resumes. (With one,
     the resident does it within seconds: tests/integration/test_resident.py.)"""
     db, web, other = _stacks(compose_project)
@@ -354,7 +372,8 @@ def test_stale_marker_from_a_dead_job_is_resumed_at_job_start(setup: HookSetup, 
     assert not setup.marker_path(VMID).exists()
 
 
-def test_marker_of_a_running_job_is_left_alone_by_the_sweep(setup: HookSetup, hook: str, test_guest: Any, compose_project: Any) -> None:
+def test_marker_of_a_running_job_is_left_alone_by_the_sweep(setup: HookSetup, hook: str, test_guest: Any,
+                                                            compose_project: Any) -> None:
     """Two jobs at once can only happen in a cluster sharing a config; here the other job's worker
     is this test process (alive), so its marker must not be touched by another job's sweep."""
     db, web, other = _stacks(compose_project)
@@ -371,7 +390,8 @@ def test_marker_of_a_running_job_is_left_alone_by_the_sweep(setup: HookSetup, ho
     import subprocess
 
     assign = " ".join(f"{k}={shlex.quote(v)}" for k, v in setup.env.items())
-    out = subprocess.run(["sh", "-c", f"env -i {assign} {shlex.quote(hook)} job-start"], capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(["sh", "-c", f"env -i {assign} {shlex.quote(hook)} job-start"], capture_output=True, text=True,
+                         timeout=60).stdout
     assert "left alone" in out, out
     assert compose.running_services(db) == set() and setup.marker_path(VMID).exists()
     # this job goes on and resumes at backup-end
@@ -400,7 +420,8 @@ def test_one_job_several_guests_summary(setup: HookSetup, hook: str, guest_facto
     for p in (a, b):
         compose.up(p)
     setup.write({101: (g1, {"stacks": [a.name]}), 102: (g2, {"stacks": [b.name], "stop_timeout": 1})})
-    guests = [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT), GuestSpec(102, GuestType.QEMU, Mode.SNAPSHOT), GuestSpec(103, GuestType.QEMU, Mode.STOP)]
+    guests = [GuestSpec(101, GuestType.LXC, Mode.SNAPSHOT), GuestSpec(102, GuestType.QEMU, Mode.SNAPSHOT),
+              GuestSpec(103, GuestType.QEMU, Mode.STOP)]
     result = run_job(hook, guests, extra_env=setup.env)
     log = result.task_log()
     assert result.status is JobStatus.OK, log

@@ -64,12 +64,14 @@ def hostile(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
 def test_control_plain_python_m_runs_the_planted_module(hostile: tuple[Path, dict[str, str], Path]) -> None:
     """Without isolation the plant runs: what the tests below rule out is a real attack."""
     cwd, env, sentinels = hostile
-    subprocess.run([sys.executable, "-m", "vzdump_hook", "--version"], cwd=cwd, env=env, capture_output=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "vzdump_hook", "--version"], cwd=cwd, env=env, capture_output=True,
+                   timeout=60)
     assert sorted(p.name for p in sentinels.iterdir()), "the planted modules did not run: the control is broken"
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["check"], ["recover", "--all"], ["job-init"], ["job-start"]])
-def test_the_launcher_runs_no_planted_module(tmp_path: Path, hostile: tuple[Path, dict[str, str], Path], argv: list[str]) -> None:
+def test_the_launcher_runs_no_planted_module(tmp_path: Path, hostile: tuple[Path, dict[str, str], Path],
+                                             argv: list[str]) -> None:
     """Admin commands (exec'd), the boot unit's `recover --all` and vzdump's phases: nothing planted runs,
     and the program did its work (its own output, not the plant's silent exit)."""
     cwd, env, sentinels = hostile
@@ -78,7 +80,8 @@ def test_the_launcher_runs_no_planted_module(tmp_path: Path, hostile: tuple[Path
     if not argv[0].startswith("-") and argv[0] not in ("check", "recover"):
         phase_env.update({"STOREID": "local", "DUMPDIR": "/var/lib/vz/dump"})
     r = subprocess.run([hook, *argv], cwd=cwd, env=phase_env, capture_output=True, text=True, timeout=120)
-    assert not list(sentinels.iterdir()), f"planted code ran: {sorted(p.name for p in sentinels.iterdir())}\n{r.stdout}{r.stderr}"
+    assert not list(sentinels.iterdir()), (f"planted code ran: {sorted(p.name for p in sentinels.iterdir())}\n"
+                                           f"{r.stdout}{r.stderr}")
     out = r.stdout + r.stderr
     if argv == ["--version"]:
         assert r.returncode == 0 and "vzdump-hook" in out and "0." in out, out
@@ -96,7 +99,8 @@ def test_every_python_the_program_starts_is_isolated() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.List) and node.elts and ast.unparse(node.elts[0]) == "sys.executable":
                 found += 1
-                assert len(node.elts) > 1 and ast.unparse(node.elts[1]) == "'-I'", f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}"
+                assert len(node.elts) > 1 and ast.unparse(node.elts[1]) == "'-I'", (
+                    f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
     assert found >= 2, "the resident's and simulate's spawns were not found"
 
 

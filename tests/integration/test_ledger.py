@@ -22,7 +22,8 @@ APP = 104  # the guest whose backup the node "crashes" in
 
 
 def admin(setup: HookSetup, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([installed_hook(), *args], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+    return subprocess.run([installed_hook(), *args], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True,
+                          text=True, timeout=120)
 
 
 def vzdump_env(setup: HookSetup, vmtype: str = "lxc") -> dict[str, str]:
@@ -33,7 +34,8 @@ def crash_after_pre_stop(setup: HookSetup, vmid: int) -> subprocess.CompletedPro
     """backup-start and pre-stop of `vmid` in a job whose worker (a shell) then goes away, as a
     node that crashed before the resume leaves it."""
     script = '"$0" backup-start snapshot "$1" && "$0" pre-stop snapshot "$1"; exit 0'
-    return subprocess.run(["/bin/sh", "-c", script, installed_hook(), str(vmid)], env=vzdump_env(setup), capture_output=True, text=True, timeout=120)
+    return subprocess.run(["/bin/sh", "-c", script, installed_hook(), str(vmid)], env=vzdump_env(setup),
+                          capture_output=True, text=True, timeout=120)
 
 
 def ledger_files(d: Path) -> list[str]:
@@ -41,7 +43,8 @@ def ledger_files(d: Path) -> list[str]:
 
 
 @pytest.fixture
-def many(tmp_path: Path, test_guest: Any, compose_project: Any) -> tuple[HookSetup, compose.ComposeProject, compose.ComposeProject]:
+def many(tmp_path: Path, test_guest: Any,
+         compose_project: Any) -> tuple[HookSetup, compose.ComposeProject, compose.ComposeProject]:
     """Six guests on the one test guest; 101 and 104 each run a stack. This is a PVE node (a
     directory playing /etc/pve): the guests live here and run (QEMU pid files of a live process)."""
     web = compose_project("web", {"app": "sleeper"})
@@ -59,8 +62,9 @@ def many(tmp_path: Path, test_guest: Any, compose_project: Any) -> tuple[HookSet
     # a node crash takes the residents down with the worker: the ledger is what is left
     setup.hook_table = {"pve_dir": str(pve), "qmp_dir": str(qmp), "resident": False}
     stacks = {101: [web.name], APP: [app.name]}
-    setup.write({v: (test_guest, {"marker_path": str(tmp_path / "markers" / f"{v}.json"), "stacks": stacks.get(v, ["none"]),
-                                  "compose_command": "docker compose", "stop_timeout": 10, "ssh": {"connect_timeout": 3}}) for v in VMIDS})
+    setup.write({v: (test_guest, {"marker_path": str(tmp_path / "markers" / f"{v}.json"),
+                                  "stacks": stacks.get(v, ["none"]), "compose_command": "docker compose",
+                                  "stop_timeout": 10, "ssh": {"connect_timeout": 3}}) for v in VMIDS})
     return setup, web, app
 
 
@@ -110,7 +114,8 @@ def test_unreachable_and_stopped_guests_keep_their_entries(many: Any, test_guest
         test_guest.restore()
     log = "\n".join(rec.lines)
     assert rec.returncode == 0
-    assert f"job-start {APP}: not running (PVE), not asked: a marker in it waits for the guest-side recovery at boot" in log, log
+    assert (f"job-start {APP}: not running (PVE), not asked: a marker in it waits for the guest-side recovery at boot"
+            in log), log
     assert "job-start 101: not reachable" in log and "1 guest(s) checked" in job_start_line(log), log
     assert len(ledger_files(ledger_dir(setup))) == 2  # both still to be asked
     # reachable again, 104 running again: both resumed, ledger empty
@@ -130,16 +135,20 @@ def test_status_shows_the_ledger_and_flags_disagreement(many: Any) -> None:
     assert "101: no marker; ledger: no entry\n" in r.stdout
     crash_after_pre_stop(setup, APP)
     # a marker the ledger does not know of (not written by this hook: copied in, a restore, ...)
-    setup.marker_path(102).write_bytes(setup.marker_path(APP).read_bytes().replace(f'"vmid": {APP},'.encode(), b'"vmid": 102,'))
+    setup.marker_path(102).write_bytes(setup.marker_path(APP).read_bytes().replace(f'"vmid": {APP},'.encode(),
+                                                                                   b'"vmid": 102,'))
     # an entry without a marker: the guest recovered itself
     setup.marker_path(APP).rename(setup.tmp / "away.json")
     r = admin(setup, "status")
     lines = {line.split(":", 1)[0]: line for line in r.stdout.splitlines()}
     assert r.returncode == 1, r.stdout  # 102's marker is of a job that is over
-    assert "MARKER of job" in lines["102"] and "ledger: no entry: DISAGREES, job-start would not ask this guest" in lines["102"], r.stdout
-    assert lines[str(APP)].startswith(f"{APP}: no marker; ledger: quiesce by job") and "DISAGREES, no marker" in lines[str(APP)], r.stdout
+    assert ("MARKER of job" in lines["102"]
+            and "ledger: no entry: DISAGREES, job-start would not ask this guest" in lines["102"]), r.stdout
+    assert (lines[str(APP)].startswith(f"{APP}: no marker; ledger: quiesce by job")
+            and "DISAGREES, no marker" in lines[str(APP)]), r.stdout
     n = admin(setup, "status", "--no-connect")
-    assert f"{APP}: ledger: quiesce by job" in n.stdout and not any(line.startswith("102:") for line in n.stdout.splitlines()), n.stdout
+    assert (f"{APP}: ledger: quiesce by job" in n.stdout
+            and not any(line.startswith("102:") for line in n.stdout.splitlines())), n.stdout
 
 
 def run_on_terminal(setup: HookSetup, *args: str) -> str:
@@ -147,7 +156,8 @@ def run_on_terminal(setup: HookSetup, *args: str) -> str:
     import pty
 
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([installed_hook(), *args], env=setup.env | {"PATH": "/usr/bin:/bin"}, stdout=follower, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([installed_hook(), *args], env=setup.env | {"PATH": "/usr/bin:/bin"}, stdout=follower,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     os.close(follower)
     out = b""
     while True:

@@ -74,7 +74,8 @@ def test_a_link_at_the_metrics_file_is_replaced_never_followed(world: Path) -> N
         (textdir / f"vzdump-hook.prom.{pid}.tmp").symlink_to(victim)
     report.update_metrics(settings(world, metrics), [record()])
     assert victim.read_text() == "root's own file\n"
-    assert not metrics.is_symlink() and "vzdump_hook_stacks_down{vmid=\"101\"} 0" in metrics.read_text(), metrics.read_text()
+    assert (not metrics.is_symlink()
+            and "vzdump_hook_stacks_down{vmid=\"101\"} 0" in metrics.read_text()), metrics.read_text()
     assert oct(metrics.stat().st_mode & 0o777) == oct(0o644)  # node_exporter's user reads it
 
 
@@ -136,10 +137,12 @@ def files_holding(root: Path, text: str) -> list[str]:
     return [str(p) for p in found if p.name != "config-cache.json"]
 
 
-def test_nobody_reads_anything_under_the_state_and_run_dirs_and_no_file_holds_the_webhook_url(world: Path, tmp_path: Path) -> None:
+def test_nobody_reads_anything_under_the_state_and_run_dirs_and_no_file_holds_the_webhook_url(world: Path,
+                                                                                              tmp_path: Path) -> None:
     config = world / "config.toml"
     config.write_text(f'[hook]\nmetrics_file = "{world}/metrics/vzdump-hook.prom"\n'
-                      f'[hook.notify]\nurl = "http://127.0.0.1:9/ping/{SECRET}"\nformat = "healthchecks"\ntimeout = 1\n[defaults]\n')
+                      f'[hook.notify]\nurl = "http://127.0.0.1:9/ping/{SECRET}"\nformat = "healthchecks"\n'
+                      'timeout = 1\n[defaults]\n')
     config.chmod(0o600)
     control = world / "control"
     control.write_text("readable\n")
@@ -166,7 +169,8 @@ def test_an_older_install_is_fixed_at_the_next_run(world: Path, tmp_path: Path) 
     state, run = world / "state", world / "run"
     state.mkdir(mode=0o755)
     run.mkdir(mode=0o755)
-    (state / "settings.json").write_text(json.dumps({"notify": {"url": url, "format": "healthchecks", "token_file": "", "timeout": 1.0}}))
+    (state / "settings.json").write_text(json.dumps({"notify": {"url": url, "format": "healthchecks", "token_file": "",
+                                                                "timeout": 1.0}}))
     (state / "settings.json").chmod(0o644)
     queue = state / report.QUEUE_DIR
     queue.mkdir(mode=0o755)

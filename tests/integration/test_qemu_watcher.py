@@ -26,7 +26,18 @@ from tests.infra import compose
 from tests.infra.compose import ComposeProject
 from tests.infra.guest import TestGuest
 from tests.infra.qmp_double import QmpDouble
-from tests.infra.vzdump import BackupStatus, Context, FailPoint, GuestSpec, GuestType, JobResult, JobStatus, Mode, Moment, run_job
+from tests.infra.vzdump import (
+    BackupStatus,
+    Context,
+    FailPoint,
+    GuestSpec,
+    GuestType,
+    JobResult,
+    JobStatus,
+    Mode,
+    Moment,
+    run_job,
+)
 from tests.integration.hookenv import HookSetup, installed_hook, wait_until
 from tests.integration.test_consistency import (  # noqa: F401 - make_app and scratch are fixtures
     App,
@@ -80,7 +91,8 @@ def _time(value: str) -> float:
 
 def container_times(project: ComposeProject) -> dict[str, tuple[float, float]]:
     """service -> (last start, last stop) of its container, epoch seconds."""
-    return {c["Config"]["Labels"][compose.LABEL_SERVICE]: (_time(c["State"]["StartedAt"]), _time(c["State"]["FinishedAt"]))
+    return {c["Config"]["Labels"][compose.LABEL_SERVICE]: (_time(c["State"]["StartedAt"]),
+                                                           _time(c["State"]["FinishedAt"]))
             for c in compose._inspect(project)}
 
 
@@ -120,7 +132,8 @@ class Job:
 
 
 def play(hook: str, setup: HookSetup, guest: TestGuest, qmp: QmpDouble, projects: list[ComposeProject], spec: GuestSpec,
-         at_job_start: Callable[[Context], None] | None = None, start_job: bool = True, transfer: float = TRANSFER) -> Job:
+         at_job_start: Callable[[Context], None] | None = None, start_job: bool = True,
+         transfer: float = TRANSFER) -> Job:
     """A vzdump job for `spec`. At the point in time: note which projects run, run `at_job_start`
     (a copy of the data), then start the job in the QMP double. Stop mode: vzdump's shutdown stops
     the guest's sshd and QEMU (the socket goes), the paused restart brings a new QEMU (socket back,
@@ -153,7 +166,8 @@ def play(hook: str, setup: HookSetup, guest: TestGuest, qmp: QmpDouble, projects
 
     try:
         job.result = run_job(hook, [spec], extra_env=setup.env, transfer_seconds=transfer, timeout=120,
-                             on_phase=on_phase, on_point_in_time=on_pit, on_guest_shutdown=shutdown, on_guest_start=boot)
+                             on_phase=on_phase, on_point_in_time=on_pit, on_guest_shutdown=shutdown,
+                             on_guest_start=boot)
     finally:
         for t in timers:
             t.join()
@@ -222,7 +236,8 @@ def test_postgres_copy_taken_at_the_job_start_restores_clean(
     app = make_app()
     setup.write({VMID: (test_guest, _table(stacks=[app.project.name], stop_timeout=20))})
     pit = PointInTime(app, scratch / "copy")  # the backup's content: PGDATA as it is at the job start
-    job = play(hook, setup, test_guest, qmp, [app.project], GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT), at_job_start=pit)
+    job = play(hook, setup, test_guest, qmp, [app.project], GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT),
+               at_job_start=pit)
     log = job.log
     assert job.result.status is JobStatus.OK, log
     assert f"resident {VMID}: started {app.project.name}" in log, log
@@ -281,7 +296,8 @@ def test_no_qmp_socket_falls_back_to_backup_end(setup: HookSetup, hook: str, tes
     log = job.log
     assert job.result.status is JobStatus.OK, log
     assert f"pre-stop {VMID}: early resume off (QMP {qmp.path}: No such file or directory)" in log, log
-    warnings = [line for line in log.splitlines() if "WARN" in line and "guest side: recovery NOT INSTALLED" not in line]
+    warnings = [line for line in log.splitlines()
+                if "WARN" in line and "guest side: recovery NOT INSTALLED" not in line]
     assert "watching" not in log and warnings == [], log
     assert container_times(db)["app"][0] > job.phase_at["backup-end"], log
     assert f"backup-end {VMID}: started {db.name}" in log, log

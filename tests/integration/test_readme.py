@@ -157,7 +157,8 @@ def test_relative_links_lead_somewhere() -> None:
 
 
 def run(setup: HookSetup, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([installed_hook(), *args], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+    return subprocess.run([installed_hook(), *args], env=setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True,
+                          text=True, timeout=120)
 
 
 def sample_check(tmp: Path, test_guest: Any, compose_project: Any) -> tuple[list[str], dict[str, str]]:
@@ -170,7 +171,8 @@ def sample_check(tmp: Path, test_guest: Any, compose_project: Any) -> tuple[list
     r = run(setup, "check")
     assert r.returncode == 1, r.stdout + r.stderr  # as in the README's step 3: no recovery program in the guest yet
     subst = {p.name: short for short, p in projects.items()}
-    subst |= {f"{test_guest.host}:{test_guest.port}": "192.0.2.10:22", str(setup.config): "/etc/vzdump-hook/config.toml"}
+    subst |= {f"{test_guest.host}:{test_guest.port}": "192.0.2.10:22",
+              str(setup.config): "/etc/vzdump-hook/config.toml"}
     return r.stdout.splitlines(), subst
 
 
@@ -179,7 +181,8 @@ def sample_check_tags(tmp: Path, test_guest: Any, compose_project: Any) -> tuple
     for vmid, kind in ((201, "lxc"), (202, "qemu-server"), (203, "qemu-server")):
         (pve / "nodes" / "pve1" / kind).mkdir(parents=True, exist_ok=True)
         tags = "tags: vzdump-hook\n" if vmid != 203 else "tags: web\n"
-        (pve / "nodes" / "pve1" / kind / f"{vmid}.conf").write_text(f"cores: 2\n{tags}" + ("agent: 1\n" if kind == "qemu-server" else ""))
+        (pve / "nodes" / "pve1" / kind / f"{vmid}.conf").write_text(f"cores: 2\n{tags}"
+                                                                     + ("agent: 1\n" if kind == "qemu-server" else ""))
     setup = HookSetup(tmp)
     setup.hook_table = {"pve_dir": str(pve)}
     setup.write({101: (test_guest, {})})
@@ -195,7 +198,8 @@ SAMPLES: dict[str, Callable[[Path, Any, Any], tuple[list[str], dict[str, str]]]]
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
-def test_sample_output_is_what_the_program_prints(name: str, tmp_path: Path, test_guest: Any, compose_project: Any) -> None:
+def test_sample_output_is_what_the_program_prints(name: str, tmp_path: Path, test_guest: Any,
+                                                  compose_project: Any) -> None:
     (documented,) = [body for _, kind, n, body in all_blocks() if kind == "sample" and n == name]
     actual, subst = SAMPLES[name](tmp_path, test_guest, compose_project)
     assert normalise(actual, subst) == normalise(documented)

@@ -37,8 +37,8 @@ class Receiver:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body, "mode": outer.mode,
-                                       "extra": outer.on_request() if outer.on_request else None})
+                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
+                                       "mode": outer.mode, "extra": outer.on_request() if outer.on_request else None})
                 if outer.mode == "hang":
                     outer.release.wait(60)
                     return
@@ -78,7 +78,8 @@ def configure(setup: HookSetup, test_guest: Any, db: compose.ComposeProject, **h
 
 
 def job(setup: HookSetup, **kwargs: Any) -> JobResult:
-    return run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=180, **kwargs)
+    return run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=180,
+                   **kwargs)
 
 
 def metrics(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -149,7 +150,8 @@ def test_webhook_formats(fmt: str, stack: Any, test_guest: Any, receiver: Receiv
         assert req["path"] == "/hook"  # success ping (a problem would go to /hook/fail)
 
 
-def test_undelivered_messages_are_queued_and_retried_at_the_next_job(stack: Any, test_guest: Any, receiver: Receiver) -> None:
+def test_undelivered_messages_are_queued_and_retried_at_the_next_job(stack: Any, test_guest: Any,
+                                                                     receiver: Receiver) -> None:
     setup, db = stack
     configure(setup, test_guest, db, notify={"url": receiver.url, "timeout": 1})
     receiver.mode = "fail"

@@ -33,7 +33,9 @@ def docker(*args: str, timeout: float = 60) -> str:
 def state(name: str) -> tuple[bool, int, int]:
     """(running, restart count, main pid); running is false while the engine waits to restart it (it says
     Running and Restarting then)."""
-    running, restarting, count, pid = docker("inspect", "--format", "{{.State.Running}} {{.State.Restarting}} {{.RestartCount}} {{.State.Pid}}", name).split()
+    running, restarting, count, pid = docker("inspect", "--format",
+                                             "{{.State.Running}} {{.State.Restarting}} {{.RestartCount}} "
+                                             "{{.State.Pid}}", name).split()
     return running == "true" and restarting == "false", int(count), int(pid)
 
 
@@ -47,7 +49,8 @@ def container(request: pytest.FixtureRequest) -> Iterator[str]:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
 
 
-def test_a_stopped_container_stays_down_for_the_window_though_its_policy_restarts_it_after_a_crash(container: str) -> None:
+def test_a_stopped_container_stays_down_for_the_window_though_its_policy_restarts_it_after_a_crash(
+        container: str) -> None:
     running, count, pid = state(container)
     assert running and count == 0
     os.kill(pid, 9)  # a crash: the policy applies (on-failure too: exit status 137)
@@ -63,5 +66,6 @@ def test_a_stopped_container_stays_down_for_the_window_though_its_policy_restart
     stopped = time.monotonic()
     while time.monotonic() - stopped < WINDOW:
         running, count, _ = state(container)
-        assert not running and count == 1, f"restarted during the window ({time.monotonic() - stopped:.2f} s after the stop)"
+        assert not running and count == 1, (f"restarted during the window ({time.monotonic() - stopped:.2f} s "
+                                            "after the stop)")
         time.sleep(0.1)

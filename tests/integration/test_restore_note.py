@@ -21,17 +21,20 @@ NOTE = "guest side: recovery NOT INSTALLED: a restore of this backup comes up wi
 
 
 def backup(setup: HookSetup, env: dict[str, str]) -> JobResult:
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env | env, timeout=120)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env | env,
+                     timeout=120)
     assert result.ok, result.task_log()
     return result
 
 
 def backup_start_commands(result: JobResult) -> list[str]:
     (rec,) = [r for r in result.records if r.phase == "backup-start"]
-    return [o.text for o in rec.output if " -> " in o.text and " ms" in o.text]  # VZDUMP_HOOK_DEBUG: one line per guest command
+    # VZDUMP_HOOK_DEBUG: one line per guest command
+    return [o.text for o in rec.output if " -> " in o.text and " ms" in o.text]
 
 
-def test_backup_start_names_a_missing_recovery_program_and_asks_only_when_needed(tmp_path: Path, test_guest: Any, compose_project: Any) -> None:
+def test_backup_start_names_a_missing_recovery_program_and_asks_only_when_needed(tmp_path: Path, test_guest: Any,
+                                                                                 compose_project: Any) -> None:
     db = compose_project("db", {"app": "sleeper"})
     compose.up(db)
     setup = HookSetup(tmp_path)
@@ -45,8 +48,8 @@ def test_backup_start_names_a_missing_recovery_program_and_asks_only_when_needed
     assert NOTE in again.task_log()  # said at every job, from the node's recent answer
     assert len(backup_start_commands(again)) < asked
 
-    r = subprocess.run([installed_hook(), "guest", "install", str(VMID), "--no-restrict"], env=setup.env | env | {"PATH": "/usr/bin:/bin"},
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([installed_hook(), "guest", "install", str(VMID), "--no-restrict"],
+                       env=setup.env | env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     installed = backup(setup, env)
     assert "guest side" not in installed.task_log()

@@ -74,11 +74,12 @@ def restricted(request: pytest.FixtureRequest, test_guest: TestGuest, setup: Hoo
 
 
 def admin(setup: HookSetup, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([installed_hook(), *args], env=setup.env | {"PATH": "/usr/bin:/bin"} | (env or {}), capture_output=True, text=True, timeout=180)
+    return subprocess.run([installed_hook(), *args], env=setup.env | {"PATH": "/usr/bin:/bin"} | (env or {}),
+                          capture_output=True, text=True, timeout=180)
 
 
-def test_the_hook_runs_a_whole_backup_through_the_restricted_key(restricted: Restricted, setup: HookSetup, test_guest: TestGuest,
-                                                                 compose_project: Any) -> None:
+def test_the_hook_runs_a_whole_backup_through_the_restricted_key(restricted: Restricted, setup: HookSetup,
+                                                                 test_guest: TestGuest, compose_project: Any) -> None:
     version = "v1" if restricted.shell == "busybox" else "v2"  # v1 labels its config files differently
     db = compose_project("db", {"app": "sleeper", "worker": "sleeper"}, compose=version)
     web = compose_project("web", {"app": "sleeper"}, compose=version)
@@ -92,7 +93,8 @@ def test_the_hook_runs_a_whole_backup_through_the_restricted_key(restricted: Res
         at_pit["running"] = running([db, web, other])
         at_pit["marker"] = restricted.marker.exists()
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env, on_point_in_time=pit, timeout=120)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env,
+                     on_point_in_time=pit, timeout=120)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
     assert at_pit == {"running": {db.name: False, web.name: False, other.name: True}, "marker": True}, log
@@ -101,7 +103,8 @@ def test_the_hook_runs_a_whole_backup_through_the_restricted_key(restricted: Res
     assert not [ln for ln in lines if "REFUSED" in ln], lines
     assert any(f"allowed: compose stop -t 30: {db.name}" in ln for ln in lines), lines
     starts = [ln.split("allowed: compose start ", 1)[1] for ln in lines if "allowed: compose start " in ln]
-    assert sorted(starts) == sorted([f"app worker: {db.name}", f"app: {web.name}"]) or sorted(starts) == sorted([f"worker app: {db.name}", f"app: {web.name}"]), lines
+    assert (sorted(starts) == sorted([f"app worker: {db.name}", f"app: {web.name}"])
+            or sorted(starts) == sorted([f"worker app: {db.name}", f"app: {web.name}"])), lines
     assert all(f"from {test_guest.host_side_ip}:" in ln for ln in lines), lines
 
     # the admin commands work through it too, and check says the key is restricted
@@ -112,11 +115,13 @@ def test_the_hook_runs_a_whole_backup_through_the_restricted_key(restricted: Res
 
 
 def test_the_hooks_transport_moves_the_marker_and_nothing_else(restricted: Restricted, test_guest: TestGuest) -> None:
-    g = configuration.validate_guest(VMID, {"ssh": {"host": test_guest.host, "identity_file": restricted.key, "known_hosts": test_guest.known_hosts_file}})
+    g = configuration.validate_guest(VMID, {"ssh": {"host": test_guest.host, "identity_file": restricted.key,
+                                                    "known_hosts": test_guest.known_hosts_file}})
     assert g.ssh is not None
     with SshTransport(g.ssh) as t:
         t.connect(10)
-        data = Marker(JobId("pve1", "b", 1, 2), VMID, "qemu", "snapshot", 1700000000.0, 1700000060.0, "stopped", ()).to_json()
+        data = Marker(JobId("pve1", "b", 1, 2), VMID, "qemu", "snapshot", 1700000000.0, 1700000060.0, "stopped",
+                      ()).to_json()
         t.write_file(str(restricted.marker), data, timeout=10)
         assert t.read_file(str(restricted.marker), limit=1000, timeout=10) == data
         with pytest.raises(TransportError, match="refused: write: invalid marker"):  # only a valid marker (issue 9)
@@ -148,9 +153,11 @@ def refused_cases(r: Restricted, sentinel: Path) -> dict[str, tuple[str, ...]]:
         "write marker and more": (shlex.join(sh(base._WRITE_SCRIPT, marker)) + f"; touch {s}",),
         "read elsewhere": (shlex.join(sh(base._READ_SCRIPT, "/etc/shadow", "100")),),
         "remove elsewhere": (shlex.join(sh(base._REMOVE_SCRIPT, "/etc/hostname")),),
-        "unknown stack": (shlex.join(sh(compose_mod._IN_DIR, "/", "docker", "compose", "-p", "no-such-stack", "start")),),
+        "unknown stack": (shlex.join(sh(compose_mod._IN_DIR, "/", "docker", "compose", "-p", "no-such-stack",
+                                        "start")),),
         "docker run": ("docker run --rm -v /:/host vzdh/busybox:test touch /host" + s,),
-        "inspect non-hex": (f"docker inspect --format '{{{{.Id}}}} {{{{.State.Running}}}} {{{{.State.Restarting}}}} {{{{.State.ExitCode}}}}' $(touch {s})",),
+        "inspect non-hex": (f"docker inspect --format '{{{{.Id}}}} {{{{.State.Running}}}} {{{{.State.Restarting}}}} "
+                            f"{{{{.State.ExitCode}}}}' $(touch {s})",),
     }
 
 
@@ -159,8 +166,10 @@ def test_anything_else_is_refused_over_ssh(restricted: Restricted, compose_proje
     compose.up(db)
     sentinel = restricted.guest.workdir / "pwned"
     cases = refused_cases(restricted, sentinel)
-    cases["compose down of a real stack"] = (shlex.join(sh(compose_mod._IN_DIR, str(db.workdir), "docker", "compose", "-p", db.name, "-f", str(db.file), "down")),)
-    cases["compose start, other workdir"] = (shlex.join(sh(compose_mod._IN_DIR, "/tmp", "docker", "compose", "-p", db.name, "-f", str(db.file), "start")),)
+    cases["compose down of a real stack"] = (shlex.join(sh(compose_mod._IN_DIR, str(db.workdir), "docker", "compose",
+                                                           "-p", db.name, "-f", str(db.file), "down")),)
+    cases["compose start, other workdir"] = (shlex.join(sh(compose_mod._IN_DIR, "/tmp", "docker", "compose",
+                                                           "-p", db.name, "-f", str(db.file), "start")),)
     for name, command in cases.items():
         p = restricted.ssh(*command)
         err = p.stderr.decode()
@@ -181,7 +190,8 @@ def test_no_login_shell_and_no_forwarding(restricted: Restricted) -> None:
     assert p.returncode == 0, p.stderr
 
 
-def test_guest_install_sets_up_the_guest_side_idempotently(setup: HookSetup, test_guest: TestGuest, compose_project: Any) -> None:
+def test_guest_install_sets_up_the_guest_side_idempotently(setup: HookSetup, test_guest: TestGuest,
+                                                           compose_project: Any) -> None:
     db = compose_project("db", {"app": "sleeper"})
     compose.up(db)
     setup.write({VMID: (test_guest, {"stacks": [db.name]})})
@@ -191,12 +201,14 @@ def test_guest_install_sets_up_the_guest_side_idempotently(setup: HookSetup, tes
     args = ("guest", "install", str(VMID), "--authorized-keys", str(keys))
 
     r = admin(setup, "check", env=env)
-    assert r.returncode == 1 and "guest side: recovery NOT INSTALLED; node key NOT restricted" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1 and "guest side: recovery NOT INSTALLED; node key NOT restricted" in r.stdout, (
+        r.stdout + r.stderr)
 
     keys_before = keys.read_bytes()
     r = admin(setup, *args, "--dry-run", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "would create" in r.stdout and "would restrict the node's key" in r.stdout and "5 change(s) to make" in r.stdout
+    assert ("would create" in r.stdout and "would restrict the node's key" in r.stdout
+            and "5 change(s) to make" in r.stdout)
     assert not root.exists() and keys.read_bytes() == keys_before
 
     r = admin(setup, *args, env=env)
@@ -207,13 +219,15 @@ def test_guest_install_sets_up_the_guest_side_idempotently(setup: HookSetup, tes
     # the node's own key now runs the hook's verbs and nothing else
     p = subprocess.run(test_guest.ssh_argv("id"), capture_output=True, timeout=60)
     assert p.returncode == 126 and b"refused" in p.stderr
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                     timeout=120)
     assert result.status is JobStatus.OK, result.task_log()
     assert f"pre-stop {VMID}: stopped {db.name}" in result.task_log()
     assert compose.running_services(db) == {"app"}
 
     r = admin(setup, "check", env=env)
-    assert r.returncode == 0 and "guest side: recovery current; node key restricted to the wrapper (current)" in r.stdout, r.stdout
+    assert (r.returncode == 0
+            and "guest side: recovery current; node key restricted to the wrapper (current)" in r.stdout), r.stdout
 
     r = admin(setup, *args, env=env)  # again: nothing to do, through the restricted key
     assert r.returncode == 0 and "everything current" in r.stdout, r.stdout + r.stderr
@@ -229,6 +243,7 @@ def test_guest_install_sets_up_the_guest_side_idempotently(setup: HookSetup, tes
         f.write(Path(admin_key + ".pub").read_text())
     r = admin(setup, *args, "--identity-file", admin_key, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "vzdump-hook-recover.timer: update" in r.stdout and "node key already restricted to the wrapper: unchanged" in r.stdout
+    assert ("vzdump-hook-recover.timer: update" in r.stdout
+            and "node key already restricted to the wrapper: unchanged" in r.stdout)
     r = admin(setup, "check", env=env)
     assert "guest side: recovery current; node key restricted to the wrapper (current)" in r.stdout, r.stdout

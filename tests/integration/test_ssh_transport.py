@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 
 def transport(g: Any, **over: Any) -> SshTransport:
-    cfg = dict(host=g.host, port=g.port, user=g.user, identity_file=g.identity_file, known_hosts=g.known_hosts_file, connect_timeout=2.0)
+    cfg = dict(host=g.host, port=g.port, user=g.user, identity_file=g.identity_file, known_hosts=g.known_hosts_file,
+               connect_timeout=2.0)
     cfg.update(over)
     return SshTransport(SshConfig(**cfg))
 
@@ -154,8 +155,10 @@ def _bad_known_hosts_lines(g: Any) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("case", ["revoked", "cert-authority", "truncated key", "not base64", "unknown key type", "no key"])
-def test_an_unsupported_known_hosts_line_is_a_clear_error_for_that_file_only(test_guest: Any, tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize("case", ["revoked", "cert-authority", "truncated key", "not base64", "unknown key type",
+                                  "no key"])
+def test_an_unsupported_known_hosts_line_is_a_clear_error_for_that_file_only(test_guest: Any, tmp_path: Path,
+                                                                             case: str) -> None:
     bad = tmp_path / "bad_known_hosts"
     lines = Path(test_guest.known_hosts_file).read_text().splitlines()
     bad.write_text("\n".join(["# a comment", "", *lines, _bad_known_hosts_lines(test_guest)[case]]) + "\n")

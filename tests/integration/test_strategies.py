@@ -36,11 +36,14 @@ def setup(tmp_path: Path) -> HookSetup:
 
 def container_times(project: compose.ComposeProject) -> dict[str, tuple[float, float]]:
     """service -> (State.StartedAt, State.FinishedAt) as Unix times, from the engine."""
-    ids = subprocess.run(["docker", "ps", "-aq", "--no-trunc", "--filter", f"label=com.docker.compose.project={project.name}"],
+    ids = subprocess.run(["docker", "ps", "-aq", "--no-trunc", "--filter",
+                          f"label=com.docker.compose.project={project.name}"],
                          check=True, capture_output=True, text=True, timeout=60).stdout.split()
     out: dict[str, tuple[float, float]] = {}
-    for c in json.loads(subprocess.run(["docker", "inspect", *ids], check=True, capture_output=True, text=True, timeout=60).stdout):
-        out[c["Config"]["Labels"]["com.docker.compose.service"]] = (_ts(c["State"]["StartedAt"]), _ts(c["State"]["FinishedAt"]))
+    for c in json.loads(subprocess.run(["docker", "inspect", *ids], check=True, capture_output=True, text=True,
+                                       timeout=60).stdout):
+        out[c["Config"]["Labels"]["com.docker.compose.service"]] = (_ts(c["State"]["StartedAt"]),
+                                                                     _ts(c["State"]["FinishedAt"]))
     return out
 
 
@@ -58,16 +61,20 @@ def host_record(setup: HookSetup) -> dict[str, Any]:
     return dict(json.loads(Path(found[0]).read_text()))
 
 
-def test_before_stop_runs_while_everything_runs_and_is_not_downtime(setup: HookSetup, test_guest: Any, compose_project: Any) -> None:
+def test_before_stop_runs_while_everything_runs_and_is_not_downtime(setup: HookSetup, test_guest: Any,
+                                                                    compose_project: Any) -> None:
     db = compose_project("db", {"app": "sleeper"})
     compose.up(db)
     seen = setup.tmp / "before-stop.txt"
     marker = test_guest.workdir / "marker.json"  # where HookSetup puts the guest's marker
     # in the guest: whether the marker exists and the app runs, then 1.5 s of work, then the time
-    script = (f"{{ test -e {marker} && echo marker || echo no-marker; docker ps -q --filter label=com.docker.compose.project={db.name} | wc -l; "
+    script = (f"{{ test -e {marker} && echo marker || echo no-marker; "
+              f"docker ps -q --filter label=com.docker.compose.project={db.name} | wc -l; "
               f"sleep 1.5; date +%s.%N; }} > {seen}")
-    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "before_stop": ["sh", "-c", script]}], "stop_timeout": 5})})
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120)
+    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "before_stop": ["sh", "-c", script]}],
+                                     "stop_timeout": 5})})
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                     timeout=120)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
     lines = seen.read_text().split()
@@ -80,20 +87,26 @@ def test_before_stop_runs_while_everything_runs_and_is_not_downtime(setup: HookS
     assert f"quiesce {VMID}: before_stop of {db.name} done in" in log, log
 
 
-def test_failing_before_stop_is_reported_and_the_stop_goes_on(setup: HookSetup, test_guest: Any, compose_project: Any) -> None:
+def test_failing_before_stop_is_reported_and_the_stop_goes_on(setup: HookSetup, test_guest: Any,
+                                                              compose_project: Any) -> None:
     db = compose_project("db", {"app": "sleeper"})
     compose.up(db)
-    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "before_stop": ["sh", "-c", "echo no checkpoint >&2; exit 3"]}], "stop_timeout": 5})})
+    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name,
+                                                 "before_stop": ["sh", "-c", "echo no checkpoint >&2; exit 3"]}],
+                                     "stop_timeout": 5})})
     at_pit: dict[str, bool] = {}
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120,
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                     timeout=120,
                      on_point_in_time=lambda ctx: at_pit.update(up=compose.running_services(db) == {"app"}))
     log = result.task_log()
     assert result.status is JobStatus.OK and at_pit == {"up": False}, log
-    assert re.search(rf"vzdump-hook: WARNING: quiesce {VMID}: before_stop of {db.name} exited 3 in .* \(no checkpoint\): stopping it all the same", log), log
+    assert re.search(rf"vzdump-hook: WARNING: quiesce {VMID}: before_stop of {db.name} exited 3 in .* "
+                     r"\(no checkpoint\): stopping it all the same", log), log
     assert compose.running_services(db) == {"app"}, log
 
 
-def test_groups_stop_in_order_and_at_once_within_a_group_start_in_reverse(setup: HookSetup, test_guest: Any, compose_project: Any) -> None:
+def test_groups_stop_in_order_and_at_once_within_a_group_start_in_reverse(setup: HookSetup, test_guest: Any,
+                                                                          compose_project: Any) -> None:
     # a and b ignore SIGTERM: each stop takes the 2 s stop timeout; at once, both end within a second
     a = compose_project("a", {"app": "stubborn"})
     b = compose_project("b", {"app": "stubborn"})
@@ -102,7 +115,8 @@ def test_groups_stop_in_order_and_at_once_within_a_group_start_in_reverse(setup:
         compose.up(p)
     stacks = [{"name": a.name, "group": 1}, {"name": c.name, "group": 2}, {"name": b.name, "group": 1}]
     setup.write({VMID: (test_guest, {"stacks": stacks, "stop_timeout": 2})})
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                     timeout=120)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
     ta, tb, tc = (container_times(p)["app"] for p in (a, b, c))
@@ -124,15 +138,17 @@ def _flag_after_resume(flag: Path, resume_phase: str, delay: float, times: dict[
     return on_phase
 
 
-def test_ready_command_ends_the_downtime_when_it_succeeds(setup: HookSetup, test_guest: Any, compose_project: Any) -> None:
+def test_ready_command_ends_the_downtime_when_it_succeeds(setup: HookSetup, test_guest: Any,
+                                                          compose_project: Any) -> None:
     db = compose_project("db", {"app": "sleeper"})
     compose.up(db)
     flag = setup.tmp / "ready-flag"
-    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"command": ["test", "-e", str(flag)]}, "ready_timeout": 30}], "stop_timeout": 5})})
+    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"command": ["test", "-e", str(flag)]},
+                                                 "ready_timeout": 30}], "stop_timeout": 5})})
     times: dict[str, float] = {}
     # the archive takes 4 s: the app is ready while it is written (the resident waits for it)
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120,
-                     on_phase=_flag_after_resume(flag, "pre-restart", 2.0, times), transfer_seconds=4)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                     timeout=120, on_phase=_flag_after_resume(flag, "pre-restart", 2.0, times), transfer_seconds=4)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
     rec = host_record(setup)
@@ -148,12 +164,15 @@ def test_ready_command_ends_the_downtime_when_it_succeeds(setup: HookSetup, test
     assert re.search(rf"{VMID}: {db.name} ready \d+\.\d s after the start, down {down:.1f} s", log), log
 
 
-def test_not_ready_in_time_is_reported_and_the_backup_is_ok(setup: HookSetup, test_guest: Any, compose_project: Any) -> None:
+def test_not_ready_in_time_is_reported_and_the_backup_is_ok(setup: HookSetup, test_guest: Any,
+                                                            compose_project: Any) -> None:
     db = compose_project("db", {"app": "sleeper"})
     compose.up(db)
     never = setup.tmp / "never"
-    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"command": ["test", "-e", str(never)]}, "ready_timeout": 2}], "stop_timeout": 5})})
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120)
+    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"command": ["test", "-e", str(never)]},
+                                                 "ready_timeout": 2}], "stop_timeout": 5})})
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT)], extra_env=setup.env,
+                     timeout=120)
     log = result.task_log()
     assert result.status is JobStatus.OK and all(r.returncode == 0 for r in result.records), log
     assert compose.running_services(db) == {"app"}
@@ -162,14 +181,16 @@ def test_not_ready_in_time_is_reported_and_the_backup_is_ok(setup: HookSetup, te
     assert host_record(setup)["not_ready"] == [db.name]
 
 
-def test_ready_healthy_waits_for_the_compose_healthcheck(setup: HookSetup, test_guest: Any, compose_project: Any) -> None:
+def test_ready_healthy_waits_for_the_compose_healthcheck(setup: HookSetup, test_guest: Any,
+                                                         compose_project: Any) -> None:
     flags = setup.tmp / "flags"
     flags.mkdir()
     health = {"test": ["CMD", "test", "-e", "/flags/ok"], "interval": "500ms", "timeout": "2s", "retries": 1}
     db = compose_project("db", {"app": {"kind": "sleeper", "healthcheck": health, "volumes": [f"{flags}:/flags"]}})
     (flags / "ok").write_text("")
     compose.up(db)
-    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"healthy": True}, "ready_timeout": 30}], "stop_timeout": 5})})
+    setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"healthy": True}, "ready_timeout": 30}],
+                                     "stop_timeout": 5})})
     times: dict[str, float] = {}
 
     def on_phase(phase: str, ctx: Context) -> None:
@@ -177,7 +198,8 @@ def test_ready_healthy_waits_for_the_compose_healthcheck(setup: HookSetup, test_
             (flags / "ok").unlink()  # unhealthy from its next start until the flag is back
         _flag_after_resume(flags / "ok", "pre-restart", 2.0, times)(phase, ctx)
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120, on_phase=on_phase)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                     timeout=120, on_phase=on_phase)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
     rec = host_record(setup)
@@ -186,24 +208,30 @@ def test_ready_healthy_waits_for_the_compose_healthcheck(setup: HookSetup, test_
     assert rec["not_ready"] == [], rec
 
 
-def test_with_ready_the_downtime_starts_when_the_check_first_fails(setup: HookSetup, test_guest: Any, compose_project: Any) -> None:
+def test_with_ready_the_downtime_starts_when_the_check_first_fails(setup: HookSetup, test_guest: Any,
+                                                                   compose_project: Any) -> None:
     # the app ignores SIGTERM: it answers until it is killed when its 2 s stop timeout runs out
     db = compose_project("db", {"app": "stubborn"})
     compose.up(db)
-    check = ["sh", "-c", f"docker ps -q --filter label=com.docker.compose.project={db.name} --filter status=running | grep -q ."]
+    check = ["sh", "-c",
+             f"docker ps -q --filter label=com.docker.compose.project={db.name} --filter status=running | grep -q ."]
     setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"command": check}}], "stop_timeout": 2})})
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                     timeout=120)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
     rec = host_record(setup)
     killed = container_times(db)["app"][1]  # when the engine saw it end
     assert rec["stop_started"] + 1.5 < rec["app_down_at"], (rec, killed)  # it answered through its stop timeout
-    assert killed <= rec["app_down_at"] < killed + 1.0, (rec, killed)  # first failed check: after the kill, within a look
+    # first failed check: after the kill, within a look
+    assert killed <= rec["app_down_at"] < killed + 1.0, (rec, killed)
     down = rec["resumed_at"] - rec["app_down_at"]
-    assert re.search(rf"^INFO: vzdump-hook: {VMID} +{db.name} +{down:.1f} +ok, crash-consistent$", log, re.M), (down, log)
+    assert re.search(rf"^INFO: vzdump-hook: {VMID} +{db.name} +{down:.1f} +ok, crash-consistent$", log,
+                     re.M), (down, log)
 
 
-def test_ready_url_is_asked_from_the_node(setup: HookSetup, test_guest: Any, compose_project: Any, tmp_path: Path) -> None:
+def test_ready_url_is_asked_from_the_node(setup: HookSetup, test_guest: Any, compose_project: Any,
+                                          tmp_path: Path) -> None:
     """`ready = { url = ... }`: a real HTTP server (python's http.server, its own process) answers 404
     until the file it serves appears, then 200."""
     import socket
@@ -216,17 +244,21 @@ def test_ready_url_is_asked_from_the_node(setup: HookSetup, test_guest: Any, com
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(docroot), str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                               "--directory", str(docroot), str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import requests
 
-        assert wait_until(lambda: _status(requests, f"http://127.0.0.1:{port}/health") == 404, 20), "http.server did not come up"
-        setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"url": f"http://127.0.0.1:{port}/health"}, "ready_timeout": 30}],
+        assert wait_until(lambda: _status(requests, f"http://127.0.0.1:{port}/health") == 404, 20), (
+            "http.server did not come up")
+        setup.write({VMID: (test_guest, {"stacks": [{"name": db.name, "ready": {"url": f"http://127.0.0.1:{port}/health"},
+                                                     "ready_timeout": 30}],
                                          "stop_timeout": 5})})
         times: dict[str, float] = {}
-        result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120,
-                         on_phase=_flag_after_resume(docroot / "health", "pre-restart", 2.0, times), transfer_seconds=4)
+        result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                         timeout=120, on_phase=_flag_after_resume(docroot / "health", "pre-restart", 2.0, times),
+                         transfer_seconds=4)
     finally:
         server.terminate()
         server.wait(10)

@@ -37,11 +37,14 @@ TRANSFER = 1.0
 
 def _prepare(root: Path) -> None:
     """Before the boot: PostgreSQL also listens in SOCK and trusts local connections (the test's writer)."""
-    uid, gid = next((int(f[2]), int(f[3])) for f in (ln.split(":") for ln in (root / "etc/passwd").read_text().splitlines()) if f[0] == "postgres")
+    uid, gid = next((int(f[2]), int(f[3]))
+                    for f in (ln.split(":") for ln in (root / "etc/passwd").read_text().splitlines())
+                    if f[0] == "postgres")
     sock = root / SOCK.lstrip("/")
     sock.mkdir(mode=0o775)
     shutil.chown(sock, uid, gid)
-    (root / "etc/postgresql/15/main/conf.d/vzdh.conf").write_text(f"unix_socket_directories = '/var/run/postgresql,{SOCK}'\n")
+    (root / "etc/postgresql/15/main/conf.d/vzdh.conf").write_text("unix_socket_directories = "
+                                                                  f"'/var/run/postgresql,{SOCK}'\n")
     hba = root / "etc/postgresql/15/main/pg_hba.conf"
     hba.write_text("local all all trust\n" + hba.read_text())
 
@@ -114,14 +117,17 @@ def restored_copy(copy: Path, scratch: Path) -> Restored:
     return restore(copy, scratch)
 
 
-def job(g: SystemdGuest, tmp: Path, scratch: Path, w: Writer, vmtype: str, mode: str, configured: bool) -> tuple[str, PointInTime, float, JobStatus]:
+def job(g: SystemdGuest, tmp: Path, scratch: Path, w: Writer, vmtype: str, mode: str,
+        configured: bool) -> tuple[str, PointInTime, float, JobStatus]:
     """One vzdump job for the guest, the hook configured for it (or for another vmid); the log, the point
     in time, when pre-stop began, the job's status."""
     stack = f'{{ kind = "systemd", name = "pg", units = ["{UNIT}"] }}'
     cfg = tmp / "config.toml"
-    cfg.write_text(f'[hook]\npve_dir = "{tmp / "pve"}"\n[guests.{VMID if configured else VMID + 1}]\ntransport = "pct"\n'
+    cfg.write_text(f'[hook]\npve_dir = "{tmp / "pve"}"\n[guests.{VMID if configured else VMID + 1}]\n'
+                   'transport = "pct"\n'
                    f'pct = {{ path = "{make_pct(g.workdir)}" }}\nstacks = [{stack}]\nstop_timeout = 20\n')
-    env = {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp / "state")}
+    env = {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp / "run"),
+           "VZDUMP_HOOK_STATE_DIR": str(tmp / "state")}
     pit = PointInTime(g, w, scratch / "copy")
     began: list[float] = []
 
@@ -134,7 +140,8 @@ def job(g: SystemdGuest, tmp: Path, scratch: Path, w: Writer, vmtype: str, mode:
     return result.task_log(), pit, began[0] if began else 0.0, result.status
 
 
-def test_negative_control_without_the_hook_the_copy_needs_crash_recovery(pg_guest: SystemdGuest, writer: Writer, tmp_path: Path, scratch: Path) -> None:
+def test_negative_control_without_the_hook_the_copy_needs_crash_recovery(pg_guest: SystemdGuest, writer: Writer,
+                                                                         tmp_path: Path, scratch: Path) -> None:
     log, pit, _, status = job(pg_guest, tmp_path, scratch, writer, "lxc", "snapshot", configured=False)
     assert status is JobStatus.OK, log
     assert pit.pg_state == "active", log
@@ -152,7 +159,8 @@ def test_with_the_hook_the_copy_starts_clean_and_holds_every_acknowledged_row(
     restored = restored_copy(scratch / "copy", scratch)
     assert restored.clean, f"the copy needed crash recovery:\n{restored.log}\n{log}"
     assert restored.ids is not None
-    assert writer.acked_until(stop_began) <= pit.acked and len(pit.acked) > 20, (stop_began, pit.at, min(writer.acked_until(stop_began) - pit.acked), log)
+    assert writer.acked_until(stop_began) <= pit.acked and len(pit.acked) > 20, (
+        stop_began, pit.at, min(writer.acked_until(stop_began) - pit.acked), log)
     missing = pit.acked - restored.ids
     assert not missing, f"{len(missing)} acknowledged rows missing from the copy, e.g. {sorted(missing)[:5]}"
     assert restored.ids <= writer.sent_ids()

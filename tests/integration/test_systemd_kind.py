@@ -44,13 +44,15 @@ UNITS = {
     "vzdh-idle.service": "[Service]\nExecStart=/bin/sleep infinity\n",
     "vzdh-other.service": "[Service]\nExecStart=/bin/sleep infinity\n",  # in no stack
     # ignores SIGTERM: systemd kills it with SIGKILL once TimeoutStopSec= runs out
-    "vzdh-stubborn.service": "[Service]\nExecStart=/bin/sh -c 'trap \"\" TERM; while :; do sleep 0.1; done'\nTimeoutStopSec=1\n"
+    "vzdh-stubborn.service": "[Service]\nExecStart=/bin/sh -c 'trap \"\" TERM; while :; do sleep 0.1; done'\n"
+                             "TimeoutStopSec=1\n"
                              "[Install]\nWantedBy=multi-user.target\n",
 }
 ENABLE = ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer", "vzdh-stubborn.service")
 USER = "alice"  # a user with a manager of its own (lingering), whose --user units a stack lists
 USER_UNITS = {
-    "vzdh-uapp.service": "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=default.target\n",
+    "vzdh-uapp.service": "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=/bin/sleep infinity\n"
+                         "[Install]\nWantedBy=default.target\n",
     "vzdh-utick.timer": "[Timer]\nOnActiveSec=1h\n[Install]\nWantedBy=timers.target\n",
     "vzdh-utick.service": "[Service]\nType=oneshot\nExecStart=/bin/true\n",
 }
@@ -133,7 +135,8 @@ def test_user_units_are_stopped_and_started_by_the_users_manager(guest: SystemdG
 
 
 def test_stops_active_units_and_their_triggers_marker_first_then_starts_exactly_those(guest: SystemdGuest) -> None:
-    assert [guest.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-sock.service", "vzdh-tick.timer")] == ["active", "active", "inactive", "active"]
+    assert [guest.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-sock.service",
+                                     "vzdh-tick.timer")] == ["active", "active", "inactive", "active"]
     ctl = controller(guest, [APP, IDLE])
     try:
         p = ctl.preflight(soon())
@@ -141,7 +144,8 @@ def test_stops_active_units_and_their_triggers_marker_first_then_starts_exactly_
         q = ctl.quiesce("lxc", "snapshot", soon())
         assert not q.errors and not q.killed
         (rec,) = q.stacks
-        assert rec.kind is Kind.SYSTEMD and rec.units == ("vzdh-app.service",)  # vzdh-sock and vzdh-tick were not running
+        # vzdh-sock and vzdh-tick were not running
+        assert rec.kind is Kind.SYSTEMD and rec.units == ("vzdh-app.service",)
         assert set(rec.triggers) == {"vzdh-sock.socket", "vzdh-tick.timer"}
         # during the window: the app is down, and neither its socket nor its timer can start anything
         assert [guest.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["inactive"] * 3
@@ -155,7 +159,8 @@ def test_stops_active_units_and_their_triggers_marker_first_then_starts_exactly_
         r = ctl.resume(soon())
         assert r.started == ("app",) and not r.failed and r.marker_removed
         assert [guest.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["active"] * 3
-        assert connects(guest.file(SOCK))  # listening again (this activates vzdh-sock.service, as it would without the hook)
+        # listening again (this activates vzdh-sock.service, as it would without the hook)
+        assert connects(guest.file(SOCK))
         assert guest.state("vzdh-idle.service") == "inactive"  # never started: it was not running
         assert not guest.file("/var/lib/vzdump-hook/marker.json").exists()
     finally:
@@ -185,7 +190,8 @@ def test_a_unit_that_will_not_start_stays_in_the_marker(guest: SystemdGuest) -> 
         q = ctl.quiesce("lxc", "snapshot", soon())
         assert q.stacks[0].units == ("vzdh-app.service",)
         fail = "/run/systemd/system/vzdh-app.service.d"  # a drop-in that makes the start fail
-        guest.ok(["sh", "-c", f"mkdir -p {fail} && printf '[Service]\\nExecStartPre=/bin/false\\n' > {fail}/fail.conf && systemctl daemon-reload"])
+        guest.ok(["sh", "-c", f"mkdir -p {fail} && printf '[Service]\\nExecStartPre=/bin/false\\n' > {fail}/fail.conf"
+                              " && systemctl daemon-reload"])
         r = ctl.resume(soon())
         assert r.failed == ("app",) and r.marker_left and "vzdh-app.service" in r.problems[0]
         left = markers.parse(guest.file("/var/lib/vzdump-hook/marker.json").read_bytes())
@@ -243,7 +249,8 @@ def guest_files(guest: SystemdGuest) -> SystemdGuest:
         guest.file(dst).chmod(0o755)
     guest.file(CONF).parent.mkdir(parents=True, exist_ok=True)
     guest.file(CONF).write_text(f"MARKER=/var/lib/vzdump-hook/marker.json\nVMID={VMID}\nLOG={WLOG}\nDEADLINE_GRACE=0\n"
-                                f"KINDS=systemd\nUNITS={' '.join(ALLOWED)}\nSYSTEMD_USER={USER}\nUSER_UNITS=vzdh-uapp.service vzdh-utick.service\n")
+                                f"KINDS=systemd\nUNITS={' '.join(ALLOWED)}\nSYSTEMD_USER={USER}\n"
+                                "USER_UNITS=vzdh-uapp.service vzdh-utick.service\n")
     return guest
 
 
@@ -253,7 +260,8 @@ def forced(g: SystemdGuest, command: str) -> subprocess.CompletedProcess[bytes]:
 
 def test_the_hook_quiesces_and_resumes_through_the_wrapper(guest_files: SystemdGuest) -> None:
     g = guest_files
-    guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": [APP, IDLE, UAPP], "stop_timeout": 10})
+    guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": [APP, IDLE, UAPP],
+                                                "stop_timeout": 10})
     ctl = GuestSession(guest, JobId("node", "boot", 1, 1), transport=WrapperTransport(g))
     q = ctl.quiesce("lxc", "snapshot", soon())
     assert not q.errors and [s.units for s in q.stacks] == [("vzdh-app.service",), ("vzdh-uapp.service",)]
@@ -285,15 +293,18 @@ def test_the_hook_quiesces_and_resumes_through_the_wrapper(guest_files: SystemdG
         (shell_join(systemctl("bob", "stop", "--", "vzdh-uapp.service")), "--user units of bob are not allowed"),
         (shell_join(systemctl("root", "stop", "--", "vzdh-app.service")), "not a user name"),
         (shell_join(systemctl(USER, "stop", "--", "vzdh-app.service")), "not one of the units USER_UNITS"),
-        (shell_join(systemctl(USER, "stop", "--", "vzdh-utick.timer", "vzdh-sock.socket")), "does not trigger a unit USER_UNITS"),
+        (shell_join(systemctl(USER, "stop", "--", "vzdh-utick.timer", "vzdh-sock.socket")),
+         "does not trigger a unit USER_UNITS"),
         (shell_join(systemctl(USER, "restart", "--", "vzdh-uapp.service")), "not one of vzdump-hook's commands"),
-        (shell_join(systemctl(USER, "stop", "--", "vzdh-uapp.service")).replace("--user", "--system"), "not one of vzdump-hook's commands"),
+        (shell_join(systemctl(USER, "stop", "--", "vzdh-uapp.service")).replace("--user", "--system"),
+         "not one of vzdump-hook's commands"),
     ],
 )
 def test_the_wrapper_refuses_what_the_settings_do_not_allow(guest_files: SystemdGuest, command: str, why: str) -> None:
     p = forced(guest_files, command)
     assert p.returncode == 126 and why in p.stderr.decode(), p
-    assert guest_files.state("vzdh-app.service") == "active" and guest_files.state("systemd-journald.service") == "active"
+    assert (guest_files.state("vzdh-app.service") == "active"
+            and guest_files.state("systemd-journald.service") == "active")
     assert guest_files.state("vzdh-other.service") == "inactive"
     assert ustate(guest_files, "vzdh-uapp.service") == "active"
 
@@ -307,7 +318,8 @@ def test_the_recovery_program_starts_what_the_marker_lists(guest_files: SystemdG
     finally:
         ctl.close()
     check = g.run(["sh", RECOVER, "--conf", CONF, "--check"])
-    assert check.returncode == 0 and b"the node is at work, nothing to do" in check.stdout, check  # deadline ahead, this boot
+    # deadline ahead, this boot
+    assert check.returncode == 0 and b"the node is at work, nothing to do" in check.stdout, check
     p = g.run(["sh", RECOVER, "--conf", CONF, "--force"])
     assert p.returncode == 0 and b"started uapp, app; marker removed" in p.stdout, p
     assert [g.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["active"] * 3
@@ -319,8 +331,10 @@ def test_the_recovery_program_starts_what_the_marker_lists(guest_files: SystemdG
     ("stack", "why"),
     [
         (StackRecord.systemd("x", ("vzdh-other.service",)), "vzdh-other.service is not one of the units UNITS"),
-        (StackRecord.systemd("x", ("vzdh-app.service",), ("systemd-journald.socket",)), "systemd-journald.socket does not trigger a unit UNITS"),
-        (StackRecord.systemd("x", ("vzdh-app.service",), user=USER), "vzdh-app.service is not one of the units USER_UNITS"),
+        (StackRecord.systemd("x", ("vzdh-app.service",), ("systemd-journald.socket",)),
+         "systemd-journald.socket does not trigger a unit UNITS"),
+        (StackRecord.systemd("x", ("vzdh-app.service",), user=USER),
+         "vzdh-app.service is not one of the units USER_UNITS"),
         (StackRecord.systemd("x", ("vzdh-uapp.service",), user="bob"), "--user units of bob: SYSTEMD_USER"),
     ],
 )
@@ -329,7 +343,8 @@ def test_the_recovery_program_starts_nothing_of_a_marker_listing_what_the_settin
     g = guest_files
     g.ok(["systemctl", "stop", "vzdh-app.service", "systemd-journald.socket"])
     try:
-        m = markers.Marker(JobId("node", "boot", 1, 1), VMID, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped", (stack,))
+        m = markers.Marker(JobId("node", "boot", 1, 1), VMID, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped",
+                           (stack,))
         g.file("/var/lib/vzdump-hook/marker.json").write_bytes(m.to_json())
         g.file("/var/lib/vzdump-hook/marker.json").chmod(0o600)
         p = g.run(["sh", RECOVER, "--conf", CONF])
@@ -349,18 +364,21 @@ def test_check_simulate_status_and_recover_on_systemd_stacks(guest: SystemdGuest
     from tests.integration.hookenv import installed_hook
 
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[hook]\npve_dir = "{tmp_path / "pve"}"\n[guests.{VMID}]\ntransport = "pct"\npct = {{ path = "{make_pct(guest.workdir)}" }}\n'
-                   'stacks = [{ kind = "systemd", name = "app", units = ["vzdh-app.service", "vzdh-sock.service", "vzdh-tick.service"] },'
+    cfg.write_text(f'[hook]\npve_dir = "{tmp_path / "pve"}"\n[guests.{VMID}]\ntransport = "pct"\n'
+                   f'pct = {{ path = "{make_pct(guest.workdir)}" }}\n'
+                   'stacks = [{ kind = "systemd", name = "app", '
+                   'units = ["vzdh-app.service", "vzdh-sock.service", "vzdh-tick.service"] },'
                    ' { kind = "systemd", name = "idle", units = ["vzdh-idle.service"] }]\n')
-    env = {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state"),
-           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    env = {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"),
+           "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
     def admin(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([installed_hook(), *args], env=env, capture_output=True, text=True, timeout=120, cwd="/")
 
     out = admin("check", str(VMID)).stdout
     assert f"{VMID} pct {VMID}: ok in" in out and "compose: not used" in out, out
-    assert "running stacks: app" in out and "a backup stops: app" in out and "configured but not running (left alone): idle" in out, out
+    assert ("running stacks: app" in out and "a backup stops: app" in out
+            and "configured but not running (left alone): idle" in out), out
     sim = admin("simulate", str(VMID), "--type", "lxc", "--pause", "0.5", "-y")
     assert sim.returncode == 0 and f"pre-stop {VMID}: stopped app" in sim.stdout + sim.stderr, sim.stdout + sim.stderr
     assert [guest.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["active"] * 3
@@ -376,4 +394,5 @@ def test_check_simulate_status_and_recover_on_systemd_stacks(guest: SystemdGuest
     r = admin("recover", "--force", str(VMID))
     assert r.returncode == 0, r.stdout + r.stderr
     assert [guest.state(u) for u in ("vzdh-app.service", "vzdh-sock.socket", "vzdh-tick.timer")] == ["active"] * 3
-    assert guest.state("vzdh-idle.service") == "inactive" and not guest.file("/var/lib/vzdump-hook/marker.json").exists()
+    assert (guest.state("vzdh-idle.service") == "inactive"
+            and not guest.file("/var/lib/vzdump-hook/marker.json").exists())

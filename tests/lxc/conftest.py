@@ -107,7 +107,8 @@ class CtCompose:
         if self.made and self.ct.state() == "FROZEN":  # a test left it frozen: compose would wait for the thaw
             self.ct.unfreeze()
         for p in self.made:
-            self.ct.attach(["sh", "-c", f"{p.shell_command('down', '-t', '0')}; rm -rf {shlex.quote(str(p.workdir))}"], timeout=120)
+            self.ct.attach(["sh", "-c", f"{p.shell_command('down', '-t', '0')}; rm -rf {shlex.quote(str(p.workdir))}"],
+                           timeout=120)
 
 
 @pytest.fixture

@@ -41,7 +41,8 @@ def problems(log: str) -> list[str]:
     """vzdump's WARN/ERROR lines and the hook's WARNING/ERROR lines, but for the note that the guest side is
     not installed (the tests do not install it)."""
     return [line for line in log.splitlines() if line.startswith(("ERROR", "WARN"))
-            or (("vzdump-hook: WARNING" in line or "vzdump-hook: ERROR" in line) and "recovery NOT INSTALLED" not in line)]
+            or (("vzdump-hook: WARNING" in line or "vzdump-hook: ERROR" in line)
+                and "recovery NOT INSTALLED" not in line)]
 
 
 class Vzdump:
@@ -89,20 +90,23 @@ class Vzdump:
     (Mode.SNAPSHOT, 1, "pre-restart"),  # snapshot_create thawed it after the snapshot
     (Mode.SNAPSHOT, 2, "pre-restart"),  # vzdump's own freeze from after pre-stop, ended by that thaw
 ], ids=["suspend", "snapshot", "snapshot-2-volumes"])
-def test_the_hook_never_sends_a_command_into_the_frozen_container(ct: LxcContainer, ct_compose: CtCompose, pct: Pct, tmp_path: Path,
-                                                                 mode: Mode, volumes: int, start_phase: str) -> None:
+def test_the_hook_never_sends_a_command_into_the_frozen_container(ct: LxcContainer, ct_compose: CtCompose, pct: Pct,
+                                                                 tmp_path: Path, mode: Mode, volumes: int,
+                                                                 start_phase: str) -> None:
     db = ct_compose.make("db", {"app": "sleeper", "side": "sleeper"})
     web = ct_compose.make("web", {"app": "sleeper"})
     table = {"transport": "pct", "pct": {"path": pct.path}, "stacks": [db.name, web.name], "stop_timeout": 10}
     config = tmp_path / "config.toml"
     config.write_text(f"[hook]\npve_dir = {toml_value(str(tmp_path / 'pve'))}\n[guests.{VMID}]\n"
                       + "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items()))
-    env = {"VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state")}
+    env = {"VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"),
+           "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state")}
     vz = Vzdump(ct, ct_compose, [db, web])
     assert len(vz.ids) == 3
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, mode, volumes=volumes)], extra_env=env, timeout=120,
-                     on_guest_suspend=vz.suspend, on_guest_resume=vz.resume, on_point_in_time=vz.point_in_time, on_phase=vz.on_phase)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, mode, volumes=volumes)], extra_env=env,
+                     timeout=120, on_guest_suspend=vz.suspend, on_guest_resume=vz.resume,
+                     on_point_in_time=vz.point_in_time, on_phase=vz.on_phase)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
     assert problems(log) == [], log
@@ -139,12 +143,14 @@ def test_the_hook_never_sends_a_command_into_the_frozen_container(ct: LxcContain
 def _config(tmp_path: Path, pct: Pct, stacks: list[str], hook: str = "") -> dict[str, str]:
     config = tmp_path / "config.toml"
     config.write_text(f"[hook]\npve_dir = {toml_value(str(tmp_path / 'pve'))}\n{hook}\n"
-                      f"[guests.{VMID}]\ntransport = \"pct\"\npct = {toml_value({'path': pct.path})}\nstacks = {toml_value(stacks)}\nstop_timeout = 10\n")
-    return {"VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state")}
+                      f"[guests.{VMID}]\ntransport = \"pct\"\npct = {toml_value({'path': pct.path})}\n"
+                      f"stacks = {toml_value(stacks)}\nstop_timeout = 10\n")
+    return {"VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"),
+            "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state")}
 
 
-def test_a_chained_script_failing_in_pre_restart_does_not_leave_the_ct_frozen(ct: LxcContainer, ct_compose: CtCompose, pct: Pct,
-                                                                              tmp_path: Path) -> None:
+def test_a_chained_script_failing_in_pre_restart_does_not_leave_the_ct_frozen(ct: LxcContainer, ct_compose: CtCompose,
+                                                                              pct: Pct, tmp_path: Path) -> None:
     """vzdump clears its resume flag before pre-restart in suspend mode: a failing pre-restart would leave
     the CT frozen for good (found here first, with the real freezer). The hook reports the chained
     script's failure and exits 0, so vzdump thaws the CT and the stacks start at post-restart."""
@@ -157,14 +163,16 @@ def test_a_chained_script_failing_in_pre_restart_does_not_leave_the_ct_frozen(ct
     result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SUSPEND)], extra_env=env, timeout=120,
                      on_guest_suspend=vz.suspend, on_guest_resume=vz.resume, on_phase=vz.on_phase)
     log = result.task_log()
-    assert result.phases(VMID) == ["backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end", "log-end"], log
+    assert result.phases(VMID) == ["backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end",
+                                   "log-end"], log
     assert f"pre-restart {VMID}: a chained script failed (exit 1); not passed on to vzdump" in log, log
     (window,) = vz.windows  # frozen once, and thawed
     assert ct.state() == "RUNNING" and in_flight(pct.calls(), *window) == [], log
     assert ct_compose.running(db) == {"app"}, log
 
 
-def test_a_ct_left_frozen_gets_no_command_until_it_is_thawed(ct: LxcContainer, ct_compose: CtCompose, pct: Pct, tmp_path: Path) -> None:
+def test_a_ct_left_frozen_gets_no_command_until_it_is_thawed(ct: LxcContainer, ct_compose: CtCompose, pct: Pct,
+                                                             tmp_path: Path) -> None:
     """The vzdump worker dies while the CT is frozen (suspend mode): nobody thaws it. The guest's
     resident sees the worker gone and would start the stacks, but sends nothing into the frozen CT (a
     command would hang there); once the CT is thawed, its next try starts them."""
@@ -201,8 +209,8 @@ def test_a_ct_left_frozen_gets_no_command_until_it_is_thawed(ct: LxcContainer, c
 
 
 
-def test_stop_mode_the_stacks_start_once_the_rebooted_container_answers(ct: LxcContainer, ct_compose: CtCompose, pct: Pct,
-                                                                        tmp_path: Path) -> None:
+def test_stop_mode_the_stacks_start_once_the_rebooted_container_answers(ct: LxcContainer, ct_compose: CtCompose,
+                                                                        pct: Pct, tmp_path: Path) -> None:
     """vzdump shuts the CT down after pre-stop and starts it in its clean-up between pre-restart and
     post-restart, with lxc-start returning before the CT's systemd and dockerd are up: the hook's
     post-restart starts the stacks once the CT answers."""
@@ -211,7 +219,8 @@ def test_stop_mode_the_stacks_start_once_the_rebooted_container_answers(ct: LxcC
     config = tmp_path / "config.toml"
     config.write_text(f"[hook]\npve_dir = {toml_value(str(tmp_path / 'pve'))}\n[guests.{VMID}]\n"
                       + "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items()))
-    env = {"VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state")}
+    env = {"VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"),
+           "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state")}
     vz = Vzdump(ct, ct_compose, [db])
     seen: dict[str, object] = {}
 

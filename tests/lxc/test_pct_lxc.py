@@ -140,7 +140,8 @@ def test_the_transport_sends_nothing_into_a_frozen_container(ct: LxcContainer, p
     assert answered["status"] == 0
 
 
-def test_docker_runs_in_the_container_and_its_containers_freeze_with_it(ct: LxcContainer, ct_compose: CtCompose) -> None:
+def test_docker_runs_in_the_container_and_its_containers_freeze_with_it(ct: LxcContainer,
+                                                                        ct_compose: CtCompose) -> None:
     p = ct_compose.make("nest", {"app": "sleeper"})
     assert ct_compose.running(p) == {"app"}
     (info,) = ct_compose.containers(p)

@@ -54,7 +54,8 @@ def agent(request: pytest.FixtureRequest, api: PveApiDouble, tmp_path: Path) -> 
 def test_argv_stdin_exit_status_and_raw_bytes_through_the_real_agent(agent: Transport, vm: TestVm) -> None:
     evil = "a b; touch /tmp/vzdh-pwned $(touch /tmp/vzdh-pwned2) `id` 'q' \"d\" \\ \n\u00e9"
     with agent as t:
-        r = t.run(["sh", "-c", 'printf "%s" "$1"; printf "\\377\\001\\205x" >&2; cat; exit 5', "sh", evil], timeout=60, stdin=b"from stdin\n")
+        r = t.run(["sh", "-c", 'printf "%s" "$1"; printf "\\377\\001\\205x" >&2; cat; exit 5', "sh", evil], timeout=60,
+                  stdin=b"from stdin\n")
         assert (r.exit_status, r.stdout, r.stderr) == (5, evil + "from stdin\n", "\ufffd\x01\ufffdx")
         status, out, err = t._exec(["sh", "-c", 'printf "\\377\\205\\000\\342\\200\\250end"'], None, 60)
         assert (status, out, err) == (0, b"\xff\x85\x00\xe2\x80\xa8end", b"")

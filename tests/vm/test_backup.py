@@ -73,7 +73,8 @@ def app(vm: TestVm) -> Iterator[App]:
     vm_compose.psql(vm, project, "create table t (id bigint primary key)")
     psql = shlex.join([f"{vm_compose.PG_BIN}/psql", "-XAtq", "-h", str(project.socket_dir()), "-U", "postgres"])
     script = WRITER.format(psql=psql.replace('"', '\\"'), acked=ACKED)
-    vm.ok(f"rm -f {ACKED}; setsid nohup sh -c {shlex.quote(script)} >/dev/null 2>&1 < /dev/null & echo $! > /run/vzdh-writer.pid")
+    vm.ok(f"rm -f {ACKED}; setsid nohup sh -c {shlex.quote(script)} >/dev/null 2>&1 < /dev/null "
+          f"& echo $! > /run/vzdh-writer.pid")
     a = App(project)
     until = time.monotonic() + 60
     while len(a.acked(vm)) < 20:
@@ -107,7 +108,8 @@ def play(vm: TestVm, app: App, setup: HookSetup, copy: Copy) -> JobResult:
         copy.acked = acked()
         copy.pg_running = "db" in vm_compose.running_services(vm, app.project)
         # the target: a sparse raw file; zeroes are punched, not written (6 GiB disk, ~1.5 GiB of data)
-        size = next(b["inserted"]["image"]["virtual-size"] for b in vm.qmp("query-block") if b["device"] == "drive-virtio0")
+        size = next(b["inserted"]["image"]["virtual-size"] for b in vm.qmp("query-block")
+                    if b["device"] == "drive-virtio0")
         subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(copy.disk), str(size)], check=True, timeout=60)
         vm.qmp("blockdev-add", {"driver": "raw", "node-name": "vzdh-copy", "discard": "unmap", "detect-zeroes": "unmap",
                                 "file": {"driver": "file", "filename": str(copy.disk), "discard": "unmap"}})
@@ -167,7 +169,8 @@ def _table(project: ComposeProject, **extra: Any) -> dict[str, Any]:
 
 def test_with_the_hook_the_disk_copy_starts_clean_and_boots_as_a_restored_backup(
         vm: TestVm, app: App, setup: HookSetup, scratch: Path) -> None:
-    guest = configuration.validate_guest(VMID, {"ssh": {"host": vm.host, "user": "root", "identity_file": vm.identity_file,
+    guest = configuration.validate_guest(VMID, {"ssh": {"host": vm.host, "user": "root",
+                                                        "identity_file": vm.identity_file,
                                                         "known_hosts": vm.known_hosts_file}, "marker_path": MARKER})
     lines: list[str] = []
     assert Installer(guest, Layout(), lines.append, restrict=False).run(), lines
@@ -184,7 +187,8 @@ def test_with_the_hook_the_disk_copy_starts_clean_and_boots_as_a_restored_backup
     data = pgdata_of(copy.disk, app.project, scratch)
     restored = restore(data, scratch)
     assert restored.clean, f"the copy needed crash recovery:\n{restored.log}\n{log}"
-    assert restored.ids is not None and copy.acked <= restored.ids, f"acknowledged rows missing: {sorted(copy.acked - (restored.ids or set()))[:5]}"
+    assert restored.ids is not None and copy.acked <= restored.ids, (
+        f"acknowledged rows missing: {sorted(copy.acked - (restored.ids or set()))[:5]}")
     # the app is back in the running VM
     n = len(app.acked(vm))
     until = time.monotonic() + 60
@@ -198,7 +202,8 @@ def test_with_the_hook_the_disk_copy_starts_clean_and_boots_as_a_restored_backup
         until = time.monotonic() + 180
         while not (vm_compose.running_services(restored_vm, app.project) == {"db"} and
                    restored_vm.ssh(f"test ! -e {MARKER}").returncode == 0):
-            assert time.monotonic() < until, restored_vm.ok("journalctl -b -u vzdump-hook-recover --no-pager | tail -20")
+            assert time.monotonic() < until, restored_vm.ok("journalctl -b -u vzdump-hook-recover --no-pager "
+                                                            "| tail -20")
             time.sleep(1)
         assert "vzdump-hook-recover" in restored_vm.ok("journalctl -b -u vzdump-hook-recover.service --no-pager -o cat")
     finally:
@@ -213,5 +218,6 @@ def test_negative_control_without_the_hook_the_disk_copy_needs_crash_recovery(
     assert result.status is JobStatus.OK, result.task_log()
     assert copy.pg_running is True
     restored = restore(pgdata_of(copy.disk, app.project, scratch), scratch)
-    assert any(s in restored.log for s in ("database system was interrupted", "not properly shut down", "redo starts")), restored.log
+    assert any(s in restored.log for s in ("database system was interrupted", "not properly shut down",
+                                           "redo starts")), restored.log
     assert CLEAN_START not in restored.log

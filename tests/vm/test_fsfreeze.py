@@ -52,7 +52,8 @@ def _ticks(vm: TestVm) -> int:
     return int(vm.ok(f"wc -l < {TICKS}", timeout=30))
 
 
-def test_writes_block_while_frozen_and_the_agent_runs_nothing(vm: TestVm, thawed: PveApiDouble, agent: Transport) -> None:
+def test_writes_block_while_frozen_and_the_agent_runs_nothing(vm: TestVm, thawed: PveApiDouble,
+                                                              agent: Transport) -> None:
     vm.ok(f"rm -f {TICKS}; setsid nohup sh -c 'while :; do echo x > /root/vzdh-tick && sync /root/vzdh-tick && "
           f"echo >> {TICKS}; sleep 0.05; done' >/dev/null 2>&1 < /dev/null & echo $! > /run/vzdh-ticker.pid")
     try:
@@ -80,7 +81,8 @@ def test_writes_block_while_frozen_and_the_agent_runs_nothing(vm: TestVm, thawed
 @pytest.fixture
 def thaw_hook(vm: TestVm) -> Iterator[None]:
     """Guest side installed, vzdump-hook-thaw in Debian's fsfreeze-hook.d, the agent restarted with -F."""
-    guest = configuration.validate_guest(VMID, {"ssh": {"host": vm.host, "user": "root", "identity_file": vm.identity_file,
+    guest = configuration.validate_guest(VMID, {"ssh": {"host": vm.host, "user": "root",
+                                                        "identity_file": vm.identity_file,
                                                         "known_hosts": vm.known_hosts_file}, "marker_path": MARKER})
     lines: list[str] = []
     assert Installer(guest, Layout(), lines.append, restrict=False).run(), lines
@@ -104,13 +106,16 @@ def thaw_hook(vm: TestVm) -> Iterator[None]:
                f"systemctl daemon-reload; systemctl restart qemu-guest-agent; rm -f {MARKER}")
 
 
-def test_the_agents_thaw_runs_the_hook_that_starts_the_stacks(vm: TestVm, thawed: PveApiDouble, thaw_hook: None) -> None:
+def test_the_agents_thaw_runs_the_hook_that_starts_the_stacks(vm: TestVm, thawed: PveApiDouble,
+                                                              thaw_hook: None) -> None:
     project = vm_compose.make(vm, "thaw", {"app": "sleeper"})
     try:
         vm_compose.up(vm, project)
-        guest = configuration.validate_guest(VMID, {"ssh": {"host": vm.host, "user": "root", "identity_file": vm.identity_file,
+        guest = configuration.validate_guest(VMID, {"ssh": {"host": vm.host, "user": "root",
+                                                            "identity_file": vm.identity_file,
                                                             "known_hosts": vm.known_hosts_file},
-                                                    "marker_path": MARKER, "stacks": [project.name], "stop_timeout": 10})
+                                                    "marker_path": MARKER, "stacks": [project.name],
+                                                    "stop_timeout": 10})
         ctl = GuestSession(guest, JobId.current())
         try:
             q = ctl.quiesce("qemu", "snapshot", time.monotonic() + 120)
@@ -127,10 +132,12 @@ def test_the_agents_thaw_runs_the_hook_that_starts_the_stacks(vm: TestVm, thawed
             _post(thawed, "fsfreeze-thaw")
         until = time.monotonic() + 60
         while vm_compose.running_services(vm, project) != {"app"} or vm.ssh(f"test -e {MARKER}").returncode == 0:
-            assert time.monotonic() < until, vm.ok("journalctl -t vzdump-hook-thaw -t vzdump-hook-recover --no-pager | tail -20")
+            assert time.monotonic() < until, vm.ok("journalctl -t vzdump-hook-thaw -t vzdump-hook-recover --no-pager "
+                                                   "| tail -20")
             time.sleep(0.5)
         started = vm_compose.started_at(vm, project)["app"]
-        assert started >= before_freeze + hold - 0.5, f"started {started - before_freeze:.2f} s after the freeze, before the thaw"
+        assert started >= before_freeze + hold - 0.5, (f"started {started - before_freeze:.2f} s after the freeze, "
+                                                       "before the thaw")
         assert "-F" in vm.ok("ps -o args= -C qemu-ga").split()
     finally:
         vm_compose.remove(vm, project)
