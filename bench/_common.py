@@ -125,12 +125,14 @@ class Load(threading.Thread):
 
     def __init__(self, socket_dir: Path, table: str = "t") -> None:
         super().__init__(daemon=True)
-        self.argv = [f"{PG_BIN}/psql", "-X", "-q", "-h", str(socket_dir), "-U", "postgres", "-c", f"insert into {table} (v) values (1)"]
+        self.argv = [f"{PG_BIN}/psql", "-X", "-q", "-h", str(socket_dir), "-U", "postgres",
+                     "-c", f"insert into {table} (v) values (1)"]
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
-            subprocess.run(self.argv, stdin=subprocess.DEVNULL, capture_output=True, env={"PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "2"})
+            subprocess.run(self.argv, stdin=subprocess.DEVNULL, capture_output=True,
+                           env={"PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "2"})
             self._halt.wait(0.02)
 
     def halt(self) -> None:
@@ -141,7 +143,8 @@ class Load(threading.Thread):
 def pg_ready(socket_dir: Path, timeout: float = 60) -> None:
     """Returns once PostgreSQL accepts connections on `socket_dir`; TimeoutError after `timeout` s."""
     until = time.monotonic() + timeout
-    while subprocess.run([f"{PG_BIN}/pg_isready", "-q", "-h", str(socket_dir), "-U", "postgres", "-t", "1"], capture_output=True).returncode:
+    while subprocess.run([f"{PG_BIN}/pg_isready", "-q", "-h", str(socket_dir), "-U", "postgres", "-t", "1"],
+                         capture_output=True).returncode:
         if time.monotonic() > until:
             raise TimeoutError(f"PostgreSQL at {socket_dir} does not answer")
         time.sleep(0.1)

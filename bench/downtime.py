@@ -88,7 +88,8 @@ def write_sh_hook(path: Path, guest: TestGuest, project: ComposeProject, marker:
     ssh = guest.ssh_argv()
     ssh[0] = shutil.which("ssh") or "/usr/bin/ssh"  # vzdump gives the hook no PATH
     workdir, m = shlex.quote(str(project.workdir)), shlex.quote(marker)
-    stop = f"mkdir -p $(dirname {m}) && echo {project.name} > {m}.tmp && sync {m}.tmp && mv {m}.tmp {m} && cd {workdir} && docker compose stop"
+    stop = (f"mkdir -p $(dirname {m}) && echo {project.name} > {m}.tmp && sync {m}.tmp && mv {m}.tmp {m} "
+            f"&& cd {workdir} && docker compose stop")
     start = f"cd {workdir} && docker compose start && rm -f {m}"
     path.write_text(SH_HOOK.format(vmid=VMID, ssh=shlex.join(ssh), stop=shlex.quote(stop), start=shlex.quote(start)))
     path.chmod(0o755)
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop modes: seconds until the guest answers SSH after vzdump starts it (default 2)")
     parser.add_argument("--runs", type=int, default=1, help="runs per type/mode and variant; the median is shown")
     parser.add_argument("--orders", default=",".join(ORDERS), help=f"comma-separated subset of {','.join(ORDERS)}")
-    parser.add_argument("--variants", default="hook,sh,baseline", help="comma-separated subset of hook,sh,baseline (default: all)")
+    parser.add_argument("--variants", default="hook,sh,baseline",
+                        help="comma-separated subset of hook,sh,baseline (default: all)")
     parser.add_argument("--compose", choices=["v1", "v2"], default="v2")
     parser.add_argument("--no-load", action="store_true", help="no write load on PostgreSQL")
     args = parser.parse_args(argv)
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             baseline_config = setup.config.rename(tmp / "baseline.toml")
             setup.write({VMID: (guest, table)})
             wrapper = tmp / "baseline-hook"
-            wrapper.write_text(BASELINE_WRAPPER.format(flagdir=tmp, hook=hook, config=baseline_config, run_dir=tmp / "baseline-run"))
+            wrapper.write_text(BASELINE_WRAPPER.format(flagdir=tmp, hook=hook, config=baseline_config,
+                                                       run_dir=tmp / "baseline-run"))
             wrapper.chmod(0o755)
             sh_hook = tmp / "sh-hook"
             write_sh_hook(sh_hook, guest, project, str(setup.marker_path(VMID)) + ".sh")
@@ -255,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)
             for order in orders:
                 for run in range(args.runs):
-                    for variant, path in [(v, p) for v, p in (("hook", hook), ("sh", str(sh_hook)), ("baseline", str(wrapper))) if v in variants]:
+                    for variant, path in [(v, p) for v, p in (("hook", hook), ("sh", str(sh_hook)),
+                                                              ("baseline", str(wrapper))) if v in variants]:
                         m = measure(path, setup, guest, project, poller, order, args.transfer, args.boot, qmp)
                         results.setdefault((order, variant), []).append(m)
                         print(f"  {order:14} {variant:8} run {run + 1}: down {fmt(m.downtime)} s "
-                              f"(unavailable {fmt(m.unavailable)} s, point in time {m.to_point_in_time:4.1f} s after the stop, "
+                              f"(unavailable {fmt(m.unavailable)} s, "
+                              f"point in time {m.to_point_in_time:4.1f} s after the stop, "
                               f"started at {m.resumed_at}){'' if m.ok else '  ! ' + m.note}", flush=True)
                         time.sleep(1)
         finally:
@@ -270,25 +275,33 @@ def main(argv: list[str] | None = None) -> int:
     took = time.monotonic() - started
 
     def med(order: str, variant: str, attr: str = "downtime") -> float:
-        values = [getattr(m, attr) for m in results.get((order, variant), []) if m.ok and getattr(m, attr) == getattr(m, attr)]
+        values = [getattr(m, attr) for m in results.get((order, variant), [])
+                  if m.ok and getattr(m, attr) == getattr(m, attr)]
         return statistics.median(values) if values else float("nan")
 
     print()
-    print("App downtime (s), pre-stop start -> PostgreSQL accepts connections again; pg_isready every 50 ms from the host;")
-    print(f"simulated transfer {args.transfer:g} s; stop modes: the guest answers SSH {args.boot:g} s after vzdump starts it;")
-    print(f"compose {args.compose}; {'no load' if args.no_load else 'write load: one INSERT per connection every 20 ms'}; "
+    print("App downtime (s), pre-stop start -> PostgreSQL accepts connections again; "
+          "pg_isready every 50 ms from the host;")
+    print(f"simulated transfer {args.transfer:g} s; "
+          f"stop modes: the guest answers SSH {args.boot:g} s after vzdump starts it;")
+    print(f"compose {args.compose}; "
+          f"{'no load' if args.no_load else 'write load: one INSERT per connection every 20 ms'}; "
           f"median of {args.runs} run(s) per cell; total {took:.0f} s.")
     print("baseline = the same hook behind a wrapper that drops pre-restart/post-restart calls before backup-end")
-    print("           (= stop at pre-stop, start at backup-end, or when the guest runs again after it), early_resume = false")
+    print("           (= stop at pre-stop, start at backup-end, or when the guest runs again after it), "
+          "early_resume = false")
     print("QEMU: QMP played by the QMP double; the point in time starts the backup job in it; the hook's resident")
     print("      starts the stacks once query-backup reports that job (\"job start\" below)")
     print()
-    print("sh       = a sh + OpenSSH hook: synced marker file and `docker compose stop` at pre-stop, `docker compose start`")
-    print("           at the earliest safe point (lxc snapshot pre-restart, lxc suspend/stop post-restart, qemu backup-end)")
+    print("sh       = a sh + OpenSSH hook: synced marker file and `docker compose stop` at pre-stop, "
+          "`docker compose start`")
+    print("           at the earliest safe point "
+          "(lxc snapshot pre-restart, lxc suspend/stop post-restart, qemu backup-end)")
     print()
     print("hook/sh  = ratio of the time PostgreSQL was unavailable (first failed poll -> accepting again), in ()")
     print()
-    header = (f"{'type/mode':14}  {'hook resumes at':15}  {'PIT after stop':>14}  {'hook':>13}  {'sh':>13}  {'baseline':>8}  "
+    header = (f"{'type/mode':14}  {'hook resumes at':15}  {'PIT after stop':>14}  "
+              f"{'hook':>13}  {'sh':>13}  {'baseline':>8}  "
               f"{'hook/sh':>7}  {'baseline/hook':>13}  {'hook: up after PIT':>18}")
     print(header)
     print("-" * len(header))
@@ -302,12 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         h, sh, b = med(order, "hook"), med(order, "sh"), med(order, "baseline")
         # against sh: the time PostgreSQL was really unavailable (first failed poll -> up), so that
         # what each hook does before it issues the stop (Python's start, the resident) is not counted
-        ratios[order], sh_ratios[order] = ratio(b, h), ratio(med(order, "hook", "unavailable"), med(order, "sh", "unavailable"))
+        ratios[order], sh_ratios[order] = ratio(b, h), ratio(med(order, "hook", "unavailable"),
+                                                             med(order, "sh", "unavailable"))
         resumed = next((m.resumed_at for m in results.get((order, "hook"), []) if m.ok), "?")
         pit = med(order, "hook", "to_point_in_time")
         after = med(order, "hook", "after_pit")
         hu, su = med(order, "hook", "unavailable"), med(order, "sh", "unavailable")
-        print(f"{order.replace('-', ' '):14}  {resumed:15}  {pit:12.1f} s  {fmt(h):>5} ({fmt(hu)})  {fmt(sh):>5} ({fmt(su)})  {fmt(b):>8}  "
+        print(f"{order.replace('-', ' '):14}  {resumed:15}  {pit:12.1f} s  "
+              f"{fmt(h):>5} ({fmt(hu)})  {fmt(sh):>5} ({fmt(su)})  {fmt(b):>8}  "
               f"{('-' if sh_ratios[order] != sh_ratios[order] else f'{sh_ratios[order]:.2f}'):>7}  "
               f"{('-' if ratios[order] != ratios[order] else f'{ratios[order]:.1f}x'):>13}  {fmt(after):>16} s")
     print()
@@ -318,12 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         if order == "qemu-snapshot" and "hook" in variants:
             after = med(order, "hook", "after_pit")
             if after == after:
-                print(f"target qemu-snapshot: PostgreSQL answers <= 0.5 s after QEMU's backup job starts (median): {after:.2f} s "
+                print("target qemu-snapshot: PostgreSQL answers <= 0.5 s after QEMU's backup job starts (median): "
+                      f"{after:.2f} s "
                       f"{'PASS' if after <= 0.5 else 'FAIL'}")
     gains = [o for o in orders if ratios[o] == ratios[o] and ratios[o] >= 1.3]
     if gains:
         print("headline (app downtime, vzdump-hook vs. resume at backup-end): " + "; ".join(
-            f"{o.replace('-', ' ')} {med(o, 'hook'):.1f} s instead of {med(o, 'baseline'):.1f} s ({ratios[o]:.1f}x shorter)"
+            f"{o.replace('-', ' ')} {med(o, 'hook'):.1f} s instead of {med(o, 'baseline'):.1f} s "
+            f"({ratios[o]:.1f}x shorter)"
             for o in gains) + ".")
     same = [o.replace("-", " ") for o in orders if ratios[o] == ratios[o] and ratios[o] < 1.3]
     if same:

@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import Load, PgPoller, machine, need_root, pg_ready, reproduce, scratch_dir  # first: puts the repository on sys.path
+# first: puts the repository on sys.path
+from _common import Load, PgPoller, machine, need_root, pg_ready, reproduce, scratch_dir
 
 from tests.infra import compose
 from tests.infra.compose import PG_BIN
@@ -41,16 +42,20 @@ def prepare_pg(root: Path) -> None:
     psql reaches it) and trusts local connections."""
     import shutil
 
-    uid, gid = next((int(f[2]), int(f[3])) for f in (ln.split(":") for ln in (root / "etc/passwd").read_text().splitlines()) if f[0] == "postgres")
+    uid, gid = next((int(f[2]), int(f[3]))
+                    for f in (ln.split(":") for ln in (root / "etc/passwd").read_text().splitlines())
+                    if f[0] == "postgres")
     sock = root / SOCK.lstrip("/")
     sock.mkdir(mode=0o775)
     shutil.chown(sock, uid, gid)
-    (root / "etc/postgresql/15/main/conf.d/vzdh.conf").write_text(f"unix_socket_directories = '/var/run/postgresql,{SOCK}'\n")
+    (root / "etc/postgresql/15/main/conf.d/vzdh.conf").write_text(
+        f"unix_socket_directories = '/var/run/postgresql,{SOCK}'\n")
     hba = root / "etc/postgresql/15/main/pg_hba.conf"
     hba.write_text("local all all trust\n" + hba.read_text())
 
 
-def measure(hook: str, env: dict[str, str], vmid: int, poller: PgPoller, transfer: float, socket_dir: Path) -> tuple[float, float, str]:
+def measure(hook: str, env: dict[str, str], vmid: int, poller: PgPoller, transfer: float,
+            socket_dir: Path) -> tuple[float, float, str]:
     """(downtime, point in time after the stop, note) of one LXC snapshot job."""
     marks: dict[str, float] = {}
 
@@ -69,7 +74,8 @@ def measure(hook: str, env: dict[str, str], vmid: int, poller: PgPoller, transfe
     samples = poller.window(t0, time.monotonic())
     down = [i for i, (_, ok) in enumerate(samples) if not ok]
     if not down or not result.ok:
-        return float("nan"), float("nan"), "no poll saw PostgreSQL down" if result.ok else f"job {result.status.value}: {result.error}"
+        return (float("nan"), float("nan"),
+                "no poll saw PostgreSQL down" if result.ok else f"job {result.status.value}: {result.error}")
     up = next((t for t, ok in samples[down[-1] + 1:] if ok), float("nan"))
     return up - t0, marks.get("pit", t0) - t0, ""
 
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             sockets = {"compose": project.socket_dir(), "systemd": sd.file(SOCK)}
             pg_ready(sockets["systemd"])
             for kind, sock in sockets.items():
-                subprocess.run([f"{PG_BIN}/psql", "-Xq", "-h", str(sock), "-U", "postgres", "-c", "create table t (id bigserial primary key, v int)"],
+                subprocess.run([f"{PG_BIN}/psql", "-Xq", "-h", str(sock), "-U", "postgres",
+                                "-c", "create table t (id bigserial primary key, v int)"],
                                check=True, capture_output=True)
                 pollers[kind] = PgPoller(sock)
                 pollers[kind].start()
@@ -111,14 +118,17 @@ def main(argv: list[str] | None = None) -> int:
                 f'[guests.{COMPOSE_VMID}]\ntransport = "pct"\npct = {{ path = "{make_pct(tmp / "ct")}" }}\n'
                 f'stacks = ["{project.name}"]\ncompose_command = "docker compose"\nstop_timeout = 30\n'
                 f'[guests.{SYSTEMD_VMID}]\ntransport = "pct"\npct = {{ path = "{make_pct(tmp / "sd")}" }}\n'
-                f'stacks = [{{ kind = "systemd", name = "pg", units = ["postgresql@15-main.service"] }}]\nstop_timeout = 30\n')
-            env = {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp / "state")}
+                f'stacks = [{{ kind = "systemd", name = "pg", units = ["postgresql@15-main.service"] }}]\n'
+                'stop_timeout = 30\n')
+            env = {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp / "run"),
+                   "VZDUMP_HOOK_STATE_DIR": str(tmp / "state")}
             time.sleep(1)
             for run in range(args.runs):
                 for kind, vmid in (("compose", COMPOSE_VMID), ("systemd", SYSTEMD_VMID)):
                     m = measure(hook, env, vmid, pollers[kind], args.transfer, sockets[kind])
                     results[kind].append(m)
-                    print(f"  {kind:8} run {run + 1}: down {m[0]:5.2f} s (point in time {m[1]:4.2f} s after the stop){'  ! ' + m[2] if m[2] else ''}", flush=True)
+                    print(f"  {kind:8} run {run + 1}: down {m[0]:5.2f} s "
+                          f"(point in time {m[1]:4.2f} s after the stop){'  ! ' + m[2] if m[2] else ''}", flush=True)
                     time.sleep(1)
         finally:
             for p in pollers.values():
@@ -134,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(values) if values else float("nan")
 
     print()
-    print("App downtime (s), LXC snapshot, pre-stop start -> PostgreSQL accepts connections again (pg_isready every 50 ms);")
-    print(f"both guests through pct exec; transfer {args.transfer:g} s; write load one INSERT per connection every 20 ms; median of {args.runs} run(s)")
+    print("App downtime (s), LXC snapshot, pre-stop start -> PostgreSQL accepts connections again "
+          "(pg_isready every 50 ms);")
+    print(f"both guests through pct exec; transfer {args.transfer:g} s; "
+          f"write load one INSERT per connection every 20 ms; median of {args.runs} run(s)")
     print(f"{'kind':8}  {'downtime':>8}  {'PIT after stop':>14}")
     for kind in results:
         print(f"{kind:8}  {med(kind, 0):8.2f}  {med(kind, 1):12.2f} s")

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.runs + 2):  # the first two: warm-up
             for name, path in variants if i % 2 == 0 else variants[::-1]:
                 for phase, rec in (("job-init", run_phase(path, "job-init", extra_env=setup.env)),
-                                   ("backup-start, guest not in config", run_phase(path, "backup-start", unconfigured, extra_env=setup.env))):
+                                   ("backup-start, guest not in config",
+                                    run_phase(path, "backup-start", unconfigured, extra_env=setup.env))):
                     if rec.returncode != 0:
                         print(f"{name} {phase}: exit {rec.returncode}")
                         return 1
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 times.setdefault((name, "job-init"), []).append(time.perf_counter() - t0)
     print()
     own = median(times[("launcher+true", "job-init")]) - median(times[("true", "job-init")])
-    print(f"The launcher itself (dash, running /bin/true instead of Python; median of {args.runs * 10}): {own * 1000:+.1f} ms per phase")
+    print(f"The launcher itself (dash, running /bin/true instead of Python; median of {args.runs * 10}): "
+          f"{own * 1000:+.1f} ms per phase")
     print()
     print(f"Wall time per phase, process start to exit (ms), median of {args.runs} runs each.")
     print(f"{'phase':36}  {'direct':>7}  {'launcher':>8}  {'launcher cost':>13}")

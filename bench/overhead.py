@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = ["no-op: job-init", "no-op: backup-start, guest not in config", *JOB_PHASES, "pre-stop + pre-restart",
             "whole job"]
     print()
-    print(f"Per-phase wall time, process start to exit (ms), median of {args.noop_runs} (no-op) / {args.runs} (job) runs; "
-          f"total {took:.0f} s.")
+    print(f"Per-phase wall time, process start to exit (ms), median of {args.noop_runs} (no-op) / {args.runs} (job) "
+          f"runs; total {took:.0f} s.")
     print("job: lxc snapshot, one busybox compose stack (compose v2), stack started again at pre-restart.")
     print()
     header = f"{'phase':42}  {'vzdump-hook':>11}  {'(min-max)':>11}  {'sh+ssh':>6}  {'diff':>5}  target"

@@ -53,10 +53,12 @@ def baseline_hook(rev: str, tmp: Path) -> str:
     """The package of `rev` under tmp, and an executable that runs it with this venv's Python."""
     src = tmp / f"baseline-{rev[:10]}"
     src.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "vzdump_hook"], check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "vzdump_hook"], check=True,
+                             capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     exe = tmp / "baseline-hook"
-    exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(src)!r})\nfrom vzdump_hook.cli import main\nmain()\n")
+    exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(src)!r})\n"
+                   "from vzdump_hook.cli import main\nmain()\n")
     exe.chmod(0o755)
     return str(exe)
 
@@ -64,8 +66,10 @@ def baseline_hook(rev: str, tmp: Path) -> str:
 def configure(setup: HookSetup, guest: TestGuest, n: int, project: compose.ComposeProject) -> None:
     tables = {}
     for vmid in range(FIRST, FIRST + n):
-        t: dict[str, object] = {"ssh": {"connect_timeout": CONNECT_TIMEOUT}, "marker_path": str(setup.tmp / "markers" / f"{vmid}.json")}
-        t.update({"stacks": [project.name], "compose_command": "docker compose", "stop_timeout": 10} if vmid == FIRST else {"stacks": ["app"]})
+        t: dict[str, object] = {"ssh": {"connect_timeout": CONNECT_TIMEOUT},
+                                "marker_path": str(setup.tmp / "markers" / f"{vmid}.json")}
+        t.update({"stacks": [project.name], "compose_command": "docker compose", "stop_timeout": 10} if vmid == FIRST
+                 else {"stacks": ["app"]})
         tables[vmid] = (guest, t)
     setup.write(tables)
 
@@ -82,7 +86,8 @@ def plant_markers(setup: HookSetup, vmids: range) -> None:
     now = time.time()
     for vmid in vmids:
         ledger.add(vmid, QUIESCE, dead, {}, "lxc")
-        m = Marker(dead, vmid, "lxc", "snapshot", now - 60, now + 3600, "stopped", (StackRecord("app", ("docker", "compose"), "/srv/app", ("/srv/app/compose.yaml",), (), True),))
+        m = Marker(dead, vmid, "lxc", "snapshot", now - 60, now + 3600, "stopped",
+                   (StackRecord("app", ("docker", "compose"), "/srv/app", ("/srv/app/compose.yaml",), (), True),))
         setup.marker_path(vmid).parent.mkdir(parents=True, exist_ok=True)
         setup.marker_path(vmid).write_bytes(m.to_json())
 
@@ -94,19 +99,23 @@ def measure_job(hook: str, env: dict[str, str]) -> None:
     result = run_job(hook, [GuestSpec(FIRST, GuestType.LXC, Mode.SNAPSHOT)], extra_env=env, timeout=120)
     wall = time.monotonic() - t0
     ok = result.ok and all(r.returncode == 0 for r in result.records)
-    print(json.dumps({"wall": wall, "maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "ok": ok, "log": "" if ok else result.task_log()}))
+    print(json.dumps({"wall": wall, "maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "ok": ok,
+                      "log": "" if ok else result.task_log()}))
 
 
 def one_job(hook: str, env: dict[str, str]) -> dict[str, object]:
-    proc = subprocess.run([sys.executable, __file__, "--measure-job", hook, json.dumps(env)], capture_output=True, text=True, timeout=300, check=True)
+    proc = subprocess.run([sys.executable, __file__, "--measure-job", hook, json.dumps(env)], capture_output=True,
+                          text=True, timeout=300, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="runs of the job-start and one-guest job rows (median); default 5")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="runs of the job-start and one-guest job rows (median); default 5")
     parser.add_argument("--sizes", default="10,50,200", help="configured guests, comma-separated (default 10,50,200)")
-    parser.add_argument("--baseline", default="", help="git revision of the baseline hook (default: git merge-base HEAD main)")
+    parser.add_argument("--baseline", default="",
+                        help="git revision of the baseline hook (default: git merge-base HEAD main)")
     parser.add_argument("--no-baseline", action="store_true", help="measure this checkout only")
     parser.add_argument("--measure-job", nargs=2, metavar=("HOOK", "ENV"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -115,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     need_root()
     sizes = [int(s) for s in args.sizes.split(",")]
-    rev = args.baseline or subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], capture_output=True, text=True, check=True).stdout.strip()
+    rev = args.baseline or subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], capture_output=True,
+                                          text=True, check=True).stdout.strip()
     print(f"reproduce: {reproduce('scale.py', sys.argv[1:] if argv is None else argv)}")
     print(machine(), flush=True)
     results: dict[tuple[str, str, int], float] = {}
@@ -123,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with scratch_dir("vzdh-scale-") as tmp, TestGuest() as guest:
         variants = [("this", installed_hook())] + ([] if args.no_baseline else [("baseline", baseline_hook(rev, tmp))])
-        print(f"this: {installed_hook()} (git {subprocess.run(['git', '-C', str(ROOT), 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()})"
+        print(f"this: {installed_hook()} "
+              f"(git {subprocess.run(['git', '-C', str(ROOT), 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()})"  # noqa: E501
               + ("" if args.no_baseline else f"; baseline: git {rev[:10]}"), flush=True)
         project = compose.make_project("scale", {"app": "sleeper"}, workdir=tmp / "p")
         try:
@@ -133,18 +144,21 @@ def main(argv: list[str] | None = None) -> int:
                     setup = HookSetup(tmp / f"{variant}-{n}")
                     setup.tmp.mkdir()
                     configure(setup, guest, n, project)
-                    first = run_phase(hook, "job-start", extra_env=setup.env, timeout=300)  # warm-up; the ledger's one full sweep
+                    # warm-up; the ledger's one full sweep
+                    first = run_phase(hook, "job-start", extra_env=setup.env, timeout=300)
                     if first.returncode != 0:
                         problems.append(f"{variant} n={n}: first job-start exited {first.returncode}")
                     if n in sizes:
-                        times = [run_phase(hook, "job-start", extra_env=setup.env, timeout=300).duration for _ in range(args.runs)]
+                        times = [run_phase(hook, "job-start", extra_env=setup.env, timeout=300).duration
+                                 for _ in range(args.runs)]
                         results[(variant, "start", n)] = median(times)
                     jobs = [one_job(hook, setup.env) for _ in range(args.runs)]
                     for j in jobs:
                         if not j["ok"]:
                             problems.append(f"{variant} n={n}: one-guest job failed\n{j['log']}")
                     results[(variant, "job", n)] = median([float(j["wall"]) for j in jobs])  # type: ignore[arg-type]
-                    results[(variant, "rss", n)] = max(float(j["maxrss_kb"]) for j in jobs) / 1024  # type: ignore[arg-type]
+                    results[(variant, "rss", n)] = max(float(j["maxrss_kb"])  # type: ignore[arg-type]
+                                                       for j in jobs) / 1024
                     if compose.running_services(project) != {"app"}:
                         problems.append(f"{variant} n={n}: stack not running after the jobs")
                         compose.start(project)
@@ -167,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"Scale: wall time (s) of job-start and of a one-guest job, max RSS (MiB) of the hook's processes; "
-          f"ssh connect_timeout {CONNECT_TIMEOUT:g} s; medians of {args.runs} runs (unreachable: 1 run); total {took:.0f} s.")
+          f"ssh connect_timeout {CONNECT_TIMEOUT:g} s; medians of {args.runs} runs (unreachable: 1 run); "
+          f"total {took:.0f} s.")
     print()
     names = [v for v, _ in variants]
     cols = (("start", "job-start, no marker (s)", "{:.2f}"), ("cut", f"job-start, {MARKED} unreachable (s)", "{:.2f}"),
@@ -186,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
 
     starts = [results[("this", "start", n)] for n in sizes]
-    verdict(f"job-start, no marker: <= {START_TARGET:g} s at every size (max {max(starts):.2f} s)", max(starts) <= START_TARGET)
+    verdict(f"job-start, no marker: <= {START_TARGET:g} s at every size (max {max(starts):.2f} s)",
+            max(starts) <= START_TARGET)
     for n in sizes:
         if n > MARKED:
-            verdict(f"job-start, {MARKED} markers unreachable, {n} guests: <= {CONNECT_TIMEOUT + 1:g} s ({results[('this', 'cut', n)]:.2f} s)",
+            verdict(f"job-start, {MARKED} markers unreachable, {n} guests: <= {CONNECT_TIMEOUT + 1:g} s "
+                    f"({results[('this', 'cut', n)]:.2f} s)",
                     results[("this", "cut", n)] <= CONNECT_TIMEOUT + 1)
     big = max(sizes)
     ratio = results[("this", "job", big)] / results[("this", "job", 1)]

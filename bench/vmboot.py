@@ -42,7 +42,8 @@ def with_variant(base: Callable[[TestVm], list[str]], strip: bool) -> Callable[[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="boots per variant, alternating; the median is shown (default 5)")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="boots per variant, alternating; the median is shown (default 5)")
     args = parser.parse_args(argv)
     need_root()
     print(f"reproduce: {reproduce('vmboot.py', sys.argv[1:] if argv is None else argv)}")
@@ -63,14 +64,17 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     vm.close()
                     shutil.rmtree(qmp_dir, ignore_errors=True)
-                print(f"  {name:30} run {run + 1}: ssh {times[name][-1][0]:5.1f} s, ready {times[name][-1][1]:5.1f} s", flush=True)
+                print(f"  {name:30} run {run + 1}: ssh {times[name][-1][0]:5.1f} s, ready {times[name][-1][1]:5.1f} s",
+                      flush=True)
     finally:
         TestVm.argv = base  # type: ignore[method-assign]
     print()
-    print(f"Test VM boot under {vm.accel.upper()}, 2 vCPUs, median of {args.runs} (range): QEMU start -> sshd answers; -> agent and docker images ready")
+    print(f"Test VM boot under {vm.accel.upper()}, 2 vCPUs, median of {args.runs} (range): QEMU start -> sshd answers; "
+          "-> agent and docker images ready")
     for name, ts in times.items():
         ssh, ready = [t[0] for t in ts], [t[1] for t in ts]
-        print(f"{name:30}  ssh {statistics.median(ssh):5.1f} s ({min(ssh):.1f}-{max(ssh):.1f})  ready {statistics.median(ready):5.1f} s ({min(ready):.1f}-{max(ready):.1f})")
+        print(f"{name:30}  ssh {statistics.median(ssh):5.1f} s ({min(ssh):.1f}-{max(ssh):.1f})  "
+              f"ready {statistics.median(ready):5.1f} s ({min(ready):.1f}-{max(ready):.1f})")
     print("target: ssh within 30 s on 2 cores under TCG")
     return 0
 

@@ -18,9 +18,10 @@ HERE = Path(__file__).resolve().parent
 CID = hashlib.sha256(b"db/0").hexdigest()  # fakedocker.cid("db", 0)
 STACK: dict[str, Any] = {"name": "db", "driver": "compose", "compose": ["docker", "compose"], "workdir": "/srv/db",
                          "files": ["/srv/db/compose.yaml"], "containers": [CID], "stopped": True, "services": ["app"]}
-HEAD: dict[str, Any] = {"schema": 1, "tool": "vzdump-hook", "job": {"node": "pve1", "boot": "0b5c3d1e-boot", "pid": 4242, "start": 987654},
-                        "vmid": 101, "vmtype": "qemu", "mode": "snapshot", "written_at": 1700000000.125, "deadline": 1700000600.5,
-                        "state": "stopped"}
+HEAD: dict[str, Any] = {"schema": 1, "tool": "vzdump-hook",
+                        "job": {"node": "pve1", "boot": "0b5c3d1e-boot", "pid": 4242, "start": 987654},
+                        "vmid": 101, "vmtype": "qemu", "mode": "snapshot", "written_at": 1700000000.125,
+                        "deadline": 1700000600.5, "state": "stopped"}
 
 
 def doc() -> dict[str, Any]:
@@ -56,10 +57,12 @@ def with_(path: str, value: Any) -> bytes:
 
 DELETE = object()
 RAW = layout(doc())
-SYSTEMD_STACK: dict[str, Any] = {"name": "db", "driver": "systemd", "units": ["db.service"], "triggers": ["db.socket"], "stopped": True}
+SYSTEMD_STACK: dict[str, Any] = {"name": "db", "driver": "systemd", "units": ["db.service"], "triggers": ["db.socket"],
+                                 "stopped": True}
 
 
-CONTAINER_STACK: dict[str, Any] = {"name": "db", "driver": "container", "engine": "docker", "names": ["db-app"], "containers": [CID], "stopped": True}
+CONTAINER_STACK: dict[str, Any] = {"name": "db", "driver": "container", "engine": "docker", "names": ["db-app"],
+                                   "containers": [CID], "stopped": True}
 
 
 def with_stack(base: dict[str, Any], **over: Any) -> bytes:
@@ -237,7 +240,8 @@ CASES: dict[str, tuple[bytes, str | None]] = {
     "ctr-id-name": (container(containers=["db-app"]), r"stacks\[0\]\.containers"),
     "ctr-fewer-ids-than-names": (container(names=["db-app", "db-web"]), r"stacks\[0\]\.containers"),
     "ctr-empty": (container(names=[], containers=[]), r"stacks\[0\]\.containers"),
-    "ctr-too-many": (container(names=[f"c{i}" for i in range(65)], containers=[f"{i:064x}" for i in range(65)]), r"stacks\[0\]\.containers"),
+    "ctr-too-many": (container(names=[f"c{i}" for i in range(65)], containers=[f"{i:064x}" for i in range(65)]),
+                     r"stacks\[0\]\.containers"),
     "ctr-stopped-missing": (container(stopped=DELETE), r"stacks\[0\]\.stopped"),
     "ctr-stopped-string": (container(stopped="true"), r"stacks\[0\]\.stopped"),
 }

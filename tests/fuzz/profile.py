@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, settings
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 _SCALE = {"ci": 1, "long": 25}[PROFILE]
-_COMMON = {"deadline": None, "database": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+_COMMON = {"deadline": None, "database": None,
+           "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 
 
 def budget(examples: int) -> settings:

@@ -12,7 +12,8 @@ from tests.corpus.generate import CONTAINER_STACK, SYSTEMD_STACK, doc
 # any JSON value, NaN and Infinity included (Python's json writes them as bare words)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-    | st.sampled_from([1, 0, -1, 10**15, 10**15 - 1, 1e10, 9999999999.999, 1e300, 10**400, "", "db", "/srv/db", "app", "vzdump-hook", "stopped"]),
+    | st.sampled_from([1, 0, -1, 10**15, 10**15 - 1, 1e10, 9999999999.999, 1e300, 10**400, "", "db", "/srv/db", "app",
+                       "vzdump-hook", "stopped"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
@@ -57,11 +58,13 @@ def marker_bytes(draw: st.DrawFn) -> bytes:
     """Bytes near a valid marker: a mutated document in one of several layouts, maybe byte-edited."""
     d = draw(mutated_docs())
     layout = draw(st.sampled_from(["indent", "compact", "ascii-off"]))
-    text = json.dumps(d, indent=1) if layout == "indent" else json.dumps(d, separators=(",", ":"), ensure_ascii=layout != "ascii-off")
+    text = (json.dumps(d, indent=1) if layout == "indent"
+            else json.dumps(d, separators=(",", ":"), ensure_ascii=layout != "ascii-off"))
     data = text.encode("utf-8", "surrogatepass")
     for _ in range(draw(st.integers(0, 2))):
         pos = draw(st.integers(0, len(data)))
         cut = draw(st.integers(0, 3))
-        ins = draw(st.binary(max_size=4) | st.sampled_from([b'"', b"\\", b",", b"}", b"]", b":", b"\\u0000", b"\\ud800", b"e9", b"\n", b'"x": 1,']))
+        ins = draw(st.binary(max_size=4) | st.sampled_from([b'"', b"\\", b",", b"}", b"]", b":", b"\\u0000", b"\\ud800",
+                                                            b"e9", b"\n", b'"x": 1,']))
         data = data[:pos] + ins + data[pos + cut:]
     return data

@@ -65,17 +65,20 @@ def answers(draw: st.DrawFn) -> tuple[list[tuple[bytes, float]], bytes, bool]:
     elif style == "close":
         wire = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body
     else:
-        wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + (f"{len(body):x}\r\n".encode() + body + b"\r\n" if body else b"") + b"0\r\n\r\n"
+        wire = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + (f"{len(body):x}\r\n".encode() + body + b"\r\n" if body else b"") + b"0\r\n\r\n")
     cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=6)))
     bounds = [0, *cuts, len(wire)]
-    pauses = draw(st.lists(st.sampled_from([0.0, 0.0, 0.01, 0.05, 0.2]), min_size=len(bounds) - 1, max_size=len(bounds) - 1))
+    pauses = draw(st.lists(st.sampled_from([0.0, 0.0, 0.01, 0.05, 0.2]), min_size=len(bounds) - 1,
+                           max_size=len(bounds) - 1))
     pieces = [(wire[a:b], p) for (a, b), p in zip(zip(bounds, bounds[1:], strict=False), pauses, strict=True)]
     return pieces, body, style in ("length", "close", "chunked")
 
 
 @budget(40)
 @given(answers())
-def test_a_request_ends_in_time_with_the_body_or_a_named_error(answer: tuple[list[tuple[bytes, float]], bytes, bool]) -> None:
+def test_a_request_ends_in_time_with_the_body_or_a_named_error(
+        answer: tuple[list[tuple[bytes, float]], bytes, bool]) -> None:
     pieces, body, honest = answer
     listener, thread = serve_once(pieces)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/x"

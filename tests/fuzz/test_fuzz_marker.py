@@ -45,7 +45,8 @@ def node_verdict(data: bytes) -> markers.Marker | None:
             continue
         if s.kind is Kind.CONTAINER:
             assert s.engine in ENGINES and 1 <= len(s.containers) == len(s.names) <= 64
-            assert all(valid_container_name(n) for n in s.names) and all(re.fullmatch(r"[0-9a-f]{64}", c) for c in s.containers)
+            assert (all(valid_container_name(n) for n in s.names)
+                    and all(re.fullmatch(r"[0-9a-f]{64}", c) for c in s.containers))
             continue
         assert s.compose in markers.ALLOWED_COMPOSE and s.workdir.startswith("/")
         assert all(type(x) is str for x in (*s.files, *s.containers, *s.services))
@@ -136,13 +137,15 @@ CONTAINER_BOUNDS = {
     "shortest-name": (container(names=["a"]), True),
     "name-dots": (container(names=["db.app_1-x"]), True),
     "64-containers": (container(names=[f"c{i}" for i in range(64)], containers=[f"{i:064x}" for i in range(64)]), True),
-    "65-containers": (container(names=[f"c{i}" for i in range(65)], containers=[f"{i:064x}" for i in range(65)]), False),
+    "65-containers": (container(names=[f"c{i}" for i in range(65)], containers=[f"{i:064x}" for i in range(65)]),
+                      False),
     "id-63": (container(containers=[CID[:63]]), False),
     "id-65": (container(containers=[CID + "0"]), False),
     "more-ids-than-names": (container(containers=[CID, CID[::-1]]), False),
 }
 
-BOUNDS = {**{f"systemd-{k}": v for k, v in SYSTEMD_BOUNDS.items()}, **{f"container-{k}": v for k, v in CONTAINER_BOUNDS.items()}}
+BOUNDS = {**{f"systemd-{k}": v for k, v in SYSTEMD_BOUNDS.items()},
+          **{f"container-{k}": v for k, v in CONTAINER_BOUNDS.items()}}
 
 
 @pytest.mark.parametrize("awk", sorted(AWKS))

@@ -33,7 +33,8 @@ def _projects(g: Guest) -> dict[str, dict[str, Any]]:
     srv = g.root / "srv"
     return {
         "db": {"workdir": f"{srv}/db", "files": [f"{srv}/db/compose.yaml"], "services": ("app", "worker")},
-        "web": {"workdir": f"{srv}/web", "files": [f"{srv}/web/compose.yaml", f"{srv}/web/over ride.yaml"], "services": ("app",)},
+        "web": {"workdir": f"{srv}/web", "files": [f"{srv}/web/compose.yaml", f"{srv}/web/over ride.yaml"],
+                "services": ("app",)},
         "other": {"workdir": f"{srv}/other", "files": [f"{srv}/other/compose.yaml"], "services": ("app",)},
         "inmarker": {"workdir": f"{srv}/inmarker", "files": [f"{mdir}/compose.yaml"], "services": ("app",)},
     }
@@ -44,7 +45,8 @@ def stacks(draw: st.DrawFn, projects: dict[str, dict[str, Any]], mdir: str) -> d
     names = [*projects, "evil", "gone"]
     name = draw(st.sampled_from(names))
     workdirs = [p["workdir"] for p in projects.values()] + ["/tmp/evil", mdir, "/"]
-    files = [f for p in projects.values() for f in p["files"]] + ["/tmp/evil/compose.yaml", f"{mdir}/marker.json", "/etc/passwd"]
+    files = ([f for p in projects.values() for f in p["files"]]
+             + ["/tmp/evil/compose.yaml", f"{mdir}/marker.json", "/etc/passwd"])
     ids = [cid(n, i) for n in projects for i in range(2)] + [cid("nope", 0), "ab" * 32, VICTIM]
     real = projects.get(name)
     exact = real is not None and draw(st.integers(0, 3)) > 0  # mostly the stack as docker has it, else anything
@@ -71,8 +73,9 @@ def container_stacks(draw: st.DrawFn, projects: dict[str, dict[str, Any]]) -> di
 
 
 def _marker(stack_list: list[dict[str, Any]]) -> bytes:
-    head = {"schema": 1, "tool": "vzdump-hook", "job": {"node": "pve1", "boot": "b", "pid": 1, "start": 2}, "vmid": 101, "vmtype": "qemu",
-            "mode": "snapshot", "written_at": 1700000000, "deadline": 1700000600, "state": "stopped", "stacks": stack_list}
+    head = {"schema": 1, "tool": "vzdump-hook", "job": {"node": "pve1", "boot": "b", "pid": 1, "start": 2}, "vmid": 101,
+            "vmtype": "qemu", "mode": "snapshot", "written_at": 1700000000, "deadline": 1700000600, "state": "stopped",
+            "stacks": stack_list}
     return json.dumps(head, indent=1).encode()
 
 
@@ -111,7 +114,8 @@ def check_calls(calls: list[dict[str, Any]], projects: dict[str, dict[str, Any]]
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_recovery_starts_nothing_outside_the_validated_project(shell: str, tmp_path_factory: pytest.TempPathFactory, busybox_bin: Path) -> None:
+def test_recovery_starts_nothing_outside_the_validated_project(shell: str, tmp_path_factory: pytest.TempPathFactory,
+                                                               busybox_bin: Path) -> None:
     g = make_guest(shell, tmp_path_factory.mktemp(f"recover-{shell}"), busybox_bin)
     projects = _projects(g)
     for p in projects.values():
@@ -122,8 +126,9 @@ def test_recovery_starts_nothing_outside_the_validated_project(shell: str, tmp_p
     outcomes: dict[int, int] = {}
 
     db = projects["db"]
-    as_written = {"name": "db", "driver": "compose", "compose": ["docker", "compose"], "workdir": db["workdir"], "files": db["files"],
-                  "containers": [cid("db", 0), cid("db", 1)], "stopped": True, "services": ["app", "worker"]}
+    as_written = {"name": "db", "driver": "compose", "compose": ["docker", "compose"], "workdir": db["workdir"],
+                  "files": db["files"], "containers": [cid("db", 0), cid("db", 1)], "stopped": True,
+                  "services": ["app", "worker"]}
 
     victim = {"name": "app", "driver": "container", "engine": "docker", "names": ["c0", "c1"],
               "containers": [cid("db", 0), VICTIM], "stopped": True}

@@ -30,7 +30,8 @@ PROJECTS = {  # name -> (workdir, files, services)
 IDS = [cid(n, i) for n, (_, _, svcs) in PROJECTS.items() for i in range(len(svcs))]
 INSPECT = "{{.Id}} {{.State.Running}} {{.State.Restarting}} {{.State.ExitCode}}"
 SERVICES = '{{.Label "com.docker.compose.service"}}'
-LIST = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running", "--format", compose_mod._LIST_FORMAT]
+LIST = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running",
+        "--format", compose_mod._LIST_FORMAT]
 CLIS = (("docker", "compose"), ("docker-compose",))
 # container stacks: one container by name (db's worker), and web's containers by a label
 CONTAINERS, LABELS = ["db-worker-1"], ["com.docker.compose.project=web"]
@@ -78,11 +79,13 @@ def controller_sends(words: list[str]) -> bool:
 def hook_sends(argv: list[str], marker: str, ctl: str = "") -> bool:
     """True when `argv` is a command line vzdump-hook sends to this guest (transports/base.py,
     stacks/compose.py, guest_install.py)."""
-    if argv in (["true"], sh(compose_mod._DETECT), LIST, sh(base._WRITE_SCRIPT, marker), sh(base._REMOVE_SCRIPT, marker)):
+    if argv in (["true"], sh(compose_mod._DETECT), LIST, sh(base._WRITE_SCRIPT, marker),
+                sh(base._REMOVE_SCRIPT, marker)):
         return True
     if argv[:-1] == sh(base._READ_SCRIPT, marker):
         return _digits(argv[-1], 9)
-    if len(argv) == 8 and argv[:3] == ["docker", "ps", "--filter"] and argv[4:] == ["--filter", "status=running", "--format", SERVICES]:
+    if (len(argv) == 8 and argv[:3] == ["docker", "ps", "--filter"]
+            and argv[4:] == ["--filter", "status=running", "--format", SERVICES]):
         return argv[3].startswith("label=com.docker.compose.project=") and valid_stack_name(argv[3].split("=", 2)[2])
     if argv[:4] == ["docker", "inspect", "--format", INSPECT]:
         return _ids(argv[4:], known=False)
@@ -112,7 +115,8 @@ def hook_sends(argv: list[str], marker: str, ctl: str = "") -> bool:
 def container_sends(rest: list[str]) -> bool:
     """True when `ENGINE container REST` is a command line of the container kind for this guest."""
     listing = ["ls", "--no-trunc", "--filter", "status=running"]
-    if rest in ([*listing, "--format", container_mod.LIST_FORMAT], *([*listing, "--filter", f"label={lb}", "--format", container_mod.LIST_FORMAT] for lb in LABELS)):
+    if rest in ([*listing, "--format", container_mod.LIST_FORMAT],
+                *([*listing, "--filter", f"label={lb}", "--format", container_mod.LIST_FORMAT] for lb in LABELS)):
         return True
     if rest[:3] == ["inspect", "--format", container_mod.INSPECT_FORMAT]:
         return bool(rest[3:]) and all(i in CONTAINER_IDS for i in rest[3:])
@@ -121,10 +125,11 @@ def container_sends(rest: list[str]) -> bool:
     return len(rest) == 2 and rest[0] == "start" and rest[1] in CONTAINER_IDS
 
 
-EVIL = ["; id", "$(id)", "`id`", "\nid", "id", "-v", "--privileged", "-H", "tcp://evil", "/tmp/evil", "/srv/db/../../etc", "db", "DB", "db ",
-        "\uff44b", "d\u200bb", "\u2028", "..", "*", "'", '"', "\\", "-t", "start", "stop", "down", "exec", "run", "-f", "-p", "0", "9" * 12,
-        "/srv/db", "/srv/web/over ride.yaml", "app", "worker", cid("db", 0), cid("db", 0)[:12], "ab" * 32, cid("nope", 0), "status",
-        "container", "podman", "rm", "ls", "-a", "label=com.docker.compose.project=db", "label=com.docker.compose.project"]
+EVIL = ["; id", "$(id)", "`id`", "\nid", "id", "-v", "--privileged", "-H", "tcp://evil", "/tmp/evil",
+        "/srv/db/../../etc", "db", "DB", "db ", "\uff44b", "d\u200bb", "\u2028", "..", "*", "'", '"', "\\", "-t",
+        "start", "stop", "down", "exec", "run", "-f", "-p", "0", "9" * 12, "/srv/db", "/srv/web/over ride.yaml", "app",
+        "worker", cid("db", 0), cid("db", 0)[:12], "ab" * 32, cid("nope", 0), "status", "container", "podman", "rm",
+        "ls", "-a", "label=com.docker.compose.project=db", "label=com.docker.compose.project"]
 
 
 @st.composite
@@ -136,10 +141,14 @@ def base_argvs(draw: st.DrawFn, marker: str, ctl: str) -> list[str]:
     cli = draw(st.sampled_from(CLIS))
     compose_head = sh(compose_mod._IN_DIR, wd, *cli, "-p", name, *[w for f in files for w in ("-f", f)])
     return draw(st.sampled_from([
-        ["true"], sh(compose_mod._DETECT), LIST, sh(base._WRITE_SCRIPT, marker), sh(base._READ_SCRIPT, marker, num), sh(base._REMOVE_SCRIPT, marker),
-        ["docker", "ps", "--filter", f"label=com.docker.compose.project={name}", "--filter", "status=running", "--format", SERVICES],
-        ["docker", "inspect", "--format", INSPECT, *ids], ["docker", "stop", "-t", num, *ids], ["docker", "start", *ids],
-        [*compose_head, "stop", "-t", num], [*compose_head, "start", *draw(st.lists(st.sampled_from(svcs), max_size=2))],
+        ["true"], sh(compose_mod._DETECT), LIST, sh(base._WRITE_SCRIPT, marker), sh(base._READ_SCRIPT, marker, num),
+        sh(base._REMOVE_SCRIPT, marker),
+        ["docker", "ps", "--filter", f"label=com.docker.compose.project={name}", "--filter", "status=running",
+         "--format", SERVICES],
+        ["docker", "inspect", "--format", INSPECT, *ids], ["docker", "stop", "-t", num, *ids],
+        ["docker", "start", *ids],
+        [*compose_head, "stop", "-t", num],
+        [*compose_head, "start", *draw(st.lists(st.sampled_from(svcs), max_size=2))],
         ["/usr/local/sbin/vzdump-hook-wrapper", "status", "/etc/vzdump-hook/guest.conf"],
         *container_argvs(draw, num, ids),
         [ctl, "signal", "quiesce", "--job", JOB, "--vmid", "101", "--mode", "snapshot", "--deadline", "1700000600.5",
@@ -201,7 +210,8 @@ def respaced(draw: st.DrawFn, line: str) -> str:
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_the_wrapper_accepts_only_the_hooks_lines(shell: str, tmp_path_factory: pytest.TempPathFactory, busybox_bin: Path) -> None:
+def test_the_wrapper_accepts_only_the_hooks_lines(shell: str, tmp_path_factory: pytest.TempPathFactory,
+                                                  busybox_bin: Path) -> None:
     g: Guest = make_guest(shell, tmp_path_factory.mktemp(f"wrapper-{shell}"), busybox_bin)
     for name, (wd, files, svcs) in PROJECTS.items():
         g.docker.add_project(name, svcs, workdir=wd, files=list(files))

@@ -167,7 +167,8 @@ def _inspect(state: dict[str, Any], args: list[str]) -> int:
             ".State.OOMKilled": "false",
         }
         # the healthcheck's status as `{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}` renders it
-        fmt_here = fmt.replace("{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}", c.get("health", "none"))
+        fmt_here = fmt.replace("{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}",
+                               c.get("health", "none"))
         print(_render(fmt_here, fields, {}))
     return status
 
@@ -236,7 +237,8 @@ def main(argv: list[str]) -> int:
     _record([prog, *args])
     with _state() as state:
         if state.get("engine_down"):
-            print("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?", file=sys.stderr)
+            print("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?",
+                  file=sys.stderr)
             return 1
         if prog == "docker-compose":
             return _compose(state, args) if state.get("compose_v1", True) else 127

@@ -80,7 +80,8 @@ def refused_lines(cmd: str) -> dict[str, str]:
         "vmid zero-led": f"{cmd} signal done --job {job} --vmid 0101",
         "quiesce incomplete": f"{cmd} signal quiesce --job {job} --vmid 101 --mode snapshot",
         "quiesce bad mode": f"{cmd} signal quiesce --job {job} --vmid 101 --mode fast --deadline 1 --answer-within 5",
-        "deadline not a number": f"{cmd} signal quiesce --job {job} --vmid 101 --mode stop --deadline 1e9 --answer-within 5",
+        "deadline not a number": f"{cmd} signal quiesce --job {job} --vmid 101 --mode stop --deadline 1e9 "
+                                 "--answer-within 5",
         "mode outside quiesce": f"{cmd} signal done --job {job} --vmid 101 --mode stop",
         "status with options": f"{cmd} signal status --job {job}",
         "option without value": f"{cmd} signal done --vmid 101 --job",
@@ -98,7 +99,8 @@ def test_anything_but_a_message_is_refused(guest: Guest, command: list[str], cas
 
 
 def test_without_a_controller_stack_the_verb_is_refused(guest: Guest, command: list[str]) -> None:
-    g = configuration.validate_guest(101, {"ssh": {"host": "192.0.2.1"}, "marker_path": str(guest.marker), "stacks": ["db"]})
+    g = configuration.validate_guest(101, {"ssh": {"host": "192.0.2.1"}, "marker_path": str(guest.marker),
+                                           "stacks": ["db"]})
     text = conf_text(g, Layout()).decode()
     guest.conf.write_text(text + f"LOG={guest.root / LOG_NAME}\nROOT={guest.root}\nCONTROLLER={' '.join(command)}\n")
     p = forced(guest, f"{' '.join(command)} signal status")

@@ -27,17 +27,18 @@ def boot_time() -> float:
         return time.time() - float(f.read().split()[0])
 
 
-def record(name: str, services: tuple[str, ...] = ("app",), workdir: str | None = None, files: tuple[str, ...] | None = None,
-           compose: tuple[str, ...] = ("docker", "compose")) -> StackRecord:
+def record(name: str, services: tuple[str, ...] = ("app",), workdir: str | None = None,
+           files: tuple[str, ...] | None = None, compose: tuple[str, ...] = ("docker", "compose")) -> StackRecord:
     workdir = workdir or f"/srv/{name}"
     files = files if files is not None else (f"{workdir}/compose.yaml",)
     return StackRecord(name, compose, workdir, files, tuple(cid(name, i) for i in range(len(services))), True, services)
 
 
-def marker_bytes(stacks: tuple[StackRecord, ...], *, deadline_in: float = 600, written_ago: float = 5, state: str = "stopped",
-                 vmid: int = VMID) -> bytes:
+def marker_bytes(stacks: tuple[StackRecord, ...], *, deadline_in: float = 600, written_ago: float = 5,
+                 state: str = "stopped", vmid: int = VMID) -> bytes:
     now = time.time()
-    return Marker(JOB, vmid, "qemu", "snapshot", now - written_ago, now - written_ago + deadline_in, state, stacks).to_json()
+    return Marker(JOB, vmid, "qemu", "snapshot", now - written_ago, now - written_ago + deadline_in, state,
+                  stacks).to_json()
 
 
 def put(g: Guest, data: bytes, mtime: float | None = None) -> None:
@@ -57,7 +58,8 @@ def setup_stacks(g: Guest, *names: str, **knobs: Any) -> tuple[StackRecord, ...]
 
 
 def compose_calls(g: Guest) -> list[tuple[list[str], str]]:
-    return [(c["argv"], c["cwd"]) for c in g.docker.calls() if c["argv"][:2] == ["docker", "compose"] and "version" not in c["argv"]]
+    return [(c["argv"], c["cwd"]) for c in g.docker.calls()
+            if c["argv"][:2] == ["docker", "compose"] and "version" not in c["argv"]]
 
 
 def recover(g: Guest, *args: str) -> tuple[int, str]:
@@ -133,7 +135,8 @@ def test_restored_backup_with_a_stopping_marker_and_an_edited_compose_file(guest
     # a backup restored days later: the marker inside it says "stopping" (taken mid-quiesce), its
     # times are old, and compose can no longer load one project: its containers are started by id
     recs = setup_stacks(guest, "db", "web", web={"compose_broken": True})
-    put(guest, marker_bytes(recs, deadline_in=600, written_ago=3 * 86400, state="stopping"), mtime=time.time() - 3 * 86400)
+    put(guest, marker_bytes(recs, deadline_in=600, written_ago=3 * 86400, state="stopping"),
+        mtime=time.time() - 3 * 86400)
     code, out = recover(guest)
     assert code == 0, out
     assert guest.docker.running() == {"db": True, "web": True}
@@ -187,7 +190,8 @@ def test_a_restart_loop_is_not_up(guest: Guest) -> None:
 
 def test_containers_recreated_since_the_stop_count_when_their_services_run(guest: Guest) -> None:
     guest.docker.add_project("db", ("app", "worker"), running=False)  # new containers (new ids) since
-    old = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), (cid("old-db", 0), cid("old-db", 1)), True, ("app", "worker"))
+    old = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",),
+                      (cid("old-db", 0), cid("old-db", 1)), True, ("app", "worker"))
     put(guest, marker_bytes((old,), deadline_in=1, written_ago=100))
     code, out = recover(guest)
     assert code == 0, out
@@ -227,13 +231,15 @@ def test_a_marker_replaced_while_starting_is_not_removed(guest: Guest) -> None:
 def test_paths_and_names_are_used_literally(guest: Guest) -> None:
     odd = guest.root / "d b $(touch PWNED) `touch PWNED2` 'q' caf\u00e9"
     odd.mkdir()
-    rec = StackRecord("db", ("docker-compose",), str(odd), (f"{odd}/x;y.yml", f"{odd}/*"), (cid("db", 0),), True, ("app",))
+    rec = StackRecord("db", ("docker-compose",), str(odd), (f"{odd}/x;y.yml", f"{odd}/*"), (cid("db", 0),), True,
+                      ("app",))
     guest.docker.add_project("db", ("app",), workdir=str(odd), files=list(rec.files), running=False)
     put(guest, marker_bytes((rec,), deadline_in=1, written_ago=100))  # json.dumps escapes the é as \u00e9
     code, out = recover(guest)
     assert code == 0, out
     v1 = [c for c in guest.docker.calls() if c["argv"][0] == "docker-compose"]
-    assert [c["argv"] for c in v1] == [["docker-compose", "-p", "db", "-f", f"{odd}/x;y.yml", "-f", f"{odd}/*", "start", "app"]]
+    assert [c["argv"] for c in v1] == [["docker-compose", "-p", "db", "-f", f"{odd}/x;y.yml", "-f", f"{odd}/*",
+                                        "start", "app"]]
     assert v1[0]["cwd"] == str(odd)
     assert not list(guest.root.rglob("PWNED*"))
 
@@ -245,7 +251,8 @@ def test_services_absent_means_all_of_the_project(guest: Guest) -> None:
     put(guest, json.dumps(d).encode())
     code, out = recover(guest)
     assert code == 0, out
-    assert [a for a, _ in compose_calls(guest)] == [["docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "start"]]
+    assert [a for a, _ in compose_calls(guest)] == [["docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml",
+                                                     "start"]]
 
 
 def _valid() -> dict[str, Any]:
@@ -371,7 +378,8 @@ def test_any_valid_json_layout_is_read(case: str, guest: Guest) -> None:
     code, out = recover(guest)
     assert code == 0, out
     assert "started db; marker removed" in out
-    assert [a for a, _ in compose_calls(guest)] == [["docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "start", "app"]]
+    assert [a for a, _ in compose_calls(guest)] == [["docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml",
+                                                     "start", "app"]]
 
 
 def test_foreign_tool_is_left_alone(guest: Guest) -> None:
@@ -420,8 +428,10 @@ def test_a_container_of_another_project_is_not_started(guest: Guest) -> None:
     guest.docker.add_project("db", ("app",), running=False)
     guest.docker.add_project("other", ("app",), running=False)
     foreign = cid("other", 0)
-    rec = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), (cid("db", 0), foreign), True, ())
-    _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100), f"container {foreign[:12]} is not one of that project")
+    rec = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), (cid("db", 0), foreign), True,
+                      ())
+    _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100),
+              f"container {foreign[:12]} is not one of that project")
     assert guest.docker.running() == {"db": False, "other": False}
 
 
@@ -431,22 +441,26 @@ def test_a_container_of_another_project_is_not_started(guest: Guest) -> None:
     ("/srv/db", ("/srv/db/compose.yaml", "/tmp/evil/post-start.yaml")),
     ("/srv/db", ()),
 ])
-def test_a_working_directory_or_compose_file_other_than_the_labels_is_refused(guest: Guest, workdir: str, files: tuple[str, ...]) -> None:
+def test_a_working_directory_or_compose_file_other_than_the_labels_is_refused(guest: Guest, workdir: str,
+                                                                              files: tuple[str, ...]) -> None:
     # compose runs `post_start` hooks of the files it is given: only the project's own files are
     guest.docker.add_project("db", ("app",), running=False)
     rec = StackRecord("db", ("docker", "compose"), workdir, files, (cid("db", 0),), True, ("app",))
-    _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100), "are not those docker's labels give for that project")
+    _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100),
+              "are not those docker's labels give for that project")
 
 
 def test_a_compose_file_in_the_markers_directory_is_refused(guest: Guest) -> None:
     # the marker is JSON, hence YAML: the key that writes it must not be able to write a compose file
     mdir = str(guest.marker.parent)
     guest.docker.add_project("db", ("app",), running=False, workdir="/srv/db", files=[f"{mdir}/compose.yaml"])
-    rec = StackRecord("db", ("docker", "compose"), "/srv/db", (f"{mdir}/compose.yaml",), (cid("db", 0),), True, ("app",))
+    rec = StackRecord("db", ("docker", "compose"), "/srv/db", (f"{mdir}/compose.yaml",), (cid("db", 0),), True,
+                      ("app",))
     _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100), "a compose file in the marker's directory")
     guest.docker.add_project("db", ("app",), running=False, workdir=mdir, files=[])
     rec = StackRecord("db", ("docker", "compose"), mdir, (), (cid("db", 0),), True, ("app",))
-    _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100), "working directory in the marker's directory")
+    _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100),
+              "working directory in the marker's directory")
 
 
 def _insecure_cases(g: Guest) -> dict[str, tuple[Any, str]]:
@@ -536,7 +550,8 @@ def test_a_stack_of_no_existing_project_cannot_name_another_projects_container(g
     # and the containers it lists were started by id
     guest.docker.add_project("db", ("app",), running=False)
     rec = StackRecord("evil", ("docker", "compose"), "/srv/evil", (), (cid("db", 0),), True, ())
-    _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100), f"container {cid('db', 0)[:12]} is not one of that project")
+    _unusable(guest, marker_bytes((rec,), deadline_in=1, written_ago=100),
+              f"container {cid('db', 0)[:12]} is not one of that project")
     assert guest.docker.running() == {"db": False}
 
 
@@ -549,8 +564,10 @@ def test_container_stacks_start_one_by_one_last_stopped_first_and_only_allowed_o
     guest.docker.add_project("db", ("app", "worker"), running=False)
     guest.docker.add_project("web", ("app",), running=False)
     guest.docker.add_project("other", ("app",), running=False)
-    app = StackRecord.container("app", "docker", ("db-app-1", "db-worker-1"), (cid("db", 0), cid("db", 1)), stopped=True)
-    web = StackRecord.container("web", "podman", ("web-app-1",), (cid("web", 0),), stopped=True)  # (the stand-in is podman too)
+    app = StackRecord.container("app", "docker", ("db-app-1", "db-worker-1"), (cid("db", 0), cid("db", 1)),
+                                stopped=True)
+    # (the stand-in is podman too)
+    web = StackRecord.container("web", "podman", ("web-app-1",), (cid("web", 0),), stopped=True)
     put(guest, marker_bytes((app, web), deadline_in=10, written_ago=20))
     code, out = recover(guest)
     assert code == 0 and "started web, app; marker removed" in out, out
@@ -560,7 +577,8 @@ def test_container_stacks_start_one_by_one_last_stopped_first_and_only_allowed_o
                       ["docker", "container", "start", cid("db", 0)]]
     # a marker naming a container the settings do not allow: nothing started, the marker kept
     guest.docker.set_running("db", False)
-    other = StackRecord.container("app", "docker", ("db-app-1", "other-app-1"), (cid("db", 0), cid("other", 0)), stopped=True)
+    other = StackRecord.container("app", "docker", ("db-app-1", "other-app-1"), (cid("db", 0), cid("other", 0)),
+                                  stopped=True)
     data = marker_bytes((other,), deadline_in=10, written_ago=20)
     put(guest, data)
     before = len(guest.docker.calls())

@@ -42,13 +42,15 @@ def scratch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("name", sorted(UNITS))
 def test_systemd_accepts_the_unit(name: str, scratch_root: Path) -> None:
-    p = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={scratch_root}", str(scratch_root / "etc/systemd/system" / name)],
+    p = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={scratch_root}",
+                        str(scratch_root / "etc/systemd/system" / name)],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p.stdout + p.stderr
 
 
 def test_what_the_units_run() -> None:
-    guest_svc, timer, node = UNITS["vzdump-hook-recover.service"], UNITS["vzdump-hook-recover.timer"], UNITS["vzdump-hook-boot-recover.service"]
+    guest_svc, timer, node = (UNITS["vzdump-hook-recover.service"], UNITS["vzdump-hook-recover.timer"],
+                              UNITS["vzdump-hook-boot-recover.service"])
     assert unit_values(guest_svc, "ExecStart") == ["/usr/local/sbin/vzdump-hook-recover --quiet"]
     assert unit_values(guest_svc, "Type") == ["oneshot"] and unit_values(guest_svc, "WantedBy") == ["multi-user.target"]
     assert "docker.service" in unit_values(guest_svc, "After")[0]

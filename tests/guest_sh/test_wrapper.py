@@ -44,7 +44,8 @@ class WrapperTransport(Transport):
         self.g = g
 
     def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
-        p = self.g.run(WRAPPER, "--conf", str(self.g.conf), env={"SSH_ORIGINAL_COMMAND": shell_join(argv), "SSH_CONNECTION": "10.0.0.1 5555 10.0.0.2 22"},
+        p = self.g.run(WRAPPER, "--conf", str(self.g.conf),
+                       env={"SSH_ORIGINAL_COMMAND": shell_join(argv), "SSH_CONNECTION": "10.0.0.1 5555 10.0.0.2 22"},
                        stdin=stdin, timeout=timeout)
         return p.returncode, p.stdout, p.stderr
 
@@ -65,7 +66,8 @@ def log_lines(g: Guest) -> list[str]:
 
 
 def guest_config(g: Guest) -> configuration.GuestConfig:
-    cfg = configuration.validate_guest(101, {"ssh": {"host": "192.0.2.1"}, "marker_path": str(g.marker), "stop_timeout": 7})
+    cfg = configuration.validate_guest(101, {"ssh": {"host": "192.0.2.1"}, "marker_path": str(g.marker),
+                                             "stop_timeout": 7})
     return cfg
 
 
@@ -113,7 +115,8 @@ def test_the_fallback_verbs_work_through_the_wrapper(guest: Guest) -> None:
 
 
 def services_of(name: str) -> list[str]:
-    return ["docker", "ps", "--filter", f"label=com.docker.compose.project={name}", "--filter", "status=running", "--format", '{{.Label "com.docker.compose.service"}}']
+    return ["docker", "ps", "--filter", f"label=com.docker.compose.project={name}", "--filter", "status=running",
+            "--format", '{{.Label "com.docker.compose.service"}}']
 
 
 def test_running_services_of_one_project(guest: Guest) -> None:
@@ -131,7 +134,8 @@ def test_running_services_of_one_project(guest: Guest) -> None:
 def test_recreated_containers_are_checked_through_the_wrapper(guest: Guest) -> None:
     # the containers recorded at the stop were replaced since (new ids): the driver asks which services run
     guest.docker.add_project("db", ("app", "worker"), running=False)
-    old = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), (cid("old", 0), cid("old", 1)), True, ("app", "worker"))
+    old = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), (cid("old", 0), cid("old", 1)),
+                      True, ("app", "worker"))
     ComposeDriver(WrapperTransport(guest), ("docker", "compose")).start(old, 30)
     assert guest.docker.running() == {"db": True}
     assert services_of("db") in guest.docker.argvs()
@@ -141,7 +145,8 @@ def test_recreated_containers_are_checked_through_the_wrapper(guest: Guest) -> N
 def test_healthchecks_are_asked_through_the_wrapper(guest: Guest) -> None:
     # `ready = { healthy = true }`: the driver asks the containers' health with its own format
     ids = guest.docker.add_project("db", ("app", "worker"))
-    rec = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), tuple(ids), True, ("app", "worker"))
+    rec = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), tuple(ids), True,
+                      ("app", "worker"))
     drv = ComposeDriver(WrapperTransport(guest), ("docker", "compose"))
     state = guest.docker.load()
     state["projects"]["db"]["containers"][ids[0]]["health"] = "starting"
@@ -225,8 +230,10 @@ def refused_commands(g: Guest) -> dict[str, str | None]:
         "read limit not a number": shell_join(sh(base._READ_SCRIPT, m, "$(id)")),
         "remove another path": shell_join(sh(base._REMOVE_SCRIPT, "/etc/passwd")),
         "unknown stack": _compose_line("/srv/evil", "stop", "-t", "5", name="evil"),
-        "known stack other workdir": shell_join(sh(compose_mod._IN_DIR, "/tmp", "docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "stop", "-t", "5")),
-        "known stack other file": shell_join(sh(compose_mod._IN_DIR, "/srv/db", "docker", "compose", "-p", "db", "-f", "/tmp/evil.yaml", "start")),
+        "known stack other workdir": shell_join(sh(compose_mod._IN_DIR, "/tmp", "docker", "compose", "-p", "db",
+                                                   "-f", "/srv/db/compose.yaml", "stop", "-t", "5")),
+        "known stack other file": shell_join(sh(compose_mod._IN_DIR, "/srv/db", "docker", "compose", "-p", "db",
+                                                "-f", "/tmp/evil.yaml", "start")),
         "compose down": _compose_line("/srv/db", "down", "-v"),
         "compose exec": _compose_line("/srv/db", "exec", "app", "sh"),
         "compose run": _compose_line("/srv/db", "run", "app"),
@@ -238,8 +245,11 @@ def refused_commands(g: Guest) -> dict[str, str | None]:
         "docker run": "docker run --privileged -v /:/host busybox",
         "docker exec": f"docker exec {real} sh",
         "docker ps other format": "docker ps --format '{{json .}}'",
-        "docker ps then more": shell_join(["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running", "--format", compose_mod._LIST_FORMAT]) + " ; id",
-        "inspect not hex": "docker inspect --format '{{.Id}} {{.State.Running}} {{.State.Restarting}} {{.State.ExitCode}}' $(id)",
+        "docker ps then more": shell_join(["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project",
+                                           "--filter", "status=running", "--format",
+                                           compose_mod._LIST_FORMAT]) + " ; id",
+        "inspect not hex": "docker inspect --format '{{.Id}} {{.State.Running}} {{.State.Restarting}} "
+                           "{{.State.ExitCode}}' $(id)",
         "inspect other format": f"docker inspect --format '{{{{json .}}}}' {real}",
         "stop non-compose container": "docker stop -t 5 " + "ab" * 32,
         "start non-compose container": "docker start " + "cd" * 32,
@@ -258,7 +268,8 @@ def refused_commands(g: Guest) -> dict[str, str | None]:
 
 def files_of(g: Guest) -> dict[Path, bytes]:
     """Every file under the guest's root but the wrapper's log and the stand-in docker's own files."""
-    return {p: p.read_bytes() for p in g.root.rglob("*") if p.is_file() and p.name != LOG_NAME and not p.name.startswith("docker-")}
+    return {p: p.read_bytes() for p in g.root.rglob("*")
+            if p.is_file() and p.name != LOG_NAME and not p.name.startswith("docker-")}
 
 
 def _names() -> list[str]:
@@ -293,7 +304,8 @@ def test_every_allowed_call_is_logged(guest: Guest) -> None:
     for argv in calls:
         assert forced(guest, shlex.join(argv)).returncode in (0, 3)
     lines = log_lines(guest)
-    assert [ln.split(": ", 2)[-1] for ln in lines] == ["allowed: connect check", "allowed: detect compose", f"allowed: read marker {guest.marker}"]
+    assert [ln.split(": ", 2)[-1] for ln in lines] == ["allowed: connect check", "allowed: detect compose",
+                                                       f"allowed: read marker {guest.marker}"]
 
 
 # -- marker writes (issue 9): only a valid marker of this guest, at most 64 KiB ---------------------------
@@ -303,7 +315,8 @@ def write_cmd(g: Guest) -> str:
     return shell_join(sh(base._WRITE_SCRIPT, str(g.marker)))
 
 
-@pytest.mark.parametrize("case", ["not-json", "other-guest", "other-tool", "no-tool", "over-64k", "50-mib", "hostile-deadline", "duplicate-key"])
+@pytest.mark.parametrize("case", ["not-json", "other-guest", "other-tool", "no-tool", "over-64k", "50-mib",
+                                  "hostile-deadline", "duplicate-key"])
 def test_an_invalid_marker_is_never_written(guest: Guest, case: str) -> None:
     guest.write_conf(MARKER=str(guest.marker), LOG=str(guest.root / LOG_NAME), ROOT=str(guest.root), VMID="101")
     good = a_marker()
@@ -394,7 +407,8 @@ def test_a_compose_file_in_the_markers_directory_is_refused(guest: Guest) -> Non
     mdir = str(guest.marker.parent)
     guest.docker.add_project("db", ("app",), workdir="/srv/db", files=[f"{mdir}/compose.yaml"])
     guest.docker.add_project("web", ("app",), workdir=mdir, files=[])
-    for cmd in (shell_join(sh(compose_mod._IN_DIR, "/srv/db", "docker", "compose", "-p", "db", "-f", f"{mdir}/compose.yaml", "start")),
+    for cmd in (shell_join(sh(compose_mod._IN_DIR, "/srv/db", "docker", "compose", "-p", "db",
+                              "-f", f"{mdir}/compose.yaml", "start")),
                 shell_join(sh(compose_mod._IN_DIR, mdir, "docker", "compose", "-p", "web", "start"))):
         p = forced(guest, cmd)
         assert p.returncode == 126 and b"marker's directory" in p.stderr, p.stderr
@@ -407,7 +421,8 @@ def test_container_stacks_through_the_wrapper(guest: Guest) -> None:
     guest.docker.add_project("db", ("app", "worker"))
     guest.docker.add_project("web", ("app",))
     guest.docker.add_project("other", ("app",))
-    cfg = configuration.validate_guest(101, {"ssh": {"host": "192.0.2.1"}, "marker_path": str(guest.marker), "stop_timeout": 7, "stacks": [
+    cfg = configuration.validate_guest(101, {"ssh": {"host": "192.0.2.1"}, "marker_path": str(guest.marker),
+                                             "stop_timeout": 7, "stacks": [
         {"kind": "container", "name": "db", "containers": ["db-worker-1", "db-app-1"]},
         {"kind": "container", "name": "web", "label": "com.docker.compose.project=web", "engine": "podman"}]})
     ctl = GuestSession(cfg, JobId("pve1", "b", 1, 2), transport=WrapperTransport(guest))
@@ -421,11 +436,14 @@ def test_container_stacks_through_the_wrapper(guest: Guest) -> None:
     lines = log_lines(guest)
     assert not [ln for ln in lines if "REFUSED" in ln], lines
     assert [ln.split("allowed: ")[1] for ln in lines if " container stop " in ln or " container start " in ln] == [
-        f"docker container stop {cid('db', 1)}", f"docker container stop {cid('db', 0)}", f"podman container stop {cid('web', 0)}",
-        f"podman container start {cid('web', 0)}", f"docker container start {cid('db', 0)}", f"docker container start {cid('db', 1)}"]
+        f"docker container stop {cid('db', 1)}", f"docker container stop {cid('db', 0)}",
+        f"podman container stop {cid('web', 0)}", f"podman container start {cid('web', 0)}",
+        f"docker container start {cid('db', 0)}", f"docker container start {cid('db', 1)}"]
     other = cid("other", 0)
-    for command in (f"docker container stop -t 5 {other}", f"podman container start {other}", f"docker stop -t 5 {cid('db', 0)}",
-                    "docker container ls --no-trunc --filter status=running --filter label=com.docker.compose.project=other --format '{{.ID}}\t{{.Names}}'"):
+    for command in (f"docker container stop -t 5 {other}", f"podman container start {other}",
+                    f"docker stop -t 5 {cid('db', 0)}",
+                    "docker container ls --no-trunc --filter status=running "
+                    "--filter label=com.docker.compose.project=other --format '{{.ID}}\t{{.Names}}'"):
         p = forced(guest, command)
         assert p.returncode == 126 and b"refused" in p.stderr, (command, p.stderr)
     assert guest.docker.running()["other"]

@@ -8,7 +8,8 @@ by 64-hex id with running / restarting / exit code), files (the marker) and beha
     ["sh", "-c", SCRIPT, "sh", *args]                      SCRIPT is one of transports.base._WRITE_SCRIPT,
                                                            _READ_SCRIPT, _REMOVE_SCRIPT, stacks.compose._DETECT,
                                                            _IN_DIR (args: workdir, compose argv)
-    ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running", "--format", FMT]
+    ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running",
+     "--format", FMT]
     ["docker", "inspect", "--format", FMT, *ids]
     ["docker", "stop", "-t", N, *ids]
     ["docker", "start", *ids]
@@ -31,7 +32,8 @@ from vzdump_hook.stacks import compose as compose_mod
 from vzdump_hook.transports import base
 from vzdump_hook.transports.base import Transport, shell_join
 
-PS_PREFIX = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running", "--format"]
+PS_PREFIX = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running",
+             "--format"]
 COMPOSE_COMMANDS = {"docker compose": ("docker", "compose"), "docker-compose": ("docker-compose",)}
 _TOKEN = re.compile(r"\{\{\s*(\.[A-Za-z.]+)\s*(?:\"([^\"]*)\")?\s*\}\}")
 
@@ -181,7 +183,8 @@ class FakeGuest:
             raise CommandTimeout(f"no answer within {timeout:.1f} s", command=shell_join(argv))
         return handler(argv, stdin or b"", timeout)
 
-    def _classify(self, argv: list[str]) -> tuple[str, str, Callable[[list[str], bytes, float], tuple[int, bytes, bytes]]]:
+    def _classify(self, argv: list[str]) -> tuple[str, str,
+                                                  Callable[[list[str], bytes, float], tuple[int, bytes, bytes]]]:
         if argv == ["true"]:
             return "connect", "", lambda a, s, t: (0, b"", b"")
         if len(argv) >= 4 and argv[:2] == ["sh", "-c"] and argv[3] == "sh":
@@ -214,7 +217,8 @@ class FakeGuest:
             return "docker-stop", " ".join(c[:12] for c in argv[4:]), self._docker_stop
         if argv[:2] == ["docker", "start"] and len(argv) >= 3:
             return "docker-start", " ".join(c[:12] for c in argv[2:]), self._docker_start
-        return "unknown", shell_join(argv), lambda a, s, t: (127, b"", f"fake guest: unknown command: {shell_join(a)}\n".encode())
+        return "unknown", shell_join(argv), lambda a, s, t: (127, b"",
+                                                             f"fake guest: unknown command: {shell_join(a)}\n".encode())
 
     @staticmethod
     def _parse_compose(args: list[str]) -> tuple[str, str] | None:
@@ -286,7 +290,8 @@ class FakeGuest:
 
     def _ps(self, argv: list[str], stdin: bytes, timeout: float) -> tuple[int, bytes, bytes]:
         if self.docker_down:
-            return 1, b"", b"Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?\n"
+            return 1, b"", (b"Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
+                            b"Is the docker daemon running?\n")
         lines = []
         with self._lock:
             for p in self.projects.values():
@@ -300,7 +305,8 @@ class FakeGuest:
                         "com.docker.compose.service": c.service,
                     }
 
-                    def value(field_: str, arg: str | None, c: FakeContainer = c, labels: dict[str, str] = labels) -> str | None:
+                    def value(field_: str, arg: str | None, c: FakeContainer = c,
+                              labels: dict[str, str] = labels) -> str | None:
                         if field_ == ".ID" and arg is None:
                             return c.id
                         if field_ == ".Label" and arg is not None:
@@ -376,13 +382,15 @@ class FakeGuest:
             finally:
                 with self._lock:
                     self._active_stops -= 1
-            return 0, b"", b"".join(f" Container {name}-{c.service}-1  Stopped\n".encode() for c in p.containers.values())
+            return 0, b"", b"".join(f" Container {name}-{c.service}-1  Stopped\n".encode()
+                                    for c in p.containers.values())
         # compose start [SERVICE...]: like docker compose, starts the existing containers of the
         # services named, or of every service when none is named
         if p is None or not p.containers:
             return 1, b"", b"no containers to start\n"
         if p.start_fails:
-            return 1, b"", b"Error response from daemon: driver failed programming external connectivity: port is already allocated\n"
+            return 1, b"", (b"Error response from daemon: driver failed programming external connectivity: "
+                            b"port is already allocated\n")
         services = set(argv[argv.index("start") + 1 :])
         with self._lock:
             for c in p.containers.values():

@@ -104,7 +104,8 @@ def test_status_check_and_recover_show_a_hostile_marker_escaped(one: Hook) -> No
 def test_an_error_quoting_the_guest_is_shown_escaped(one: Hook, mocker: MockerFixture) -> None:
     """What a guest said (a command's stderr) in the error a command ends with (click's `Error: ...`)."""
     said = "docker: \x1b]0;owned\x07\x1b[2J\x9b1G\u202e\r\nError: nothing\x85done"
-    mocker.patch.object(one.g, "execute", side_effect=TransportError("docker ps failed", command="docker ps", exit_status=1, stderr=said))
+    mocker.patch.object(one.g, "execute", side_effect=TransportError("docker ps failed", command="docker ps",
+                                                                     exit_status=1, stderr=said))
     res = CliRunner().invoke(cli, ["simulate", "101", "--type", "qemu", "--dry-run", "--config", str(one.cfg_path)])
     assert res.exit_code == 1, res.output
     _shown_escaped(res.output)

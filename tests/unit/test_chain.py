@@ -24,7 +24,8 @@ def test_runs_each_in_order_with_argv_and_env_and_returns_the_first_failure(tmp_
     b = script(tmp_path, "b", f'echo "b $*" >> {log}; exit 7\n')
     env = {"STOREID": "local", "VZDUMP_HOOK_LAUNCHER": "123"}
     assert chain.run([a, b], ["pre-stop", "snapshot", "101"], env, 10) == 5
-    assert log.read_text() == "a pre-stop snapshot 101 local \nb pre-stop snapshot 101\n"  # the launcher's variable is not passed on
+    # the launcher's variable is not passed on
+    assert log.read_text() == "a pre-stop snapshot 101 local \nb pre-stop snapshot 101\n"
 
 
 def test_missing_script_counts_as_failed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -19,7 +19,8 @@ PATTERN = re.compile(r"/[A-Z_]+(\.\w+)?$")
 
 
 def tracked() -> list[str]:
-    return subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, check=True).stdout.split()
+    return subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True,
+                          check=True).stdout.split()
 
 
 def citations() -> list[tuple[str, str, str]]:
@@ -42,7 +43,8 @@ def test_every_cited_file_exists() -> None:
 
     def exists(path: str) -> bool:
         module = path.split(".")[0] + ".py"  # tests/integration/hookenv, tests/integration/hookenv.HookSetup
-        return bool({path, path.rstrip("/"), module} & (files | dirs)) or path in NOT_FILES or "*" in path or "..." in path or bool(PATTERN.search(path))
+        return (bool({path, path.rstrip("/"), module} & (files | dirs)) or path in NOT_FILES or "*" in path
+                or "..." in path or bool(PATTERN.search(path)))
 
     missing = sorted({f"{src}: {path}" for src, path, _ in citations() if not exists(path)})
     assert not missing, "\n".join(missing)

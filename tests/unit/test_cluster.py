@@ -19,8 +19,11 @@ def make_cluster(tmp: Path) -> tuple[Path, Path]:
     pve = tmp / "pve"
     for n in (node_name(), "pve2", "pve3", "pve4"):
         (pve / "nodes" / n / "qemu-server").mkdir(parents=True)
-    (pve / "nodes" / "pve2" / cluster.FILE).write_text(json.dumps({"version": "0.0.1", "script": "/usr/local/bin/vzdump-hook", "at": time.time()}))
-    (pve / "nodes" / "pve4" / cluster.FILE).write_text(json.dumps({"version": cluster.installed_version(), "script": None, "at": time.time() - 30 * 86400}))
+    (pve / "nodes" / "pve2" / cluster.FILE).write_text(json.dumps({"version": "0.0.1",
+                                                                   "script": "/usr/local/bin/vzdump-hook",
+                                                                   "at": time.time()}))
+    (pve / "nodes" / "pve4" / cluster.FILE).write_text(json.dumps({"version": cluster.installed_version(),
+                                                                   "script": None, "at": time.time() - 30 * 86400}))
     cfg = tmp / "config.toml"
     cfg.write_text(f'[hook]\npve_dir = "{pve}"\n')
     return pve, cfg
@@ -28,7 +31,8 @@ def make_cluster(tmp: Path) -> tuple[Path, Path]:
 
 def test_job_start_reports_this_node_and_check_cluster_reads_every_node(tmp_path: Path) -> None:
     pve, cfg = make_cluster(tmp_path)
-    env = {configuration.CONFIG_ENV: str(cfg), RUN_DIR_ENV: str(tmp_path / "run"), STATE_DIR_ENV: str(tmp_path / "state")}
+    env = {configuration.CONFIG_ENV: str(cfg), RUN_DIR_ENV: str(tmp_path / "run"),
+           STATE_DIR_ENV: str(tmp_path / "state")}
     assert run_phase(["job-start"], env) == 0
     mine = json.loads((pve / "nodes" / node_name() / cluster.FILE).read_text())
     assert mine["version"] == cluster.installed_version()

@@ -234,7 +234,8 @@ def test_start_brings_the_recorded_containers_back(g: FakeGuest) -> None:
     assert d.start(rec, 20) >= 0
     assert g.running_stacks() == ["db", "web"]
     argv = [a for a in g.argvs if a[:3] == ["sh", "-c", compose_mod._IN_DIR]][-1]
-    assert argv[4:] == ["/srv/db", "docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml", "-f", "/srv/db/compose.prod.yaml", "start", "svc0", "svc1"]
+    assert argv[4:] == ["/srv/db", "docker", "compose", "-p", "db", "-f", "/srv/db/compose.yaml",
+                        "-f", "/srv/db/compose.prod.yaml", "start", "svc0", "svc1"]
     assert d.is_up(rec, 10)
 
 

@@ -68,7 +68,8 @@ GUEST = '[guests.101]\nssh = { host = "h" }\n'
 def test_full_example_parses_into_dataclasses() -> None:
     cfg = parse(FULL)
     assert cfg.source == "test.toml"
-    assert cfg.hook == config.HookSettings("/var/lib/vzdump-hook-test", "/run/vzdump-hook-test", 900.0, 30.0, "/etc/pve")
+    assert cfg.hook == config.HookSettings("/var/lib/vzdump-hook-test", "/run/vzdump-hook-test", 900.0, 30.0,
+                                           "/etc/pve")
     g = cfg.guests[101]
     assert g.vmid == 101 and g.transport == "ssh"
     assert g.ssh == SshConfig("10.0.0.101", 2222, "backup", "/etc/vzdump-hook/key", "/etc/vzdump-hook/kh", 10.0)
@@ -168,7 +169,8 @@ def test_guest_keys_override_defaults() -> None:
 
 
 def test_sub_tables_merge_key_by_key() -> None:
-    cfg = parse('[defaults.ssh]\nuser = "backup"\nport = 2200\n[guests.101]\nssh = { host = "a", port = 22 }\n[guests.102]\nssh = { host = "b" }\n')
+    cfg = parse('[defaults.ssh]\nuser = "backup"\nport = 2200\n[guests.101]\nssh = { host = "a", port = 22 }\n'
+                '[guests.102]\nssh = { host = "b" }\n')
     assert cfg.guests[101].ssh == SshConfig("a", 22, "backup")
     assert cfg.guests[102].ssh == SshConfig("b", 2200, "backup")
 
@@ -219,7 +221,8 @@ def test_host_in_defaults_is_refused() -> None:
         ("ssh = { host = 'h' }\nresume_wait = -1", "guests.101.resume_wait: must be 0-3600"),
         ("ssh = { host = 'h' }\nparallel = 'yes'", "guests.101.parallel: must be true or false"),
         ("ssh = { host = 'h' }\nenabled = 1", "guests.101.enabled: must be true or false"),
-        ("ssh = { host = 'h' }\non_quiesce_error = 'ignore'", "guests.101.on_quiesce_error: must be one of 'continue', 'abort'"),
+        ("ssh = { host = 'h' }\non_quiesce_error = 'ignore'",
+         "guests.101.on_quiesce_error: must be one of 'continue', 'abort'"),
         ("ssh = { host = 'h' }\ncompose_command = 'podman-compose'", "guests.101.compose_command: must be one of"),
         ("ssh = { host = 'h' }\ntransport = 'telnet'", "guests.101.transport: must be one of 'ssh'"),
         ("ssh = { host = 'h' }\nstacks = 'all'", 'guests.101.stacks: must be "auto" or a non-empty list'),
@@ -229,8 +232,10 @@ def test_host_in_defaults_is_refused() -> None:
         ("ssh = { host = 'h' }\nstacks = ['db', '-rf']", "guests.101.stacks[1]: not a compose project name"),
         ("ssh = { host = 'h' }\nstacks = ['db', 'db']", "guests.101.stacks[1]: 'db' is listed twice"),
         ("ssh = { host = 'h' }\nstacks = [{ stop_timeout = 5 }]", "guests.101.stacks[0].name: missing"),
-        ("ssh = { host = 'h' }\nstacks = [{ name = 'db', stop_timeout = 0 }]", "guests.101.stacks[0].stop_timeout: must be 1-3600"),
-        ("ssh = { host = 'h' }\nstacks = [{ name = 'db', signal = 'INT' }]", "guests.101.stacks[0].signal: unknown key"),
+        ("ssh = { host = 'h' }\nstacks = [{ name = 'db', stop_timeout = 0 }]",
+         "guests.101.stacks[0].stop_timeout: must be 1-3600"),
+        ("ssh = { host = 'h' }\nstacks = [{ name = 'db', signal = 'INT' }]",
+         "guests.101.stacks[0].signal: unknown key"),
         ("ssh = { host = 'h' }\nexclude = 'monitoring'", "guests.101.exclude: must be a list of compose project names"),
         ("ssh = { host = 'h' }\nexclude = [1]", "guests.101.exclude: must be a list of compose project names"),
         ("ssh = { host = 'h' }\nstop_timout = 5", "guests.101.stop_timout: unknown key"),
@@ -319,7 +324,8 @@ def test_all_problems_reported_at_once() -> None:
         parse(text)
     e = ei.value
     paths = sorted(p.split(":")[0] for p in e.problems)
-    assert paths == sorted(["hook.phase_timeout", "defaults.bogus", "guests.101.ssh.port", "guests.101.stop_timeout", "guests.102.marker_path", "guests.x"])
+    assert paths == sorted(["hook.phase_timeout", "defaults.bogus", "guests.101.ssh.port", "guests.101.stop_timeout",
+                            "guests.102.marker_path", "guests.x"])
     text_ = str(e)
     assert text_.startswith("test.toml: 6 problems\n")
     for p in e.problems:
@@ -431,4 +437,5 @@ def test_early_resume_and_qmp_dir() -> None:
 
 def test_early_resume_and_qmp_dir_problems() -> None:
     assert problems('[hook]\nqmp_dir = "run/qemu"\n')[0].startswith("hook.qmp_dir: must be an absolute path")
-    assert problems('[guests.101]\nssh = { host = "h" }\nearly_resume = "yes"\n') == ["guests.101.early_resume: must be true or false (got 'yes')"]
+    assert problems('[guests.101]\nssh = { host = "h" }\nearly_resume = "yes"\n') == [
+        "guests.101.early_resume: must be true or false (got 'yes')"]

@@ -12,7 +12,8 @@ from pytest_mock import MockerFixture
 from vzdump_hook import config
 from vzdump_hook.errors import ConfigError
 
-TEXT = '[hook]\nphase_timeout = 30\n[defaults]\nstop_timeout = 5\n[guests.101]\nssh = { host = "10.0.0.1", port = 2222 }\nstacks = ["db", { name = "web", stop_timeout = 7.5 }]\n'
+TEXT = ('[hook]\nphase_timeout = 30\n[defaults]\nstop_timeout = 5\n[guests.101]\n'
+        'ssh = { host = "10.0.0.1", port = 2222 }\nstacks = ["db", { name = "web", stop_timeout = 7.5 }]\n')
 
 
 def test_unchanged_file_is_not_parsed_again_and_gives_the_same_config(tmp_path: Path, mocker: MockerFixture) -> None:

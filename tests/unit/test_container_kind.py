@@ -36,7 +36,8 @@ def cid(name: str) -> str:
 
 def test_container_entries_by_name_and_by_label() -> None:
     g = parse(GUEST + 'stacks = [{ kind = "container", name = "app", containers = ["web", "db"], stop_timeout = 20 },'
-                      ' { kind = "container", name = "pods", label = "io.podman.compose.project=shop", engine = "podman" }]\n').guests[101]
+                      ' { kind = "container", name = "pods", label = "io.podman.compose.project=shop",'
+                      ' engine = "podman" }]\n').guests[101]
     assert g.stacks == (
         StackSpec("app", 20.0, Table(containers=("web", "db"))),
         StackSpec("pods", None, Table(label="io.podman.compose.project=shop", engine="podman")),
@@ -47,19 +48,30 @@ def test_container_entries_by_name_and_by_label() -> None:
     ("entry", "expected"),
     [
         ('{ kind = "container", name = "a" }', "guests.101.stacks[0].containers: give either containers"),
-        ('{ kind = "container", name = "a", containers = ["x"], label = "k=v" }', "guests.101.stacks[0].containers: give either containers"),
-        ('{ kind = "container", name = "a", containers = [] }', "guests.101.stacks[0].containers: must be a list of 1-64 container names"),
-        ('{ kind = "container", name = "a", containers = "web" }', "guests.101.stacks[0].containers: must be a list of 1-64"),
-        ('{ kind = "container", name = "a", containers = ["web", "-rm"] }', "guests.101.stacks[0].containers[1]: not a container name"),
-        ('{ kind = "container", name = "a", containers = ["we b"] }', "guests.101.stacks[0].containers[0]: not a container name"),
-        ('{ kind = "container", name = "a", containers = ["x", "x"] }', "guests.101.stacks[0].containers: a container is listed twice"),
-        ('{ kind = "container", name = "a", label = "k=v w" }', 'guests.101.stacks[0].label: must be "KEY" or "KEY=VALUE"'),
-        ('{ kind = "container", name = "a", label = "=v" }', 'guests.101.stacks[0].label: must be "KEY" or "KEY=VALUE"'),
+        ('{ kind = "container", name = "a", containers = ["x"], label = "k=v" }',
+         "guests.101.stacks[0].containers: give either containers"),
+        ('{ kind = "container", name = "a", containers = [] }',
+         "guests.101.stacks[0].containers: must be a list of 1-64 container names"),
+        ('{ kind = "container", name = "a", containers = "web" }',
+         "guests.101.stacks[0].containers: must be a list of 1-64"),
+        ('{ kind = "container", name = "a", containers = ["web", "-rm"] }',
+         "guests.101.stacks[0].containers[1]: not a container name"),
+        ('{ kind = "container", name = "a", containers = ["we b"] }',
+         "guests.101.stacks[0].containers[0]: not a container name"),
+        ('{ kind = "container", name = "a", containers = ["x", "x"] }',
+         "guests.101.stacks[0].containers: a container is listed twice"),
+        ('{ kind = "container", name = "a", label = "k=v w" }',
+         'guests.101.stacks[0].label: must be "KEY" or "KEY=VALUE"'),
+        ('{ kind = "container", name = "a", label = "=v" }',
+         'guests.101.stacks[0].label: must be "KEY" or "KEY=VALUE"'),
         ('{ kind = "container", name = "a", label = 3 }', 'guests.101.stacks[0].label: must be "KEY" or "KEY=VALUE"'),
-        ('{ kind = "container", name = "a", containers = ["x"], engine = "lxc" }', "guests.101.stacks[0].engine: must be one of 'docker', 'podman'"),
+        ('{ kind = "container", name = "a", containers = ["x"], engine = "lxc" }',
+         "guests.101.stacks[0].engine: must be one of 'docker', 'podman'"),
         ('{ kind = "container", containers = ["x"] }', "guests.101.stacks[0].name: missing"),
-        ('{ kind = "container", name = "a", containers = ["x"], units = ["a.service"] }', "guests.101.stacks[0].units: unknown key"),
-        ('{ kind = "systemd", name = "a", units = ["a.service"], containers = ["x"] }', "guests.101.stacks[0].containers: unknown key"),
+        ('{ kind = "container", name = "a", containers = ["x"], units = ["a.service"] }',
+         "guests.101.stacks[0].units: unknown key"),
+        ('{ kind = "systemd", name = "a", units = ["a.service"], containers = ["x"] }',
+         "guests.101.stacks[0].containers: unknown key"),
         ('{ name = "db", label = "k=v" }', "guests.101.stacks[0].label: unknown key"),
     ],
 )
@@ -69,9 +81,11 @@ def test_a_bad_container_entry_is_named_by_its_key_path(entry: str, expected: st
 
 
 def test_one_container_or_label_in_two_stacks_is_refused() -> None:
-    got = problems(GUEST + 'stacks = [{ kind = "container", name = "a", containers = ["x"] }, { kind = "container", name = "b", containers = ["y", "x"] }]\n')
+    got = problems(GUEST + 'stacks = [{ kind = "container", name = "a", containers = ["x"] },'
+                           ' { kind = "container", name = "b", containers = ["y", "x"] }]\n')
     assert got == ["guests.101.stacks: container x is in stacks 'a' and 'b'"]
-    got = problems(GUEST + 'stacks = [{ kind = "container", name = "a", label = "k=v" }, { kind = "container", name = "b", label = "k=v" }]\n')
+    got = problems(GUEST + 'stacks = [{ kind = "container", name = "a", label = "k=v" },'
+                           ' { kind = "container", name = "b", label = "k=v" }]\n')
     assert got == ["guests.101.stacks: label k=v is in stacks 'a' and 'b'"]
 
 
@@ -80,7 +94,8 @@ def test_one_container_or_label_in_two_stacks_is_refused() -> None:
 
 def test_a_container_record_round_trips_through_the_marker_and_the_host_state() -> None:
     rec = StackRecord.container("app", "podman", ("web", "db"), (cid("web"), cid("db")), stopped=True)
-    compose = StackRecord("web", ("docker", "compose"), "/srv/web", ("/srv/web/compose.yaml",), ("ab" * 32,), True, ("app",))
+    compose = StackRecord("web", ("docker", "compose"), "/srv/web", ("/srv/web/compose.yaml",), ("ab" * 32,), True,
+                          ("app",))
     m = Marker(JobId("n", "b", 1, 2), 101, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped", (compose, rec))
     back = markers.parse(m.to_json())
     assert back.stacks == (compose, rec) and back.stacks[1].kind is Kind.CONTAINER
@@ -101,7 +116,8 @@ def test_a_container_record_round_trips_through_the_marker_and_the_host_state() 
 )
 def test_a_bad_container_record_is_refused(old: bytes, new: bytes, why: str) -> None:
     rec = StackRecord.container("app", "docker", ("web",), (cid("web"),))
-    data = Marker(JobId("n", "b", 1, 2), 101, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped", (rec,)).to_json()
+    data = Marker(JobId("n", "b", 1, 2), 101, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped",
+                  (rec,)).to_json()
     assert old in data
     with pytest.raises(MarkerError, match=why):
         markers.parse(data.replace(old, new))
@@ -149,13 +165,15 @@ class Engine(Transport):
             label = next((f[6:] for f in rest if f.startswith("label=")), None)
             self.calls.append(f"ls {label or ''}".strip())
             key, _, value = (label or "").partition("=")
-            out = [f"{c.id}\t{c.name}" for c in self.ctrs.values() if c.running and (label is None or (key in c.labels and (not value or c.labels[key] == value)))]
+            out = [f"{c.id}\t{c.name}" for c in self.ctrs.values()
+                   if c.running and (label is None or (key in c.labels and (not value or c.labels[key] == value)))]
             return 0, "".join(x + "\n" for x in out).encode(), b""
         if verb == "inspect":
             ids = rest[2:]
             found = [by_id[i] for i in ids if i in by_id]
             out = [f"{c.id} {str(c.running).lower()} false {c.exit_code} {str(c.oom).lower()}" for c in found]
-            return (0 if len(out) == len(ids) else 1), "".join(x + "\n" for x in out).encode(), b"Error: No such container" if len(out) != len(ids) else b""
+            return ((0 if len(out) == len(ids) else 1), "".join(x + "\n" for x in out).encode(),
+                    b"Error: No such container" if len(out) != len(ids) else b"")
         c = by_id.get(rest[-1])
         self.calls.append(f"{verb} {c.name if c else rest[-1][:12]}")
         if c is None:
@@ -185,8 +203,10 @@ def test_only_the_listed_containers_that_run_are_recorded_in_the_given_order() -
 
 
 def test_label_matches_are_recorded_in_the_order_of_their_names() -> None:
-    e = Engine("podman", Ctr("z", {"app": "shop"}), Ctr("a", {"app": "shop"}), Ctr("m", {"app": "blog"}), Ctr("n", {"app": "shop"}, running=False))
-    found = ContainerDriver(e).running((spec("shop", label="app=shop", engine="podman"), spec("any", label="app", engine="podman")), 10)
+    e = Engine("podman", Ctr("z", {"app": "shop"}), Ctr("a", {"app": "shop"}), Ctr("m", {"app": "blog"}),
+               Ctr("n", {"app": "shop"}, running=False))
+    found = ContainerDriver(e).running((spec("shop", label="app=shop", engine="podman"),
+                                        spec("any", label="app", engine="podman")), 10)
     assert found["shop"].names == ("a", "z") and found["shop"].engine == "podman"
     assert found["any"].names == ("m",)  # a and z are the first stack's already
     assert "detect" not in e.calls  # configured engine: not detected
@@ -259,7 +279,8 @@ def test_guest_install_writes_the_containers_and_labels_the_wrapper_may_act_on()
     from vzdump_hook.guest.install import Layout, conf_text
 
     g = parse(GUEST + 'stacks = ["db", { kind = "container", name = "a", containers = ["web", "worker"] },'
-                      ' { kind = "container", name = "b", label = "app=shop" }, { kind = "container", name = "c", label = "tier" }]\n').guests[101]
+                      ' { kind = "container", name = "b", label = "app=shop" },'
+                      ' { kind = "container", name = "c", label = "tier" }]\n').guests[101]
     lines = conf_text(g, Layout("/")).decode().splitlines()
     assert "KINDS=compose container" in lines
     assert "CONTAINERS=web worker" in lines and "CONTAINER_LABELS=app=shop tier" in lines
@@ -279,7 +300,8 @@ def test_a_container_stack_may_take_its_stop_timeout_once_per_container() -> Non
     from vzdump_hook import config
     from vzdump_hook.stacks.kinds import Stacks
 
-    g = parse(GUEST + 'max_downtime = 100\nstacks = [{ kind = "container", name = "a", containers = ["x", "y", "z"], stop_timeout = 40 }]\n')
+    g = parse(GUEST + 'max_downtime = 100\nstacks = [{ kind = "container", name = "a", containers = ["x", "y", "z"],'
+                      ' stop_timeout = 40 }]\n')
     assert config.warnings(g) == ["guests.101.stop_timeout: a stop may take 120 s, longer than max_downtime (100 s): "
                                   "the guest's recovery may start stacks while the backup still needs them down"]
     stacks = Stacks(Engine("docker"), g.guests[101], JobId("n", "b", 1, 2))
@@ -291,10 +313,12 @@ def test_a_container_stack_may_take_its_stop_timeout_once_per_container() -> Non
 def test_container_stacks_take_the_per_stack_strategies() -> None:
     from vzdump_hook.stacks.table import ReadySpec
 
-    g = parse(GUEST + 'stacks = [{ kind = "container", name = "a", containers = ["db"], group = 2, before_stop = ["sync"],'
-                      ' ready = { command = ["pg_isready"] } }]\n').guests[101]
+    g = parse(GUEST + 'stacks = [{ kind = "container", name = "a", containers = ["db"], group = 2,'
+                      ' before_stop = ["sync"], ready = { command = ["pg_isready"] } }]\n').guests[101]
     (spec,) = g.stacks or ()
     assert (spec.group, spec.before_stop, spec.ready) == (2, ("sync",), ReadySpec(command=("pg_isready",)))
     assert spec.table == Table(("db",))
-    got = problems(GUEST + 'stacks = [{ kind = "container", name = "a", containers = ["db"], ready = { healthy = true } }]\n')
-    assert got and got[0].startswith("guests.101.stacks[0].ready.healthy: only `healthy = true`, and only for compose stacks"), got
+    got = problems(GUEST + 'stacks = [{ kind = "container", name = "a", containers = ["db"],'
+                           ' ready = { healthy = true } }]\n')
+    assert got and got[0].startswith("guests.101.stacks[0].ready.healthy: only `healthy = true`, "
+                                     "and only for compose stacks"), got

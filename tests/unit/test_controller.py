@@ -134,7 +134,8 @@ def test_marker_is_written_with_the_stacks_before_the_first_stop(g: FakeGuest) -
     assert m.deadline == pytest.approx(m.written_at + 300, abs=0.01)
     # written once, before the first stop: no rewrite between the stop and the point in time
     first_stop = min(i for i, (v, _) in enumerate(g.calls) if v == "compose-stop")
-    assert [i for i, (v, _) in enumerate(g.calls) if v == "write"] == [min(i for i, (v, _) in enumerate(g.calls) if v == "write")]
+    assert [i for i, (v, _) in enumerate(g.calls) if v == "write"] == [min(i for i, (v, _) in enumerate(g.calls)
+                                                                           if v == "write")]
     assert min(i for i, (v, _) in enumerate(g.calls) if v == "write") < first_stop
     final = marker_in(g)
     assert final.state == "stopping" and final.stacks == m.stacks
@@ -293,7 +294,8 @@ def test_resume_with_a_stopping_marker_starts_everything_listed(g: FakeGuest) ->
         time.time(),
         time.time() + 600,
         "stopping",
-        tuple(StackRecord(s.name, s.compose, s.workdir, s.files, s.containers, True) for s in (running["web"], running["db"])),
+        tuple(StackRecord(s.name, s.compose, s.workdir, s.files, s.containers, True)
+              for s in (running["web"], running["db"])),
     )
     g.files[MARKER] = m.to_json()
     g.projects["web"].containers[container_id("web", 0)].running = False
@@ -333,7 +335,8 @@ def test_resume_marker_rewrite_failure_is_a_problem_not_an_exception(g: FakeGues
 
 def _records(g: FakeGuest, *names: str) -> tuple[StackRecord, ...]:
     running = ctl(g).driver.running(10)
-    return tuple(StackRecord(n, running[n].compose, running[n].workdir, running[n].files, running[n].containers, True) for n in names)
+    return tuple(StackRecord(n, running[n].compose, running[n].workdir, running[n].files, running[n].containers, True)
+                 for n in names)
 
 
 @pytest.mark.parametrize("bad", [b"garbage", b"{}", b'{"schema": 99}', b"x" * (markers.MAX_SIZE + 10)])

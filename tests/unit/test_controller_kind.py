@@ -31,11 +31,13 @@ def test_command_and_https_controllers_parse(tmp_path: Path) -> None:
     token = tmp_path / "t"
     token.write_text("x" * 32)
     token.chmod(0o600)
-    g = parse(guest('{ kind = "controller", name = "ctl", command = ["vzdump-controller", "--config", "/etc/c.json"], answer_within = 90 }')).guests[101]
+    g = parse(guest('{ kind = "controller", name = "ctl", command = ["vzdump-controller", "--config", "/etc/c.json"],'
+                    ' answer_within = 90 }')).guests[101]
     assert g.stacks is not None and g.stacks[0].kind is Kind.CONTROLLER
     assert g.stacks[0].table == ControllerSpec(command=("vzdump-controller", "--config", "/etc/c.json"),
                                                answer_within=90.0)
-    g = parse(guest(f'{{ kind = "controller", name = "ctl", url = "https://10.0.0.5:8443/", token_file = "{token}", fingerprint = "{FP}" }}',
+    g = parse(guest(f'{{ kind = "controller", name = "ctl", url = "https://10.0.0.5:8443/", token_file = "{token}",'
+                    f' fingerprint = "{FP}" }}',
                     'transport = "none"')).guests[101]
     assert g.stacks is not None
     assert g.stacks[0].table == ControllerSpec(url="https://10.0.0.5:8443", token_file=str(token),
@@ -47,20 +49,34 @@ def test_command_and_https_controllers_parse(tmp_path: Path) -> None:
     ("stack", "transport", "expected"),
     [
         ('{ kind = "controller", name = "c" }', "", "guests.101.stacks[0]: give either command"),
-        ('{ kind = "controller", name = "c", command = ["x"], url = "https://h" }', "", "guests.101.stacks[0]: give either command"),
-        ('{ kind = "controller", name = "c", command = [] }', "", "guests.101.stacks[0].command: must be a list of 1-8 words"),
-        ('{ kind = "controller", name = "c", command = ["--x"] }', "", "guests.101.stacks[0].command: must be a list of 1-8 words"),
-        ('{ kind = "controller", name = "c", command = ["a b"] }', "", "guests.101.stacks[0].command: must be a list of 1-8 words"),
-        ('{ kind = "controller", name = "c", command = ["x"], token_file = "/t" }', "", "guests.101.stacks[0].token_file: only for a controller reached by url"),
-        ('{ kind = "controller", name = "c", url = "http://h", token_file = "/t", ca_file = "/c" }', "", "guests.101.stacks[0].url: must be https://HOST[:PORT]"),
-        ('{ kind = "controller", name = "c", url = "https://h" , ca_file = "/c" }', "", "guests.101.stacks[0].token_file: missing"),
-        ('{ kind = "controller", name = "c", url = "https://h", token_file = "t", ca_file = "/c" }', "", "guests.101.stacks[0].token_file: must be an absolute path"),
-        ('{ kind = "controller", name = "c", url = "https://h", token_file = "/t" }', "", "guests.101.stacks[0]: give either ca_file"),
-        ('{ kind = "controller", name = "c", url = "https://h", token_file = "/t", fingerprint = "abc" }', "", "guests.101.stacks[0].fingerprint: must be the certificate's SHA-256"),
-        ('{ kind = "controller", name = "c", url = "https://h", token_file = "/t", ca_file = "/c", answer_within = 0 }', "", "guests.101.stacks[0].answer_within: must be 1-3600"),
-        ('{ kind = "controller", name = "c", command = ["x"], units = ["a.service"] }', "", "guests.101.stacks[0].units: unknown key"),
-        ('{ kind = "controller", name = "c", command = ["x"] }', 'transport = "none"', "guests.101.stacks[0].command: needs a transport into the guest"),
-        ('"web"', 'transport = "none"', 'guests.101.transport: "none" only for a guest whose stacks are all controllers reached by url'),
+        ('{ kind = "controller", name = "c", command = ["x"], url = "https://h" }', "",
+         "guests.101.stacks[0]: give either command"),
+        ('{ kind = "controller", name = "c", command = [] }', "",
+         "guests.101.stacks[0].command: must be a list of 1-8 words"),
+        ('{ kind = "controller", name = "c", command = ["--x"] }', "",
+         "guests.101.stacks[0].command: must be a list of 1-8 words"),
+        ('{ kind = "controller", name = "c", command = ["a b"] }', "",
+         "guests.101.stacks[0].command: must be a list of 1-8 words"),
+        ('{ kind = "controller", name = "c", command = ["x"], token_file = "/t" }', "",
+         "guests.101.stacks[0].token_file: only for a controller reached by url"),
+        ('{ kind = "controller", name = "c", url = "http://h", token_file = "/t", ca_file = "/c" }', "",
+         "guests.101.stacks[0].url: must be https://HOST[:PORT]"),
+        ('{ kind = "controller", name = "c", url = "https://h" , ca_file = "/c" }', "",
+         "guests.101.stacks[0].token_file: missing"),
+        ('{ kind = "controller", name = "c", url = "https://h", token_file = "t", ca_file = "/c" }', "",
+         "guests.101.stacks[0].token_file: must be an absolute path"),
+        ('{ kind = "controller", name = "c", url = "https://h", token_file = "/t" }', "",
+         "guests.101.stacks[0]: give either ca_file"),
+        ('{ kind = "controller", name = "c", url = "https://h", token_file = "/t", fingerprint = "abc" }', "",
+         "guests.101.stacks[0].fingerprint: must be the certificate's SHA-256"),
+        ('{ kind = "controller", name = "c", url = "https://h", token_file = "/t", ca_file = "/c", answer_within = 0 }',
+         "", "guests.101.stacks[0].answer_within: must be 1-3600"),
+        ('{ kind = "controller", name = "c", command = ["x"], units = ["a.service"] }', "",
+         "guests.101.stacks[0].units: unknown key"),
+        ('{ kind = "controller", name = "c", command = ["x"] }', 'transport = "none"',
+         "guests.101.stacks[0].command: needs a transport into the guest"),
+        ('"web"', 'transport = "none"',
+         'guests.101.transport: "none" only for a guest whose stacks are all controllers reached by url'),
     ],
 )
 def test_controller_problems_name_their_key_path(stack: str, transport: str, expected: str) -> None:
@@ -69,7 +85,8 @@ def test_controller_problems_name_their_key_path(stack: str, transport: str, exp
 
 
 def test_node_records_keep_the_controllers_job_and_the_closed_ones() -> None:
-    rec = GuestRecord(101, "lxc", "snapshot", {}, stacks=[StackRecord.controller("ctl", "pve1:ab-cd:42-7", True)], ended="done", closed=["ctl"])
+    rec = GuestRecord(101, "lxc", "snapshot", {}, stacks=[StackRecord.controller("ctl", "pve1:ab-cd:42-7", True)],
+                      ended="done", closed=["ctl"])
     back = GuestRecord.from_json(rec.to_json())
     assert back == rec and back.stacks[0].kind is Kind.CONTROLLER and back.stacks[0].job == "pve1:ab-cd:42-7"
     old = rec.to_json().replace(', "ended": "done", "closed": ["ctl"]', "")  # a record written before these fields
@@ -119,7 +136,8 @@ def test_command_carrier_takes_exactly_one_agreeing_answer(status: int, out: str
     carrier = CommandCarrier(t, ControllerSpec(command=("vzdump-controller",)), "ctl")
     if expected is None:
         assert carrier.send("quiesce", {"job": "j", "vmid": 101, "answer_within": 30}, 10)["job_state"] == "quiesced"
-        assert t.argv == ["vzdump-controller", "signal", "quiesce", "--job", "j", "--vmid", "101", "--answer-within", "30"]
+        assert t.argv == ["vzdump-controller", "signal", "quiesce", "--job", "j", "--vmid", "101",
+                          "--answer-within", "30"]
         return
     with pytest.raises(Refused) as ei:
         carrier.send("quiesce", {"job": "j", "vmid": 101}, 10)
@@ -160,10 +178,12 @@ def test_https_token_file_must_be_root_only(tmp_path: Path) -> None:
 def test_strategies_parse_for_any_kind() -> None:
     g = parse(guest('{ name = "db", group = 1, before_stop = ["psql", "-c", "CHECKPOINT"], before_stop_timeout = 20, '
                     'ready = { command = ["pg_isready"] }, ready_timeout = 30 }, '
-                    '{ kind = "systemd", name = "pg", units = ["postgresql.service"], group = 2, ready = { url = "http://10.0.0.5:8080/health" } }')).guests[101]
+                    '{ kind = "systemd", name = "pg", units = ["postgresql.service"], group = 2, '
+                    'ready = { url = "http://10.0.0.5:8080/health" } }')).guests[101]
     assert g.stacks is not None
     db, pg = g.stacks
-    assert (db.group, db.before_stop, db.before_stop_timeout, db.ready_timeout) == (1, ("psql", "-c", "CHECKPOINT"), 20.0, 30.0)
+    assert (db.group, db.before_stop, db.before_stop_timeout, db.ready_timeout) == (1, ("psql", "-c", "CHECKPOINT"),
+                                                                                    20.0, 30.0)
     assert db.ready is not None and db.ready.command == ("pg_isready",)
     assert pg.group == 2 and pg.ready is not None and pg.ready.url == "http://10.0.0.5:8080/health"
 
@@ -171,17 +191,22 @@ def test_strategies_parse_for_any_kind() -> None:
 @pytest.mark.parametrize(
     ("stacks", "expected"),
     [
-        ('{ name = "db", before_stop = "psql -c CHECKPOINT" }', "guests.101.stacks[0].before_stop: must be a list of 1-64 non-empty strings"),
+        ('{ name = "db", before_stop = "psql -c CHECKPOINT" }',
+         "guests.101.stacks[0].before_stop: must be a list of 1-64 non-empty strings"),
         ('{ name = "db", before_stop = [] }', "guests.101.stacks[0].before_stop: must be a list"),
         ('{ name = "db", before_stop_timeout = 5 }', "guests.101.stacks[0].before_stop_timeout: without before_stop"),
-        ('{ name = "db", ready = { command = ["a"], url = "http://h" } }', "guests.101.stacks[0].ready: must be a table with one of"),
+        ('{ name = "db", ready = { command = ["a"], url = "http://h" } }',
+         "guests.101.stacks[0].ready: must be a table with one of"),
         ('{ name = "db", ready = { tcp = 5432 } }', "guests.101.stacks[0].ready: must be a table with one of"),
-        ('{ name = "db", ready = { url = "ftp://h" } }', "guests.101.stacks[0].ready.url: must be an http:// or https:// URL"),
-        ('{ kind = "systemd", name = "pg", units = ["p.service"], ready = { healthy = true } }', "guests.101.stacks[0].ready.healthy: only `healthy = true`, and only for compose"),
+        ('{ name = "db", ready = { url = "ftp://h" } }',
+         "guests.101.stacks[0].ready.url: must be an http:// or https:// URL"),
+        ('{ kind = "systemd", name = "pg", units = ["p.service"], ready = { healthy = true } }',
+         "guests.101.stacks[0].ready.healthy: only `healthy = true`, and only for compose"),
         ('{ name = "db", ready_timeout = 5 }', "guests.101.stacks[0].ready_timeout: without ready"),
         ('{ name = "db", group = 0 }', "guests.101.stacks[0].group: must be 1-99"),
         ('{ name = "db", group = 1.5 }', "guests.101.stacks[0].group: must be an integer"),
-        ('{ name = "db", group = 1 }, { name = "web" }', "guests.101.stacks[1].group: missing: once one stack has a group"),
+        ('{ name = "db", group = 1 }, { name = "web" }',
+         "guests.101.stacks[1].group: missing: once one stack has a group"),
     ],
 )
 def test_strategy_problems_name_their_key_path(stacks: str, expected: str) -> None:

@@ -40,7 +40,9 @@ def test_plan_two_script_lines_one_of_them_ours() -> None:
     assert [line for line in p.vzdump_conf.splitlines() if line.startswith("script:")] == [f"script: {OURS}"]
 
 
-@pytest.mark.parametrize("text", ["", "[defaults]\nstop_timeout = 10\n", "[hook] # node settings\nphase_timeout = 60\n\n[guests.101]\nssh = { host = \"h\" }\n"])
+@pytest.mark.parametrize("text", ["", "[defaults]\nstop_timeout = 10\n",
+                                  "[hook] # node settings\nphase_timeout = 60\n\n"
+                                  "[guests.101]\nssh = { host = \"h\" }\n"])
 def test_with_chain_gives_a_valid_config_with_the_chain(text: str) -> None:
     new = with_chain(text, ("/root/offsite.sh",), "c.toml")
     cfg = configuration.parse(tomllib.loads(new))
@@ -51,7 +53,8 @@ def test_with_chain_gives_a_valid_config_with_the_chain(text: str) -> None:
 def test_with_chain_refuses_to_edit_an_existing_chain_or_broken_toml() -> None:
     with pytest.raises(HookError, match="add /root/b.sh to it yourself"):
         with_chain('[hook]\nchain = ["/root/a.sh"]\n', ("/root/b.sh",), "c.toml")
-    assert with_chain('[hook]\nchain = ["/root/a.sh"]\n', ("/root/a.sh",), "c.toml") == '[hook]\nchain = ["/root/a.sh"]\n'
+    assert (with_chain('[hook]\nchain = ["/root/a.sh"]\n', ("/root/a.sh",), "c.toml")
+            == '[hook]\nchain = ["/root/a.sh"]\n')
     with pytest.raises(HookError, match="not valid TOML"):
         with_chain("[hook\n", ("/root/a.sh",), "c.toml")
 

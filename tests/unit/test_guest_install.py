@@ -54,7 +54,8 @@ class LocalSsh(Transport):
         env = {"PATH": os.environ["PATH"], "HOME": str(self.home), "SSH_CONNECTION": "10.0.0.1 50000 10.0.0.2 22"}
         if forced is not None:
             env["SSH_ORIGINAL_COMMAND"] = line
-        p = subprocess.run(["sh", "-c", forced if forced is not None else line], input=stdin or b"", capture_output=True, env=env, timeout=timeout)
+        p = subprocess.run(["sh", "-c", forced if forced is not None else line], input=stdin or b"",
+                           capture_output=True, env=env, timeout=timeout)
         return p.returncode, p.stdout, p.stderr
 
 
@@ -73,12 +74,14 @@ class Env:
         self.keys = self.home / ".ssh" / "authorized_keys"
         self.keys.parent.mkdir(mode=0o700)
         # the guest as the admin set it up: both keys may run anything, plus an unrelated line
-        self.keys.write_text("# keys\n" + Path(self.node_key + ".pub").read_text() + Path(self.admin_key + ".pub").read_text()
+        self.keys.write_text("# keys\n" + Path(self.node_key + ".pub").read_text()
+                             + Path(self.admin_key + ".pub").read_text()
                              + "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOther other@host\n")
         self.keys.chmod(0o600)
         self.layout = Layout(str(self.root))
-        self.guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1", "identity_file": self.node_key},
-                                                         "marker_path": str(self.root / "var/lib/vzdump-hook/marker.json")})
+        self.guest = configuration.validate_guest(
+            VMID, {"ssh": {"host": "192.0.2.1", "identity_file": self.node_key},
+                   "marker_path": str(self.root / "var/lib/vzdump-hook/marker.json")})
         self.out: list[str] = []
         self.opened: list[LocalSsh] = []
 
@@ -93,7 +96,8 @@ class Env:
         return Installer(self.guest, self.layout, self.out.append, opener=self.opener, **kw)
 
     def tree(self) -> dict[str, tuple[bytes, int]]:
-        files = {str(p): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) for p in self.root.rglob("*") if p.is_file() and "var/log" not in str(p)}
+        files = {str(p): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) for p in self.root.rglob("*")
+                 if p.is_file() and "var/log" not in str(p)}
         files[str(self.keys)] = (self.keys.read_bytes(), stat.S_IMODE(self.keys.stat().st_mode))
         return files
 
@@ -167,7 +171,8 @@ def test_dry_run_shows_the_diff_of_a_changed_file_and_install_updates_only_it(en
     inst = env.installer(dry_run=True, identity_file=env.admin_key)
     inst.run()
     text = env.text()
-    assert f"{recover}: would update" in text and "-CHECK=0 FORCE=1 QUIET=0" in text and "+CHECK=0 FORCE=0 QUIET=0" in text
+    assert (f"{recover}: would update" in text and "-CHECK=0 FORCE=1 QUIET=0" in text
+            and "+CHECK=0 FORCE=0 QUIET=0" in text)
     assert f"{wrapper}: would set mode 0755 (was 700)" in text
     assert f"{env.layout.path('conf')}: unchanged" in text
     assert "CHECK=0 FORCE=1 QUIET=0" in recover.read_text()
@@ -234,7 +239,8 @@ def test_check_line_for_each_state(env: Env) -> None:
     t = env.opener(env.guest)
     s = gi.inspect(t, env.guest, env.layout, 1e18)
     assert s.restricted is False and s.recovery == "NOT INSTALLED"
-    assert s.line(VMID) == f"guest side: recovery NOT INSTALLED; node key NOT restricted (it may run any command): `vzdump-hook guest install {VMID}`"
+    assert s.line(VMID) == ("guest side: recovery NOT INSTALLED; node key NOT restricted (it may run any command): "
+                            f"`vzdump-hook guest install {VMID}`")
     env.installer(restrict=False).run()
     s = gi.inspect(env.opener(env.guest), env.guest, env.layout, 1e18)
     assert s.recovery == "current" and s.wrapper == "current" and s.restricted is False
@@ -361,7 +367,9 @@ def test_guest_files_of_the_debian_package(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 def test_layout_from_env() -> None:
-    assert Layout.from_env({}).root == "/" and Layout.from_env({}).wrapper_command == "/usr/local/sbin/vzdump-hook-wrapper"
+    assert (Layout.from_env({}).root == "/"
+            and Layout.from_env({}).wrapper_command == "/usr/local/sbin/vzdump-hook-wrapper")
     lay = Layout.from_env({gi.GUEST_ROOT_ENV: "/tmp/g r"})
     assert lay.path("conf") == "/tmp/g r/etc/vzdump-hook/guest.conf"
-    assert lay.wrapper_command == "'/tmp/g r/usr/local/sbin/vzdump-hook-wrapper' --conf '/tmp/g r/etc/vzdump-hook/guest.conf'"
+    assert lay.wrapper_command == ("'/tmp/g r/usr/local/sbin/vzdump-hook-wrapper' "
+                                   "--conf '/tmp/g r/etc/vzdump-hook/guest.conf'")

@@ -67,7 +67,7 @@ stacks = ["web", "db"]
 [guests.102]
 ssh = {{ host = "10.0.0.102" }}
 enabled = false
-"""
+"""  # noqa: E501
 
 
 class Hook:
@@ -89,7 +89,8 @@ class Hook:
         g.add_project("db", 2)
         g.add_project("web", 1)
         g.add_project("monitoring", 1)
-        self.open: MagicMock = mocker.patch("vzdump_hook.guest.session.open_transport", side_effect=transport_factory(self.guests))
+        self.open: MagicMock = mocker.patch("vzdump_hook.guest.session.open_transport",
+                                            side_effect=transport_factory(self.guests))
         self.watchdog: MagicMock = mocker.patch("vzdump_hook.phase.runner._watchdog")
         self.configure()
 
@@ -98,9 +99,12 @@ class Hook:
         return self.guests[101]
 
     def configure(self, extra: str = "", text: str | None = None) -> None:
-        self.cfg_path.write_text(text if text is not None else CONFIG.format(pve_dir=self.pve_dir, qmp_dir=self.qmp_dir, extra=extra, resident=str(self.resident).lower()))
+        self.cfg_path.write_text(text if text is not None
+                                 else CONFIG.format(pve_dir=self.pve_dir, qmp_dir=self.qmp_dir, extra=extra,
+                                                    resident=str(self.resident).lower()))
 
-    def __call__(self, phase: str, mode: Mode | str | None = None, vmid: int = 101, vmtype: GuestType | str = LXC) -> int:
+    def __call__(self, phase: str, mode: Mode | str | None = None, vmid: int = 101,
+                 vmtype: GuestType | str = LXC) -> int:
         env = dict(self.env)
         args = [phase]
         if mode is not None:
@@ -149,7 +153,8 @@ def lines_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [m for m in caplog.messages if text in m]
 
 
-def stale_marker(g: FakeGuest, job: JobId, deadline: float | None = None, names: tuple[str, ...] = ("web", "db")) -> Marker:
+def stale_marker(g: FakeGuest, job: JobId, deadline: float | None = None,
+                 names: tuple[str, ...] = ("web", "db")) -> Marker:
     """Stop `names` in the guest as an earlier job would have, and leave its marker."""
     recs = []
     for n in names:
@@ -158,7 +163,8 @@ def stale_marker(g: FakeGuest, job: JobId, deadline: float | None = None, names:
         for c in p.containers.values():
             c.running = False
     now = time.time()
-    m = Marker(job, 101, "qemu", "snapshot", now - 3600, deadline if deadline is not None else now + 3600, "stopped", tuple(recs))
+    m = Marker(job, 101, "qemu", "snapshot", now - 3600, deadline if deadline is not None else now + 3600, "stopped",
+               tuple(recs))
     g.files[MARKER] = m.to_json()
     return m
 
@@ -178,7 +184,8 @@ def dead_job() -> JobId:
 
 
 @pytest.mark.parametrize(("vmtype", "mode"), ALL)
-def test_success_path_stops_before_and_starts_after_the_point_in_time(hook: Hook, vmtype: GuestType, mode: Mode, caplog: pytest.LogCaptureFixture) -> None:
+def test_success_path_stops_before_and_starts_after_the_point_in_time(hook: Hook, vmtype: GuestType, mode: Mode,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     g = hook.g
     assert hook("job-init") == 0
     assert hook("job-start") == 0
@@ -188,7 +195,8 @@ def test_success_path_stops_before_and_starts_after_the_point_in_time(hook: Hook
     for step in backup_order(vmtype, mode):
         if step == "[point in time]":
             assert g.running_stacks() == APP_DOWN, "the backup would capture a running app"
-            assert [s.name for s in markers.parse(g.files[MARKER]).stacks] == ["web", "db"]  # inside the backup: a restore knows
+            # inside the backup: a restore knows
+            assert [s.name for s in markers.parse(g.files[MARKER]).stacks] == ["web", "db"]
             if mode is Mode.STOP:
                 g.unreachable = True  # vzdump shut the guest down
             continue
@@ -217,15 +225,18 @@ def test_success_path_stops_before_and_starts_after_the_point_in_time(hook: Hook
 
 
 def test_log_lines_carry_the_prefix_and_timings(hook: Hook, task_log: pytest.CaptureFixture[str]) -> None:
-    for step in ("job-start", "backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end", "log-end", "job-end"):
+    for step in ("job-start", "backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end", "log-end",
+                 "job-end"):
         mode = None if step.startswith("job") else Mode.SNAPSHOT
         assert hook(step, mode, 101, LXC) == 0
     out = task_log.readouterr().out.splitlines()
     assert out and all(line.startswith("vzdump-hook: ") for line in out), out
     text = "\n".join(out)
     assert "vzdump-hook: backup-start 101: fake 101 answers, will stop web, db (docker compose)" in text
-    assert any(line.startswith("vzdump-hook: pre-stop 101: stopped web, db in ") and line.endswith(" s") for line in out)
-    assert any(line.startswith("vzdump-hook: pre-restart 101: started db, web in ") and ", down " in line for line in out)
+    assert any(line.startswith("vzdump-hook: pre-stop 101: stopped web, db in ") and line.endswith(" s")
+               for line in out)
+    assert any(line.startswith("vzdump-hook: pre-restart 101: started db, web in ") and ", down " in line
+               for line in out)
     assert not any(line.startswith("vzdump-hook: post-restart 101:") for line in out), out  # nothing left to do there
     assert "vzdump-hook: guest  stacks  down s  result" in text
 
@@ -233,7 +244,8 @@ def test_log_lines_carry_the_prefix_and_timings(hook: Hook, task_log: pytest.Cap
 def test_every_phase_arms_the_watchdog(hook: Hook) -> None:
     hook("job-start")
     hook("backup-start", Mode.SNAPSHOT)
-    assert [c.args for c in hook.watchdog.call_args_list] == [(30 + hookmod.HARD_GRACE, "job-start"), (30 + hookmod.HARD_GRACE, "backup-start")]
+    assert [c.args for c in hook.watchdog.call_args_list] == [(30 + hookmod.HARD_GRACE, "job-start"),
+                                                              (30 + hookmod.HARD_GRACE, "backup-start")]
 
 
 @pytest.mark.parametrize("policy", ["continue", "abort"])
@@ -249,7 +261,8 @@ def test_the_step_under_way_tells_the_watchdog_what_an_overrun_means(hook: Hook,
     assert hook.watchdog.return_value.if_overrun == Outcome()  # no step set it: a job phase
     hook("backup-start", mode)
     # stop mode is also how vzdump backs up a guest that is off: an unanswered preflight fails nothing
-    assert hook.watchdog.return_value.if_overrun == Outcome(preflight_failed=True, abort_policy=abort and mode is not Mode.STOP)
+    assert hook.watchdog.return_value.if_overrun == Outcome(preflight_failed=True,
+                                                            abort_policy=abort and mode is not Mode.STOP)
     hook("pre-stop", mode)
     assert hook.watchdog.return_value.if_overrun == Outcome(quiesce_failed=True, abort_policy=abort)
 
@@ -284,7 +297,8 @@ def test_an_overrun_phase_ends_with_the_policy_tables_status(mocker: MockerFixtu
 
 
 @pytest.mark.parametrize("vmid", [999, 102])  # not in the config / enabled = false
-def test_unconfigured_guest_gets_one_line_and_no_connection(hook: Hook, vmid: int, caplog: pytest.LogCaptureFixture) -> None:
+def test_unconfigured_guest_gets_one_line_and_no_connection(hook: Hook, vmid: int,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     for step in backup_order(QEMU, Mode.SNAPSHOT):
         if not step.startswith("["):
             assert hook(step, Mode.SNAPSHOT, vmid, QEMU) == 0
@@ -295,7 +309,8 @@ def test_unconfigured_guest_gets_one_line_and_no_connection(hook: Hook, vmid: in
 
 
 @pytest.mark.parametrize("vmtype", list(GuestType))
-def test_guest_not_running_nothing_is_stopped(hook: Hook, mocker: MockerFixture, vmtype: GuestType, caplog: pytest.LogCaptureFixture) -> None:
+def test_guest_not_running_nothing_is_stopped(hook: Hook, mocker: MockerFixture, vmtype: GuestType,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     mocker.patch("vzdump_hook.node.pve.guest_running", return_value=False)
     hook.configure('on_quiesce_error = "abort"')
     hook("job-start")
@@ -323,7 +338,8 @@ def test_guest_off_and_unreachable_in_stop_mode_is_no_failure(hook: Hook, caplog
 # -- quiesce failures and on_quiesce_error --------------------------------------------------------
 
 
-def test_abort_with_a_stubborn_stack_fails_pre_stop_and_starts_everything_again(hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
+def test_abort_with_a_stubborn_stack_fails_pre_stop_and_starts_everything_again(
+        hook: Hook, caplog: pytest.LogCaptureFixture) -> None:
     hook.configure('on_quiesce_error = "abort"')
     hook.g.projects["db"].stubborn = True
     assert hook("job-start") == 0
@@ -339,7 +355,8 @@ def test_abort_with_a_stubborn_stack_fails_pre_stop_and_starts_everything_again(
     assert hook.g.starts() == ["db", "web"]
 
 
-def test_continue_with_a_stubborn_stack_warns_crash_consistent(hook: Hook, task_log: pytest.CaptureFixture[str]) -> None:
+def test_continue_with_a_stubborn_stack_warns_crash_consistent(hook: Hook,
+                                                               task_log: pytest.CaptureFixture[str]) -> None:
     hook.g.projects["db"].stubborn = True
     assert hook("backup-start", Mode.SNAPSHOT, 101, LXC) == 0
     assert hook("pre-stop", Mode.SNAPSHOT, 101, LXC) == 0
@@ -368,7 +385,8 @@ def test_unreachable_at_pre_stop(hook: Hook, policy: str, code: int, caplog: pyt
 
 
 @pytest.mark.parametrize(("policy", "code"), [("continue", 0), ("abort", 1)])
-def test_failed_preflight_then_pre_stop_does_nothing(hook: Hook, policy: str, code: int, caplog: pytest.LogCaptureFixture) -> None:
+def test_failed_preflight_then_pre_stop_does_nothing(hook: Hook, policy: str, code: int,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     hook.configure(f'on_quiesce_error = "{policy}"')
     hook.g.hang = True
     assert hook("backup-start", Mode.SNAPSHOT, 101, LXC) == code
@@ -391,7 +409,8 @@ def test_docker_missing_at_backup_start(hook: Hook, caplog: pytest.LogCaptureFix
 
 
 def test_resume_happens_exactly_once(hook: Hook) -> None:
-    for step in ("backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end", "backup-end", "log-end", "backup-abort", "log-end"):
+    for step in ("backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end", "backup-end", "log-end",
+                 "backup-abort", "log-end"):
         assert hook(step, Mode.SNAPSHOT, 101, QEMU) == 0
     assert hook("job-end") == 0
     assert hook("job-abort") == 0
@@ -555,7 +574,8 @@ def test_backup_start_resumes_another_jobs_marker(hook: Hook, job: JobId, caplog
     m = stale_marker(hook.g, job)
     assert hook("backup-start", Mode.SNAPSHOT, 101, QEMU) == 0
     assert hook.g.running_stacks() == ALL_UP and MARKER not in hook.g.files
-    assert any(r.levelno == logging.WARNING and f"backup-start 101: marker left by job {m.job}" in r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.WARNING and f"backup-start 101: marker left by job {m.job}" in r.getMessage()
+               for r in caplog.records)
     # and the backup goes on normally
     assert hook("pre-stop", Mode.SNAPSHOT, 101, QEMU) == 0
     assert hook.g.running_stacks() == APP_DOWN
@@ -659,7 +679,8 @@ def test_config_broken_at_backup_start_backs_up_without_quiescing(hook: Hook, ca
         assert hook(step, Mode.SNAPSHOT, 101, QEMU) == 0
     assert hook("job-end") == 1
     assert hook.open.call_count == 0
-    assert any(r.levelno == logging.ERROR and "backup-start 101: the config is unusable" in r.getMessage() and "WITHOUT quiescing" in r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.ERROR and "backup-start 101: the config is unusable" in r.getMessage()
+               and "WITHOUT quiescing" in r.getMessage() for r in caplog.records)
 
 
 def test_valid_config_job_end_exits_0(hook: Hook) -> None:
@@ -754,12 +775,14 @@ def test_job_start_shows_contradicting_settings(hook: Hook, caplog: pytest.LogCa
     hook.configure('max_downtime = 10\nstop_timeout = 3600\nexclude = ["x"]')
     assert hook("job-start") == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("guests.101.stop_timeout: the stop timeouts of its stacks add up to 7200 s, longer than max_downtime (10 s)" in w for w in warnings), warnings
+    assert any("guests.101.stop_timeout: the stop timeouts of its stacks add up to 7200 s, "
+               "longer than max_downtime (10 s)" in w for w in warnings), warnings
     assert any("guests.101.exclude: ignored" in w for w in warnings), warnings
 
 
 @pytest.mark.parametrize("config", ["broken", "guest-removed"])
-def test_job_start_resumes_a_dead_jobs_stacks_with_its_recorded_settings(hook: Hook, config: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_job_start_resumes_a_dead_jobs_stacks_with_its_recorded_settings(hook: Hook, config: str,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """A job died after its pre-stop; since then the config broke (or lost the guest). The next
     job's job-start still starts the stacks: the node recorded how to reach the guest."""
     dead = hook.runner(dead_job())
@@ -770,7 +793,8 @@ def test_job_start_resumes_a_dead_jobs_stacks_with_its_recorded_settings(hook: H
     hook.configure(text="[guests.101\n" if config == "broken" else "")
     assert hook("job-start") == 0
     assert hook.g.running_stacks() == ALL_UP and MARKER not in hook.g.files
-    assert any(m.startswith("job-start 101: marker of job") and "started db, web" in m for m in caplog.messages), caplog.messages
+    assert any(m.startswith("job-start 101: marker of job") and "started db, web" in m
+               for m in caplog.messages), caplog.messages
     assert not os.path.exists(dead.ctx.state.job_dir)  # its guest runs again: the record goes
 
 
@@ -806,7 +830,8 @@ def _hostile(data: bytes, case: str) -> bytes:
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_MARKERS))
-def test_a_hostile_marker_of_one_guest_changes_nothing_for_another(hook: Hook, case: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_hostile_marker_of_one_guest_changes_nothing_for_another(hook: Hook, case: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """101 is really down at job-end; 103 (also in this job) has replaced its marker with a hostile
     one: job-end still fails, with 101's row and the still-DOWN warning."""
     hook.guests[103] = FakeGuest()
@@ -851,7 +876,8 @@ def _assert_task_log_is_ours(out: str) -> None:
         assert not [c for c in line if c in RAW], line
 
 
-def test_a_hostile_marker_and_output_reach_the_task_log_escaped(hook: Hook, task_log: pytest.CaptureFixture[str], mocker: MockerFixture) -> None:
+def test_a_hostile_marker_and_output_reach_the_task_log_escaped(hook: Hook, task_log: pytest.CaptureFixture[str],
+                                                                mocker: MockerFixture) -> None:
     """The marker's job (node, boot), vmtype and mode, and the guest's stderr, carry NEL, CSI, LINE
     SEPARATOR, RLO, ESC, CR and newlines: backup-start's lines show them escaped, one line each."""
     hook.configure('on_quiesce_error = "abort"')
@@ -876,9 +902,11 @@ def test_a_hostile_marker_and_output_reach_the_task_log_escaped(hook: Hook, task
 
 
 @pytest.mark.parametrize("field", ["node", "boot", "vmtype", "mode"])
-def test_a_marker_with_raw_control_characters_is_refused_and_not_shown(hook: Hook, task_log: pytest.CaptureFixture[str], field: str) -> None:
+def test_a_marker_with_raw_control_characters_is_refused_and_not_shown(hook: Hook, task_log: pytest.CaptureFixture[str],
+                                                                       field: str) -> None:
     m = stale_marker(hook.g, dead_job())
-    hook.g.files[MARKER] = m.to_json().replace(f'"{field}": "'.encode(), f'"{field}": "\\u001b[2J\\r\\n{FORGED}'.encode(), 1)
+    hook.g.files[MARKER] = m.to_json().replace(f'"{field}": "'.encode(),
+                                               f'"{field}": "\\u001b[2J\\r\\n{FORGED}'.encode(), 1)
     assert FORGED.encode() in hook.g.files[MARKER]
     task_log.readouterr()
     hook("backup-start", Mode.SNAPSHOT, 101, QEMU)

@@ -111,8 +111,8 @@ def test_the_config_and_its_validation_import_no_driver_and_nothing_heavy(text: 
 
 
 def test_systemd_and_compose_entries_side_by_side_in_stop_order() -> None:
-    g = parse(GUEST + 'stacks = ["web", { kind = "systemd", name = "pg", units = ["postgresql@15-main.service"], stop_timeout = 90 },'
-                      ' { kind = "compose", name = "db" }]\n').guests[101]
+    g = parse(GUEST + 'stacks = ["web", { kind = "systemd", name = "pg", units = ["postgresql@15-main.service"],'
+                      ' stop_timeout = 90 }, { kind = "compose", name = "db" }]\n').guests[101]
     pg = StackSpec("pg", 90.0, systemd_table.Table(("postgresql@15-main.service",)))
     assert g.stacks == (StackSpec("web"), pg, StackSpec("db"))
     assert g.stop_timeout_of("pg") == 90.0
@@ -124,17 +124,28 @@ def test_systemd_and_compose_entries_side_by_side_in_stop_order() -> None:
         ('{ kind = "systemd", name = "pg" }', "guests.101.stacks[0].units: missing (the service units to stop"),
         ('{ kind = "systemd", units = ["a.service"] }', "guests.101.stacks[0].name: missing"),
         ('{ kind = "systemd", name = "PG", units = ["a.service"] }', "guests.101.stacks[0].name: not a stack name"),
-        ('{ kind = "systemd", name = "pg", units = [] }', "guests.101.stacks[0].units: must be a list of 1-32 service unit names"),
-        ('{ kind = "systemd", name = "pg", units = "a.service" }', "guests.101.stacks[0].units: must be a list of 1-32"),
-        ('{ kind = "systemd", name = "pg", units = ["a.service", "postgresql"] }', "guests.101.stacks[0].units[1]: not a service unit name"),
-        ('{ kind = "systemd", name = "pg", units = ["pg.socket"] }', "guests.101.stacks[0].units[0]: not a service unit name"),
-        ('{ kind = "systemd", name = "pg", units = ["--now.service"] }', "guests.101.stacks[0].units[0]: not a service unit name"),
-        ('{ kind = "systemd", name = "pg", units = ["a\\\\x2db.service"] }', "guests.101.stacks[0].units[0]: not a service unit name"),
-        ('{ kind = "systemd", name = "pg", units = ["a.service", "a.service"] }', "guests.101.stacks[0].units: a unit is listed twice"),
-        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = "Alice" }', "guests.101.stacks[0].user: must be the name of the user"),
-        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = "root" }', "guests.101.stacks[0].user: must be the name of the user"),
-        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = "-x" }', "guests.101.stacks[0].user: must be the name of the user"),
-        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = 5 }', "guests.101.stacks[0].user: must be the name of the user"),
+        ('{ kind = "systemd", name = "pg", units = [] }',
+         "guests.101.stacks[0].units: must be a list of 1-32 service unit names"),
+        ('{ kind = "systemd", name = "pg", units = "a.service" }',
+         "guests.101.stacks[0].units: must be a list of 1-32"),
+        ('{ kind = "systemd", name = "pg", units = ["a.service", "postgresql"] }',
+         "guests.101.stacks[0].units[1]: not a service unit name"),
+        ('{ kind = "systemd", name = "pg", units = ["pg.socket"] }',
+         "guests.101.stacks[0].units[0]: not a service unit name"),
+        ('{ kind = "systemd", name = "pg", units = ["--now.service"] }',
+         "guests.101.stacks[0].units[0]: not a service unit name"),
+        ('{ kind = "systemd", name = "pg", units = ["a\\\\x2db.service"] }',
+         "guests.101.stacks[0].units[0]: not a service unit name"),
+        ('{ kind = "systemd", name = "pg", units = ["a.service", "a.service"] }',
+         "guests.101.stacks[0].units: a unit is listed twice"),
+        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = "Alice" }',
+         "guests.101.stacks[0].user: must be the name of the user"),
+        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = "root" }',
+         "guests.101.stacks[0].user: must be the name of the user"),
+        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = "-x" }',
+         "guests.101.stacks[0].user: must be the name of the user"),
+        ('{ kind = "systemd", name = "pg", units = ["a.service"], user = 5 }',
+         "guests.101.stacks[0].user: must be the name of the user"),
         ('{ name = "db", user = "alice" }', "guests.101.stacks[0].user: unknown key"),
         ('{ kind = "podman", name = "pg" }', "guests.101.stacks[0].kind: must be one of 'compose', 'systemd'"),
         ('{ kind = "compose", name = "db", units = ["a.service"] }', "guests.101.stacks[0].units: unknown key"),
@@ -146,24 +157,30 @@ def test_a_bad_systemd_entry_is_named_by_its_key_path(entry: str, expected: str)
 
 
 def test_user_units_of_one_user_beside_system_units() -> None:
-    g = parse(GUEST + 'stacks = [{ kind = "systemd", name = "a", units = ["x.service"] }, { kind = "systemd", name = "b", units = ["x.service"], user = "alice" }]\n').guests[101]
+    g = parse(GUEST + 'stacks = [{ kind = "systemd", name = "a", units = ["x.service"] },'
+                      ' { kind = "systemd", name = "b", units = ["x.service"], user = "alice" }]\n').guests[101]
     assert [(s.name, s.user) for s in g.stacks or ()] == [("a", ""), ("b", "alice")]  # the same unit name, two managers
-    got = problems(GUEST + 'stacks = [{ kind = "systemd", name = "a", units = ["x.service"], user = "bob" }, { kind = "systemd", name = "b", units = ["y.service"], user = "alice" }]\n')
+    got = problems(GUEST + 'stacks = [{ kind = "systemd", name = "a", units = ["x.service"], user = "bob" },'
+                           ' { kind = "systemd", name = "b", units = ["y.service"], user = "alice" }]\n')
     assert got == ["guests.101.stacks: --user units of one user only (got alice, bob)"]
 
 
 def test_one_unit_in_two_stacks_is_refused() -> None:
-    got = problems(GUEST + 'stacks = [{ kind = "systemd", name = "a", units = ["x.service"] }, { kind = "systemd", name = "b", units = ["x.service"] }]\n')
+    got = problems(GUEST + 'stacks = [{ kind = "systemd", name = "a", units = ["x.service"] },'
+                           ' { kind = "systemd", name = "b", units = ["x.service"] }]\n')
     assert got == ["guests.101.stacks: unit x.service is in stacks 'a' and 'b'"]
 
 
 def test_a_systemd_record_round_trips_through_the_marker_and_the_host_state() -> None:
     rec = StackRecord.systemd("pg", ("postgresql@15-main.service",), ("pg.socket", "backup.timer"), stopped=True)
     user = StackRecord.systemd("app", ("app.service",), (), stopped=True, user="alice")
-    compose = StackRecord("web", ("docker", "compose"), "/srv/web", ("/srv/web/compose.yaml",), ("ab" * 32,), True, ("app",))
-    m = Marker(JobId("n", "b", 1, 2), 101, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped", (compose, rec, user))
+    compose = StackRecord("web", ("docker", "compose"), "/srv/web", ("/srv/web/compose.yaml",), ("ab" * 32,), True,
+                          ("app",))
+    m = Marker(JobId("n", "b", 1, 2), 101, "lxc", "snapshot", 1700000000.0, 1700000600.0, "stopped",
+               (compose, rec, user))
     back = markers.parse(m.to_json())
-    assert back.stacks == (compose, rec, user) and back.stacks[1].kind is Kind.SYSTEMD and back.stacks[2].user == "alice"
+    assert (back.stacks == (compose, rec, user) and back.stacks[1].kind is Kind.SYSTEMD
+            and back.stacks[2].user == "alice")
     line = [ln for ln in m.to_json().decode().splitlines() if '"pg"' in ln][0]
     assert '"driver": "systemd"' in line and '"units": ["postgresql@15-main.service"]' in line  # one stack per line
     gr = GuestRecord(101, "lxc", "snapshot", {}, stacks=[compose, rec, user])

@@ -81,7 +81,8 @@ def test_location_is_the_cluster_file_system_on_a_pve_node(tmp_path: Path) -> No
     assert ledgers.ledger_dir(s) == str(tmp_path / "state" / "ledger")
     (tmp_path / "pve" / "nodes").mkdir(parents=True)
     assert ledgers.ledger_dir(s) == str(tmp_path / "pve" / "priv" / "vzdump-hook" / "ledger")
-    assert ledgers.ledger_dir(configuration.HookSettings(ledger_dir="/srv/l", pve_dir=str(tmp_path / "pve"))) == "/srv/l"
+    assert ledgers.ledger_dir(configuration.HookSettings(ledger_dir="/srv/l",
+                                                         pve_dir=str(tmp_path / "pve"))) == "/srv/l"
 
 
 def test_ledger_dir_setting_is_validated_with_its_key_path() -> None:
@@ -110,7 +111,8 @@ def test_entry_round_trip_and_unreadable_entry_still_counts(tmp_path: Path) -> N
     e = led.add(101, QUIESCE, job, {"transport": "ssh", "ssh": {"host": "h"}}, "lxc")
     (tmp_path / "l" / "102.node-b-1-1.json").write_text("{not json")
     got = led.entries()
-    assert [(x.vmid, x.kind, x.job, x.vmtype, dict(x.guest_table)) for x in got[101]] == [(101, QUIESCE, job, "lxc", {"transport": "ssh", "ssh": {"host": "h"}})]
+    assert [(x.vmid, x.kind, x.job, x.vmtype, dict(x.guest_table)) for x in got[101]] == [
+        (101, QUIESCE, job, "lxc", {"transport": "ssh", "ssh": {"host": "h"}})]
     assert got[101][0].name == e.name
     assert [(x.vmid, x.kind, x.job) for x in got[102]] == [(102, FOUND, None)]
 
@@ -127,7 +129,8 @@ def test_entry_round_trip_and_unreadable_entry_still_counts(tmp_path: Path) -> N
 def test_clear_removes_only_settled_entries(tmp_path: Path, writer: str, age: float, removed: bool) -> None:
     led = Ledger(str(tmp_path / "l"), "node-a", str(tmp_path / "s"), settle=615)
     me = JobId(node_name(), "boot", 1, 1)
-    job = {"this job": me, "job over": dead_job(), "job running": running_job(), "other node": JobId(NODE_B, "b", 9, 9), "found": None}[writer]
+    job = {"this job": me, "job over": dead_job(), "job running": running_job(), "other node": JobId(NODE_B, "b", 9, 9),
+           "found": None}[writer]
     e = led.add(101, FOUND if writer == "found" else QUIESCE, job, {})
     path = tmp_path / "l" / e.name
     if age:
@@ -167,7 +170,8 @@ def test_known_is_the_union_of_every_nodes_list_minus_local_uncovered(tmp_path: 
 # -- the phases keep it --------------------------------------------------------------------------
 
 
-def test_upgrade_asks_every_guest_once_then_only_ledger_entries(hook: Hook, pve: ClusterFs, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_upgrade_asks_every_guest_once_then_only_ledger_entries(hook: Hook, pve: ClusterFs,  # noqa: F811
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     many_guests(hook, range(103, 106))
     assert job_start(hook) == [101, 103, 104, 105]  # no ledger yet: nothing is known
     assert ledger_of(hook).known() == {101, 103, 104, 105}
@@ -176,7 +180,8 @@ def test_upgrade_asks_every_guest_once_then_only_ledger_entries(hook: Hook, pve:
     assert pve.written_in_place() == [] and pve.refused == []
 
 
-def test_entry_is_written_before_the_marker_and_removed_after_the_resume(hook: Hook, pve: ClusterFs, mocker: MockerFixture) -> None:  # noqa: F811
+def test_entry_is_written_before_the_marker_and_removed_after_the_resume(hook: Hook, pve: ClusterFs,  # noqa: F811
+                                                                         mocker: MockerFixture) -> None:
     led = ledger_of(hook)
     entries_when_marker_written: list[int] = []
     real_write = GuestSession._write_marker
@@ -209,7 +214,8 @@ def test_nothing_to_stop_writes_no_entry(hook: Hook, pve: ClusterFs) -> None:  #
     assert ledger_of(hook).entries() == {}
 
 
-def test_crash_between_the_two_writes_costs_one_contact(hook: Hook, pve: ClusterFs, mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_crash_between_the_two_writes_costs_one_contact(hook: Hook, pve: ClusterFs, mocker: MockerFixture,  # noqa: F811
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     """A node crash (a job that is over) right after the entry, before the marker: the next
     job-start asks that guest once, finds no marker, removes the entry."""
     job_start(hook)
@@ -227,7 +233,8 @@ def test_crash_between_the_two_writes_costs_one_contact(hook: Hook, pve: Cluster
     assert job_start(hook) == []
 
 
-def test_no_marker_without_an_entry_when_the_ledger_cannot_be_written(hook: Hook, pve: ClusterFs, mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_no_marker_without_an_entry_when_the_ledger_cannot_be_written(hook: Hook, pve: ClusterFs, mocker: MockerFixture,  # noqa: F811
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """The order of writes rules out a marker without an entry: if neither the ledger nor the local
     note can be written, nothing is written to the guest and nothing is stopped."""
     job_start(hook)
@@ -239,7 +246,8 @@ def test_no_marker_without_an_entry_when_the_ledger_cannot_be_written(hook: Hook
     assert lines_about(caplog, "read-only (no quorum)")
 
 
-def test_ledger_unwritable_the_guest_is_noted_locally_and_asked_next_time(hook: Hook, pve: ClusterFs, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_ledger_unwritable_the_guest_is_noted_locally_and_asked_next_time(hook: Hook, pve: ClusterFs,  # noqa: F811
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
     job_start(hook)
     runner = hook.runner(dead_job())  # a job that then dies before its resume
     assert runner.run(Phase.BACKUP_START, LXC, Mode.SNAPSHOT, 101) == 0
@@ -253,7 +261,8 @@ def test_ledger_unwritable_the_guest_is_noted_locally_and_asked_next_time(hook: 
     assert job_start(hook) == []
 
 
-def test_entry_of_a_job_that_is_over_resumes_only_that_guest(hook: Hook, pve: ClusterFs, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_entry_of_a_job_that_is_over_resumes_only_that_guest(hook: Hook, pve: ClusterFs,  # noqa: F811
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     many_guests(hook, range(103, 106))
     job_start(hook)
     runner = hook.runner(dead_job())
@@ -271,7 +280,8 @@ def test_a_guest_that_is_not_running_is_not_asked(hook: Hook, pve: ClusterFs, ca
     ledger_of(hook).add(101, FOUND, None, {})
     (hook.qmp_dir / "101.pid").unlink()  # the VM is off
     assert job_start(hook) == []
-    assert lines_about(caplog, "job-start 101: not running (PVE), not asked: a marker in it waits for the guest-side recovery at boot, or for its next backup's backup-start")
+    assert lines_about(caplog, "job-start 101: not running (PVE), not asked: a marker in it waits for the guest-side "
+                               "recovery at boot, or for its next backup's backup-start")
     assert len(ledger_of(hook).of(101)) == 1  # kept for when it runs again
     (hook.qmp_dir / "101.pid").write_text(f"{os.getpid()}\n")
     assert job_start(hook) == [101]

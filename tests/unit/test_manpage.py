@@ -30,13 +30,15 @@ def commands(*words: str) -> list[str]:
 @pytest.fixture(scope="module")
 def page() -> str:
     """The man page as groff formats it (groff-base: scripts/setup-test-host.sh installs it)."""
-    roff = subprocess.run([sys.executable, "-m", "vzdump_hook.admin.manpage"], capture_output=True, text=True, check=True, env={"SOURCE_DATE_EPOCH": "0"}).stdout
+    roff = subprocess.run([sys.executable, "-m", "vzdump_hook.admin.manpage"], capture_output=True, text=True,
+                          check=True, env={"SOURCE_DATE_EPOCH": "0"}).stdout
     assert '.TH VZDUMP\\-HOOK 8 "1970-01-01"' in roff  # the build's date, not today's: reproducible
     if not shutil.which("groff"):
         pytest.skip("groff is not installed (Debian: groff-base)")
     warnings = subprocess.run(["groff", "-man", "-ww", "-z"], input=roff, capture_output=True, text=True)
     assert warnings.returncode == 0 and warnings.stderr == "", warnings.stderr
-    return subprocess.run(["groff", "-man", "-Tutf8", "-P-cbou", "-rLL=200n"], input=roff, capture_output=True, text=True, check=True).stdout
+    return subprocess.run(["groff", "-man", "-Tutf8", "-P-cbou", "-rLL=200n"], input=roff, capture_output=True,
+                          text=True, check=True).stdout
 
 
 def test_every_command_and_option_of_the_help_is_in_the_man_page(page: str) -> None:
@@ -54,5 +56,6 @@ def test_every_command_and_option_of_the_help_is_in_the_man_page(page: str) -> N
 
 
 def test_the_page_names_the_packaged_paths(page: str) -> None:
-    for path in ("/etc/vzdump-hook/config.toml", "/usr/share/doc/vzdump-hook/config.example.toml", "script: /usr/bin/vzdump-hook"):
+    for path in ("/etc/vzdump-hook/config.toml", "/usr/share/doc/vzdump-hook/config.example.toml",
+                 "script: /usr/bin/vzdump-hook"):
         assert path in page

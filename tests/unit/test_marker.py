@@ -30,7 +30,8 @@ def rec(name: str, n: int = 1, stopped: bool = True, compose: tuple[str, ...] = 
 
 
 def make(stacks: tuple[StackRecord, ...] = (rec("db", 2), rec("web")), state: str = "stopped", **kw: Any) -> Marker:
-    args: dict[str, Any] = dict(job=JOB, vmid=101, vmtype="qemu", mode="snapshot", written_at=1700000000.125, deadline=1700000600.5, state=state, stacks=stacks)
+    args: dict[str, Any] = dict(job=JOB, vmid=101, vmtype="qemu", mode="snapshot", written_at=1700000000.125,
+                                deadline=1700000600.5, state=state, stacks=stacks)
     args.update(kw)
     return Marker(**args)
 
@@ -82,7 +83,8 @@ def test_times_are_rounded_to_milliseconds() -> None:
 
 def test_one_stack_per_line() -> None:
     """The guest-side recovery (POSIX sh, no JSON parser) reads stacks by lines."""
-    stacks = (rec("db", 2), rec("web"), StackRecord("odd", ("docker", "compose"), '/srv/a\\b "q"', ("/srv/x.yaml",), (), True))
+    stacks = (rec("db", 2), rec("web"),
+              StackRecord("odd", ("docker", "compose"), '/srv/a\\b "q"', ("/srv/x.yaml",), (), True))
     text = make(stacks=stacks).to_json().decode()
     assert text.endswith("}\n")
     lines = text.splitlines()
@@ -182,7 +184,8 @@ def test_missing_top_level_key(key: str) -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("vmid", "101"), ("vmid", True), ("vmid", 1.5), ("vmtype", 1), ("mode", None), ("written_at", "now"), ("deadline", False), ("stacks", {}), ("job", [])],
+    [("vmid", "101"), ("vmid", True), ("vmid", 1.5), ("vmtype", 1), ("mode", None), ("written_at", "now"),
+     ("deadline", False), ("stacks", {}), ("job", [])],
 )
 def test_wrong_types(key: str, value: Any) -> None:
     with pytest.raises(MarkerError, match="wrong type"):
@@ -191,7 +194,8 @@ def test_wrong_types(key: str, value: Any) -> None:
 
 @pytest.mark.parametrize(
     "job",
-    [{}, {"node": "n", "boot": "b", "pid": 1}, {"node": "n", "boot": "b", "pid": "x", "start": 1}, {"node": "n", "boot": "b", "pid": None, "start": 1}],
+    [{}, {"node": "n", "boot": "b", "pid": 1}, {"node": "n", "boot": "b", "pid": "x", "start": 1},
+     {"node": "n", "boot": "b", "pid": None, "start": 1}],
 )
 def test_bad_job(job: dict[str, Any]) -> None:
     with pytest.raises(MarkerError, match=r"job\.(node|boot|pid|start) (missing|has the wrong type)"):
@@ -253,7 +257,8 @@ def test_stack_name_not_a_string() -> None:
 
 @pytest.mark.parametrize(
     "compose",
-    [["rm", "-rf", "/"], ["docker"], ["docker", "compose", "-f", "/tmp/evil.yaml"], ["sh", "-c"], [], ["docker-compose", "down"], "docker compose"],
+    [["rm", "-rf", "/"], ["docker"], ["docker", "compose", "-f", "/tmp/evil.yaml"], ["sh", "-c"], [],
+     ["docker-compose", "down"], "docker compose"],
 )
 def test_bad_compose_commands(compose: Any) -> None:
     with pytest.raises(MarkerError, match=r"compose"):
@@ -338,11 +343,13 @@ def test_deeply_nested_json_is_a_marker_error() -> None:
 
 def test_infinite_job_start_is_a_marker_error() -> None:
     with pytest.raises(MarkerError):
-        marker.parse(json.dumps(doc(job={"node": "n", "boot": "b", "pid": 1, "start": 1e999})).replace("Infinity", "1e999").encode())
+        marker.parse(json.dumps(doc(job={"node": "n", "boot": "b", "pid": 1, "start": 1e999}))
+                     .replace("Infinity", "1e999").encode())
 
 
 def test_services_round_trip_and_are_checked() -> None:
-    s = StackRecord("db", ("docker", "compose"), "/srv/db", (), (container_id("db", 0),), True, ("postgres", "pgbouncer"))
+    s = StackRecord("db", ("docker", "compose"), "/srv/db", (), (container_id("db", 0),), True,
+                    ("postgres", "pgbouncer"))
     m = make(stacks=(s,))
     assert marker.parse(m.to_json()).stacks[0].services == ("postgres", "pgbouncer")
     d = json.loads(m.to_json())

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A node whose /etc/vzdump-hook is tmp_path/etc/vzdump-hook (the SSH defaults point there too)."""
     etc = tmp_path / "etc" / "vzdump-hook"
-    monkeypatch.setattr(node_setup, "SshConfig", SimpleNamespace(identity_file=str(etc / "id_ed25519"), known_hosts=str(etc / "known_hosts")))
+    monkeypatch.setattr(node_setup, "SshConfig", SimpleNamespace(identity_file=str(etc / "id_ed25519"),
+                                                                 known_hosts=str(etc / "known_hosts")))
     monkeypatch.delenv(configuration.CONFIG_ENV, raising=False)
     return etc
 
@@ -52,7 +53,8 @@ def test_a_fresh_node_gets_a_config_that_handles_no_guest_a_key_and_known_hosts(
     assert "(ED25519)" in fp and "vzdump-hook@" in fp
     kh = node / "known_hosts"
     assert kh.read_text() == "" and oct(kh.stat().st_mode & 0o777) == "0o600"
-    assert "    script: /usr/local/bin/vzdump-hook\n" in r.output  # not the Debian package: the launcher of scripts/install.sh
+    # not the Debian package: the launcher of scripts/install.sh
+    assert "    script: /usr/local/bin/vzdump-hook\n" in r.output
     assert "vzdump-hook enable" in r.output and "WARNING" not in r.output
 
 
@@ -82,7 +84,8 @@ def test_an_enabled_node_is_told_so(node: Path) -> None:
 
 def test_the_key_named_in_defaults_is_the_one_made(node: Path, tmp_path: Path) -> None:
     node.mkdir(parents=True, mode=0o700)
-    (node / "config.toml").write_text(f'[defaults]\nssh = {{ identity_file = "{tmp_path}/k", known_hosts = "{tmp_path}/kh" }}\n')
+    (node / "config.toml").write_text(f'[defaults]\nssh = {{ identity_file = "{tmp_path}/k", '
+                                      f'known_hosts = "{tmp_path}/kh" }}\n')
     assert setup(node).exit_code == 0
     assert (tmp_path / "k").exists() and (tmp_path / "kh").exists() and not (node / "id_ed25519").exists()
 
@@ -96,4 +99,5 @@ def test_an_open_config_directory_is_warned_about(node: Path) -> None:
 
 def test_the_debian_package_names_its_own_launcher() -> None:
     assert default_launcher("/usr/lib/python3/dist-packages/vzdump_hook/enable.py") == "/usr/bin/vzdump-hook"
-    assert default_launcher("/opt/vzdump-hook/lib/python3.11/site-packages/vzdump_hook/enable.py") == "/usr/local/bin/vzdump-hook"
+    assert (default_launcher("/opt/vzdump-hook/lib/python3.11/site-packages/vzdump_hook/enable.py")
+            == "/usr/local/bin/vzdump-hook")

@@ -93,7 +93,8 @@ def test_phases_before_the_resume_point_keep_stacks_down_with_a_note(vmtype: Gue
 
 @pytest.mark.parametrize(
     ("mode", "phase"),
-    [(Mode.SNAPSHOT, Phase.PRE_RESTART), (Mode.SNAPSHOT, Phase.POST_RESTART), (Mode.SUSPEND, Phase.PRE_RESTART), (Mode.STOP, Phase.PRE_RESTART)],
+    [(Mode.SNAPSHOT, Phase.PRE_RESTART), (Mode.SNAPSHOT, Phase.POST_RESTART), (Mode.SUSPEND, Phase.PRE_RESTART),
+     (Mode.STOP, Phase.PRE_RESTART)],
 )
 def test_qemu_never_resumes_before_the_backup_job_started(mode: Mode, phase: Phase) -> None:
     """(qemu suspend/stop: post-restart comes after backup-end, or after an error: allowed there)"""
@@ -142,16 +143,19 @@ def test_qemu_suspend_error_path_resumes_at_post_restart() -> None:
 @pytest.mark.parametrize(("vmtype", "mode"), ALL)
 @pytest.mark.parametrize("phase", [Phase.BACKUP_ABORT, Phase.LOG_END])
 @pytest.mark.parametrize("status", PENDING)
-def test_backup_abort_and_log_end_resume_whatever_is_pending(vmtype: GuestType, mode: Mode, phase: Phase, status: Status) -> None:
+def test_backup_abort_and_log_end_resume_whatever_is_pending(vmtype: GuestType, mode: Mode, phase: Phase,
+                                                             status: Status) -> None:
     p = plan(phase, vmtype, mode, record(status, vmtype, mode))
     assert p.step is Step.RESUME
     assert p.wait_for_guest  # after an error the guest may be restarting
 
 
 @pytest.mark.parametrize(("vmtype", "mode"), ALL)
-@pytest.mark.parametrize("phase", [Phase.PRE_RESTART, Phase.POST_RESTART, Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END])
+@pytest.mark.parametrize("phase", [Phase.PRE_RESTART, Phase.POST_RESTART, Phase.BACKUP_END, Phase.BACKUP_ABORT,
+                                   Phase.LOG_END])
 @pytest.mark.parametrize("status", [*NOT_PENDING, None])
-def test_nothing_to_resume_when_nothing_is_pending(vmtype: GuestType, mode: Mode, phase: Phase, status: Status | None) -> None:
+def test_nothing_to_resume_when_nothing_is_pending(vmtype: GuestType, mode: Mode, phase: Phase,
+                                                   status: Status | None) -> None:
     rec = None if status is None else record(status, vmtype, mode)
     assert plan(phase, vmtype, mode, rec).step is Step.NONE
 
@@ -226,7 +230,8 @@ def test_exit_status_policy_table(phase: Phase) -> None:
         assert exit_status(phase, o) == expected_exit(phase, o), (phase, o)
 
 
-@pytest.mark.parametrize("phase", [Phase.PRE_RESTART, Phase.POST_RESTART, Phase.BACKUP_END, Phase.BACKUP_ABORT, Phase.LOG_END, Phase.JOB_INIT, Phase.JOB_START])
+@pytest.mark.parametrize("phase", [Phase.PRE_RESTART, Phase.POST_RESTART, Phase.BACKUP_END, Phase.BACKUP_ABORT,
+                                   Phase.LOG_END, Phase.JOB_INIT, Phase.JOB_START])
 def test_resume_phases_never_fail(phase: Phase) -> None:
     assert all(exit_status(phase, o) == 0 for o in OUTCOMES)
 
@@ -280,7 +285,8 @@ def test_backup_order_matches_design_table() -> None:
         "log-end",
     )
     assert backup_order(QEMU, Mode.SUSPEND) == backup_order(QEMU, Mode.STOP) == backup_order(LXC, Mode.STOP)
-    assert backup_order(QEMU, Mode.STOP, running=False) == ("backup-start", "[point in time]", "[data transfer]", "backup-end", "log-end")
+    assert backup_order(QEMU, Mode.STOP, running=False) == ("backup-start", "[point in time]", "[data transfer]",
+                                                           "backup-end", "log-end")
 
 
 # -- QEMU early resume (qemu/watcher.py) -----------------------------------------------------------
@@ -335,7 +341,8 @@ def test_no_watcher_when_nothing_was_stopped() -> None:
 def test_early_resume_note_before_the_watcher_is_armed() -> None:
     p = plan(Phase.PRE_RESTART, QEMU, Mode.SNAPSHOT, record(Status.QUIESCED), early_resume=True)
     assert p.step is Step.NONE
-    assert p.note == "stacks stay down until QEMU's backup job has started (or backup-end): the backup's point in time is still ahead"
+    assert p.note == ("stacks stay down until QEMU's backup job has started (or backup-end): "
+                      "the backup's point in time is still ahead")
 
 
 def test_watcher_ends_where_this_guests_backup_ends() -> None:
@@ -355,7 +362,8 @@ def test_the_resident_is_told_every_resume_point_and_its_stdlib_copy_says_the_sa
 
 
 @pytest.mark.parametrize(("vmtype", "mode"), ALL)
-def test_a_failing_phase_fails_the_backup_before_the_archive_is_written_and_at_backup_end(vmtype: GuestType, mode: Mode) -> None:
+def test_a_failing_phase_fails_the_backup_before_the_archive_is_written_and_at_backup_end(vmtype: GuestType,
+                                                                                          mode: Mode) -> None:
     """Derived from vzdump's order (phases.backup_order, written from docs/design.md §1): the main-path
     phases before the data transfer, and backup-end, fail the guest's backup; the rest do not."""
     order = backup_order(vmtype, mode)

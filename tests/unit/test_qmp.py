@@ -17,7 +17,15 @@ import pytest
 
 from tests.infra.qmp_double import QmpDouble
 from vzdump_hook.qemu import qmp
-from vzdump_hook.qemu.qmp import BackupJob, QmpBusy, QmpCommandError, QmpProtocolError, QmpUnavailable, is_new_job, query_backup
+from vzdump_hook.qemu.qmp import (
+    BackupJob,
+    QmpBusy,
+    QmpCommandError,
+    QmpProtocolError,
+    QmpUnavailable,
+    is_new_job,
+    query_backup,
+)
 
 
 @pytest.fixture

@@ -42,7 +42,8 @@ def test_escape_changes_exactly_the_unsafe_characters() -> None:
 
 
 def test_escape_writes_each_as_its_code_and_escaping_again_changes_nothing() -> None:
-    assert [escape(c) for c in "\x85\x9b\x1b\u2028\u202e\u061c\ud800"] == ["\\x85", "\\x9b", "\\x1b", "\\u2028", "\\u202e", "\\u061c", "\\ud800"]
+    assert [escape(c) for c in "\x85\x9b\x1b\u2028\u202e\u061c\ud800"] == ["\\x85", "\\x9b", "\\x1b", "\\u2028",
+                                                                        "\\u202e", "\\u061c", "\\ud800"]
     for text in FORGERIES:
         assert escape(escape(text)) == escape(text)
 

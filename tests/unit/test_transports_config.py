@@ -46,7 +46,7 @@ agent = {{ api = "https", host = "pve1.lan", port = 8007, token_id = "backup@pve
 [guests.104]
 transport = "pct"
 pct = {{ path = "/opt/pct" }}
-""")
+""")  # noqa: E501
     assert cfg.guests[101].pct == PctConfig("/usr/sbin/pct") and cfg.guests[101].describe_target() == "pct 101"
     assert cfg.guests[102].agent == AgentConfig() and cfg.guests[102].describe_target() == "agent 102 via pvesh"
     a = cfg.guests[103].agent
@@ -61,9 +61,11 @@ pct = {{ path = "/opt/pct" }}
     [
         ('transport = "agent"\nagent = { api = "http" }', "guests.101.agent.api: must be one of 'local', 'https'"),
         ('transport = "agent"\nagent = { api = "https" }', "guests.101.agent.token_id: missing (api is https"),
-        ('transport = "agent"\nagent = { api = "https", token_id = "root@pam" }', "guests.101.agent.token_id: must be USER@REALM!TOKENNAME"),
+        ('transport = "agent"\nagent = { api = "https", token_id = "root@pam" }',
+         "guests.101.agent.token_id: must be USER@REALM!TOKENNAME"),
         ('transport = "agent"\nagent = { verify = false }', "guests.101.agent.verify: TLS is always verified"),
-        ('transport = "agent"\nagent = { token = "abc" }', "guests.101.agent.token: secrets are not kept in the config"),
+        ('transport = "agent"\nagent = { token = "abc" }',
+         "guests.101.agent.token: secrets are not kept in the config"),
         ('transport = "agent"\nagent = { pvesh = "pvesh" }', "guests.101.agent.pvesh: must be an absolute path"),
         ('transport = "agent"\nagent = { port = 0 }', "guests.101.agent.port: must be 1-65535"),
         ('transport = "agent"\nagent = { node = "no such" }', "guests.101.agent.node: must be a PVE node name"),
@@ -79,23 +81,28 @@ def test_problems_name_their_key_path(text: str, expected: str) -> None:
 
 
 def test_the_token_file_must_be_roots_alone(tmp_path: Path, token: Path) -> None:
-    base = '[guests.101]\ntransport = "agent"\nagent = {{ api = "https", token_id = "root@pam!h", token_file = "{}" }}\n'
+    base = ('[guests.101]\ntransport = "agent"\n'
+            'agent = {{ api = "https", token_id = "root@pam!h", token_file = "{}" }}\n')
     assert parse(base.format(token)).guests[101].agent is not None
     token.chmod(0o640)
-    assert problems(base.format(token)) == [f"guests.101.agent.token_file: {token} must be readable by root alone (mode 0640): chmod 600 {token}"]
+    assert problems(base.format(token)) == [f"guests.101.agent.token_file: {token} must be readable by root alone "
+                                            f"(mode 0640): chmod 600 {token}"]
     token.chmod(0o400)
     parse(base.format(token))
     os.chown(token, 1000, 0)
-    assert problems(base.format(token))[0].startswith(f"guests.101.agent.token_file: {token} must be owned by root (owner uid 1000)")
+    assert problems(base.format(token))[0].startswith(f"guests.101.agent.token_file: {token} must be owned by root "
+                                                      "(owner uid 1000)")
     missing = tmp_path / "absent"
     assert problems(base.format(missing))[0].startswith(f"guests.101.agent.token_file: {missing} does not exist")
     # in [defaults] (what tagged VMs use) it is checked too, under its own path
-    assert problems(f'[defaults]\nagent = {{ api = "https", token_id = "root@pam!h", token_file = "{missing}" }}\n')[0].startswith("defaults.agent.token_file:")
+    assert problems(f'[defaults]\nagent = {{ api = "https", token_id = "root@pam!h", '
+                    f'token_file = "{missing}" }}\n')[0].startswith("defaults.agent.token_file:")
 
 
 def test_a_recorded_guest_table_validates_without_the_token_file(tmp_path: Path) -> None:
     """Resume uses the settings recorded at quiesce: a token file changed since must not strand stacks."""
-    g = config.validate_guest(101, {"transport": "agent", "agent": {"api": "https", "token_id": "root@pam!h", "token_file": str(tmp_path / "gone")}})
+    g = config.validate_guest(101, {"transport": "agent", "agent": {"api": "https", "token_id": "root@pam!h",
+                                                                    "token_file": str(tmp_path / "gone")}})
     assert g.agent is not None and g.agent.api == "https"
 
 
@@ -157,7 +164,8 @@ ssh = {{ host = "10.0.0.5" }}
 def test_tagged_guests_get_the_defaults_and_the_transport_of_their_type(cluster: Path) -> None:
     cfg = cluster_config(cluster)
     ct, vm = tags.guest_config(cfg, 201), tags.guest_config(cfg, 202)
-    assert ct is not None and ct.transport == "pct" and ct.stop_timeout == 7 and ct.stacks is not None and ct.stacks[0].name == "db"
+    assert (ct is not None and ct.transport == "pct" and ct.stop_timeout == 7 and ct.stacks is not None
+            and ct.stacks[0].name == "db")
     assert vm is not None and vm.transport == "agent" and vm.agent is not None and vm.agent.node == "pve9"
     assert vm.table["transport"] == "agent"  # recorded at quiesce, so a resume works even if the tag is removed
     assert tags.guest_config(cfg, 203) is None  # not tagged
@@ -177,14 +185,17 @@ def test_members_say_who_is_in_and_why(cluster: Path) -> None:
     cfg = cluster_config(cluster)
     found = {m.vmid: m for m in tags.members(cfg)}
     assert sorted(found) == [201, 202, 204, 205, 206]
-    assert found[201].guest is not None and found[201].why == f"tag vzdump-hook (lxc on {node_name()}): [defaults], transport pct"
+    assert (found[201].guest is not None
+            and found[201].why == f"tag vzdump-hook (lxc on {node_name()}): [defaults], transport pct")
     assert found[202].why.endswith("transport agent")
     assert found[204].guest is None and "enabled = false" in found[204].why and "wins over its tag" in found[204].why
     assert found[205].guest is not None and found[205].why == "config table (wins over its tag vzdump-hook)"
-    assert [m.vmid for m in tags.members(cfg, node_name())] == [201, 202, 204, 205]  # the sweep: this node's tagged guests
+    # the sweep: this node's tagged guests
+    assert [m.vmid for m in tags.members(cfg, node_name())] == [201, 202, 204, 205]
 
 
-def test_the_hook_handles_a_tagged_guest_without_a_table(cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_hook_handles_a_tagged_guest_without_a_table(cluster: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.unit.fakes import FakeGuest, transport_factory
     from vzdump_hook.node.job import JobId
     from vzdump_hook.phase import runner as hookmod
@@ -202,7 +213,8 @@ def test_the_hook_handles_a_tagged_guest_without_a_table(cluster: Path, tmp_path
 
     monkeypatch.setattr("vzdump_hook.guest.session.open_transport", spy)
     cfg = cluster_config(cluster)
-    settings = hookmod.HookSettings(state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"), pve_dir=str(cluster))
+    settings = hookmod.HookSettings(state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"),
+                                    pve_dir=str(cluster))
     job = JobId.current()
     for phase in (Phase.BACKUP_START, Phase.PRE_STOP):
         assert PhaseRunner(cfg, settings, job).run(phase, GuestType.LXC, Mode.SNAPSHOT, 201) == 0
@@ -213,8 +225,10 @@ def test_the_hook_handles_a_tagged_guest_without_a_table(cluster: Path, tmp_path
 
 def test_a_tagged_vm_without_the_guest_agent_is_warned_about(cluster: Path) -> None:
     me = node_name()
-    (cluster / "nodes" / me / "qemu-server" / "207.conf").write_text("name: agentful\ntags: vzdump-hook\nagent: enabled=1,fstrim_cloned_disks=1\n")
-    (cluster / "nodes" / me / "qemu-server" / "208.conf").write_text("name: off\ntags: vzdump-hook\nagent: 0\n[snap1]\nagent: 1\n")
+    (cluster / "nodes" / me / "qemu-server" / "207.conf").write_text("name: agentful\ntags: vzdump-hook\n"
+                                                                     "agent: enabled=1,fstrim_cloned_disks=1\n")
+    (cluster / "nodes" / me / "qemu-server" / "208.conf").write_text("name: off\ntags: vzdump-hook\nagent: 0\n"
+                                                                     "[snap1]\nagent: 1\n")
     warned = {int(w.split(":", 1)[0]) for w in tags.warnings(cluster_config(cluster))}
     assert warned == {202, 208}  # 202 has no agent line, 208 has it off (its snapshot's does not count); 205 is ssh
     (w,) = [w for w in tags.warnings(cluster_config(cluster)) if w.startswith("208:")]

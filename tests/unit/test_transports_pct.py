@@ -32,7 +32,8 @@ def pct(tmp_path: Path) -> Path:
     return exe
 
 
-def test_argv_is_pct_exec_vmid_then_env_with_a_path_then_the_command(pct: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_argv_is_pct_exec_vmid_then_env_with_a_path_then_the_command(pct: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VZDH_LEAK", "1")
     t = PctTransport(101, str(pct))
     r = t.run(["sh", "-c", 'cat; printf "%s" "$1"; echo e >&2; exit 3', "sh", "$(x) y"], timeout=10, stdin=b"in|")
@@ -59,7 +60,8 @@ def test_a_command_that_hangs_is_killed_at_its_timeout(pct: Path) -> None:
 
 
 @pytest.mark.parametrize(("vmid", "text"), [(999, "does not exist"), (998, "Failed to get init pid")])
-def test_a_container_that_is_absent_or_stopped_is_a_connect_error_with_pcts_words(pct: Path, vmid: int, text: str) -> None:
+def test_a_container_that_is_absent_or_stopped_is_a_connect_error_with_pcts_words(pct: Path, vmid: int,
+                                                                                  text: str) -> None:
     with pytest.raises(ConnectError, match=text):
         PctTransport(vmid, str(pct)).connect(5)
 
