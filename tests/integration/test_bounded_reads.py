@@ -208,7 +208,7 @@ except OSError as e:
 def test_the_webhook_receiver_cannot_hold_the_job(servers: list[Hostile], mode: str) -> None:
     servers.append(srv := Hostile(mode))
     code = f"""
-from vzdump_hook import report
+from vzdump_hook.node import report
 from vzdump_hook.config import NotifyConfig
 cfg = NotifyConfig({srv.url + '/ping/secret-uuid'!r}, timeout=3.0)
 report._send(cfg, report._request(cfg, report.Message('t', 'x', False, {{}})), 3.0)

@@ -44,7 +44,7 @@ for phase in ("job-init", "job-start", "backup-start", "pre-stop"):
     r = run_phase(hook, phase, None if phase.startswith("job-") else guest, extra_env=env, timeout=120)
     out.append([phase, r.returncode, r.lines])
 # the node dies: its residents (vzdump_hook/resident/process.py) with it, before the worker is gone
-from vzdump_hook import resident
+from vzdump_hook.resident import control as resident
 for _, info in resident.residents(env["VZDUMP_HOOK_RUN_DIR"]):
     os.kill(info.pid, 9)
 print(json.dumps(out), flush=True)

@@ -96,7 +96,8 @@ def logged(*args: Any, **kwargs: Any) -> str:
 
 # -- arguments of every type --------------------------------------------------------------------
 
-hostile_text = st.lists(st.one_of(st.sampled_from(HOSTILE), st.characters(), st.sampled_from([FORGED, "\x1b[2J", "%s", "%(x)s", "\\x0a"])),
+hostile_text = st.lists(st.one_of(st.sampled_from(HOSTILE), st.characters(),
+                                  st.sampled_from([FORGED, "\x1b[2J", "%s", "%(x)s", "\\x0a"])),
                         max_size=10).map("".join)
 
 
@@ -302,7 +303,8 @@ def test_a_traceback_is_indented_and_escaped(text: str, stack: bool) -> None:
     for line in [first, *rest]:
         assert_safe_line(line)
     assert all(ln.startswith("  ") for ln in rest)  # no line of it passes for a line of ours
-    assert any(ln.startswith("  vzdump-hook: all stacks running") for ln in rest)  # the exception's own line break, indented
+    # the exception's own line break, indented
+    assert any(ln.startswith("  vzdump-hook: all stacks running") for ln in rest)
 
 
 def test_exception_logs_the_traceback_and_a_bare_exc_info_nothing() -> None:
@@ -319,7 +321,8 @@ def test_exception_logs_the_traceback_and_a_bare_exc_info_nothing() -> None:
 
 LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "fatal", "log"}
 LOGGER = re.compile(r"(?:^|\.)(?:_?log|_?logger|logging|LOG)$")
-CONVERSION = re.compile(r"%(?:\((?P<key>[^)]*)\))?[#0 +-]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?(?P<type>[diouxXeEfFgGcrsa%])")
+CONVERSION = re.compile(r"%(?:\((?P<key>[^)]*)\))?[#0 +-]*(?:\*|\d+)?"
+                        r"(?:\.(?:\*|\d+))?[hlL]?(?P<type>[diouxXeEfFgGcrsa%])")
 
 
 def _is_logger(node: ast.expr) -> bool:
@@ -331,7 +334,8 @@ def _is_logger(node: ast.expr) -> bool:
 def logging_calls(source: str) -> Iterator[tuple[int, ast.Call, ast.expr | None, list[ast.expr]]]:
     """(line, call, template, arguments after it) for every logging call in `source`."""
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in LOG_METHODS and _is_logger(node.func.value):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in LOG_METHODS
+                and _is_logger(node.func.value)):
             args = node.args[1:] if node.func.attr == "log" else node.args
             yield node.lineno, node, (args[0] if args else None), args[1:]
 
@@ -369,7 +373,8 @@ def test_every_logging_call_has_a_literal_template_and_passes_the_rest_as_argume
     assert any(w == "vzdump_hook/phase/preflight.py" and "marker left by job" in c for w, c in found)
     assert any(w == "vzdump_hook/phase/handover.py" and c.startswith("log.log(level,") for w, c in found)
     assert {"/".join(w.split("/")[1:3]) for w, _ in found} >= {
-        "phase/quiesce.py", "resident/process.py", "node/report.py", "guest/recovery.py", "stacks/container.py", "transports/base.py",
+        "phase/quiesce.py", "resident/daemon.py", "node/report.py", "guest/recovery.py", "stacks/container.py",
+        "transports/base.py",
     }
 
 

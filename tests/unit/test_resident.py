@@ -42,8 +42,11 @@ from vzdump_hook.node.state import GuestRecord, HostState, Status
 from vzdump_hook.phase.runner import RUN_DIR_ENV
 from vzdump_hook.qemu import watcher as watchmod
 from vzdump_hook.resident import client as earlymod
+from vzdump_hook.resident import daemon as daemonmod
 from vzdump_hook.resident import process as residentmod
-from vzdump_hook.resident.process import Info, Resident
+from vzdump_hook.resident.daemon import Resident
+from vzdump_hook.resident.process import Info
+from vzdump_hook.resident.server import Kept
 from vzdump_hook.vzdump.phases import GuestType, Mode
 
 from .test_hook import ALL_UP, APP_DOWN, MARKER, Hook
@@ -171,7 +174,7 @@ def s(tmp_path: Path, mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -
         assert setup is not None
         return setup.spawn_with(argv, log_path)
 
-    mock = mocker.patch("vzdump_hook.resident.process.spawn", side_effect=spawn)
+    mock = mocker.patch("vzdump_hook.resident.control.spawn", side_effect=spawn)  # arm() calls it there
     try:
         with QmpDouble(qmp_dir / "101.qmp", leftover=True) as double:
             setup = Setup(hook, double, mock)
@@ -184,7 +187,7 @@ def s(tmp_path: Path, mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -
     finally:
         residentmod.EARLY.clear()
         root = logging.getLogger("vzdump_hook")
-        for h in [h for h in root.handlers if isinstance(h, residentmod._Keep)]:
+        for h in [h for h in root.handlers if isinstance(h, Kept)]:
             root.removeHandler(h)
         if setup is not None:
             for p in setup.sleepers:
@@ -630,7 +633,7 @@ def test_vzdump_job_over_starts_the_stacks(s: Setup, monkeypatch: pytest.MonkeyP
 def test_a_failed_start_is_retried_with_growing_pauses_until_up(s: Setup, mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -> None:
     """The guest does not answer when the job has started (sshd restarting): the resident tries
     again, each time a little later, and ends once the stacks run."""
-    mocker.patch.object(residentmod, "RETRY_FIRST", 0.3)
+    mocker.patch.object(daemonmod, "RETRY_FIRST", 0.3)
     armed(s)
     s.g.unreachable = True
     s.double.start_job()

@@ -86,6 +86,29 @@ def _check_known_hosts(paramiko: Any, path: str) -> None:
             raise KnownHostsLineError(f"known_hosts {path} line {n}: {why}")
 
 
+def _connect_error(target: str, cfg: SshConfig, paramiko: Any, e: BaseException, timeout: float) -> ConnectError:
+    """What a failed handshake (`e`) means, as the error to raise (HostKeyError for a changed key)."""
+    if isinstance(e, paramiko.BadHostKeyException):
+        where = _known_hosts_name(cfg.host, cfg.port)
+        return HostKeyError(
+            f"{target}: host key CHANGED: got {fingerprint(e.key)}, {cfg.known_hosts} has "
+            f"{fingerprint(e.expected_key)}. If the guest was really reinstalled, remove the old line "
+            f"(ssh-keygen -R {where!r} -f {cfg.known_hosts}) and trust the new key"
+        )
+    if isinstance(e, paramiko.AuthenticationException):
+        return ConnectError(f"{target}: authentication failed with {cfg.identity_file}: {e}")
+    if isinstance(e, FileNotFoundError):
+        return ConnectError(f"{target}: identity file {cfg.identity_file} does not exist")
+    if isinstance(e, TimeoutError):
+        return ConnectError(f"{target}: connect timed out after {timeout:.1f} s")
+    text = str(e) or type(e).__name__
+    no_handshake = ("banner", "no existing session", "timed out", "timeout")
+    if any(s in text.lower() for s in no_handshake) or isinstance(e, EOFError):
+        # TCP was accepted but sshd never completed its banner/handshake (hung or frozen guest)
+        text = f"no SSH banner/handshake within {timeout:.1f} s ({text})"
+    return ConnectError(f"{target}: {text}")
+
+
 class SshTransport(Transport):
     name = "ssh"
 
@@ -116,66 +139,57 @@ class SshTransport(Transport):
         return t is not None and t.is_active()
 
     def _new_client(self, timeout: float) -> paramiko.SSHClient:
+        """A connected client: known_hosts read, unknown keys refused, the handshake within `timeout` s."""
         paramiko = _import_paramiko()
 
-        cfg = self.cfg
         client = paramiko.SSHClient()
+        self._load_known_hosts(paramiko, client)
+        client.set_missing_host_key_policy(_Refuse(self.cfg))
         try:
-            _check_known_hosts(paramiko, cfg.known_hosts)
-            client.load_host_keys(cfg.known_hosts)
-        except FileNotFoundError:
-            pass  # every key is then unknown, and the refusal below says which file to fill
-        except KnownHostsLineError as e:
-            raise ConnectError(f"{self.target}: {e}") from None
-        except (OSError, paramiko.SSHException) as e:
-            raise ConnectError(f"{self.target}: cannot read known_hosts {cfg.known_hosts}: {e}") from None
-        client.set_missing_host_key_policy(_Refuse(cfg))
-        try:
-            # our own socket, for TCP_NODELAY: without it every small SSH message of a short command
-            # can wait for a delayed ACK (tens of ms per command)
-            sock = socket.create_connection((cfg.host, cfg.port), timeout=timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.connect(
-                cfg.host,
-                sock=sock,
-                port=cfg.port,
-                username=cfg.user,
-                key_filename=cfg.identity_file,
-                look_for_keys=False,
-                allow_agent=False,
-                timeout=timeout,
-                banner_timeout=timeout,
-                auth_timeout=timeout,
-            )  # no channel_timeout (paramiko >= 3.2; Debian 12 has 2.12): every open_session below has its own
+            self._handshake(client, timeout)
         except HostKeyError:
             client.close()
             raise
-        except paramiko.BadHostKeyException as e:
-            client.close()
-            raise HostKeyError(
-                f"{self.target}: host key CHANGED: got {fingerprint(e.key)}, {cfg.known_hosts} has {fingerprint(e.expected_key)}. "
-                f"If the guest was really reinstalled, remove the old line (ssh-keygen -R {_known_hosts_name(cfg.host, cfg.port)!r} -f {cfg.known_hosts}) and trust the new key"
-            ) from None
-        except paramiko.AuthenticationException as e:
-            client.close()
-            raise ConnectError(f"{self.target}: authentication failed with {cfg.identity_file}: {e}") from None
-        except FileNotFoundError:
-            client.close()
-            raise ConnectError(f"{self.target}: identity file {cfg.identity_file} does not exist") from None
-        except TimeoutError:
-            client.close()
-            raise ConnectError(f"{self.target}: connect timed out after {timeout:.1f} s") from None
         except (OSError, paramiko.SSHException, EOFError) as e:
             client.close()
-            text = str(e) or type(e).__name__
-            if any(s in text.lower() for s in ("banner", "no existing session", "timed out", "timeout")) or isinstance(e, EOFError):
-                # TCP was accepted but sshd never completed its banner/handshake (hung or frozen guest)
-                text = f"no SSH banner/handshake within {timeout:.1f} s ({text})"
-            raise ConnectError(f"{self.target}: {text}") from None
+            raise _connect_error(self.target, self.cfg, paramiko, e, timeout) from None
         transport = client.get_transport()
         if transport is not None:
             transport.set_keepalive(15)
         return client
+
+    def _load_known_hosts(self, paramiko: Any, client: paramiko.SSHClient) -> None:
+        """The configured known_hosts into `client`; a missing file is none (every key is then unknown)."""
+        cfg = self.cfg
+        try:
+            _check_known_hosts(paramiko, cfg.known_hosts)
+            client.load_host_keys(cfg.known_hosts)
+        except FileNotFoundError:
+            pass  # every key is then unknown, and the refusal (_Refuse) says which file to fill
+        except KnownHostsLineError as e:
+            raise ConnectError(f"{self.target}: {e}") from None
+        except (OSError, paramiko.SSHException) as e:
+            raise ConnectError(f"{self.target}: cannot read known_hosts {cfg.known_hosts}: {e}") from None
+
+    def _handshake(self, client: paramiko.SSHClient, timeout: float) -> None:
+        """TCP, then SSH with the configured key only, each step within `timeout` s."""
+        cfg = self.cfg
+        # our own socket, for TCP_NODELAY: without it every small SSH message of a short command
+        # can wait for a delayed ACK (tens of ms per command)
+        sock = socket.create_connection((cfg.host, cfg.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.connect(
+            cfg.host,
+            sock=sock,
+            port=cfg.port,
+            username=cfg.user,
+            key_filename=cfg.identity_file,
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+        )  # no channel_timeout (paramiko >= 3.2; Debian 12 has 2.12): every open_session below has its own
 
     def connect(self, timeout: float) -> None:
         self._connect(timeout)
