@@ -236,7 +236,7 @@ def agent_code(servers: list[Hostile], tmp_path: Path, mode: str, timeout: float
     token.write_text("00000000-0000-0000-0000-000000000000\n")
     token.chmod(0o600)
     return f"""
-from vzdump_hook.config import AgentConfig
+from vzdump_hook.transports.tables import AgentConfig
 from vzdump_hook.transports.agent import AgentTransport
 cfg = AgentConfig(api='https', host='127.0.0.1', port={srv.port}, token_id='root@pam!hook', token_file={str(token)!r},
                   verify={str(ca)!r}, node='pve')

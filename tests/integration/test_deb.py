@@ -153,7 +153,7 @@ def test_lintian_finds_no_error_and_every_warning_has_a_reason(debs: tuple[Path,
 
 AGENT_RUN = """
 import sys
-from vzdump_hook.config import AgentConfig
+from vzdump_hook.transports.tables import AgentConfig
 from vzdump_hook.transports.agent import AgentTransport
 port, token_id = int(sys.argv[1]), sys.argv[2]
 for cfg in (AgentConfig(pvesh="/opt/vzdh/pvesh", node="testnode"),

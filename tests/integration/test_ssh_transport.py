@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from vzdump_hook.config import SshConfig
 from vzdump_hook.errors import CommandTimeout, ConnectError, HostKeyError
 from vzdump_hook.transports.ssh import SshTransport
+from vzdump_hook.transports.tables import SshConfig
 
 pytestmark = pytest.mark.integration
 

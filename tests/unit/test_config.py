@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from vzdump_hook import config
-from vzdump_hook.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, QuiescePolicy, SshConfig
+from vzdump_hook.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, QuiescePolicy
 from vzdump_hook.errors import ConfigError
 from vzdump_hook.stacks.table import StackSpec, valid_stack_name
+from vzdump_hook.transports.tables import AgentConfig, PctConfig, SshConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -137,9 +138,9 @@ def test_shipped_example_names_every_key() -> None:
     names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
     assert names(config.HookSettings) <= tables["hook"]
     assert set(config._GUEST_KEYS) - {"ssh", "pct", "agent", "enabled", "transport"} <= tables["defaults"]
-    assert names(config.SshConfig) - {"host"} <= tables["defaults.ssh"]
-    assert names(config.PctConfig) <= tables["defaults.pct"]
-    assert names(config.AgentConfig) <= tables["defaults.agent"]
+    assert names(SshConfig) - {"host"} <= tables["defaults.ssh"]
+    assert names(PctConfig) <= tables["defaults.pct"]
+    assert names(AgentConfig) <= tables["defaults.agent"]
 
 
 def test_compose_command_values() -> None:

@@ -27,11 +27,11 @@ from typing import Any
 
 import pytest
 
-from vzdump_hook.config import SshConfig
 from vzdump_hook.errors import CommandTimeout, ConnectError, TransportError
 from vzdump_hook.transports import ssh as ssh_mod
 from vzdump_hook.transports.base import display
 from vzdump_hook.transports.ssh import SshTransport
+from vzdump_hook.transports.tables import SshConfig
 
 paramiko = ssh_mod._import_paramiko()
 

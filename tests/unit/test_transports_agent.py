@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.infra.pve_api import PveApiDouble, make_pvesh
-from vzdump_hook.config import AgentConfig
 from vzdump_hook.errors import CommandTimeout, ConnectError, TransportError
 from vzdump_hook.transports import agent as agent_mod
 from vzdump_hook.transports.agent import AgentTransport, output_bytes
+from vzdump_hook.transports.tables import AgentConfig
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_requests_is_imported_only_when_a_command_is_sent() -> None:
     import subprocess
 
     code = (
-        "import sys; from vzdump_hook.config import AgentConfig, validate_guest; from vzdump_hook.transports import open_transport;"
+        "import sys; from vzdump_hook.config import validate_guest; from vzdump_hook.transports.tables import AgentConfig; from vzdump_hook.transports import open_transport;"
         "t = open_transport(validate_guest(101, {'transport': 'agent'}));"
         "print(any(m.startswith(('proxmoxer', 'requests')) for m in sys.modules))"
     )

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from vzdump_hook import config
-from vzdump_hook.config import AgentConfig, PctConfig
 from vzdump_hook.errors import ConfigError
 from vzdump_hook.node import tags
 from vzdump_hook.node.job import node_name
+from vzdump_hook.transports.tables import AgentConfig, PctConfig
 
 
 def parse(text: str) -> config.Config:

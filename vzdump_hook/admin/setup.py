@@ -10,7 +10,7 @@ import socket
 import subprocess
 from collections.abc import Callable
 
-from ..config import SshConfig
+from ..transports.tables import SshConfig
 
 SSH_KEYGEN = "/usr/bin/ssh-keygen"  # absolute: vzdump empties PATH, and setup may run from a unit or postinst
 

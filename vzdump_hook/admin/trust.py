@@ -9,9 +9,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import SshConfig
 from ..errors import ConnectError, HookError
 from ..transports.ssh import _import_paramiko, _known_hosts_name, fingerprint
+from ..transports.tables import SshConfig
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from .agent_api import AgentApi
 from .base import _WRITE_SCRIPT, Transport, display, sh
 
 if TYPE_CHECKING:
-    from ..config import AgentConfig, GuestConfig
+    from ..config import GuestConfig
+    from .tables import AgentConfig
 
 INPUT_LIMIT = 64 * 1024  # PVE: input-data maxLength
 BODY_LIMIT = 60 * 1024  # pveproxy refuses request bodies over 64 KiB; keep a margin for the form encoding
@@ -76,7 +77,7 @@ class AgentTransport(Transport):
 
     @classmethod
     def for_guest(cls, guest: GuestConfig) -> AgentTransport:
-        from ..config import AgentConfig
+        from .tables import AgentConfig
 
         return cls(guest.vmid, guest.agent or AgentConfig())
 

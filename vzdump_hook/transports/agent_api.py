@@ -17,7 +17,7 @@ from ..errors import CommandTimeout, ConnectError, TransportError
 from .local import run_local
 
 if TYPE_CHECKING:
-    from ..config import AgentConfig
+    from .tables import AgentConfig
 
 REQUEST_CAP = 30.0  # one API request never waits longer than this
 # bytes of one API answer read: qemu-ga keeps up to 16 MiB of each stream, base64 (4/3), two streams, with room

@@ -23,7 +23,8 @@ from .base import MAX_OUTPUT, Transport, display, shell_join
 if TYPE_CHECKING:
     import paramiko
 
-    from ..config import GuestConfig, SshConfig
+    from ..config import GuestConfig
+    from .tables import SshConfig
 
 
 def _import_paramiko() -> Any:
