@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 API = 1
 CONNECT_TIMEOUT = 5.0
 ANSWER_MARGIN = 10.0  # seconds the hook waits beyond answer_within (transport, process start)
-STOP_MARGIN = 30.0  # answer_within by default: the stack's stop timeout plus this
+ANSWER_MARGIN = 30.0  # answer_within by default: the stack's stop timeout plus this
 MAX_ANSWER = 64 * 1024
 CLOSING = ("done", "failed", "abort")
 # exit codes of the command carrier, by error code (docs/controller-api.md, section 6)
@@ -235,7 +235,7 @@ class ControllerDriver:
     def answer_within(self, rec: StackRecord, stop_timeout: float) -> float:
         spec = next((c for s, c in self.specs() if s.name == rec.name), None)
         within = (spec.answer_within if spec is not None and spec.answer_within is not None
-                  else stop_timeout + STOP_MARGIN)
+                  else stop_timeout + ANSWER_MARGIN)
         return max(1.0, min(3600.0, within))
 
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
