@@ -27,6 +27,9 @@ from tests.infra.vzdump import (
     run_phase,
 )
 
+# PVE's command runner adds these to every command vzdump runs (pve-common PVE/Cmd.pm run, no keeplocale)
+RUNNER = {"LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
+
 LXC, QEMU = GuestType.LXC, GuestType.QEMU
 STOP, SUSPEND, SNAPSHOT = Mode.STOP, Mode.SUSPEND, Mode.SNAPSHOT
 REPO = Path(__file__).resolve().parents[2]
@@ -263,12 +266,12 @@ def test_environment_holds_only_vzdumps_variables(hook: Hook) -> None:
     )
 
     calls = {c.argv[0]: c for c in hook.calls()}
-    assert calls["job-init"].env == {"STOREID": "nas"}  # DUMPDIR is resolved after job-init
+    assert calls["job-init"].env == {**RUNNER, "STOREID": "nas"}  # DUMPDIR is resolved after job-init
     for phase in ("job-start", "job-end"):
-        assert calls[phase].env == {"STOREID": "nas", "DUMPDIR": "/mnt/pve/nas/dump"}
+        assert calls[phase].env == {**RUNNER, "STOREID": "nas", "DUMPDIR": "/mnt/pve/nas/dump"}
     for phase in ORDER[LXC, SNAPSHOT]:
         env = calls[phase].env
-        assert set(env) == {"STOREID", "DUMPDIR", "VMTYPE", "HOSTNAME", "TARGET", "LOGFILE"}
+        assert set(env) == {*RUNNER, "STOREID", "DUMPDIR", "VMTYPE", "HOSTNAME", "TARGET", "LOGFILE"}
         assert env["VMTYPE"] == "lxc"
         assert env["HOSTNAME"] == "web"
         assert env["TARGET"].startswith("/mnt/pve/nas/dump/vzdump-lxc-101-")
@@ -281,9 +284,9 @@ def test_environment_pbs_storage_and_unnamed_vm(hook: Hook) -> None:
     run_job(hook.path, [GuestSpec(101, QEMU, SNAPSHOT)], storeid="pbs", dumpdir=None)
 
     calls = {c.argv[0]: c for c in hook.calls()}
-    assert calls["job-start"].env == {"STOREID": "pbs"}
+    assert calls["job-start"].env == {**RUNNER, "STOREID": "pbs"}
     env = calls["backup-start"].env
-    assert set(env) == {"STOREID", "VMTYPE", "TARGET"}  # no DUMPDIR/LOGFILE, VM has no name
+    assert set(env) == {*RUNNER, "STOREID", "VMTYPE", "TARGET"}  # no DUMPDIR/LOGFILE, VM has no name
     assert env["TARGET"].startswith("vm/101/")
 
 
@@ -291,7 +294,7 @@ def test_environment_dumpdir_given_directly_and_default_ct_name(hook: Hook) -> N
     run_job(hook.path, [GuestSpec(105, LXC, STOP)], storeid=None, dumpdir="/backup")
 
     calls = {c.argv[0]: c for c in hook.calls()}
-    assert calls["job-init"].env == {"DUMPDIR": "/backup"}
+    assert calls["job-init"].env == {**RUNNER, "DUMPDIR": "/backup"}
     assert calls["backup-start"].env["HOSTNAME"] == "CT105"
     assert "STOREID" not in calls["backup-start"].env
 
@@ -934,4 +937,4 @@ def test_cli_prints_task_log(hook: Hook) -> None:
     assert "INFO: backup mode: stop" in lines
     assert any(line.startswith("ERROR: Backup of VM 101 failed - command") for line in lines)
     assert lines[-1] == "INFO: Backup job finished with errors"
-    assert hook.calls()[0].env == {"STOREID": "local", "FOO": "bar"}
+    assert hook.calls()[0].env == {**RUNNER, "STOREID": "local", "FOO": "bar"}

@@ -19,7 +19,10 @@ phases played one by one are one job, the caller's):
   ``job-init``), and for guest phases ``VMTYPE``, ``HOSTNAME`` (the guest's name: a CT's
   hostname or ``CT<vmid>``; a VM's ``name``, unset for a VM without a name; unset in
   ``backup-abort``/``log-end`` when the failure came before vzdump read the guest config),
-  ``TARGET`` (archive path, or the PBS snapshot name) and ``LOGFILE`` (not for PBS).
+  ``TARGET`` (archive path, or the PBS snapshot name) and ``LOGFILE`` (not for PBS). vzdump's
+  runner adds ``LC_ALL=C`` and ``LVM_SUPPRESS_FD_WARNINGS=1`` to every command it runs, the hook
+  included (pve-common ``PVE/Cmd.pm`` ``run``, called through ``PVE::Tools::run_command`` by
+  pve-manager's ``run_hook_script`` without ``keeplocale``).
 - **Test-only deviation**: ``extra_env`` adds variables (e.g. ``VZDUMP_HOOK_CONFIG``,
   ``PYTHONPATH``) to every phase; they may not shadow vzdump's own variables.
 - stdout and stderr are read together until both reach EOF, then the process is reaped, as
@@ -142,7 +145,10 @@ from enum import StrEnum
 from typing import Any
 
 DEFAULT_TIMEOUT = 600.0
-VZDUMP_VARS = frozenset({"STOREID", "DUMPDIR", "VMTYPE", "HOSTNAME", "TARGET", "LOGFILE"})
+VZDUMP_VARS = frozenset({"STOREID", "DUMPDIR", "VMTYPE", "HOSTNAME", "TARGET", "LOGFILE", "LC_ALL",
+                         "LVM_SUPPRESS_FD_WARNINGS"})
+# what PVE's command runner sets for every command (PVE/Cmd.pm run: no keeplocale in vzdump's call)
+RUNNER_ENV = {"LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
 _LINE_END = re.compile(rb"\r\n?|\n|\x08+")
 
 
@@ -581,7 +587,7 @@ class _Job:
     # -- hook processes ---------------------------------------------------------------------
 
     def _env(self, phase: str, task: _Task | None) -> dict[str, str]:
-        env: dict[str, str] = {}
+        env: dict[str, str] = dict(RUNNER_ENV)
         if self.storeid:
             env["STOREID"] = self.storeid
         # job-init runs before vzdump resolves the storage's directory
