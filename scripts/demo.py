@@ -50,8 +50,10 @@ marker_path = "{guest.workdir}/marker.json"
 stop_timeout = 10
 """
             )
-            env = {**os.environ, "VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp / "state")}
-            print(f"== demo guest 101: sshd at {guest.host} (netns {guest.netns}), stacks {db.name} (PostgreSQL), {web.name}\n")
+            env = {**os.environ, "VZDUMP_HOOK_CONFIG": str(config), "VZDUMP_HOOK_RUN_DIR": str(tmp / "run"),
+                   "VZDUMP_HOOK_STATE_DIR": str(tmp / "state")}
+            print(f"== demo guest 101: sshd at {guest.host} (netns {guest.netns}), "
+                  f"stacks {db.name} (PostgreSQL), {web.name}\n")
             print(f"== {config}:\n{config.read_text()}")
             # the guest side (recovery program, units); this demo guest shares the machine's root, so below a directory
             env["VZDUMP_HOOK_GUEST_ROOT"] = str(tmp / "guest-root")
@@ -63,11 +65,13 @@ stop_timeout = 10
             down: list[float] = []
             threading.Thread(target=_poll, args=(db, stop, down), daemon=True).start()
             print(f"\n== vzdump-hook simulate 101 --type {args.type} --mode {args.mode} --transfer {args.transfer:g}")
-            r = subprocess.run([hook, "simulate", "101", "--type", args.type, "--mode", args.mode, "--transfer", str(args.transfer), "--yes"], env=env)
+            r = subprocess.run([hook, "simulate", "101", "--type", args.type, "--mode", args.mode,
+                                "--transfer", str(args.transfer), "--yes"], env=env)
             time.sleep(1)
             stop.set()
             rows = compose.psql(db, "SELECT count(*) FROM t").strip()
-            print(f"\n== PostgreSQL refused connections for {sum(down):.1f} s in total; {rows} rows written by the client; all stacks running: "
+            print(f"\n== PostgreSQL refused connections for {sum(down):.1f} s in total; "
+                  f"{rows} rows written by the client; all stacks running: "
                   f"{compose.running_services(db) == {'postgres'} and compose.running_services(web) == {'app'}}")
             print("== vzdump-hook history")
             subprocess.run([hook, "history"], env=env)
@@ -82,7 +86,8 @@ def _poll(db: compose.ComposeProject, stop: threading.Event, down: list[float]) 
     since: float | None = None
     while not stop.is_set():
         t = time.monotonic()
-        ok = subprocess.run(["psql", "-h", str(db.socket_dir()), "-U", "postgres", "-Atqc", "INSERT INTO t DEFAULT VALUES"],
+        ok = subprocess.run(["psql", "-h", str(db.socket_dir()), "-U", "postgres", "-Atqc",
+                             "INSERT INTO t DEFAULT VALUES"],
                             capture_output=True, timeout=5).returncode == 0
         if not ok and since is None:
             since = t

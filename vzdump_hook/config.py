@@ -57,7 +57,8 @@ class GuestConfig:
     command_timeout: float = 60.0
     resume_wait: float = 180.0
     enabled: bool = True
-    early_resume: bool = True  # QEMU: start the stacks once the backup job has started (qemu/watcher.py), not at backup-end
+    # QEMU: start the stacks once the backup job has started (qemu/watcher.py), not at backup-end
+    early_resume: bool = True
     pct: PctConfig | None = None
     agent: AgentConfig | None = None
     # The merged table this was validated from: kept in host state so that a resume can run with the
@@ -117,12 +118,14 @@ class HookSettings:
     pve_dir: str = "/etc/pve"
     tag: str = DEFAULT_TAG  # guests with this PVE tag are handled with [defaults]; "" turns this off
     qmp_dir: str = "/var/run/qemu-server"  # QEMU's QMP sockets (VMID.qmp), asked for the backup job's start
-    chain: tuple[str, ...] = ()  # other hook scripts, run with vzdump's arguments and environment (phase/runner.py: chain)
+    # other hook scripts, run with vzdump's arguments and environment (phase/runner.py: chain)
+    chain: tuple[str, ...] = ()
     chain_timeout: float = 3600.0  # bound for one chained script in one phase; killed after it
     metrics_file: str = ""  # node_exporter textfile written at job-end (node/report.py); "" = off
     notify: NotifyConfig | None = None  # webhook at job-end (node/report.py)
     ledger_dir: str = ""  # "": pve_dir/priv/vzdump-hook/ledger on a PVE node, else state_dir/ledger (node/ledger.py)
-    resident: bool = True  # one process per guest from the stop to the start (resident/process.py); false: the phases alone
+    # one process per guest from the stop to the start (resident/process.py); false: the phases alone
+    resident: bool = True
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,8 @@ def _chain(p: Problems, path: str, v: Any) -> tuple[str, ...] | None:
         if exe is None:
             return None
         if os.path.basename(exe) == "vzdump-hook" or exe in out:
-            p.add(f"{path}[{i}]", f"{exe} would run twice in every phase" if exe in out else f"{exe} is this hook itself: it would call itself")
+            p.add(f"{path}[{i}]", f"{exe} would run twice in every phase" if exe in out
+                                  else f"{exe} is this hook itself: it would call itself")
             return None
         out.append(exe)
     return tuple(out)
@@ -243,7 +247,8 @@ def _guest(p: Problems, path: str, vmid: int, table: Mapping[str, Any],
     if len(p.items) != before:
         return None
     cc = values.get("compose_command")
-    repl: dict[str, Any] = {k: v for k, v in values.items() if k not in {"transport", "ssh", "pct", "agent", "compose_command"}}
+    repl: dict[str, Any] = {k: v for k, v in values.items()
+                            if k not in {"transport", "ssh", "pct", "agent", "compose_command"}}
     if "exclude" in repl:
         repl["exclude"] = tuple(repl["exclude"])
     if "on_quiesce_error" in repl:
@@ -266,7 +271,8 @@ def _ways_in(p: Problems, path: str, table: Mapping[str, Any], transport: str,
         else:
             ssh = ssh_table(p, f"{path}.ssh", table["ssh"])
     pct = pct_table(p, f"{path}.pct", table.get("pct", {})) if transport == "pct" or "pct" in table else None
-    agent = agent_table(p, f"{path}.agent", table.get("agent", {})) if transport == "agent" or "agent" in table else None
+    agent = (agent_table(p, f"{path}.agent", table.get("agent", {}))
+             if transport == "agent" or "agent" in table else None)
     if check_files and transport == "agent" and agent is not None and agent.api == "https":
         problem = token_file_problem(agent.token_file)
         if problem:
@@ -450,7 +456,8 @@ def load(path: str | None = None, cache_dir: str | None = None) -> Config:
             if cache_dir:
                 _cache(key, data, cache_dir)
     except FileNotFoundError:
-        raise ConfigError([f"no such file (set {CONFIG_ENV} or --config, or create it from examples/config.toml)"], path) from None
+        raise ConfigError([f"no such file (set {CONFIG_ENV} or --config, "
+                           "or create it from examples/config.toml)"], path) from None
     except OSError as e:
         raise ConfigError([f"cannot read: {e.strerror}"], path) from None
     except tomllib.TOMLDecodeError as e:
@@ -472,9 +479,11 @@ def warnings(cfg: Config) -> list[str]:
         timeouts = [s.table.stop_bound(g.stop_timeout_of(s.name)) for s in specs] or [g.stop_timeout]
         worst = max(timeouts) if g.parallel else sum(timeouts)
         if worst > g.max_downtime:
-            what = "the stop timeouts of its stacks add up to" if len(timeouts) > 1 and not g.parallel else "a stop may take"
+            what = ("the stop timeouts of its stacks add up to" if len(timeouts) > 1 and not g.parallel
+                    else "a stop may take")
             out.append(f"{path}.stop_timeout: {what} {worst:g} s, longer than max_downtime ({g.max_downtime:g} s): "
                        "the guest's recovery may start stacks while the backup still needs them down")
         if g.stacks is not None and g.exclude:
-            out.append(f"{path}.exclude: ignored: stacks is an explicit list (exclude only applies to stacks = \"auto\")")
+            out.append(f"{path}.exclude: ignored: stacks is an explicit list "
+                       "(exclude only applies to stacks = \"auto\")")
     return out

@@ -105,7 +105,8 @@ class AgentTransport(Transport):
             return "the guest agent takes stdin as text only (input-data): binary input refused"
         body = len(urllib.parse.urlencode({"command": list(argv), "input-data": text}, doseq=True))
         if len(text) > INPUT_LIMIT or body > BODY_LIMIT:
-            return f"input of {len(stdin)} bytes is too large for the guest agent's input-data (at most {INPUT_LIMIT} characters, request at most {BODY_LIMIT} bytes)"
+            return (f"input of {len(stdin)} bytes is too large for the guest agent's input-data "
+                    f"(at most {INPUT_LIMIT} characters, request at most {BODY_LIMIT} bytes)")
         return None
 
     def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
@@ -126,13 +127,18 @@ class AgentTransport(Transport):
             try:
                 st = self._call("get", "exec-status", deadline, shown, pid=pid)
             except CommandTimeout:  # the time ran out during a poll: the command's timeout, not the API's
-                raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s (pid {pid} may still run in the guest: the agent cannot stop it)", command=shown) from None
+                raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s "
+                                     f"(pid {pid} may still run in the guest: the agent cannot stop it)",
+                                     command=shown) from None
             if not isinstance(st, dict) or "exited" not in st:
-                raise TransportError(f"{self.target}: agent/exec-status answered no state: {str(st)[:200]}", command=shown)
+                raise TransportError(f"{self.target}: agent/exec-status answered no state: {str(st)[:200]}",
+                                     command=shown)
             if st["exited"] not in (0, False):
                 break
             if time.monotonic() + delay >= deadline:
-                raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s (pid {pid} may still run in the guest: the agent cannot stop it)", command=shown)
+                raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s "
+                                     f"(pid {pid} may still run in the guest: the agent cannot stop it)",
+                                     command=shown)
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
         out, err = output_bytes(st.get("out-data")), output_bytes(st.get("err-data"))
@@ -141,11 +147,14 @@ class AgentTransport(Transport):
         elif isinstance(st.get("signal"), int):
             status = 128 + int(st["signal"])
         else:
-            raise TransportError(f"{self.target}: agent/exec-status gave neither exitcode nor signal: {str(st)[:200]}", command=shown)
+            raise TransportError(f"{self.target}: agent/exec-status gave neither exitcode nor signal: {str(st)[:200]}",
+                                 command=shown)
         if st.get("err-truncated"):
             err += b"\n[stderr truncated by the guest agent]\n"
         if st.get("out-truncated"):
-            raise TransportError(f"{self.target}: output truncated by the guest agent (over its capture limit): not used", command=shown, exit_status=status, stderr=err.decode("utf-8", "replace"))
+            raise TransportError(f"{self.target}: output truncated by the guest agent "
+                                 "(over its capture limit): not used",
+                                 command=shown, exit_status=status, stderr=err.decode("utf-8", "replace"))
         return status, out, err
 
     def write_file(self, path: str, data: bytes, *, timeout: float) -> None:
@@ -163,7 +172,8 @@ class AgentTransport(Transport):
         try:
             for i, part in enumerate(parts):
                 chunk = base64.b64encode(data[i * PART : (i + 1) * PART]).decode()
-                self._call("post", "file-write", deadline, f"agent/file-write {part}", file=part, content=chunk, encode=0)
+                self._call("post", "file-write", deadline, f"agent/file-write {part}",
+                           file=part, content=chunk, encode=0)
         except TransportError:
             try:
                 self.run(["rm", "-f", "--", *parts], timeout=min(5.0, max(0.1, deadline - time.monotonic())))

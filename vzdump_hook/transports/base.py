@@ -57,7 +57,8 @@ def shell_join(argv: Sequence[str]) -> str:
 def display(argv: Sequence[str]) -> str:
     """argv for messages, on one line: an inline `sh -c` script is shortened to its first command."""
     if len(argv) >= 3 and argv[0] == "sh" and argv[1] == "-c":
-        first = next((ln.strip() for ln in argv[2].splitlines() if ln.strip() and not ln.strip().startswith(("set ", "#"))), "")
+        first = next((ln.strip() for ln in argv[2].splitlines()
+                      if ln.strip() and not ln.strip().startswith(("set ", "#"))), "")
         short = first if len(first) <= 40 else first[:37] + "..."
         return f"sh -c '{short} ...' " + shlex.join(argv[4:])
     return shlex.join(argv)
@@ -85,7 +86,8 @@ class Result:
     def check(self, what: str = "") -> Result:
         """self if the command succeeded; else raise TransportError carrying command, status, stderr."""
         if not self.ok:
-            raise TransportError(what or "command failed", command=self.command, exit_status=self.exit_status, stderr=self.stderr or self.stdout)
+            raise TransportError(what or "command failed", command=self.command, exit_status=self.exit_status,
+                                 stderr=self.stderr or self.stdout)
         return self
 
 
@@ -137,7 +139,8 @@ class Transport(ABC):
         if status == 3:
             return None
         if status != 0:
-            raise TransportError(f"cannot read {path}", command=display(argv), exit_status=status, stderr=err.decode("utf-8", "replace"))
+            raise TransportError(f"cannot read {path}", command=display(argv), exit_status=status,
+                                 stderr=err.decode("utf-8", "replace"))
         return out
 
     def remove_file(self, path: str, *, timeout: float) -> None:

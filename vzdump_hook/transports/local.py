@@ -39,7 +39,8 @@ def _feed(stream: IO[bytes], data: bytes) -> None:
             pass
 
 
-def run_local(argv: Sequence[str], stdin: bytes | None, timeout: float, *, shown: str, target: str, env: Mapping[str, str] | None = None) -> tuple[int, bytes, bytes]:
+def run_local(argv: Sequence[str], stdin: bytes | None, timeout: float, *, shown: str, target: str,
+              env: Mapping[str, str] | None = None) -> tuple[int, bytes, bytes]:
     """Run argv on this node; (exit status, stdout, stderr). A status of -N means killed by signal N.
 
     Raises ConnectError when the program cannot be started, CommandTimeout (after killing its process
@@ -58,7 +59,8 @@ def run_local(argv: Sequence[str], stdin: bytes | None, timeout: float, *, shown
         raise ConnectError(f"{target}: cannot run {argv[0]}: {e.strerror or e}", command=shown) from None
     out, err = bytearray(), bytearray()
     assert proc.stdout is not None and proc.stderr is not None
-    threads = [threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True), threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True)]
+    threads = [threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True),
+               threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True)]
     if stdin is not None:
         assert proc.stdin is not None
         threads.append(threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True))
@@ -69,7 +71,8 @@ def run_local(argv: Sequence[str], stdin: bytes | None, timeout: float, *, shown
         status = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         _kill(proc)
-        raise CommandTimeout(f"{target}: no answer within {timeout:.1f} s (killed)", command=shown, stderr=bytes(err).decode("utf-8", "replace")) from None
+        raise CommandTimeout(f"{target}: no answer within {timeout:.1f} s (killed)", command=shown,
+                             stderr=bytes(err).decode("utf-8", "replace")) from None
     for t in threads:  # output left in the pipes; a child that keeps them open is not waited for
         t.join(max(0.0, min(1.0, deadline - time.monotonic())))
     return status, bytes(out), bytes(err)

@@ -31,7 +31,8 @@ def frozen(vmid: int) -> bool:
     """The container is frozen, or being frozen (vzdump's suspend mode, snapshot_create): a command
     sent into it would block until the thaw. False when no freezer file says so."""
     for d in CGROUP_DIRS:
-        for path, states in ((f"/sys/fs/cgroup/{d}/cgroup.freeze", ("1",)), (f"/sys/fs/cgroup/freezer/{d}/freezer.state", ("FROZEN", "FREEZING"))):
+        for path, states in ((f"/sys/fs/cgroup/{d}/cgroup.freeze", ("1",)),
+                             (f"/sys/fs/cgroup/freezer/{d}/freezer.state", ("FROZEN", "FREEZING"))):
             try:
                 with open(path.format(vmid=vmid)) as f:
                     if f.read().strip() in states:
@@ -57,8 +58,10 @@ class PctTransport(Transport):
         return [self.pct, "exec", str(self.vmid), "--", "/usr/bin/env", f"PATH={GUEST_PATH}", *argv]
 
     def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
-        if frozen(self.vmid):  # never a command into a frozen CT: it would hang until the thaw (and hold the guest's lock)
-            raise GuestFrozen(f"{self.target}: the container is frozen (cgroup freezer): nothing is sent into it until it is thawed", command=display(argv))
+        # never a command into a frozen CT: it would hang until the thaw (and hold the guest's lock)
+        if frozen(self.vmid):
+            raise GuestFrozen(f"{self.target}: the container is frozen (cgroup freezer): "
+                              "nothing is sent into it until it is thawed", command=display(argv))
         return run_local(self.argv(argv), stdin, timeout, shown=display(argv), target=self.target)
 
     def connect(self, timeout: float) -> None:
@@ -66,4 +69,6 @@ class PctTransport(Transport):
         r = self.run(["true"], timeout=timeout)
         if not r.ok:
             why = (r.stderr or r.stdout).strip().splitlines()
-            raise ConnectError(f"{self.target}: container does not run commands ({why[-1] if why else f'exit status {r.exit_status}'})", command=f"pct exec {self.vmid} -- true", exit_status=r.exit_status)
+            raise ConnectError(f"{self.target}: container does not run commands "
+                               f"({why[-1] if why else f'exit status {r.exit_status}'})",
+                               command=f"pct exec {self.vmid} -- true", exit_status=r.exit_status)

@@ -236,12 +236,14 @@ class SshTransport(Transport):
                 if got and ended and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
                 if time.monotonic() >= deadline:
-                    raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s", command=shown, stderr=err.decode("utf-8", "replace"))
+                    raise CommandTimeout(f"{self.target}: no answer within {timeout:.1f} s", command=shown,
+                                         stderr=err.decode("utf-8", "replace"))
                 if not transport.is_active() and not got:
                     self.close()
                     raise ConnectionLost(f"{self.target}: connection lost while running a command", command=shown)
                 if chan.closed and not got:
-                    raise TransportError(f"{self.target}: the command ended without an exit status (killed by a signal?)", command=shown,
+                    raise TransportError(f"{self.target}: the command ended without an exit status "
+                                         "(killed by a signal?)", command=shown,
                                          stderr=err.decode("utf-8", "replace"))
                 if got or chan.status_event.is_set():
                     time.sleep(0.002)  # the rest of the output (or the close's cause) is on its way
@@ -293,6 +295,7 @@ class _Refuse:
         cfg = self.cfg
         raise HostKeyError(
             f"ssh {cfg.user}@{cfg.host}:{cfg.port}: host key not in {cfg.known_hosts}: {fingerprint(key)}. "
-            "To trust it: `vzdump-hook trust VMID` shows it next to the command that prints the same fingerprint in the guest, "
+            "To trust it: `vzdump-hook trust VMID` shows it next to the command "
+            "that prints the same fingerprint in the guest, "
             "and adds it once you confirm"
         )

@@ -83,7 +83,8 @@ def agent_table(p: Problems, path: str, v: Any) -> AgentConfig | None:
     unknown(p, path, v, {"api", "pvesh", "host", "port", "token_id", "token_file", "verify", "node"})
     for secret in ("token", "token_value", "password", "secret"):
         if secret in v:
-            p.add(f"{path}.{secret}", "secrets are not kept in the config: put the token's secret in token_file (mode 0600, owned by root)")
+            p.add(f"{path}.{secret}", "secrets are not kept in the config: "
+                  "put the token's secret in token_file (mode 0600, owned by root)")
     d = AgentConfig()
     vals: dict[str, Any] = {}
     if "api" in v:
@@ -104,7 +105,8 @@ def agent_table(p: Problems, path: str, v: Any) -> AgentConfig | None:
     if "verify" in v:
         ver = v["verify"]
         if ver is False:
-            p.add(f"{path}.verify", "TLS is always verified: give the CA file that signed the API's certificate (on a node: /etc/pve/pve-root-ca.pem), or true for the system's CAs")
+            p.add(f"{path}.verify", "TLS is always verified: give the CA file that signed the API's certificate "
+                  "(on a node: /etc/pve/pve-root-ca.pem), or true for the system's CAs")
         elif ver is not True:
             ver = string(p, f"{path}.verify", ver, absolute=True)
         vals["verify"] = ver
