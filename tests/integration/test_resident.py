@@ -54,7 +54,8 @@ class Guest:
         self.setup = HookSetup(tmp)
         self.setup.hook_table = {"phase_timeout": 20}
         self.test_guest = test_guest
-        self.setup.write({VMID: (test_guest, {"stacks": [self.app.name, self.off.name], "resume_wait": 5, "command_timeout": 5, **guest})})
+        self.setup.write({VMID: (test_guest, {"stacks": [self.app.name, self.off.name], "resume_wait": 5,
+                                              "command_timeout": 5, **guest})})
 
     @property
     def run_dir(self) -> str:
@@ -87,7 +88,8 @@ def _phase_bounds(result: Any) -> None:
 
 
 @pytest.mark.parametrize(("vmtype", "mode", "after"), KILL_CASES, ids=[f"{t}-{m}-after-{p}" for t, m, p in KILL_CASES])
-def test_worker_killed_after_a_phase_stacks_run_again_within_5_s(guest: Guest, vmtype: str, mode: str, after: str) -> None:
+def test_worker_killed_after_a_phase_stacks_run_again_within_5_s(guest: Guest, vmtype: str, mode: str,
+                                                                 after: str) -> None:
     killed: dict[str, float] = {}
 
     def on_phase(phase: str, ctx: Context) -> None:
@@ -96,13 +98,15 @@ def test_worker_killed_after_a_phase_stacks_run_again_within_5_s(guest: Guest, v
             killed["down"] = not guest.up()
             raise WorkerKilled
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType(vmtype), Mode(mode))], extra_env=guest.setup.env, on_phase=on_phase, timeout=60)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType(vmtype), Mode(mode))], extra_env=guest.setup.env,
+                     on_phase=on_phase, timeout=60)
     log = result.task_log()
     assert result.status is JobStatus.KILLED, log
     assert "at" in killed, log
     assert wait_until(guest.up, 10), log
     if killed["down"]:  # nothing ran after the kill: no phase, no next job, no admin command
-        assert time.monotonic() - killed["at"] <= 5.0 + 0.5, "stacks back later than 5 s after the worker died"  # + the poll step
+        # + the poll step
+        assert time.monotonic() - killed["at"] <= 5.0 + 0.5, "stacks back later than 5 s after the worker died"
     _phase_bounds(result)
     guest.check_invariant(log)
 
@@ -122,7 +126,8 @@ def test_resident_killed_while_waiting_the_phases_resume(guest: Guest, vmtype: s
                 os.kill(info.pid, signal.SIGKILL)
             seen["gone"] = wait_until(lambda: not guest.residents(), 5)
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType(vmtype), Mode(mode))], extra_env=guest.setup.env, on_phase=on_phase, timeout=60)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType(vmtype), Mode(mode))], extra_env=guest.setup.env,
+                     on_phase=on_phase, timeout=60)
     log = result.task_log()
     assert seen == {"residents": 1, "gone": True}, log
     assert result.status is JobStatus.OK and all(r.returncode == 0 for r in result.records), log
@@ -142,13 +147,15 @@ def test_resident_killed_while_retrying_job_end_says_still_down_and_recover_fixe
             for info in guest.residents():
                 os.kill(info.pid, signal.SIGKILL)
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=guest.setup.env, on_phase=on_phase, timeout=90)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=guest.setup.env,
+                     on_phase=on_phase, timeout=90)
     log = result.task_log()
     assert result.status is JobStatus.FAILED and "STILL DOWN" in log, log  # job-end exit 1
     assert "its resident keeps trying" not in log, log
     assert guest.setup.marker_path(VMID).exists() and not guest.up()
     guest.test_guest.start_sshd()
-    r = subprocess.run([installed_hook(), "recover", str(VMID)], env=guest.setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([installed_hook(), "recover", str(VMID)], env=guest.setup.env | {"PATH": "/usr/bin:/bin"},
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and guest.app.name in r.stdout, r.stdout + r.stderr
     guest.check_invariant(log)
 
@@ -163,7 +170,8 @@ def test_run_dir_wiped_mid_job_the_resident_still_resumes(guest: Guest, vmtype: 
         if ctx.moment is Moment.AFTER_PHASE and ctx.vmid == VMID and phase:
             up_after[phase] = guest.up()
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType(vmtype), Mode(mode))], extra_env=guest.setup.env, on_phase=on_phase, timeout=60)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType(vmtype), Mode(mode))], extra_env=guest.setup.env,
+                     on_phase=on_phase, timeout=60)
     log = result.task_log()
     assert result.status is JobStatus.OK, log
     first = "pre-restart" if vmtype == "lxc" else "backup-end"  # qemu without QMP: backup-end
@@ -175,19 +183,23 @@ def test_run_dir_wiped_mid_job_the_resident_still_resumes(guest: Guest, vmtype: 
 MID_PHASE = [("pre-stop", True), ("pre-stop", False), ("pre-restart", False), ("pre-restart", True)]
 
 
-@pytest.mark.parametrize(("phase", "with_resident"), MID_PHASE, ids=[f"{p}-{'resident' if r else 'phases-alone'}" for p, r in MID_PHASE])
-def test_hook_killed_in_the_middle_of_a_phase_nothing_stays_down(guest: Guest, tmp_path: Path, phase: str, with_resident: bool) -> None:
+@pytest.mark.parametrize(("phase", "with_resident"), MID_PHASE,
+                         ids=[f"{p}-{'resident' if r else 'phases-alone'}" for p, r in MID_PHASE])
+def test_hook_killed_in_the_middle_of_a_phase_nothing_stays_down(guest: Guest, tmp_path: Path,
+                                                                 phase: str, with_resident: bool) -> None:
     """LXC snapshot; the hook process is SIGKILLed in the middle of `phase`: pre-stop once the marker
     is in the guest (the stop under way; vzdump then fails the guest's backup), pre-restart once the
     stack runs again (before the marker is removed and the record written). The resident, or the
     later phases, start what the marker lists; nothing is started twice or left down."""
     guest.setup.hook_table["resident"] = with_resident
-    guest.setup.write({VMID: (guest.test_guest, {"stacks": [guest.app.name, guest.off.name], "resume_wait": 5, "command_timeout": 5})})
+    guest.setup.write({VMID: (guest.test_guest, {"stacks": [guest.app.name, guest.off.name], "resume_wait": 5,
+                                                 "command_timeout": 5})})
     marker = guest.setup.marker_path(VMID)
     if phase == "pre-stop":
         middle = f"[ ! -e {marker} ]"
     else:
-        middle = f'[ -z "$(docker ps -q --filter label=com.docker.compose.project={guest.app.name} --filter status=running)" ]'
+        middle = (f'[ -z "$(docker ps -q --filter label=com.docker.compose.project={guest.app.name} '
+                  f'--filter status=running)" ]')
     wrapper = tmp_path / "kill-mid-phase"
     wrapper.write_text(
         "#!/bin/sh\n"
@@ -197,7 +209,8 @@ def test_hook_killed_in_the_middle_of_a_phase_nothing_stays_down(guest: Guest, t
         "kill -KILL $pid; exit 137\n"
     )
     wrapper.chmod(0o755)
-    result = run_job(str(wrapper), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=guest.setup.env, timeout=60)
+    result = run_job(str(wrapper), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)],
+                     extra_env=guest.setup.env, timeout=60)
     log = result.task_log()
     killed = next(r for r in result.records if r.phase == phase)
     assert killed.returncode == 137, log
@@ -216,7 +229,8 @@ def test_guest_cut_off_during_the_resume_back_within_10_s_of_healing(guest: Gues
         if phase == resume_at and ctx.moment is Moment.BEFORE_PHASE:
             guest.test_guest.cut_off()  # the held session too: connects and commands time out
 
-    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType(vmtype), Mode(mode))], extra_env=guest.setup.env, on_phase=on_phase, timeout=120)
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType(vmtype), Mode(mode))], extra_env=guest.setup.env,
+                     on_phase=on_phase, timeout=120)
     log = result.task_log()
     assert result.status is JobStatus.FAILED and "STILL DOWN" in log, log  # job-end says so
     assert f"job-end {VMID}: its resident keeps trying" in log, log
@@ -240,11 +254,14 @@ def test_status_lists_the_live_resident_and_none_is_left_after_the_resume(guest:
         assert r.returncode == 0, r.lines
     assert not guest.up()
     (info,) = guest.residents()
-    st = subprocess.run([installed_hook(), "status", "--no-connect"], env=guest.setup.env | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
+    st = subprocess.run([installed_hook(), "status", "--no-connect"], env=guest.setup.env | {"PATH": "/usr/bin:/bin"},
+                        capture_output=True, text=True, timeout=30)
     line = next((ln for ln in st.stdout.splitlines() if ln.strip().startswith(f"resident {VMID} ")), "")
-    assert f"(pid {info.pid}, job " in line and ": waiting, stacks " in line and guest.app.name in line and "gives up at " in line, st.stdout
+    assert (f"(pid {info.pid}, job " in line and ": waiting, stacks " in line
+            and guest.app.name in line and "gives up at " in line), st.stdout
     for phase in ("pre-restart", "post-restart", "backup-end"):
         r = run_phase(installed_hook(), phase, spec, extra_env=guest.setup.env)
         assert r.returncode == 0, r.lines
-    assert any(f"backup-end {VMID}: started {guest.app.name}" in ln for ln in r.lines), r.lines  # the resident's line, shown by the phase
+    # the resident's line, shown by the phase
+    assert any(f"backup-end {VMID}: started {guest.app.name}" in ln for ln in r.lines), r.lines
     guest.check_invariant("\n".join(r.lines))

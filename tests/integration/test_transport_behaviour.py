@@ -70,7 +70,8 @@ def reach(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Reach]:
     if kind == "ssh":
         g = request.getfixturevalue("test_guest")
         marker = tmp_path / "guest-var-lib" / "vzdump-hook" / "marker.json"
-        table = {"ssh": {"host": g.host, "port": g.port, "user": g.user, "identity_file": g.identity_file, "known_hosts": g.known_hosts_file, "connect_timeout": 3},
+        table = {"ssh": {"host": g.host, "port": g.port, "user": g.user,
+                         "identity_file": g.identity_file, "known_hosts": g.known_hosts_file, "connect_timeout": 3},
                  "marker_path": str(marker)}
         yield Reach(kind, table, marker, g.stop_sshd, "", g)
         return
@@ -94,10 +95,12 @@ def reach(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Reach]:
                 vm.agent_running = False
 
             if kind == "agent-https":
-                agent = {"api": "https", "host": "127.0.0.1", "port": api.port, "token_id": api.token_id, "token_file": str(token), "verify": str(api.ca_file), "node": api.node}
+                agent = {"api": "https", "host": "127.0.0.1", "port": api.port, "token_id": api.token_id,
+                         "token_file": str(token), "verify": str(api.ca_file), "node": api.node}
             else:
                 agent = {"pvesh": make_pvesh(api, tmp_path / "pvesh"), "node": api.node}
-            yield Reach(kind, {"transport": "agent", "agent": agent}, marker, agent_off, "QEMU guest agent is not running", api)
+            yield Reach(kind, {"transport": "agent", "agent": agent}, marker, agent_off,
+                        "QEMU guest agent is not running", api)
         finally:
             api.close()
     finally:
@@ -117,9 +120,11 @@ def stacks(compose_project: Any, *names: str) -> list[compose.ComposeProject]:
 def test_argv_reaches_the_guest_unquoted_with_status_stdin_and_raw_bytes(reach: Reach, tmp_path: Path) -> None:
     evil = "a b; touch /tmp/vzdh-pwned $(touch /tmp/vzdh-pwned2) `id` 'q' \"d\" \\ \n\u00e9"
     with reach.transport() as t:
-        r = t.run(["sh", "-c", 'printf "%s" "$1"; printf "\\377\\001\\205x" >&2; cat; exit 5', "sh", evil], timeout=20, stdin=b"from stdin\n")
+        r = t.run(["sh", "-c", 'printf "%s" "$1"; printf "\\377\\001\\205x" >&2; cat; exit 5', "sh", evil],
+                  timeout=20, stdin=b"from stdin\n")
         assert (r.exit_status, r.stdout, r.stderr) == (5, evil + "from stdin\n", "\ufffd\x01\ufffdx")
-        status, out, err = t._exec(["sh", "-c", 'printf "\\377\\205\\000\\342\\200\\250end"'], None, 20)  # every byte comes back as sent
+        # every byte comes back as sent
+        status, out, err = t._exec(["sh", "-c", 'printf "\\377\\205\\000\\342\\200\\250end"'], None, 20)
         assert (status, out, err) == (0, b"\xff\x85\x00\xe2\x80\xa8end", b"")
     assert not Path("/tmp/vzdh-pwned").exists() and not Path("/tmp/vzdh-pwned2").exists()
 
@@ -127,7 +132,8 @@ def test_argv_reaches_the_guest_unquoted_with_status_stdin_and_raw_bytes(reach: 
 def test_failure_carries_command_exit_status_and_stderr_tail(reach: Reach) -> None:
     with reach.transport() as t:
         with pytest.raises(TransportError) as ei:
-            t.run(["sh", "-c", "echo one >&2; echo two >&2; echo boom >&2; exit 7", "sh", "arg"], timeout=20).check("it failed")
+            t.run(["sh", "-c", "echo one >&2; echo two >&2; echo boom >&2; exit 7", "sh", "arg"],
+                  timeout=20).check("it failed")
     e = ei.value
     assert (e.exit_status, e.stderr_tail) == (7, "one | two | boom")
     assert "arg" in e.command and "it failed" in str(e) and "exit status 7" in str(e)
@@ -212,7 +218,8 @@ def test_a_stack_that_fails_to_start_stays_in_the_marker(reach: Reach, compose_p
     (db.workdir / "data").mkdir()
     # a local volume bound to a directory: once that is gone, docker cannot start the container
     db.file.write_text(
-        "services:\n  app:\n    image: " + compose.BUSYBOX_IMAGE + "\n    command: [sleep, '3600']\n    network_mode: none\n"
+        "services:\n  app:\n    image: " + compose.BUSYBOX_IMAGE + "\n    command: [sleep, '3600']\n"
+        "    network_mode: none\n"
         "    stop_signal: SIGKILL\n    volumes: ['data:/data']\n"
         f"volumes:\n  data:\n    driver_opts: {{type: none, o: bind, device: '{db.workdir / 'data'}'}}\n"
     )
@@ -234,13 +241,16 @@ def test_a_stack_that_fails_to_start_stays_in_the_marker(reach: Reach, compose_p
 
 
 def test_a_large_marker_with_any_bytes_round_trips(reach: Reach) -> None:
-    data = bytes(range(256)) * 300 + "\u00e9\u2028".encode() * 1000  # 80 KiB, not ASCII: the agent uses file-write parts
+    # 80 KiB, not ASCII: the agent uses file-write parts
+    data = bytes(range(256)) * 300 + "\u00e9\u2028".encode() * 1000
     with reach.transport() as t:
         t.write_file(NS_MARKER if reach.kind != "ssh" else str(reach.marker_file), data, timeout=60)
         assert reach.marker_file.read_bytes() == data
         assert oct(reach.marker_file.stat().st_mode & 0o777) == "0o600"
-        assert not [f.name for f in reach.marker_file.parent.iterdir() if f.name != "marker.json"]  # parts and temp files gone
-        got = t.read_file(NS_MARKER if reach.kind != "ssh" else str(reach.marker_file), limit=len(data) + 10, timeout=30)
+        # parts and temp files gone
+        assert not [f.name for f in reach.marker_file.parent.iterdir() if f.name != "marker.json"]
+        got = t.read_file(NS_MARKER if reach.kind != "ssh" else str(reach.marker_file),
+                          limit=len(data) + 10, timeout=30)
     assert got == data
 
 
@@ -249,10 +259,12 @@ def test_a_large_marker_with_any_bytes_round_trips(reach: Reach) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"\xff\xfe not json \x00", b'{"schema": 1, "stacks": [{"name": "../../etc", "compose": ["sh", "-c", "reboot"]}]}', b"{" + b" " * (70 * 1024) + b"}"],
+    [b"\xff\xfe not json \x00", b'{"schema": 1, "stacks": [{"name": "../../etc", "compose": ["sh", "-c", "reboot"]}]}',
+     b"{" + b" " * (70 * 1024) + b"}"],
     ids=["garbage", "hostile", "oversize"],
 )
-def test_a_bad_marker_read_from_the_guest_is_refused_and_the_node_record_is_used(reach: Reach, compose_project: Any, content: bytes) -> None:
+def test_a_bad_marker_read_from_the_guest_is_refused_and_the_node_record_is_used(reach: Reach, compose_project: Any,
+                                                                                 content: bytes) -> None:
     (db,) = stacks(compose_project, "db")
     guest = reach.guest(stacks=[db.name], stop_timeout=5)
     ctl = GuestSession(guest, JobId.current())
@@ -274,14 +286,17 @@ def hostile_container(docker_engine: Any) -> Iterator[str]:
     """A running container whose compose labels are not to be trusted (no compose name, relative dir)."""
     import subprocess
 
-    labels = ["--label", "com.docker.compose.project=../Evil Project", "--label", "com.docker.compose.project.working_dir=relative/dir",
+    labels = ["--label", "com.docker.compose.project=../Evil Project",
+              "--label", "com.docker.compose.project.working_dir=relative/dir",
               "--label", "com.docker.compose.service=$(reboot)"]
-    cid = subprocess.run(["docker", "run", "-d", "--network", "none", *labels, compose.BUSYBOX_IMAGE, "sleep", "300"], capture_output=True, text=True, check=True).stdout.strip()
+    cid = subprocess.run(["docker", "run", "-d", "--network", "none", *labels, compose.BUSYBOX_IMAGE, "sleep", "300"],
+                         capture_output=True, text=True, check=True).stdout.strip()
     yield cid
     subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
 
 
-def test_hostile_labels_in_docker_output_are_ignored(reach: Reach, compose_project: Any, hostile_container: str) -> None:
+def test_hostile_labels_in_docker_output_are_ignored(reach: Reach, compose_project: Any,
+                                                     hostile_container: str) -> None:
     (db,) = stacks(compose_project, "db")
     ctl = GuestSession(reach.guest(stacks="auto"), JobId.current())
     try:
@@ -297,7 +312,8 @@ def test_hostile_labels_in_docker_output_are_ignored(reach: Reach, compose_proje
 
 
 @pytest.mark.parametrize("reach", ["pct"], indirect=True)
-def test_pct_gets_an_argv_and_no_inherited_environment(reach: Reach, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pct_gets_an_argv_and_no_inherited_environment(reach: Reach, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VZDH_LEAK", "1")
     with reach.transport() as t:
         assert t.run(["printf", "%s|", "a b", "$HOME"], timeout=20).stdout == "a b|$HOME|"
@@ -311,9 +327,11 @@ def test_pct_gets_an_argv_and_no_inherited_environment(reach: Reach, tmp_path: P
 def test_agent_requests_follow_the_pve_api(reach: Reach) -> None:
     api: PveApiDouble = reach.peer
     with reach.transport() as t:
-        t.run(["sh", "-c", "sleep 1; echo done"], timeout=20)  # long enough to be polled twice through a pvesh that costs a process start
+        # long enough to be polled twice through a pvesh that costs a process start
+        t.run(["sh", "-c", "sleep 1; echo done"], timeout=20)
     execs = api.calls("exec")
-    assert execs[-1]["command"] == ["sh", "-c", "sleep 1; echo done"]  # an array: the key repeated, not one shell string
+    # an array: the key repeated, not one shell string
+    assert execs[-1]["command"] == ["sh", "-c", "sleep 1; echo done"]
     polls = api.calls("exec-status")
     assert len(polls) >= 2 and all(p["pid"] == polls[-1]["pid"] for p in polls[-2:])
     # the pid is forgotten once its result was fetched, as QEMU does
@@ -362,8 +380,10 @@ def test_the_hook_quiesces_a_tagged_container_over_pct_as_vzdump_runs_it(tmp_pat
         conf.mkdir(parents=True)
         (conf / "101.conf").write_text("hostname: ct101\ntags: web;vzdump-hook\n")
         cfg = tmp_path / "config.toml"
-        cfg.write_text(f'[hook]\npve_dir = "{tmp_path / "pve"}"\n[defaults]\nstacks = ["{db.name}"]\nstop_timeout = 5\npct = {{ path = "{make_pct(tmp_path / "ct")}" }}\n')
-        env = {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"), "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state"),
+        cfg.write_text(f'[hook]\npve_dir = "{tmp_path / "pve"}"\n[defaults]\n'
+                       f'stacks = ["{db.name}"]\nstop_timeout = 5\npct = {{ path = "{make_pct(tmp_path / "ct")}" }}\n')
+        env = {"VZDUMP_HOOK_CONFIG": str(cfg), "VZDUMP_HOOK_RUN_DIR": str(tmp_path / "run"),
+               "VZDUMP_HOOK_STATE_DIR": str(tmp_path / "state"),
                "VMTYPE": "lxc", "HOSTNAME": "ct101", "STOREID": "local"}  # vzdump's environment: no PATH, no HOME
 
         def phase(*args: str) -> str:
@@ -376,7 +396,8 @@ def test_the_hook_quiesces_a_tagged_container_over_pct_as_vzdump_runs_it(tmp_pat
         phase("pre-stop", "snapshot", "101")
         assert compose.running_services(db) == set() and (ct.var_lib / "vzdump-hook" / "marker.json").exists()
         assert "started " + db.name in phase("post-restart", "snapshot", "101")
-        assert compose.running_services(db) == {"app", "side"} and not (ct.var_lib / "vzdump-hook" / "marker.json").exists()
+        assert (compose.running_services(db) == {"app", "side"}
+                and not (ct.var_lib / "vzdump-hook" / "marker.json").exists())
         assert "101" in phase("job-end")
         calls = read_calls(tmp_path / "ct")
         assert calls and all(c["argv"][:3] == ["exec", "101", "--"] for c in calls)  # type: ignore[index]

@@ -223,7 +223,8 @@ def unix_socket(path: Path) -> socket.socket:
 # -- the hook's side (a stand-in in place of the resident) -----------------------------------------
 
 
-def test_pre_stop_notes_the_job_and_arms_the_resident_before_the_stop(s: Setup, caplog: pytest.LogCaptureFixture) -> None:
+def test_pre_stop_notes_the_job_and_arms_the_resident_before_the_stop(s: Setup,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     s.hook.configure("max_downtime = 120")
     seen: list[list[str]] = []
 
@@ -246,11 +247,13 @@ def test_pre_stop_notes_the_job_and_arms_the_resident_before_the_stop(s: Setup, 
     rec = s.record()
     assert (info.vmid, info.vmtype, info.mode) == (101, "qemu", "snapshot")
     assert info.pid == s.sleepers[0].pid and info.pid_start == process_start(info.pid) and residentmod.alive(info)
-    assert rec.stop_started is not None and t0 <= rec.stop_started and info.deadline == pytest.approx(rec.stop_started + 120, abs=1)
+    assert (rec.stop_started is not None and t0 <= rec.stop_started
+            and info.deadline == pytest.approx(rec.stop_started + 120, abs=1))
     assert JobId.from_dict(info.job) == JobId.current() and info.settings["run_dir"] == s.hook.env[RUN_DIR_ENV]
     assert not info.watching  # snapshot: QEMU's job starts after post-restart
     w = s.watch()
-    assert w.before["status"] == "done" and w.not_before <= rec.stop_started and w.qmp == s.double.path and w.mode == "snapshot"
+    assert (w.before["status"] == "done" and w.not_before <= rec.stop_started
+            and w.qmp == s.double.path and w.mode == "snapshot")
     assert s.double.watcher_clients(), "pre-stop asked QMP"
     assert s.g.running_stacks() == APP_DOWN
     s.run(Mode.SNAPSHOT, "pre-restart", "post-restart")
@@ -320,7 +323,8 @@ def test_qemu_without_query_backup_means_no_early_resume(s: Setup, caplog: pytes
     assert not said(caplog, "watching")
 
 
-def test_socket_busy_for_too_long_at_pre_stop(s: Setup, mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -> None:
+def test_socket_busy_for_too_long_at_pre_stop(s: Setup, mocker: MockerFixture,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     mocker.patch.object(watchmod, "NOTE_WAIT", 0.5)
     s.spawn_with = s.stand_in
     s.double.hold(2)
@@ -410,7 +414,8 @@ def test_leftover_lines_are_printed_once_by_a_later_phase(s: Setup, caplog: pyte
 # -- the resident's loop (the real Resident in a thread) ---------------------------------------------
 
 
-def test_resumes_when_told_a_resume_point_and_the_phase_prints_its_lines_once(s: Setup, caplog: pytest.LogCaptureFixture) -> None:
+def test_resumes_when_told_a_resume_point_and_the_phase_prints_its_lines_once(s: Setup,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
     s.run(Mode.SNAPSHOT, "backup-start", "pre-stop", vmtype=LXC)  # LXC snapshot: the CT is thawed at pre-restart
     r = s.resident()
     assert wait_for(lambda: s.ask()["stacks"] == ["web", "db"], 5), "what it would start (for `status`)"
@@ -419,7 +424,8 @@ def test_resumes_when_told_a_resume_point_and_the_phase_prints_its_lines_once(s:
     s.run(Mode.SNAPSHOT, "pre-restart", vmtype=LXC)
     assert s.g.running_stacks() == ALL_UP
     started = [m for _, m in task_log(caplog) if "started db, web" in m]
-    assert len(started) == 1 and started[0].startswith("pre-restart 101: started db, web in ") and ", down " in started[0]
+    assert (len(started) == 1 and started[0].startswith("pre-restart 101: started db, web in ")
+            and ", down " in started[0])
     assert resident_said(caplog, "started db, web"), "the resident started them, the phase printed its line"
     assert s.ended() and r.status == "done"
     rec = s.record()
@@ -432,7 +438,8 @@ def test_resumes_when_told_a_resume_point_and_the_phase_prints_its_lines_once(s:
     assert not s.files()[2].exists(), "its socket is gone with it"
 
 
-@pytest.mark.parametrize(("mode", "early"), [(Mode.SUSPEND, ["pre-restart"]), (Mode.STOP, ["backup-end", "pre-restart"])])
+@pytest.mark.parametrize(("mode", "early"),
+                         [(Mode.SUSPEND, ["pre-restart"]), (Mode.STOP, ["backup-end", "pre-restart"])])
 def test_ignores_a_phase_before_the_point_in_time(s: Setup, mode: Mode, early: list[str]) -> None:
     """LXC suspend: pre-restart comes while the container is still frozen; stop: backup-end and
     pre-restart come while it is still stopped."""
@@ -477,7 +484,8 @@ def test_resumes_right_after_the_job_starts_and_only_then(s: Setup, caplog: pyte
     rec = s.record()
     assert rec.status is Status.RESUMED and rec.downtime is not None
     assert resident_said(caplog, f"resident 101: QEMU backup job {uuid} at ")
-    assert [r.getMessage() for r in resident_said(caplog, "started db, web")][0].startswith("resident 101: started db, web in ")
+    assert ([r.getMessage() for r in resident_said(caplog, "started db, web")][0]
+            .startswith("resident 101: started db, web in "))
     s.double.settle()
     assert all(c.duration < 0.5 for c in s.double.watcher_clients())  # never held the socket
     caplog.clear()
@@ -535,7 +543,8 @@ def test_a_failed_job_is_left_to_vzdump(s: Setup, caplog: pytest.LogCaptureFixtu
     armed(s)
     s.double.fail_job()
     s.double.job["uuid"] = "failed-one"  # type: ignore[index]
-    assert wait_for(lambda: resident_said(caplog, "resident 101: QEMU backup job failed-one failed (backup write failed"), 5)
+    assert wait_for(lambda: resident_said(caplog,
+                                          "resident 101: QEMU backup job failed-one failed (backup write failed"), 5)
     assert s.ask()["state"] == "waiting" and s.g.running_stacks() == APP_DOWN
     caplog.clear()
     s.run(Mode.SNAPSHOT, "backup-abort")
@@ -612,7 +621,8 @@ def test_nothing_stopped_ends_the_resident_at_once(s: Setup) -> None:
     assert s.ended(5) and s.g.starts() == []
 
 
-def test_vzdump_job_over_starts_the_stacks(s: Setup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_vzdump_job_over_starts_the_stacks(s: Setup, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
     """The vzdump worker (a real process here) is gone: no phase will come, the resident starts them."""
     worker = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
     s.sleepers.append(worker)
@@ -630,7 +640,8 @@ def test_vzdump_job_over_starts_the_stacks(s: Setup, monkeypatch: pytest.MonkeyP
     assert rec is not None and rec.status is Status.RESUMED
 
 
-def test_a_failed_start_is_retried_with_growing_pauses_until_up(s: Setup, mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_start_is_retried_with_growing_pauses_until_up(s: Setup, mocker: MockerFixture,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     """The guest does not answer when the job has started (sshd restarting): the resident tries
     again, each time a little later, and ends once the stacks run."""
     mocker.patch.object(daemonmod, "RETRY_FIRST", 0.3)
@@ -674,7 +685,8 @@ def test_told_early_by_cli_before_the_phase_runs(s: Setup, caplog: pytest.LogCap
     assert s.g.starts() == ["db", "web"] and s.ended()
 
 
-def test_a_phase_the_resident_did_all_of_ends_early_with_its_lines(s: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_phase_the_resident_did_all_of_ends_early_with_its_lines(s: Setup,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """tell_early is True (cli.py then ends the phase without importing the rest of the hook) only
     when the phase has nothing left to do: the stacks stay down by plan (lxc suspend pre-restart,
     the CT still frozen), or the resident started them (post-restart); its lines are printed."""
@@ -682,7 +694,8 @@ def test_a_phase_the_resident_did_all_of_ends_early_with_its_lines(s: Setup, cap
     capsys.readouterr()
     assert earlymod.tell_early(["pre-restart", "suspend", "101"], s.hook.env) is True
     out = capsys.readouterr().out.splitlines()
-    assert out == ["vzdump-hook: pre-restart 101: stacks stay down until post-restart: the backup's point in time is still ahead"], out
+    assert out == ["vzdump-hook: pre-restart 101: stacks stay down until post-restart: "
+                   "the backup's point in time is still ahead"], out
     assert s.g.running_stacks() == APP_DOWN
     assert earlymod.tell_early(["post-restart", "suspend", "101"], s.hook.env) is True
     out = capsys.readouterr().out.splitlines()
@@ -693,7 +706,8 @@ def test_a_phase_the_resident_did_all_of_ends_early_with_its_lines(s: Setup, cap
 def test_a_failed_start_is_never_ended_early(s: Setup) -> None:
     s.run(Mode.SNAPSHOT, "backup-start", "pre-stop", vmtype=LXC)
     s.g.unreachable = True
-    assert earlymod.tell_early(["pre-restart", "snapshot", "101"], s.hook.env) is False  # the phase goes on, resumes itself
+    # the phase goes on, resumes itself
+    assert earlymod.tell_early(["pre-restart", "snapshot", "101"], s.hook.env) is False
     s.g.unreachable = False
     s.run(Mode.SNAPSHOT, "pre-restart", vmtype=LXC)
     assert s.g.running_stacks() == ALL_UP and s.record().status is Status.RESUMED
@@ -713,7 +727,8 @@ def test_a_resident_gone_before_post_restart_is_replaced_by_one_that_watches(s: 
     assert s.ended(5) and s.g.starts() == ["db", "web"]
 
 
-def test_lines_of_an_answer_nobody_read_are_kept_for_a_later_phase(s: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+def test_lines_of_an_answer_nobody_read_are_kept_for_a_later_phase(s: Setup,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     s.run(Mode.SNAPSHOT, "backup-start", "pre-stop", vmtype=LXC)
     _, _, sock = s.files()
     short = Path(tempfile.mkdtemp(prefix="link-", dir="/tmp"))
@@ -730,7 +745,8 @@ def test_lines_of_an_answer_nobody_read_are_kept_for_a_later_phase(s: Setup, cap
     assert [text for _, text in out if "started db, web" in text], out
 
 
-def test_job_end_warns_of_a_live_resident_only_while_its_stacks_are_down(s: Setup, caplog: pytest.LogCaptureFixture) -> None:
+def test_job_end_warns_of_a_live_resident_only_while_its_stacks_are_down(s: Setup,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     s.spawn_with = s.stand_in  # alive at job-end (e.g. still closing its session), not answering
     s.run(Mode.SNAPSHOT, "backup-start", "pre-stop", "pre-restart", "post-restart", "backup-end")
     assert s.g.running_stacks() == ALL_UP and s.record().status is Status.RESUMED
@@ -743,7 +759,8 @@ def test_ends_at_its_deadline_leaving_the_marker(s: Setup, caplog: pytest.LogCap
     s.deadline = 1.0
     s.run(Mode.SNAPSHOT, "backup-start", "pre-stop")
     assert s.ended(10)
-    deadline_lines = [r for r in resident_said(caplog, "resident 101: the marker's deadline has passed") if r.levelno == logging.WARNING]
+    deadline_lines = [r for r in resident_said(caplog, "resident 101: the marker's deadline has passed")
+                      if r.levelno == logging.WARNING]
     assert len(deadline_lines) == 1
     assert s.g.running_stacks() == APP_DOWN and MARKER in s.g.files  # the guest's recovery takes over
     assert s.record().status is Status.QUIESCED
@@ -751,7 +768,8 @@ def test_ends_at_its_deadline_leaving_the_marker(s: Setup, caplog: pytest.LogCap
     assert s.g.running_stacks() == ALL_UP
 
 
-def test_run_dir_wiped_it_listens_again_and_resumes_from_what_it_remembered(s: Setup, caplog: pytest.LogCaptureFixture) -> None:
+def test_run_dir_wiped_it_listens_again_and_resumes_from_what_it_remembered(s: Setup,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
     s.run(Mode.SNAPSHOT, "backup-start", "pre-stop", vmtype=LXC)
     r = s.resident()
     assert wait_for(lambda: r.remembered is not None and r.remembered.status is Status.QUIESCED, 5)
@@ -799,7 +817,7 @@ import sys
 from vzdump_hook.resident.process import spawn
 pid = spawn([sys.executable, "-c", "import os, time; print('daemon', os.getpid(), os.getsid(0), flush=True); time.sleep(60)"], sys.argv[1])
 print(pid, flush=True)
-"""
+"""  # noqa: E501
 
 
 def _gone(pid: int) -> bool:
@@ -835,7 +853,8 @@ def test_spawn_detaches_from_the_callers_output_and_session(tmp_path: Path) -> N
 def test_the_real_resident_answers_stops_on_sigterm_and_ends_at_its_deadline(tmp_path: Path) -> None:
     """`python -m vzdump_hook.resident.process INFO`, armed by arm(): it listens; SIGTERM ends it (its socket
     removed); another one ends by itself at its deadline, and a later phase finds its lines."""
-    settings = configuration.HookSettings(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"), qmp_dir=str(tmp_path / "qmp"))
+    settings = configuration.HookSettings(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"),
+                                          qmp_dir=str(tmp_path / "qmp"))
     me = os.getpid()
     state = HostState(settings, JobId(node_name(), _boot_id(), me, process_start(me) or 0))  # its worker: this test
     table = {"ssh": {"host": "192.0.2.1", "connect_timeout": 0.5}, "stacks": ["web"]}  # nobody there: never reached
@@ -846,12 +865,14 @@ def test_the_real_resident_answers_stops_on_sigterm_and_ends_at_its_deadline(tmp
     info = residentmod.arm(state, guest, "lxc", "stop", time.time() + 60)
     try:
         saved = residentmod.load(str(info_file))
-        assert residentmod.alive(info) and saved is not None and (saved.pid, saved.pid_start) == (info.pid, info.pid_start)
+        assert (residentmod.alive(info) and saved is not None
+                and (saved.pid, saved.pid_start) == (info.pid, info.pid_start))
         assert wait_for(sock.exists, 10)
         answer = residentmod.tell(state.job_dir, 101, "")
         assert answer is not None and answer["state"] == "waiting" and answer["resumed"] is False
         assert residentmod.arm(state, guest, "lxc", "stop", time.time() + 60).pid == info.pid  # one per guest and job
-        assert [(d, i.vmid, i.pid) for d, i in residentmod.residents(settings.run_dir)] == [(state.job_dir, 101, info.pid)]
+        assert ([(d, i.vmid, i.pid) for d, i in residentmod.residents(settings.run_dir)]
+                == [(state.job_dir, 101, info.pid)])
         t0 = time.monotonic()
         residentmod.stop(info.pid, info.pid_start, wait=5)
         assert time.monotonic() - t0 < 3 and not residentmod.alive(info)
@@ -868,7 +889,8 @@ def test_the_real_resident_answers_stops_on_sigterm_and_ends_at_its_deadline(tmp
         assert residentmod.leftover_lines(state.job_dir, 101) == []  # while it runs: its lines come with its answers
         assert wait_for(lambda: not residentmod.alive(info2), 20)
         lines = residentmod.leftover_lines(state.job_dir, 101)
-        assert [lv for lv, text in lines if "resident 101: the marker's deadline has passed" in text] == [logging.WARNING], lines
+        assert ([lv for lv, text in lines if "resident 101: the marker's deadline has passed" in text]
+                == [logging.WARNING]), lines
         assert not log_file.exists() and residentmod.leftover_lines(state.job_dir, 101) == []
         assert state.load(101).status is Status.QUIESCED  # type: ignore[union-attr]
     finally:
@@ -877,7 +899,8 @@ def test_the_real_resident_answers_stops_on_sigterm_and_ends_at_its_deadline(tmp
 
 
 def test_info_file_round_trip_and_unreadable(tmp_path: Path) -> None:
-    info = Info(101, "qemu", "stop", JobId("n", "b", 1, 2).to_dict(), {"run_dir": "/r"}, {"ssh": {"host": "h"}}, 5.0, True, 7, 8)
+    info = Info(101, "qemu", "stop", JobId("n", "b", 1, 2).to_dict(), {"run_dir": "/r"},
+                {"ssh": {"host": "h"}}, 5.0, True, 7, 8)
     p = tmp_path / "resident-101.json"
     p.write_text(json.dumps(info.__dict__))
     assert residentmod.load(str(p)) == info

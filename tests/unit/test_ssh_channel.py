@@ -387,31 +387,40 @@ def assert_names_command(e: TransportError) -> None:
 # -- 1. exit status before the last output (c30407d) ----------------------------------------------
 
 STATUS_FIRST = {
-    "status-then-stdout-and-stderr": [step(out(b"one\n")), step(status(0)), step(out(b"two\n"), err(b"warn\n")), step(EOF), step(CLOSE)],
-    "status-before-any-output": [step(status(0)), step(out(b"one\n")), step(err(b"warn\n")), step(out(b"two\n"), EOF), step(CLOSE)],
-    "status-then-output-with-eof": [step(out(b"one\n"), status(0)), step(out(b"two\n"), err(b"warn\n"), EOF), step(CLOSE)],
+    "status-then-stdout-and-stderr": [step(out(b"one\n")), step(status(0)),
+                                      step(out(b"two\n"), err(b"warn\n")), step(EOF), step(CLOSE)],
+    "status-before-any-output": [step(status(0)), step(out(b"one\n")), step(err(b"warn\n")),
+                                 step(out(b"two\n"), EOF), step(CLOSE)],
+    "status-then-output-with-eof": [step(out(b"one\n"), status(0)),
+                                    step(out(b"two\n"), err(b"warn\n"), EOF), step(CLOSE)],
     # the tail and EOF land after the transport drained, before it looks at eof_received
-    "tail-between-drain-and-eof-check": [step(out(b"one\n"), status(0)), step(out(b"two\n"), err(b"warn\n"), EOF, on_read=("eof_received", 2)), step(CLOSE)],
-    "status-then-stderr-then-close-without-eof": [step(out(b"one\n"), status(0)), step(err(b"warn\n")), step(out(b"two\n"), CLOSE)],
+    "tail-between-drain-and-eof-check": [step(out(b"one\n"), status(0)),
+                                         step(out(b"two\n"), err(b"warn\n"), EOF, on_read=("eof_received", 2)),
+                                         step(CLOSE)],
+    "status-then-stderr-then-close-without-eof": [step(out(b"one\n"), status(0)),
+                                                  step(err(b"warn\n")), step(out(b"two\n"), CLOSE)],
 }
 
 
 @pytest.mark.parametrize("script", STATUS_FIRST.values(), ids=STATUS_FIRST.keys())
 @pytest.mark.parametrize("code", [0, 3])
-def test_exit_status_before_the_last_output_keeps_all_output(guest: Guest, t: SshTransport, script: list[Step], code: int) -> None:
+def test_exit_status_before_the_last_output_keeps_all_output(guest: Guest, t: SshTransport,
+                                                             script: list[Step], code: int) -> None:
     steps = [Step(tuple(status(code) if k == "status" else (k, a) for k, a in s.events), s.on_read) for s in script]
     chan = guest.command(*steps)
     r = t.run(ARGV, timeout=30)
     assert (r.exit_status, r.stdout, r.stderr) == (code, "one\ntwo\n", "warn\n")
     assert r.command == SHOWN
     assert chan.command == "docker compose --project-directory /srv/app ps"
-    assert all(e == CLOSE for s in chan.steps for e in s.events)  # it waited for the end of the output, not just the status
+    # it waited for the end of the output, not just the status
+    assert all(e == CLOSE for s in chan.steps for e in s.events)
     assert chan.closed_by_us
 
 
 def test_large_output_split_around_the_status_is_complete_and_in_order(guest: Guest, t: SshTransport) -> None:
     parts = [bytes([65 + i]) * 70000 for i in range(6)]  # each larger than one recv(65536)
-    guest.command(step(out(parts[0])), step(out(parts[1]), status(0)), step(out(parts[2])), step(out(parts[3]), err(b"e" * 100000)),
+    guest.command(step(out(parts[0])), step(out(parts[1]), status(0)),
+                  step(out(parts[2])), step(out(parts[3]), err(b"e" * 100000)),
                   step(out(parts[4])), step(out(parts[5]), EOF), step(CLOSE))
     code, o, e = t._exec(ARGV, None, 30)
     assert code == 0 and o == b"".join(parts) and e == b"e" * 100000
@@ -424,7 +433,8 @@ TOGETHER = {
     "status-close-no-eof": [step(out(b"x\n")), step(status(7), CLOSE)],
     "everything-in-one-step": [step(out(b"x\n"), err(b"e\n"), status(7), EOF, CLOSE)],
     # lands between the loop's status check and its connection-lost check, as in the 327c2b5 race
-    "between-status-check-and-lost-check": [step(out(b"x\n"), err(b"e\n")), step(status(7), CLOSE, on_read=("closed", 2))],
+    "between-status-check-and-lost-check": [step(out(b"x\n"), err(b"e\n")),
+                                            step(status(7), CLOSE, on_read=("closed", 2))],
     "right-after-the-drain": [step(out(b"x\n"), err(b"e\n")), step(status(7), EOF, CLOSE, on_read=("eof_received", 1))],
 }
 
@@ -451,7 +461,8 @@ NO_STATUS = {
 
 
 @pytest.mark.parametrize("script", NO_STATUS.values(), ids=NO_STATUS.keys())
-def test_a_channel_closed_without_exit_status_never_hangs_and_is_never_success(guest: Guest, t: SshTransport, script: list[Step]) -> None:
+def test_a_channel_closed_without_exit_status_never_hangs_and_is_never_success(guest: Guest, t: SshTransport,
+                                                                               script: list[Step]) -> None:
     guest.command(*script)
     start = guest.clock.now
     try:
@@ -464,7 +475,8 @@ def test_a_channel_closed_without_exit_status_never_hangs_and_is_never_success(g
 
 
 @pytest.mark.parametrize("script", NO_STATUS.values(), ids=NO_STATUS.keys())
-def test_a_channel_closed_without_exit_status_is_an_error_naming_the_command(guest: Guest, t: SshTransport, script: list[Step]) -> None:
+def test_a_channel_closed_without_exit_status_is_an_error_naming_the_command(guest: Guest, t: SshTransport,
+                                                                             script: list[Step]) -> None:
     guest.command(*script)
     with pytest.raises(TransportError) as ei:
         t.run(ARGV, timeout=30)
@@ -586,7 +598,8 @@ def test_connect_uses_the_configured_identity_only(guest: Guest, t: SshTransport
 # -- 5. timeouts ------------------------------------------------------------------------------------
 
 
-def test_a_command_that_outlives_its_timeout_is_a_command_timeout_and_its_channel_is_closed(guest: Guest, t: SshTransport) -> None:
+def test_a_command_that_outlives_its_timeout_is_a_command_timeout_and_its_channel_is_closed(guest: Guest,
+                                                                                            t: SshTransport) -> None:
     chan = guest.command(step(out(b"working\n"), err(b"still going\n")))  # then nothing, ever
     start = guest.clock.now
     with pytest.raises(CommandTimeout, match="no answer within 5.0 s") as ei:
@@ -612,7 +625,8 @@ def test_status_without_end_of_output_times_out_rather_than_spinning(guest: Gues
     assert chan.closed_by_us
 
 
-def test_a_guest_that_stops_reading_stdin_is_a_command_timeout_and_its_channel_is_closed(guest: Guest, t: SshTransport) -> None:
+def test_a_guest_that_stops_reading_stdin_is_a_command_timeout_and_its_channel_is_closed(guest: Guest,
+                                                                                         t: SshTransport) -> None:
     chan = guest.command(step(status(0), EOF, CLOSE), send_stalls=10**6)
     with pytest.raises(CommandTimeout, match="guest stopped reading input") as ei:
         t.run(ARGV, timeout=3, stdin=b"x" * 1000)
@@ -637,8 +651,10 @@ def test_no_time_left_is_a_timeout_before_any_connection(guest: Guest, t: SshTra
 # -- 6. stdin -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "window", "stalls"), [(5, 1 << 30, 0), (200_000, 1 << 30, 0), (200_000, 4096, 0), (100_000, 7000, 3)])
-def test_stdin_is_sent_in_full_then_eof_before_reading(guest: Guest, t: SshTransport, size: int, window: int, stalls: int) -> None:
+@pytest.mark.parametrize(("size", "window", "stalls"),
+                         [(5, 1 << 30, 0), (200_000, 1 << 30, 0), (200_000, 4096, 0), (100_000, 7000, 3)])
+def test_stdin_is_sent_in_full_then_eof_before_reading(guest: Guest, t: SshTransport,
+                                                       size: int, window: int, stalls: int) -> None:
     data = bytes(i % 251 for i in range(size))
     chan = guest.command(step(out(b"got it\n")), step(status(0), EOF, CLOSE), send_chunk=window, send_stalls=stalls)
     r = t.run(["sh", "-c", "cat > /tmp/x; echo got it", "sh"], timeout=30, stdin=data)

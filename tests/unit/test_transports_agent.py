@@ -35,7 +35,8 @@ def token(tmp_path: Path, api: PveApiDouble) -> Path:
 
 
 def https(api: PveApiDouble, token: Path, **over: object) -> AgentTransport:
-    cfg = dict(api="https", host="127.0.0.1", port=api.port, token_id=api.token_id, token_file=str(token), verify=str(api.ca_file), node=api.node)
+    cfg = dict(api="https", host="127.0.0.1", port=api.port, token_id=api.token_id,
+               token_file=str(token), verify=str(api.ca_file), node=api.node)
     cfg.update(over)
     return AgentTransport(101, AgentConfig(**cfg))  # type: ignore[arg-type]
 
@@ -47,7 +48,8 @@ def transport(request: pytest.FixtureRequest, api: PveApiDouble, token: Path, tm
     return AgentTransport(101, AgentConfig(pvesh=make_pvesh(api, tmp_path / "pvesh"), node=api.node))
 
 
-def test_exec_polls_until_exited_and_returns_status_output_and_stdin(transport: AgentTransport, api: PveApiDouble) -> None:
+def test_exec_polls_until_exited_and_returns_status_output_and_stdin(transport: AgentTransport,
+                                                                     api: PveApiDouble) -> None:
     api.exec_busy_polls = 3  # the agent reports `exited: 0` three times, whatever the machine's speed
     r = transport.run(["sh", "-c", "cat; echo err >&2; exit 4"], timeout=10, stdin=b"hello\n")
     assert (r.exit_status, r.stdout, r.stderr) == (4, "hello\n", "err\n")
@@ -78,7 +80,8 @@ def test_a_hung_api_is_bounded_by_the_timeout(api: PveApiDouble, token: Path) ->
     ("knob", "text"),
     [("agent_configured", "No QEMU guest agent configured"), ("agent_running", "QEMU guest agent is not running")],
 )
-def test_an_agent_that_is_off_is_a_clear_connect_error(transport: AgentTransport, api: PveApiDouble, knob: str, text: str) -> None:
+def test_an_agent_that_is_off_is_a_clear_connect_error(transport: AgentTransport, api: PveApiDouble,
+                                                       knob: str, text: str) -> None:
     setattr(api.vms[101], knob, False)
     with pytest.raises(ConnectError) as ei:
         transport.connect(5)
@@ -137,13 +140,16 @@ def test_stdin_limits_are_kept_before_sending(transport: AgentTransport, api: Pv
         transport.run(["cat"], timeout=5, stdin=b"\x00\xff")
     with pytest.raises(TransportError, match="too large"):
         transport.run(["cat"], timeout=5, stdin=b"x" * (agent_mod.INPUT_LIMIT + 1))
-    with pytest.raises(TransportError, match="too large"):  # fits PVE's maxLength, not pveproxy's POST limit once form-encoded
+    # fits PVE's maxLength, not pveproxy's POST limit once form-encoded
+    with pytest.raises(TransportError, match="too large"):
         transport.run(["cat"], timeout=5, stdin=b'{"a": 1}' * 6000)
     assert not api.calls("exec")
     assert transport.run(["cat"], timeout=10, stdin=b'{"a": 1}\n' * 500).stdout == '{"a": 1}\n' * 500
 
 
-def test_write_file_small_ascii_goes_as_input_data_large_as_file_write_parts(transport: AgentTransport, api: PveApiDouble, tmp_path: Path) -> None:
+def test_write_file_small_ascii_goes_as_input_data_large_as_file_write_parts(transport: AgentTransport,
+                                                                             api: PveApiDouble,
+                                                                             tmp_path: Path) -> None:
     small, large = tmp_path / "d" / "small.json", tmp_path / "d2" / "sub" / "large.bin"
     transport.write_file(str(small), b'{"x": 1}\n', timeout=10)
     assert small.read_bytes() == b'{"x": 1}\n' and not api.calls("file-write")
@@ -157,7 +163,8 @@ def test_write_file_small_ascii_goes_as_input_data_large_as_file_write_parts(tra
     assert transport.read_file(str(tmp_path / "absent"), limit=10, timeout=10) is None
 
 
-def test_a_failed_file_write_leaves_no_parts(transport: AgentTransport, api: PveApiDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_file_write_leaves_no_parts(transport: AgentTransport, api: PveApiDouble, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     real = api.file_write
     count = {"n": 0}
 
@@ -180,7 +187,8 @@ def test_requests_is_imported_only_when_a_command_is_sent() -> None:
     import subprocess
 
     code = (
-        "import sys; from vzdump_hook.config import validate_guest; from vzdump_hook.transports.tables import AgentConfig; from vzdump_hook.transports import open_transport;"
+        "import sys; from vzdump_hook.config import validate_guest; "
+        "from vzdump_hook.transports.tables import AgentConfig; from vzdump_hook.transports import open_transport;"
         "t = open_transport(validate_guest(101, {'transport': 'agent'}));"
         "print(any(m.startswith(('proxmoxer', 'requests')) for m in sys.modules))"
     )
@@ -188,7 +196,8 @@ def test_requests_is_imported_only_when_a_command_is_sent() -> None:
     assert out.strip() == "False"
 
 
-def test_the_local_backend_runs_pvesh_by_absolute_path_with_a_fixed_environment(api: PveApiDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_local_backend_runs_pvesh_by_absolute_path_with_a_fixed_environment(
+        api: PveApiDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     monkeypatch.setenv("VZDH_LEAK", "1")
