@@ -209,15 +209,7 @@ class SshTransport(Transport):
         deadline = time.monotonic() + timeout
         command = shell_join(argv)
         shown = display(argv)
-        client = self._connect(timeout)
-        transport = client.get_transport()
-        if transport is None:
-            raise ConnectError(f"{self.target}: connection lost")
-        try:
-            chan = transport.open_session(timeout=max(0.1, deadline - time.monotonic()))
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            self.close()
-            raise ConnectError(f"{self.target}: cannot open a channel: {e}", command=shown) from None
+        transport, chan = self._channel(timeout, deadline, shown)
         out = bytearray()
         err = bytearray()
         try:
@@ -255,6 +247,19 @@ class SshTransport(Transport):
             raise ConnectError(f"{self.target}: {e}", command=shown) from None
         finally:
             chan.close()
+
+    def _channel(self, timeout: float, deadline: float, shown: str) -> tuple[Any, Any]:
+        """The connection's transport and a new session channel on it; ConnectError when either fails."""
+        paramiko = _import_paramiko()
+        client = self._connect(timeout)
+        transport = client.get_transport()
+        if transport is None:
+            raise ConnectError(f"{self.target}: connection lost")
+        try:
+            return transport, transport.open_session(timeout=max(0.1, deadline - time.monotonic()))
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            self.close()
+            raise ConnectError(f"{self.target}: cannot open a channel: {e}", command=shown) from None
 
     def _send(self, chan: Any, data: bytes, deadline: float, shown: str) -> None:
         """Send stdin within the deadline (paramiko's sendall can spin forever on a stalled peer)."""
