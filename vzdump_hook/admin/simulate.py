@@ -123,7 +123,7 @@ def _simulate_dry(g: GuestConfig, vt: GuestType, md: Mode, order: tuple[str, ...
         raise click.ClickException(escape(f"{g.vmid}: {describe(e)}")) from None
     finally:
         ctl.close()
-    rec = GuestRecord(g.vmid, vt.value, md.value, {}, status=Status.PREFLIGHT_OK)
+    rec = GuestRecord(g.vmid, vt, md, {}, status=Status.PREFLIGHT_OK)
     for step in order:
         if step in (POINT_IN_TIME, TRANSFER):
             click.echo(f"  {step}")

@@ -157,4 +157,4 @@ def _marker_line(vmid: int, m: Marker | None, es: list[Entry] | None, known: boo
 
 def _rec_line(r: GuestRecord) -> str:
     down = f" down {r.downtime:.1f} s" if r.downtime is not None else ""
-    return f"{r.vmid} {r.vmtype}/{r.mode} {r.status.value}{down}"
+    return f"{r.vmid} {r.vmtype.value}/{r.mode.value} {r.status.value}{down}"

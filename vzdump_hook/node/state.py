@@ -24,6 +24,7 @@ from ..config import HookSettings, NotifyConfig
 from ..errors import HookError
 from ..guest.marker import StackRecord, record_from_dict
 from ..stacks import Kind
+from ..vzdump.phases import GuestType, Mode
 from . import safefile
 from .job import JobId
 
@@ -48,8 +49,8 @@ class Status(str, Enum):
 @dataclass
 class GuestRecord:
     vmid: int
-    vmtype: str
-    mode: str
+    vmtype: GuestType
+    mode: Mode
     guest_table: dict[str, Any]
     status: Status = Status.PREFLIGHT_OK
     stacks: list[StackRecord] = field(default_factory=list)  # what the hook stopped
@@ -67,6 +68,10 @@ class GuestRecord:
     # stacks not ready within their ready_timeout (reported, never a failure)
     not_ready: list[str] = field(default_factory=list)
     app_down_at: float | None = None  # when every stack stopped has `ready`: its first failed check during the stop
+
+    def __post_init__(self) -> None:
+        # typed whatever it was built from: a record read back from JSON holds the values
+        self.vmtype, self.mode = GuestType(self.vmtype), Mode(self.mode)
 
     @property
     def unclosed_controllers(self) -> list[StackRecord]:
@@ -335,8 +340,8 @@ class HostState:
                     f"{self.job.node}/{self.job.key}",
                     self.job.node,
                     rec.vmid,
-                    rec.vmtype,
-                    rec.mode,
+                    rec.vmtype.value,
+                    rec.mode.value,
                     ",".join(s.name for s in rec.stacks),
                     rec.stop_started,
                     rec.stop_ended,

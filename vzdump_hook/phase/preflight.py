@@ -29,7 +29,7 @@ def run(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode: Mode) ->
         log.warning("backup-start %d: called again while stacks of this job are down: keeping them for the resume",
                     vmid)
         return Outcome()
-    rec = GuestRecord(vmid, vmtype.value, mode.value, dict(guest.table))
+    rec = GuestRecord(vmid, vmtype, mode, dict(guest.table))
     if mode is Mode.STOP and pve.guest_running(vmtype.value, vmid, ctx.settings.pve_dir, ctx.settings.qmp_dir) is False:
         rec.status = Status.SKIPPED
         ctx.state.save(rec)

@@ -24,7 +24,7 @@ def run(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode: Mode, re
     if note_backup_job:
         _note_backup_job(ctx, vmid, mode)
     if rec is None:
-        rec = GuestRecord(vmid, vmtype.value, mode.value, dict(guest.table))
+        rec = GuestRecord(vmid, vmtype, mode, dict(guest.table))
     abort = guest.on_quiesce_error is QuiescePolicy.ABORT
     failed = Outcome(quiesce_failed=True, abort_policy=abort)
     ctx.if_overrun(failed)

@@ -137,7 +137,7 @@ class PhaseRunner:
         if phase is Phase.BACKUP_START and ctx.problem is not None:
             log.error("backup-start %d: the config is unusable (%s): backed up WITHOUT quiescing (crash-consistent)",
                       vmid, first_line(ctx.problem))
-            ctx.state.save(GuestRecord(vmid, vmtype.value, mode.value, {}, status=Status.CONFIG_ERROR,
+            ctx.state.save(GuestRecord(vmid, vmtype, mode, {}, status=Status.CONFIG_ERROR,
                                        crash_consistent=True))
         elif phase is Phase.BACKUP_START:
             log.info("%s %d: not in %s (or not enabled): left alone", phase.value, vmid,
