@@ -9,6 +9,7 @@ Layout (see examples/config.toml):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tomllib
@@ -312,6 +313,17 @@ def validate_guest(vmid: int, table: Mapping[str, Any], path: str | None = None)
     if g is None:
         raise ConfigError(p.items)
     return g
+
+
+def recorded_guest(vmid: int, table: Mapping[str, Any], where: str, what: str = "recorded settings",
+                   then: str = "") -> GuestConfig | None:
+    """The settings a record kept (a host record, a ledger entry), validated again: the file may have
+    been edited since. None, with a WARNING naming `where` and `what` (and `then`), when unusable."""
+    try:
+        return validate_guest(vmid, table)
+    except ConfigError as e:
+        logging.getLogger("vzdump_hook").warning("%s: %s unusable (%s)%s", where, what, e, then)
+        return None
 
 
 def _vmid(key: str) -> int | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .. import config as configuration
 from ..config import GuestConfig
-from ..errors import ConfigError, ConnectError, HookError
+from ..errors import ConnectError, HookError
 from ..node.job import JobId
 from ..node.ledger import FOUND, QUIESCE, Entry, Ledger, LedgerError
 from ..node.state import HostState
@@ -24,10 +24,9 @@ def guest_of_entries(entries: list[Entry]) -> GuestConfig | None:
     """The settings recorded in a guest's ledger entries (those of its quiesce first), or None."""
     for e in sorted(entries, key=lambda e: e.kind != QUIESCE):
         if e.guest_table:
-            try:
-                return configuration.validate_guest(e.vmid, e.guest_table)
-            except ConfigError as err:
-                log.warning("guest %d: settings in its ledger entry unusable (%s)", e.vmid, err)
+            g = configuration.recorded_guest(e.vmid, e.guest_table, f"guest {e.vmid}", "settings in its ledger entry")
+            if g is not None:
+                return g
     return None
 
 

@@ -57,20 +57,15 @@ class PhaseContext:
         """The guest's settings: those recorded by this job if stacks may be down (a config edited or
         broken since must not strand stopped stacks), else the config's."""
         if rec is not None and rec.guest_table and rec.status.pending:
-            try:
-                return configuration.validate_guest(vmid, rec.guest_table)
-            except ConfigError as e:
-                log.warning("guest %d: recorded settings unusable (%s); using the config", vmid, e)
+            recorded = configuration.recorded_guest(vmid, rec.guest_table, f"guest {vmid}", then="; using the config")
+            if recorded is not None:
+                return recorded
         return tags.guest_config(self.cfg, vmid) if self.cfg is not None else None
 
     @staticmethod
     def recorded_guest(rec: GuestRecord, phase: Phase = Phase.JOB_START) -> GuestConfig | None:
         """The guest's settings as a job's record keeps them (those of its quiesce), or None."""
-        try:
-            return configuration.validate_guest(rec.vmid, rec.guest_table)
-        except ConfigError as e:
-            log.warning("%s %d: recorded settings unusable (%s)", phase.value, rec.vmid, e)
-            return None
+        return configuration.recorded_guest(rec.vmid, rec.guest_table, f"{phase.value} {rec.vmid}")
 
     @contextmanager
     def session(self, guest: GuestConfig) -> Iterator[GuestSession]:
