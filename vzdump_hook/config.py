@@ -32,6 +32,7 @@ CONFIG_ENV = "VZDUMP_HOOK_CONFIG"
 TRANSPORTS = ("ssh", "pct", "agent", "none")  # none: no way into the guest (every stack is a controller reached by url)
 TAG_TRANSPORTS = {"lxc": "pct", "qemu": "agent"}  # transport of a guest opted in by PVE tag, by guest type
 DEFAULT_TAG = "vzdump-hook"
+_TAG = r"[a-z0-9_][a-z0-9_+.-]*"  # a PVE tag; compiled on first use by re (every phase imports this module)
 COMPOSE_COMMANDS = {"auto": None, "docker compose": ("docker", "compose"), "docker-compose": ("docker-compose",)}
 
 
@@ -150,10 +151,6 @@ def _name_list(p: Problems, path: str, v: Any) -> tuple[str, ...]:
         p.add(path, f"must be a list of compose project names (got {v!r})")
         return ()
     return tuple(v)
-
-
-# patterns compiled on first use, by re (every phase imports this module)
-_TAG = r"[a-z0-9_][a-z0-9_+.-]*"
 
 
 def _chain(p: Problems, path: str, v: Any) -> tuple[str, ...] | None:
