@@ -15,7 +15,7 @@ from vzdump_hook.admin.cli import cli
 from vzdump_hook.errors import TransportError
 from vzdump_hook.node.job import JobId
 
-from .test_hook import MARKER, Hook, dead_job, stale_marker
+from .test_phase import MARKER, Hook, dead_job, stale_marker
 
 HOSTILE = {
     "services-int": (b'"services": []', b'"services": 5'),

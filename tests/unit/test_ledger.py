@@ -25,7 +25,7 @@ from vzdump_hook.phase.runner import HARD_GRACE, PhaseRunner, settings_with_env
 from vzdump_hook.vzdump.phases import GuestType, Mode, Phase
 
 from .fakes import FakeGuest
-from .test_hook import ALL_UP, APP_DOWN, MARKER, Hook, dead_job, hook, lines_about, running_job, stale_marker  # noqa: F401
+from .test_phase import ALL_UP, APP_DOWN, MARKER, Hook, dead_job, hook, lines_about, running_job, stale_marker  # noqa: F401
 
 LXC = GuestType.LXC
 NODE_B = "node-b"
@@ -43,7 +43,7 @@ def asked(h: Hook) -> list[int]:
 
 
 def many_guests(h: Hook, vmids: range) -> None:
-    """Guests 101 (three stacks, as in test_hook) and `vmids`, each with one stack `app`, all configured."""
+    """Guests 101 (three stacks, as in test_phase.py) and `vmids`, each with one stack `app`, all configured."""
     text = h.cfg_path.read_text().split("[guests.102]")[0]
     for v in vmids:
         g = FakeGuest()

@@ -49,7 +49,7 @@ from vzdump_hook.resident.process import Info
 from vzdump_hook.resident.server import Kept
 from vzdump_hook.vzdump.phases import GuestType, Mode
 
-from .test_hook import ALL_UP, APP_DOWN, MARKER, Hook
+from .test_phase import ALL_UP, APP_DOWN, MARKER, Hook
 
 QEMU, LXC = GuestType.QEMU, GuestType.LXC
 RESIDENT_PY = [sys.executable, "-I", "-m", "vzdump_hook.resident.process"]
@@ -66,7 +66,7 @@ def wait_for(pred: Callable[[], object], timeout: float = 10.0) -> bool:
 
 
 class Setup:
-    """A Hook (test_hook.py) with `[hook] resident = true`, whose QMP directory holds the double's
+    """A Hook (test_phase.py) with `[hook] resident = true`, whose QMP directory holds the double's
     socket for guest 101. `spawn` runs `self.spawn_with` (default: the real Resident in a thread)."""
 
     def __init__(self, hook: Hook, double: QmpDouble, spawn: MagicMock) -> None:

@@ -45,7 +45,7 @@ RESUME_POINTS: dict[tuple[GuestType, Mode], frozenset[Phase]] = {
 
 # The phases a guest's resident is told as soon as the hook runs (resident/client.py, before anything
 # else is imported): every phase that is a resume point for some type and mode. client.py keeps these
-# names as strings for its start-up cost; tests/unit/test_orchestrator.py ties the two.
+# names as strings for its start-up cost; tests/unit/test_rules.py ties the two.
 TOLD_TO_RESIDENT: frozenset[Phase] = frozenset().union(*RESUME_POINTS.values())
 
 

@@ -1,4 +1,4 @@
-"""controller.py with FakeTransport: selection, marker before stop, order, parallel, killed, resume,
+"""guest/session.py (GuestSession) with FakeTransport: selection, marker before stop, order, parallel, killed, resume,
 fallbacks, inherited stacks, unreachable and hanging guests, deadlines."""
 
 from __future__ import annotations

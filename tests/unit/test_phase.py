@@ -1,5 +1,6 @@
-"""hook.py in-process: vzdump's phase order played with run_phase (one call per phase, as vzdump calls
-the hook), the guest being a FakeGuest behind a patched open_transport, config and host state in tmp_path."""
+"""phase/ in-process (runner.py and its steps): vzdump's phase order played with run_phase (one call
+per phase, as vzdump calls the hook), the guest being a FakeGuest behind a patched open_transport, config
+and host state in tmp_path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""rules.py: pure decisions per phase, checked against vzdump's phase order (phases.backup_order)."""
+"""vzdump/rules.py: pure decisions per phase, checked against vzdump's phase order (phases.backup_order)."""
 
 from __future__ import annotations
 
