@@ -81,7 +81,8 @@ class GuestConfig:
         if self.transport == "ssh" and self.ssh is not None:
             return f"ssh {self.ssh.user}@{self.ssh.host}:{self.ssh.port}"
         if self.transport == "agent" and self.agent is not None:
-            return f"agent {self.vmid} via " + ("pvesh" if self.agent.api == "local" else f"https://{self.agent.host}:{self.agent.port}")
+            via = "pvesh" if self.agent.api == "local" else f"https://{self.agent.host}:{self.agent.port}"
+            return f"agent {self.vmid} via {via}"
         if self.transport == "pct":
             return f"pct {self.vmid}"
         return self.transport

@@ -351,7 +351,7 @@ def _dead_worker_job(hook: str, setup: HookSetup, *phases: str) -> str:
 
 def _residents(setup: HookSetup) -> list[int]:
     """pids of the live residents of this test's run directory."""
-    from vzdump_hook.resident import process as resident
+    from vzdump_hook.resident import control as resident
 
     return [info.pid for _, info in resident.residents(setup.env["VZDUMP_HOOK_RUN_DIR"])]
 

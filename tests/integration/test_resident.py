@@ -24,7 +24,7 @@ from tests.infra import compose
 from tests.infra.guest import TestGuest
 from tests.infra.vzdump import Context, GuestSpec, GuestType, JobStatus, Mode, Moment, WorkerKilled, run_job, run_phase
 from tests.integration.hookenv import HookSetup, installed_hook, wait_until
-from vzdump_hook.resident import process as resident
+from vzdump_hook.resident import control as resident
 from vzdump_hook.vzdump.phases import backup_order
 
 VMID = 101

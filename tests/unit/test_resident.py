@@ -42,10 +42,10 @@ from vzdump_hook.node.state import GuestRecord, HostState, Status
 from vzdump_hook.phase.runner import RUN_DIR_ENV
 from vzdump_hook.qemu import watcher as watchmod
 from vzdump_hook.resident import client as earlymod
+from vzdump_hook.resident import control as residentmod
 from vzdump_hook.resident import daemon as daemonmod
-from vzdump_hook.resident import process as residentmod
+from vzdump_hook.resident.control import Info
 from vzdump_hook.resident.daemon import Resident
-from vzdump_hook.resident.process import Info
 from vzdump_hook.resident.server import Kept
 from vzdump_hook.vzdump.phases import GuestType, Mode
 
@@ -155,7 +155,7 @@ class Setup:
 
     def ask(self) -> dict[str, object]:
         """How the resident is (the empty phase: only ask)."""
-        answer = residentmod.tell(self.state().job_dir, 101, "")
+        answer = earlymod.tell(self.state().job_dir, 101, "")
         assert answer is not None
         return answer
 
@@ -185,7 +185,7 @@ def s(tmp_path: Path, mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -
                 t.join(15)
                 assert not t.is_alive(), "a resident thread did not end"
     finally:
-        residentmod.EARLY.clear()
+        earlymod.EARLY.clear()
         root = logging.getLogger("vzdump_hook")
         for h in [h for h in root.handlers if isinstance(h, Kept)]:
             root.removeHandler(h)
@@ -364,7 +364,7 @@ def test_a_resident_that_is_gone_leaves_the_resume_to_the_phase(s: Setup) -> Non
     unix_socket(sock).close()
     s.sleepers[0].kill()
     s.sleepers[0].wait()
-    assert sock.exists() and residentmod.tell(s.state().job_dir, 101, "") is None
+    assert sock.exists() and earlymod.tell(s.state().job_dir, 101, "") is None
     t0 = time.monotonic()
     s.run(Mode.SNAPSHOT, "pre-restart", vmtype=LXC)
     assert time.monotonic() - t0 < earlymod.ANSWER_WAIT, "a refused connection is not waited for"
@@ -672,14 +672,14 @@ def test_told_early_by_cli_before_the_phase_runs(s: Setup, caplog: pytest.LogCap
     answer it got, and does not tell again."""
     s.run(Mode.SNAPSHOT, "backup-start", "pre-stop", vmtype=LXC)
     earlymod.tell_early(["backup-start", "snapshot", "101"], s.hook.env)  # not a phase it is told
-    assert 101 not in residentmod.EARLY
+    assert 101 not in earlymod.EARLY
     earlymod.tell_early(["pre-restart", "snapshot", "101"], s.hook.env)
     assert s.g.running_stacks() == ALL_UP, "started before the phase ran"
-    answer = residentmod.EARLY[101]
+    answer = earlymod.EARLY[101]
     assert answer is not None and answer["resumed"] is True
     caplog.clear()
     s.run(Mode.SNAPSHOT, "pre-restart", vmtype=LXC)
-    assert 101 not in residentmod.EARLY
+    assert 101 not in earlymod.EARLY
     started = [m for _, m in task_log(caplog) if "started db, web" in m]
     assert len(started) == 1 and started[0].startswith("pre-restart 101: started db, web")
     assert s.g.starts() == ["db", "web"] and s.ended()
@@ -814,7 +814,7 @@ def test_tell_works_with_a_socket_path_longer_than_the_kernels_limit(s: Setup) -
 
 SPAWNER = """
 import sys
-from vzdump_hook.resident.process import spawn
+from vzdump_hook.resident.control import spawn
 pid = spawn([sys.executable, "-c", "import os, time; print('daemon', os.getpid(), os.getsid(0), flush=True); time.sleep(60)"], sys.argv[1])
 print(pid, flush=True)
 """  # noqa: E501
@@ -868,7 +868,7 @@ def test_the_real_resident_answers_stops_on_sigterm_and_ends_at_its_deadline(tmp
         assert (residentmod.alive(info) and saved is not None
                 and (saved.pid, saved.pid_start) == (info.pid, info.pid_start))
         assert wait_for(sock.exists, 10)
-        answer = residentmod.tell(state.job_dir, 101, "")
+        answer = earlymod.tell(state.job_dir, 101, "")
         assert answer is not None and answer["state"] == "waiting" and answer["resumed"] is False
         assert residentmod.arm(state, guest, "lxc", "stop", time.time() + 60).pid == info.pid  # one per guest and job
         assert ([(d, i.vmid, i.pid) for d, i in residentmod.residents(settings.run_dir)]

@@ -38,12 +38,12 @@ def success_path(vmtype: GuestType, mode: Mode, running: bool = True) -> list[Ph
     return [Phase(p) for p in backup_order(vmtype, mode, running) if not p.startswith("[")]
 
 
-def play(vmtype: GuestType, mode: Mode) -> list[tuple[Phase, Plan]]:
+def play(vmtype: GuestType, mode: Mode, early_resume: bool = False) -> list[tuple[Phase, Plan]]:
     """The plans vzdump's success path gets, with the record a working hook would keep."""
     rec: GuestRecord | None = None
     out = []
     for phase in success_path(vmtype, mode):
-        p = plan(phase, vmtype, mode, rec)
+        p = plan(phase, vmtype, mode, rec, early_resume=early_resume)
         out.append((phase, p))
         if p.step is Step.PREFLIGHT:
             rec = record(Status.PREFLIGHT_OK, vmtype, mode)
@@ -294,24 +294,9 @@ def test_backup_order_matches_design_table() -> None:
 ARMED_AT = {Mode.SNAPSHOT: Phase.POST_RESTART, Mode.SUSPEND: Phase.PRE_STOP, Mode.STOP: Phase.PRE_STOP}
 
 
-def play_early(vmtype: GuestType, mode: Mode) -> list[tuple[Phase, Plan]]:
-    rec: GuestRecord | None = None
-    out = []
-    for phase in success_path(vmtype, mode):
-        p = plan(phase, vmtype, mode, rec, early_resume=True)
-        out.append((phase, p))
-        if p.step is Step.PREFLIGHT:
-            rec = record(Status.PREFLIGHT_OK, vmtype, mode)
-        elif p.step is Step.QUIESCE:
-            rec = record(Status.QUIESCED, vmtype, mode)
-        elif p.step is Step.RESUME:
-            rec = record(Status.RESUMED, vmtype, mode)
-    return out
-
-
 @pytest.mark.parametrize("mode", list(Mode))
 def test_qemu_watcher_is_armed_at_the_last_hook_before_the_job_starts(mode: Mode) -> None:
-    plans = play_early(QEMU, mode)
+    plans = play(QEMU, mode, early_resume=True)
     order = list(backup_order(QEMU, mode))
     armed = [phase for phase, p in plans if p.step is Step.ARM_WATCHER or p.arm_watcher]
     assert armed == [ARMED_AT[mode]]
@@ -328,7 +313,7 @@ def test_no_watcher_without_early_resume_or_for_lxc(vmtype: GuestType, mode: Mod
     for phase, p in play(vmtype, mode):
         assert p.step is not Step.ARM_WATCHER and not p.arm_watcher and not p.note_backup_job, phase
     if vmtype is LXC:
-        for phase, p in play_early(vmtype, mode):
+        for phase, p in play(vmtype, mode, early_resume=True):
             assert p.step is not Step.ARM_WATCHER and not p.arm_watcher and not p.note_backup_job, phase
 
 

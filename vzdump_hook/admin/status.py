@@ -19,7 +19,7 @@ from ..node.job import JobId
 from ..node.ledger import Entry, Ledger
 from ..node.state import GuestRecord, HostState
 from ..phase.runner import settings_with_env
-from ..resident import process as resident
+from ..resident import client, control
 from ..text import escape
 from .common import config_option, contact, ledger_entries, load_config, open_ledger, targets
 
@@ -73,8 +73,8 @@ def _show_jobs(settings: HookSettings) -> bool:
 
 
 def _show_residents(settings: HookSettings) -> None:
-    for job_dir, info in resident.residents(settings.run_dir):
-        answer = resident.tell(job_dir, info.vmid, "", wait=2.0)
+    for job_dir, info in control.residents(settings.run_dir):
+        answer = client.tell(job_dir, info.vmid, "", wait=2.0)
         what = str(answer.get("state", "?")) if answer else "not answering"
         stacks = ", ".join(map(str, answer.get("stacks", ()))) if answer else ""
         click.echo(f"  resident {info.vmid} (pid {info.pid}, job {os.path.basename(job_dir)}): {escape(what)}, stacks "

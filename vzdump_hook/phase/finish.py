@@ -9,7 +9,7 @@ import time
 from ..guest import fanout
 from ..node.job import JobId
 from ..node.state import GuestRecord, Status
-from ..resident import process as resident
+from ..resident import control
 from ..vzdump.phases import Phase
 from ..vzdump.rules import Outcome
 from . import handover, resume_point
@@ -40,9 +40,9 @@ def finish(ctx: PhaseContext, phase: Phase) -> bool:
             log.info("%s", line)
     down = [r.vmid for r in records if r.status.pending]
     for r in records:
-        for level, text in resident.leftover_lines(ctx.state.job_dir, r.vmid):
+        for level, text in control.leftover_lines(ctx.state.job_dir, r.vmid):
             log.log(level, "%s", text)  # its lines: escaped like any argument
-    for _, info in resident.residents(ctx.settings.run_dir):
+    for _, info in control.residents(ctx.settings.run_dir):
         if JobId.from_dict(info.job) == ctx.job and info.vmid in down:
             until = time.strftime("%H:%M:%S", time.localtime(info.deadline))
             log.warning("%s %d: its resident keeps trying to start the stacks until %s (the marker's deadline)",

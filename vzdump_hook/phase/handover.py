@@ -9,7 +9,7 @@ import time
 from ..config import GuestConfig
 from ..errors import HookError
 from ..guest.session import describe
-from ..resident import process as resident
+from ..resident import client, control
 from ..vzdump.phases import GuestType, Mode, Phase
 from .context import PhaseContext
 
@@ -27,7 +27,7 @@ def arm_resident(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode:
         return
     deadline = (rec.stop_started or time.time()) + guest.max_downtime
     try:
-        info = resident.arm(ctx.state, guest, vmtype.value, mode.value, deadline, watching=watching)
+        info = control.arm(ctx.state, guest, vmtype.value, mode.value, deadline, watching=watching)
     except HookError as e:
         log.warning("%s %d: no resident (%s): the phases start the stacks themselves", phase.value, guest.vmid,
                     describe(e))
@@ -52,9 +52,9 @@ def hear_resident(ctx: PhaseContext, vmid: int, phase: Phase | str) -> bool:
     """Tell the guest's resident this phase (cli.py may have done it already) and log what it
     says, and what an ended one left. True when it answered."""
     name = phase.value if isinstance(phase, Phase) else phase
-    answer = resident.EARLY.pop(vmid) if vmid in resident.EARLY else resident.tell(ctx.state.job_dir, vmid, name)
+    answer = client.EARLY.pop(vmid) if vmid in client.EARLY else client.tell(ctx.state.job_dir, vmid, name)
     lines = [(int(lv), str(t)) for lv, t in answer.get("lines", ())] if answer else []
-    lines += resident.leftover_lines(ctx.state.job_dir, vmid)
+    lines += control.leftover_lines(ctx.state.job_dir, vmid)
     for level, text in lines:
         log.log(level, "%s", text)  # its lines: escaped like any argument
     return answer is not None

@@ -1,7 +1,7 @@
 """The resident seen from outside it (the phases, `status`, the tests): its info file
 `resident-VMID.json` (Info), its paths, whether it lives, arming it (a detached process, spawn) and
 stopping it, and the lines it left once it ended. Cheap imports only: pre-stop and the resume points
-import this (through resident/process.py).
+import this.
 """
 
 from __future__ import annotations

@@ -34,11 +34,7 @@ import os
 import sys
 import threading
 
-from .client import EARLY, TOLD_PHASES, tell
-from .control import MODULE, Info, alive, arm, leftover_lines, load, paths, residents, running, spawn, stop
-
-__all__ = ["EARLY", "MODULE", "TOLD_PHASES", "Info", "alive", "arm", "leftover_lines", "load", "main", "paths",
-           "residents", "running", "spawn", "stop", "tell"]
+from .control import load
 
 HARD_GRACE = 15.0  # seconds past its deadline before its watchdog ends it
 
@@ -58,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("vzdump_hook").setLevel(logging.INFO)
         logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     logging.getLogger("vzdump_hook").propagate = False
-    from .daemon import Resident  # not before: the phases import this module
+    from .daemon import Resident
 
     resident = Resident(info, args[0])
     hard = threading.Timer(resident.left() + HARD_GRACE, os._exit, args=(0,))  # whatever hangs, it ends
