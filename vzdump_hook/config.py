@@ -21,7 +21,8 @@ from typing import Any
 from .errors import ConfigError
 from .resident.client import DEFAULT_RUN_DIR
 
-# The stack kinds: stacks/__init__.py is the registry, stacks/KIND_table.py a kind's config table.
+# The stack kinds: stacks/__init__.py is the registry, stacks/KIND_table.py a kind's config table (and its
+# marker record), stacks/KIND.py its driver (never imported here).
 from .stacks import Kind, kind_module, kinds_in
 from .stacks.checks import Problems, boolean, num, string, token_file_problem, unknown
 from .stacks.table import StackSpec, stack_list

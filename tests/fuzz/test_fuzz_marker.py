@@ -20,6 +20,7 @@ from tests.fuzz.strategies import marker_bytes
 from vzdump_hook.errors import MarkerError
 from vzdump_hook.guest import marker as markers
 from vzdump_hook.stacks import Kind
+from vzdump_hook.stacks.compose_table import ALLOWED_COMPOSE
 from vzdump_hook.stacks.container_table import ENGINES, valid_container_name
 from vzdump_hook.stacks.systemd_table import valid_unit
 from vzdump_hook.stacks.table import valid_stack_name
@@ -48,7 +49,7 @@ def node_verdict(data: bytes) -> markers.Marker | None:
             assert (all(valid_container_name(n) for n in s.names)
                     and all(re.fullmatch(r"[0-9a-f]{64}", c) for c in s.containers))
             continue
-        assert s.compose in markers.ALLOWED_COMPOSE and s.workdir.startswith("/")
+        assert s.compose in ALLOWED_COMPOSE and s.workdir.startswith("/")
         assert all(type(x) is str for x in (*s.files, *s.containers, *s.services))
     return m
 

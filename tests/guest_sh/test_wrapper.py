@@ -102,8 +102,8 @@ def test_the_hook_quiesces_and_resumes_through_the_wrapper(guest: Guest) -> None
 def test_the_fallback_verbs_work_through_the_wrapper(guest: Guest) -> None:
     # compose cannot load the project: the driver stops and starts the containers by id
     ids = guest.docker.add_project("db", ("app",), compose_broken=True)
-    drv = ComposeDriver(WrapperTransport(guest), ("docker-compose",))
-    rec = drv.running(30)["db"]
+    drv = ComposeDriver(WrapperTransport(guest), compose=("docker-compose",))
+    rec = drv.running((), 30)["db"]
     out = drv.stop(rec, 5, 30)
     assert out.clean, out
     assert guest.docker.running() == {"db": False}
@@ -136,7 +136,7 @@ def test_recreated_containers_are_checked_through_the_wrapper(guest: Guest) -> N
     guest.docker.add_project("db", ("app", "worker"), running=False)
     old = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), (cid("old", 0), cid("old", 1)),
                       True, ("app", "worker"))
-    ComposeDriver(WrapperTransport(guest), ("docker", "compose")).start(old, 30)
+    ComposeDriver(WrapperTransport(guest), compose=("docker", "compose")).start(old, 30)
     assert guest.docker.running() == {"db": True}
     assert services_of("db") in guest.docker.argvs()
     assert not [ln for ln in log_lines(guest) if "REFUSED" in ln], log_lines(guest)
@@ -147,7 +147,7 @@ def test_healthchecks_are_asked_through_the_wrapper(guest: Guest) -> None:
     ids = guest.docker.add_project("db", ("app", "worker"))
     rec = StackRecord("db", ("docker", "compose"), "/srv/db", ("/srv/db/compose.yaml",), tuple(ids), True,
                       ("app", "worker"))
-    drv = ComposeDriver(WrapperTransport(guest), ("docker", "compose"))
+    drv = ComposeDriver(WrapperTransport(guest), compose=("docker", "compose"))
     state = guest.docker.load()
     state["projects"]["db"]["containers"][ids[0]]["health"] = "starting"
     guest.docker.save(state)

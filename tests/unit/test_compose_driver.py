@@ -13,7 +13,7 @@ from .fakes import FakeContainer, FakeGuest, FakeTransport, container_id
 
 
 def driver(g: FakeGuest, compose: tuple[str, ...] | None = None) -> ComposeDriver:
-    return ComposeDriver(FakeTransport(g), compose)
+    return ComposeDriver(FakeTransport(g), compose=compose)
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def g() -> FakeGuest:
 
 
 def test_running_lists_projects_with_their_containers(g: FakeGuest) -> None:
-    found = driver(g).running(10)
+    found = driver(g).running((), 10)
     assert sorted(found) == ["db", "web"]
     db = found["db"]
     assert db == StackRecord(
@@ -47,7 +47,7 @@ def test_running_lists_projects_with_their_containers(g: FakeGuest) -> None:
 def test_running_leaves_out_stopped_projects_and_containers(g: FakeGuest) -> None:
     g.add_project("old", 1, running=False)
     g.projects["db"].containers[container_id("db", 1)].running = False
-    found = driver(g).running(10)
+    found = driver(g).running((), 10)
     assert sorted(found) == ["db", "web"]
     assert found["db"].containers == (container_id("db", 0),)
 
@@ -64,13 +64,13 @@ def test_running_ignores_malformed_lines(g: FakeGuest) -> None:
         "",
         f"{good}\tok\t/srv/ok\t\tapp",  # no files label: compose looks in workdir
     ]
-    found = driver(g).running(10)
+    found = driver(g).running((), 10)
     assert sorted(found) == ["db", "ok", "web"]
     assert found["ok"].files == () and found["ok"].containers == (good,)
 
 
 def test_configured_compose_command_is_not_detected(g: FakeGuest) -> None:
-    found = driver(g, ("docker-compose",)).running(10)
+    found = driver(g, ("docker-compose",)).running((), 10)
     assert found["db"].compose == ("docker-compose",)
     assert g.verbs("detect") == []
 
@@ -79,27 +79,27 @@ def test_detect_compose_v1() -> None:
     g = FakeGuest(compose="docker-compose")
     g.add_project("db")
     d = driver(g)
-    assert d.running(10)["db"].compose == ("docker-compose",)
+    assert d.running((), 10)["db"].compose == ("docker-compose",)
     assert d.compose == ("docker-compose",)
 
 
 def test_detect_once(g: FakeGuest) -> None:
     d = driver(g)
-    d.running(10)
-    d.running(10)
+    d.running((), 10)
+    d.running((), 10)
     assert len(g.verbs("detect")) == 1
 
 
 def test_no_compose_in_the_guest(g: FakeGuest) -> None:
     g.compose = "none"
     with pytest.raises(ControllerError, match="neither `docker compose` nor `docker-compose` found"):
-        driver(g).running(10)
+        driver(g).running((), 10)
 
 
 def test_docker_not_running(g: FakeGuest) -> None:
     g.docker_down = True
     with pytest.raises(TransportError) as ei:
-        driver(g).running(10)
+        driver(g).running((), 10)
     e = ei.value
     assert "cannot list containers" in str(e)
     assert e.exit_status == 1 and "Cannot connect to the Docker daemon" in e.stderr_tail
@@ -111,7 +111,7 @@ def test_docker_not_running(g: FakeGuest) -> None:
 
 def test_stop_sends_compose_stop_in_the_project_dir(g: FakeGuest) -> None:
     d = driver(g)
-    rec = d.running(10)["db"]
+    rec = d.running((), 10)["db"]
     out = d.stop(rec, 7.9, 20)
     assert out.clean and out.name == "db" and out.killed == () and out.error == ""
     argv = next(a for a in g.argvs if a[:3] == ["sh", "-c", compose_mod._IN_DIR])
@@ -138,7 +138,7 @@ def test_stop_sends_compose_stop_in_the_project_dir(g: FakeGuest) -> None:
 
 def test_stop_timeout_is_at_least_one_second(g: FakeGuest) -> None:
     d = driver(g)
-    d.stop(d.running(10)["web"], 0.2, 20)
+    d.stop(d.running((), 10)["web"], 0.2, 20)
     assert any(a[-3:] == ["stop", "-t", "1"] for a in g.argvs)
 
 
@@ -147,7 +147,7 @@ def test_guest_text_never_reaches_the_script(g: FakeGuest) -> None:
     evil = '/srv/x"; reboot; echo "'
     g.add_project("x", workdir=evil, files=[f"{evil}/c.yaml"])
     d = driver(g)
-    d.stop(d.running(10)["x"], 5, 20)
+    d.stop(d.running((), 10)["x"], 5, 20)
     argv = next(a for a in g.argvs if a[:3] == ["sh", "-c", compose_mod._IN_DIR])
     assert argv[2] == compose_mod._IN_DIR and argv[4] == evil
     assert "reboot" not in argv[2]
@@ -156,7 +156,7 @@ def test_guest_text_never_reaches_the_script(g: FakeGuest) -> None:
 def test_stubborn_container_is_reported_killed(g: FakeGuest) -> None:
     g.projects["db"].stubborn = True
     d = driver(g)
-    out = d.stop(d.running(10)["db"], 5, 20)
+    out = d.stop(d.running((), 10)["db"], 5, 20)
     assert out.killed == (container_id("db", 0)[:12], container_id("db", 1)[:12])
     assert not out.clean and out.error == ""
     assert g.down_stacks() == ["db"]
@@ -166,14 +166,14 @@ def test_container_that_exited_137_before_is_not_reported(g: FakeGuest) -> None:
     g.add_project("old", 1, running=False)
     g.projects["old"].containers[container_id("old", 0)].exit_code = 137
     d = driver(g)
-    out = d.stop(d.running(10)["db"], 5, 20)
+    out = d.stop(d.running((), 10)["db"], 5, 20)
     assert out.clean
 
 
 def test_stop_falls_back_to_docker_stop_for_containers_compose_does_not_know(g: FakeGuest) -> None:
     g.projects["db"].compose_broken = True
     d = driver(g)
-    out = d.stop(d.running(10)["db"], 5, 20)
+    out = d.stop(d.running((), 10)["db"], 5, 20)
     assert out.clean
     assert g.verbs("docker-stop") == [f"{container_id('db', 0)[:12]} {container_id('db', 1)[:12]}"]
     assert any(a[:4] == ["docker", "stop", "-t", "5"] for a in g.argvs)
@@ -183,14 +183,14 @@ def test_stop_falls_back_to_docker_stop_for_containers_compose_does_not_know(g: 
 def test_stop_never_raises_when_compose_hangs(g: FakeGuest) -> None:
     g.projects["db"].stop_hangs = True
     d = driver(g)
-    out = d.stop(d.running(10)["db"], 5, 20)
+    out = d.stop(d.running((), 10)["db"], 5, 20)
     assert not out.clean and "no answer" in out.error
     assert out.killed == ()
 
 
 def test_stop_never_raises_when_the_guest_goes_away(g: FakeGuest) -> None:
     d = driver(g)
-    rec = d.running(10)["db"]
+    rec = d.running((), 10)["db"]
     g.unreachable = True
     out = d.stop(rec, 5, 20)
     assert not out.clean and "connection refused" in out.error
@@ -198,7 +198,7 @@ def test_stop_never_raises_when_the_guest_goes_away(g: FakeGuest) -> None:
 
 def test_stop_reports_containers_still_running(g: FakeGuest) -> None:
     d = driver(g)
-    rec = d.running(10)["db"]
+    rec = d.running((), 10)["db"]
     g.projects["db"].compose_broken = True
     keep = container_id("db", 0)
     original = g._stop_container
@@ -229,7 +229,7 @@ def test_disallowed_compose_command_is_refused(g: FakeGuest) -> None:
 
 def test_start_brings_the_recorded_containers_back(g: FakeGuest) -> None:
     d = driver(g)
-    rec = d.running(10)["db"]
+    rec = d.running((), 10)["db"]
     d.stop(rec, 5, 20)
     assert d.start(rec, 20) >= 0
     assert g.running_stacks() == ["db", "web"]
@@ -241,7 +241,7 @@ def test_start_brings_the_recorded_containers_back(g: FakeGuest) -> None:
 
 def test_start_failure_raises_with_the_stack_and_what_docker_said(g: FakeGuest) -> None:
     d = driver(g)
-    rec = d.running(10)["db"]
+    rec = d.running((), 10)["db"]
     d.stop(rec, 5, 20)
     g.projects["db"].start_fails = True
     with pytest.raises(ControllerError) as ei:
@@ -255,7 +255,7 @@ def test_start_failure_raises_with_the_stack_and_what_docker_said(g: FakeGuest) 
 
 def test_start_falls_back_to_docker_start(g: FakeGuest) -> None:
     d = driver(g)
-    rec = d.running(10)["db"]
+    rec = d.running((), 10)["db"]
     d.stop(rec, 5, 20)
     g.projects["db"].compose_broken = True
     d.start(rec, 20)
@@ -265,7 +265,7 @@ def test_start_falls_back_to_docker_start(g: FakeGuest) -> None:
 
 def test_restart_loop_is_not_up(g: FakeGuest) -> None:
     d = driver(g)
-    rec = d.running(10)["db"]
+    rec = d.running((), 10)["db"]
     d.stop(rec, 5, 20)
     g.projects["db"].restart_loop = True
     with pytest.raises(ControllerError, match="not running after start"):
@@ -283,7 +283,7 @@ def test_start_without_recorded_containers_relies_on_compose(g: FakeGuest) -> No
 def test_start_of_containers_recreated_since_is_not_an_error(g: FakeGuest) -> None:
     """A container recreated by the admin (new id, same service) counts: the service runs again."""
     d = driver(g)
-    rec = d.running(10)["db"]
+    rec = d.running((), 10)["db"]
     d.stop(rec, 5, 20)
     g.projects["db"].containers.pop(container_id("db", 1))
     new = container_id("db", 7)
@@ -295,7 +295,7 @@ def test_start_of_containers_recreated_since_is_not_an_error(g: FakeGuest) -> No
 def test_start_of_containers_removed_since_without_replacement_is_an_error(g: FakeGuest) -> None:
     """`compose down` during the backup: the service that ran before does not run now: not up."""
     d = driver(g)
-    rec = d.running(10)["db"]
+    rec = d.running((), 10)["db"]
     d.stop(rec, 5, 20)
     g.projects["db"].containers.pop(container_id("db", 1))
     with pytest.raises(ControllerError, match="no longer exists"):
@@ -305,14 +305,14 @@ def test_start_of_containers_removed_since_without_replacement_is_an_error(g: Fa
 def test_is_up_false_without_containers(g: FakeGuest) -> None:
     d = driver(g)
     assert not d.is_up(StackRecord("x", ("docker", "compose"), "/srv/x", (), ()), 10)
-    assert d.is_up(d.running(10)["web"], 10)
+    assert d.is_up(d.running((), 10)["web"], 10)
 
 
 def test_start_does_not_start_containers_that_were_down_before(g: FakeGuest) -> None:
     init = container_id("db", 1)
     g.projects["db"].containers[init].running = False  # e.g. a one-shot migration service that exited 0
     d = driver(g)
-    rec = d.running(10)["db"]
+    rec = d.running((), 10)["db"]
     assert rec.containers == (container_id("db", 0),)
     d.stop(rec, 5, 20)
     d.start(rec, 20)
@@ -324,4 +324,4 @@ def test_running_leaves_out_containers_in_a_restart_loop(g: FakeGuest) -> None:
     """A stack that was crash-looping before the backup is not stopped, so it is not 'started' after."""
     g.add_project("loop", 1)
     g.projects["loop"].containers[container_id("loop", 0)].restarting = True
-    assert "loop" not in driver(g).running(10)
+    assert "loop" not in driver(g).running((), 10)

@@ -19,7 +19,7 @@ from vzdump_hook.guest import marker as markers
 from vzdump_hook.guest.marker import Marker, StackRecord
 from vzdump_hook.node.job import JobId
 from vzdump_hook.node.state import GuestRecord
-from vzdump_hook.stacks import Kind, KindTable, kind_module, systemd_table
+from vzdump_hook.stacks import Kind, KindTable, driver_module, kind_module, systemd_table
 from vzdump_hook.stacks.table import COMMON_KEYS, StackSpec
 
 from .test_config import parse, problems
@@ -40,9 +40,11 @@ def test_every_kind_has_a_table_module_with_the_same_names_and_a_driver(kind: Ki
     assert isinstance(module.KEYS, frozenset) and module.KEYS == {f.name for f in dataclasses.fields(table)}
     assert not module.KEYS & COMMON_KEYS
     assert all(callable(getattr(module, name)) for name in ("validate", "check_list", "check_guest"))
-    drivers = [c for c in vars(importlib.import_module(f"vzdump_hook.stacks.{kind.value}")).values()
-               if isinstance(c, type) and c.__name__.endswith("Driver") and getattr(c, "kind", None) is kind]
+    drivers = {c for c in vars(importlib.import_module(f"vzdump_hook.stacks.{kind.value}")).values()
+               if isinstance(c, type) and c.__name__.endswith("Driver") and getattr(c, "kind", None) is kind}
     assert len(drivers) == 1, drivers
+    assert all(callable(getattr(module, name)) for name in ("record_dict", "record_fields"))
+    assert driver_module(kind).Driver in drivers
 
 
 @pytest.mark.parametrize(

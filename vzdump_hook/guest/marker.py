@@ -6,6 +6,8 @@ backup: a restored guest knows what to start. Read back, it is untrusted input: 
 schema-checked before anything in it is used.
 
 One stack per line, so that the guest-side recovery (POSIX sh, no JSON parser) can read it by lines.
+This module holds the head and what every stack has (name, kind); a stack's other keys are its kind's
+(stacks/KIND_table.py: record_dict writes them, record_fields reads and checks them).
 """
 
 from __future__ import annotations
@@ -13,37 +15,36 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MarkerError
 from ..node.job import JobId
-from ..stacks import Kind
-from ..stacks.container_table import ENGINES, MAX_CONTAINERS, valid_container_name
-from ..stacks.systemd_table import valid_unit, valid_user
+from ..stacks import Kind, kind_module
 from ..stacks.table import valid_stack_name
 
 SCHEMA = 1
 TOOL = "vzdump-hook"
 MAX_SIZE = 64 * 1024
-ALLOWED_COMPOSE = (("docker", "compose"), ("docker-compose",))
-_CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
-_FULL_ID = re.compile(r"[0-9a-f]{64}")  # container stacks record full ids (the wrapper accepts no other)
-_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# a socket or timer that triggers a listed service: held down for the window (stacks/systemd.py)
-_TRIGGER = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,240}\.(socket|timer)")
+# The wire keeps the key "driver" for a record's kind (older versions and the guest's sh programs in
+# examples/guest/ read it); the code says kind. This is the one place that maps the two.
+KIND_KEY = "driver"
+_KIND_NAMES = frozenset(k.value for k in Kind)
 
 
 @dataclass(frozen=True)
 class StackRecord:
-    """One stack as the hook found and stopped it: a compose project, or (kind systemd) the service
-    units that were active and the sockets and timers held down with them."""
+    """One stack as the hook found and stopped it. Its kind's fields (the others keep their defaults):
+    a compose project (compose .. containers, services), systemd service units (units, triggers,
+    user), plain containers (engine, names, containers) or the guest's controller (job). In the
+    marker, its kind's table module writes and reads it (stacks/KIND_table.py: record_dict, record_fields)."""
 
     name: str
-    compose: tuple[str, ...]
-    workdir: str
-    files: tuple[str, ...]
-    containers: tuple[str, ...]  # ids of the containers that were running
+    compose: tuple[str, ...] = ()  # compose: the compose command
+    workdir: str = ""  # compose: the project's working directory
+    files: tuple[str, ...] = ()  # compose: its compose files
+    containers: tuple[str, ...] = ()  # ids of the containers that were running (compose, container)
     stopped: bool = False  # True once the hook issued the stop (the stack may be down)
     services: tuple[str, ...] = ()  # compose services that were running: only these are started again
     kind: Kind = Kind.COMPOSE
@@ -54,45 +55,26 @@ class StackRecord:
     names: tuple[str, ...] = ()  # container: the names of the containers that ran (containers: their ids)
     job: str = ""  # controller: the job it was told to quiesce (its later messages name the same job)
 
+    # thin constructors of the kinds that have fields of their own beside the compose ones
     @classmethod
     def systemd(cls, name: str, units: tuple[str, ...], triggers: tuple[str, ...] = (), stopped: bool = False,
                 user: str = "") -> StackRecord:
-        return cls(name, (), "", (), (), stopped, kind=Kind.SYSTEMD, units=units, triggers=triggers, user=user)
+        return cls(name, stopped=stopped, kind=Kind.SYSTEMD, units=units, triggers=triggers, user=user)
 
     @classmethod
     def container(cls, name: str, engine: str, names: tuple[str, ...], ids: tuple[str, ...],
                   stopped: bool = False) -> StackRecord:
         """Plain containers that ran, in stop order: `names[i]` is the container with id `ids[i]`."""
-        return cls(name, (), "", (), ids, stopped, kind=Kind.CONTAINER, engine=engine, names=names)
+        return cls(name, containers=ids, stopped=stopped, kind=Kind.CONTAINER, engine=engine, names=names)
 
     @classmethod
     def controller(cls, name: str, job: str, stopped: bool = False) -> StackRecord:
         """The guest's controller (stacks/controller.py): kept in the node's records only. The
         controller keeps its own marker in the guest, and the guest's marker never lists it."""
-        return cls(name, (), "", (), (), stopped, kind=Kind.CONTROLLER, job=job)
+        return cls(name, stopped=stopped, kind=Kind.CONTROLLER, job=job)
 
     def to_dict(self) -> dict[str, Any]:
-        if self.kind is Kind.CONTAINER:
-            return {"name": self.name, "driver": "container", "engine": self.engine, "names": list(self.names),
-                    "containers": list(self.containers), "stopped": self.stopped}
-        if self.kind is Kind.CONTROLLER:
-            return {"name": self.name, "driver": "controller", "job": self.job, "stopped": self.stopped}
-        if self.kind is Kind.SYSTEMD:
-            d: dict[str, Any] = {"name": self.name, "driver": "systemd", "units": list(self.units),
-                                 "triggers": list(self.triggers), "stopped": self.stopped}
-            if self.user:
-                d["user"] = self.user
-            return d
-        return {
-            "name": self.name,
-            "driver": "compose",
-            "compose": list(self.compose),
-            "workdir": self.workdir,
-            "files": list(self.files),
-            "containers": list(self.containers),
-            "stopped": self.stopped,
-            "services": list(self.services),
-        }
+        return {"name": self.name, KIND_KEY: self.kind.value, **kind_module(self.kind).record_dict(self)}
 
 
 @dataclass(frozen=True)
@@ -198,8 +180,33 @@ def _strings(d: dict[str, Any], key: str, where: str, ok: Any, what: str, *, opt
     return tuple(items)
 
 
-def _path(p: str) -> bool:
-    return bool(p) and len(p) <= 4096
+class StackFields:
+    """One stack object of a marker, read by its kind (stacks/KIND_table.py: record_fields); every
+    error names its key as stacks[I].KEY."""
+
+    def __init__(self, d: dict[str, Any], where: str, kind: str) -> None:
+        self.d = d
+        self.where = where
+        self.kind = kind  # as the marker names it
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.d
+
+    def req(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        """The value of `key`, of type `kind`."""
+        return _req(self.d, key, kind, self.where)
+
+    def strings(self, key: str, ok: Callable[[str], object], what: str, *, optional: bool = False) -> tuple[str, ...]:
+        """The list of strings at `key`, each `ok`; `what` they must be, for the error."""
+        return _strings(self.d, key, self.where, ok, what, optional=optional)
+
+    def error(self, why: str) -> MarkerError:
+        """A MarkerError about this stack: `why` begins with the key it is about."""
+        return MarkerError(f"marker: {self.where}{why}")
+
+    def unknown(self) -> MarkerError:
+        """The error of a kind the marker may not list."""
+        return self.error(f"{KIND_KEY} {self.kind[:20]!r} unknown")
 
 
 def _stack(d: Any, i: int) -> StackRecord:
@@ -209,53 +216,18 @@ def _stack(d: Any, i: int) -> StackRecord:
     name = _req(d, "name", str, where)
     if not valid_stack_name(name):
         raise MarkerError(f"marker: {where}name {name[:40]!r} is not a compose project name")
-    driver = _req(d, "driver", str, where) if "driver" in d else "compose"
-    if driver == "systemd":
-        units = _strings(d, "units", where, valid_unit, "service unit names")
-        if not units or len(units) > 32:
-            raise MarkerError(f"marker: {where}units must list 1-32 units")
-        triggers = _strings(d, "triggers", where, _TRIGGER.fullmatch, "socket or timer unit names")
-        if len(triggers) > 64:
-            raise MarkerError(f"marker: {where}triggers: too many")
-        stopped = _req(d, "stopped", bool, where)
-        user = _req(d, "user", str, where) if "user" in d else ""
-        if user and (not valid_user(user) or user == "root"):
-            raise MarkerError(f"marker: {where}user {user[:40]!r} is not a user name")
-        return StackRecord.systemd(name, units, triggers, stopped, user)
-    if driver == "container":
-        engine = _req(d, "engine", str, where)
-        if engine not in ENGINES:
-            raise MarkerError(f"marker: {where}engine must be one of {ENGINES}")
-        names = _strings(d, "names", where, valid_container_name, "container names")
-        ids = _strings(d, "containers", where, _FULL_ID.fullmatch, "full container ids (64 hex digits)")
-        if not ids or len(ids) > MAX_CONTAINERS or len(names) != len(ids):
-            raise MarkerError(f"marker: {where}containers must list 1-{MAX_CONTAINERS} ids, one per name")
-        return StackRecord.container(name, engine, names, ids, _req(d, "stopped", bool, where))
-    if driver != "compose":
-        raise MarkerError(f"marker: {where}driver {driver[:20]!r} unknown")
-    compose = tuple(_req(d, "compose", list, where))
-    if compose not in ALLOWED_COMPOSE:
-        raise MarkerError(f"marker: {where}compose must be one of {ALLOWED_COMPOSE}")
-    workdir = _req(d, "workdir", str, where)
-    if not workdir.startswith("/") or len(workdir) > 4096:
-        raise MarkerError(f"marker: {where}workdir must be an absolute path")
-    files = _strings(d, "files", where, _path, "a list of paths")
-    containers = _strings(d, "containers", where, _CONTAINER_ID.fullmatch, "container ids")
-    stopped = _req(d, "stopped", bool, where)
-    services = _strings(d, "services", where, _SERVICE.fullmatch, "compose service names", optional=True)
-    return StackRecord(name, compose, workdir, files, containers, stopped, services)
+    kind = _req(d, KIND_KEY, str, where) if KIND_KEY in d else Kind.COMPOSE.value  # older markers: compose only
+    f = StackFields(d, where, kind)
+    if kind not in _KIND_NAMES:
+        raise f.unknown()
+    return StackRecord(name, kind=Kind(kind), **kind_module(Kind(kind)).record_fields(f))
 
 
 def record_from_dict(d: dict[str, Any]) -> StackRecord:
-    """A StackRecord from its to_dict() form, as the host state keeps it (trusted: written by us)."""
-    if d.get("driver") == "container":
-        return StackRecord.container(d["name"], d["engine"], tuple(d["names"]), tuple(d["containers"]), d["stopped"])
-    if d.get("driver") == "controller":
-        return StackRecord.controller(d["name"], d["job"], d["stopped"])
-    if d.get("driver") == "systemd":
-        return StackRecord.systemd(d["name"], tuple(d["units"]), tuple(d["triggers"]), d["stopped"], d.get("user", ""))
-    return StackRecord(d["name"], tuple(d["compose"]), d["workdir"], tuple(d["files"]), tuple(d["containers"]),
-                       d["stopped"], tuple(d.get("services", ())))
+    """A StackRecord from its to_dict() form, as the host state keeps it (trusted: written by us): each
+    key but the kind's is the field of that name (stacks/__init__.py: record_dict)."""
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != KIND_KEY}
+    return StackRecord(kind=Kind(d.get(KIND_KEY, Kind.COMPOSE.value)), **fields)
 
 
 def parse(data: bytes) -> Marker:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from ..guest.marker import StackRecord
     from . import Kind
+    from .table import StackSpec
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,19 @@ def timed_stop(name: str, timeout: float, stop: Callable[[float], tuple[tuple[st
     return StopOutcome(name, time.monotonic() - start, killed, error)
 
 
-class Driver(Protocol):
-    """One stack kind in one guest (stacks/compose.py, stacks/systemd.py)."""
+class KindDriver(Protocol):
+    """One stack kind in one guest: the class `Driver` of stacks/KIND.py, built as Driver(transport, guest,
+    job) (each takes what it needs of them). A driver that subclasses this has its defaults."""
 
     kind: Kind
+
+    def running(self, specs: tuple[StackSpec, ...], timeout: float) -> dict[str, StackRecord]:
+        """The stacks of the kind with something up, by name, given the guest's listed stacks (`specs`,
+        () for "auto"): each as a record of what runs, not stopped yet."""
+
+    def stop_bound(self, rec: StackRecord, stop_timeout: float) -> float:
+        """How long stopping `rec` may take with `stop_timeout`, before the transport's own margin."""
+        return stop_timeout
 
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
         """Stop the stack; never raises (the outcome carries the error)."""

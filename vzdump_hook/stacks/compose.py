@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import re
 import time
+from typing import TYPE_CHECKING
 
 from ..errors import ControllerError
-from ..guest.marker import ALLOWED_COMPOSE, StackRecord
+from ..guest.marker import StackRecord
 from ..transports.base import Transport, sh
 from . import Kind
-from .base import StopOutcome, timed_stop
-from .table import valid_stack_name
+from .base import KindDriver, StopOutcome, timed_stop
+from .compose_table import ALLOWED_COMPOSE, SERVICE
+from .table import StackSpec, valid_stack_name
+
+if TYPE_CHECKING:
+    from ..config import GuestConfig
+    from ..node.job import JobId
 
 KILLED = 137  # 128 + SIGKILL: compose's stop timeout ran out and docker killed the container
 _ID = re.compile(r"[0-9a-f]{64}")
@@ -24,7 +30,6 @@ _LIST_FORMAT = (
     '{{.ID}}\t{{.Label "com.docker.compose.project"}}\t{{.Label "com.docker.compose.project.working_dir"}}'
     '\t{{.Label "com.docker.compose.project.config_files"}}\t{{.Label "com.docker.compose.service"}}'
 )
-_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DETECT = r"""
 if docker compose version >/dev/null 2>&1; then echo "docker compose"
 elif command -v docker-compose >/dev/null 2>&1; then echo "docker-compose"
@@ -36,14 +41,16 @@ _IN_DIR = 'cd -- "$1" 2>/dev/null || cd /; shift; exec "$@"'
 HEALTH_FORMAT = "{{.Id}} {{.State.Running}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}"
 
 
-class ComposeDriver:
-    """Compose stacks in one guest, reached through `transport`."""
+class ComposeDriver(KindDriver):
+    """Compose stacks in one guest, reached through `transport`, with `compose` (else the guest's
+    compose_command, else detected)."""
 
     kind = Kind.COMPOSE
 
-    def __init__(self, transport: Transport, compose: tuple[str, ...] | None = None) -> None:
+    def __init__(self, transport: Transport, guest: GuestConfig | None = None, job: JobId | None = None, *,
+                 compose: tuple[str, ...] | None = None) -> None:
         self.t = transport
-        self.compose = compose
+        self.compose = compose if compose is not None or guest is None else guest.compose_command
 
     def detect(self, timeout: float) -> tuple[str, ...]:
         """The compose command to use: the configured one, else v2 if it answers, else v1."""
@@ -55,8 +62,11 @@ class ComposeDriver:
             self.compose = tuple(out.split())
         return self.compose
 
-    def running(self, timeout: float) -> dict[str, StackRecord]:
-        """Running compose projects by name, each with the ids of its running containers."""
+    def running(self, specs: tuple[StackSpec, ...], timeout: float) -> dict[str, StackRecord]:
+        """Running compose projects by name, each with the ids of its running containers: every one,
+        listed or not (the guest's selection picks), but those named as a listed stack of another kind
+        (names are unique in the config)."""
+        other = {s.name for s in specs if s.kind is not Kind.COMPOSE}
         start = time.monotonic()
         # status=running leaves out containers in a restart loop: a stack that was not up is not ours to stop
         argv = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project",
@@ -70,8 +80,8 @@ class ComposeDriver:
             if len(parts) != 5:
                 continue
             cid, name, workdir, files, service = parts
-            if (not _ID.fullmatch(cid) or not valid_stack_name(name) or not workdir.startswith("/")
-                    or not _SERVICE.fullmatch(service)):
+            if (not _ID.fullmatch(cid) or not valid_stack_name(name) or name in other or not workdir.startswith("/")
+                    or not re.fullmatch(SERVICE, service)):
                 continue
             prev = found.get(name)
             containers = (prev.containers if prev else ()) + (cid,)
@@ -170,3 +180,6 @@ class ComposeDriver:
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
         states = self._states(rec, timeout)
         return bool(states) and all(running for running, _ in states.values())
+
+
+Driver = ComposeDriver  # the name every stacks/KIND.py defines (stacks/__init__.py)

@@ -19,15 +19,20 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import TYPE_CHECKING
 
 from ..errors import ControllerError
 from ..guest.marker import StackRecord
 from ..transports.base import Transport, sh
 from . import Kind, of_kind
-from .base import StopOutcome, timed_stop
+from .base import KindDriver, StopOutcome, timed_stop
 from .compose import KILLED
 from .container_table import ENGINES, Table, valid_container_name
 from .table import StackSpec
+
+if TYPE_CHECKING:
+    from ..config import GuestConfig
+    from ..node.job import JobId
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +54,12 @@ def list_argv(engine: str, label: str = "") -> list[str]:
             *(["--filter", f"label={label}"] if label else []), "--format", LIST_FORMAT]
 
 
-class ContainerDriver:
+class ContainerDriver(KindDriver):
     """Plain container stacks in one guest, reached through `transport`."""
 
     kind = Kind.CONTAINER
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, guest: GuestConfig | None = None, job: JobId | None = None) -> None:
         self.t = transport
         self.detected: str | None = None
 
@@ -105,6 +110,10 @@ class ContainerDriver:
                 found[s.name] = StackRecord.container(s.name, engine, tuple(n for _, n in matches),
                                                       tuple(c for c, _ in matches))
         return found
+
+    def stop_bound(self, rec: StackRecord, stop_timeout: float) -> float:
+        """The containers stop one at a time, each within the stop timeout."""
+        return stop_timeout * len(rec.containers)
 
     def _inspect(self, rec: StackRecord, ids: tuple[str, ...], timeout: float) -> tuple[States, bool]:
         """The states of those of `ids` the engine gives by that very id (`.Id`); containers that no
@@ -192,3 +201,6 @@ class ContainerDriver:
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
         states = self._states(rec, timeout)
         return all(states.get(c, (False,))[0] for c in rec.containers)
+
+
+Driver = ContainerDriver  # the name every stacks/KIND.py defines (stacks/__init__.py)

@@ -1,5 +1,6 @@
 """The container kind's config table: `containers` (docker or podman containers by name, in stop order)
-or `label` (the running containers that carry it), and `engine`. Its driver: stacks/container.py."""
+or `label` (the running containers that carry it), and `engine`. Its record in the marker: the engine,
+and the names and full ids of the containers that ran, in stop order. Its driver: stacks/container.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from . import Kind, KindTable, of_kind
 from .checks import Problems, distinct, string
 
 if TYPE_CHECKING:
+    from ..guest.marker import StackFields, StackRecord
     from .table import StackSpec
 
 # Container names as docker and podman accept them; labels as `KEY` or `KEY=VALUE` without spaces or
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 # patterns are compiled on first use, by re.
 _CONTAINER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 _LABEL = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}(=[A-Za-z0-9._/:@+-]{0,255})?"
+_FULL_ID = r"[0-9a-f]{64}"  # a record keeps full ids (the wrapper accepts no other)
 MAX_CONTAINERS = 64
 ENGINES = ("docker", "podman")
 KEYS = frozenset({"containers", "label", "engine"})
@@ -80,3 +83,18 @@ def check_list(path: str, specs: Sequence[StackSpec]) -> list[str]:
 
 def check_guest(path: str, specs: Sequence[StackSpec], transport: str, check_files: bool) -> list[str]:
     return []
+
+
+def record_dict(rec: StackRecord) -> dict[str, Any]:
+    return {"engine": rec.engine, "names": list(rec.names), "containers": list(rec.containers), "stopped": rec.stopped}
+
+
+def record_fields(f: StackFields) -> dict[str, Any]:
+    engine = f.req("engine", str)
+    if engine not in ENGINES:
+        raise f.error(f"engine must be one of {ENGINES}")
+    names = f.strings("names", valid_container_name, "container names")
+    ids = f.strings("containers", lambda c: re.fullmatch(_FULL_ID, c), "full container ids (64 hex digits)")
+    if not ids or len(ids) > MAX_CONTAINERS or len(names) != len(ids):
+        raise f.error(f"containers must list 1-{MAX_CONTAINERS} ids, one per name")
+    return {"engine": engine, "names": names, "containers": ids, "stopped": f.req("stopped", bool)}

@@ -31,7 +31,7 @@ from ..errors import ConfigError, ControllerError, HookError
 from ..guest.marker import StackRecord
 from ..node.job import JobId
 from . import Kind, of_kind
-from .base import StopOutcome
+from .base import KindDriver, StopOutcome
 from .checks import token_file_problem
 from .controller_table import ControllerSpec
 
@@ -190,7 +190,7 @@ class HttpCarrier:
             self._session = None
 
 
-class ControllerDriver:
+class ControllerDriver(KindDriver):
     """The controllers of one guest (its stacks of kind controller), for one job."""
 
     kind = Kind.CONTROLLER
@@ -330,3 +330,6 @@ class ControllerDriver:
                 continue
             out.append((spec.name, f"job {job_text} ({why}): told abort, it starts what it held", False))
         return out
+
+
+Driver = ControllerDriver  # the name every stacks/KIND.py defines (stacks/__init__.py)

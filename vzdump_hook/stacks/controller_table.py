@@ -1,7 +1,8 @@
 """The controller kind's config table: how to reach the guest's own controller (docs/controller-api.md). A
 command run in the guest over its transport (carrier A), or its HTTPS API (carrier B), verified by a CA
-file or a pinned certificate fingerprint, with a bearer token read from a root-only file. Its driver:
-stacks/controller.py."""
+file or a pinned certificate fingerprint, with a bearer token read from a root-only file. Its record: the
+job it was told to quiesce, in the node's records only (the controller keeps its own marker in the
+guest, and the guest's marker never lists it). Its driver: stacks/controller.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from . import Kind, KindTable, of_kind
 from .checks import Problems, num, string, token_file_problem
 
 if TYPE_CHECKING:
+    from ..guest.marker import StackFields, StackRecord
     from .table import StackSpec
 
 # (patterns compiled on first use, by re)
@@ -119,3 +121,12 @@ def check_guest(path: str, specs: Sequence[StackSpec], transport: str, check_fil
         out.append(f"{path}[{commands[1]}].command: one controller reached by a command per guest "
                    "(the guest's restricted-key wrapper passes one)")
     return out
+
+
+def record_dict(rec: StackRecord) -> dict[str, Any]:
+    return {"job": rec.job, "stopped": rec.stopped}
+
+
+def record_fields(f: StackFields) -> dict[str, Any]:
+    """Refused: the guest's marker never lists a controller."""
+    raise f.unknown()

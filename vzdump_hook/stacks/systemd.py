@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from ..errors import ControllerError
 from ..guest.marker import StackRecord
 from ..transports.base import Transport, sh
 from . import Kind, of_kind
-from .base import StopOutcome, timed_stop
+from .base import KindDriver, StopOutcome, timed_stop
 from .systemd_table import Table
 from .table import StackSpec
+
+if TYPE_CHECKING:
+    from ..config import GuestConfig
+    from ..node.job import JobId
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +61,12 @@ def show_argv(units: list[str], user: str = "") -> list[str]:
     return systemctl(user, "show", f"--property={PROPERTIES}", "--", *units)
 
 
-class SystemdDriver:
+class SystemdDriver(KindDriver):
     """systemd stacks in one guest, reached through `transport`."""
 
     kind = Kind.SYSTEMD
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, guest: GuestConfig | None = None, job: JobId | None = None) -> None:
         self.t = transport
 
     def _show(self, units: list[str], timeout: float, user: str = "") -> list[dict[str, str]]:
@@ -166,3 +171,6 @@ class SystemdDriver:
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
         units = [*rec.units, *rec.triggers]
         return all(_started(p) for p in self._show(units, timeout, rec.user))
+
+
+Driver = SystemdDriver  # the name every stacks/KIND.py defines (stacks/__init__.py)

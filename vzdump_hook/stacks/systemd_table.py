@@ -1,5 +1,6 @@
 """The systemd kind's config table: `units` (the service units to stop, in stop order: never discovered)
-and `user` (whose `systemctl --user` units they are). Its driver: stacks/systemd.py."""
+and `user` (whose `systemctl --user` units they are). Its record in the marker: the units that were
+active, the sockets and timers held down with them, and the user. Its driver: stacks/systemd.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from . import Kind, KindTable, of_kind
 from .checks import Problems, distinct
 
 if TYPE_CHECKING:
+    from ..guest.marker import StackFields, StackRecord
     from .table import StackSpec
 
 # A systemd service unit name as the hook accepts it (no \\-escapes, no globs); the wrapper and the
@@ -20,6 +22,9 @@ if TYPE_CHECKING:
 # (patterns compiled on first use, by re: a config without them does not pay for them)
 _UNIT = r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,240}\.service"
 MAX_UNITS = 32
+# a socket or timer that triggers a listed service: held down for the window (stacks/systemd.py)
+_TRIGGER = r"[A-Za-z0-9][A-Za-z0-9:_.@-]{0,240}\.(socket|timer)"
+MAX_TRIGGERS = 64
 _USER = r"[a-z_][a-z0-9_-]{0,31}"
 KEYS = frozenset({"units", "user"})
 
@@ -77,3 +82,24 @@ def check_list(path: str, specs: Sequence[StackSpec]) -> list[str]:
 
 def check_guest(path: str, specs: Sequence[StackSpec], transport: str, check_files: bool) -> list[str]:
     return []
+
+
+def record_dict(rec: StackRecord) -> dict[str, Any]:
+    d: dict[str, Any] = {"units": list(rec.units), "triggers": list(rec.triggers), "stopped": rec.stopped}
+    if rec.user:
+        d["user"] = rec.user
+    return d
+
+
+def record_fields(f: StackFields) -> dict[str, Any]:
+    units = f.strings("units", valid_unit, "service unit names")
+    if not units or len(units) > MAX_UNITS:
+        raise f.error(f"units must list 1-{MAX_UNITS} units")
+    triggers = f.strings("triggers", lambda t: re.fullmatch(_TRIGGER, t), "socket or timer unit names")
+    if len(triggers) > MAX_TRIGGERS:
+        raise f.error("triggers: too many")
+    stopped = f.req("stopped", bool)
+    user = f.req("user", str) if "user" in f else ""
+    if user and (not valid_user(user) or user == "root"):
+        raise f.error(f"user {user[:40]!r} is not a user name")
+    return {"units": units, "triggers": triggers, "stopped": stopped, "user": user}
