@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 
 from tests.infra import compose as compose_mod
+from tests.infra import engine
 from tests.infra.compose import BUSYBOX_IMAGE, POSTGRES_IMAGE, ComposeProject, ComposeVersion
 from tests.infra.guest import TestGuest, cleanup_stale, guest_support_problem
 
-__all__ = ["DockerEngine", "compose_project", "docker_engine", "guest_factory", "test_guest"]
+__all__ = ["DockerEngine", "compose_project", "docker_engine", "engine_turn", "guest_factory", "test_guest"]
 
 SETUP_HINT = "run scripts/setup-test-host.sh as root"
 GuestFactory = Callable[..., TestGuest]
@@ -96,6 +97,19 @@ def docker_engine() -> DockerEngine:
             pytest.skip(f"docker image {image} missing: {SETUP_HINT}")
     compose_mod.cleanup_all(only_stale=True)
     return DockerEngine(server_version=server, compose_v2_version=v2, compose_v1_version=v1)
+
+
+@pytest.fixture(autouse=True)
+def engine_turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The test's turn on the shared Docker engine (tests/infra/engine.py): alone for a test marked
+    ``engine_alone``, shared for one with compose projects, none for the rest. Autouse: taken before the
+    test's other fixtures make anything, given back after they took it down."""
+    alone = request.node.get_closest_marker("engine_alone") is not None
+    if not alone and "compose_project" not in request.fixturenames:
+        yield
+        return
+    with engine.turn(exclusive=alone):
+        yield
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.infra import compose
+from tests.infra import compose, engine
 from tests.infra.compose import ComposeProject
 from tests.infra.guest import TestGuest
 
@@ -71,6 +71,11 @@ class HookSetup:
             lines.append("[hook]")
             lines += [f"{k} = {toml_value(v)}" for k, v in self.hook_table.items()]
         for vmid, (g, table) in guests.items():
+            # "auto" stops every compose project on the engine the test guest reaches: the host's, which the
+            # other workers of a parallel run share (tests/infra/engine.py)
+            if table.get("stacks", "auto") == "auto" and not engine.held_alone():
+                raise AssertionError(f"guest {vmid} stops every compose project on the shared Docker engine "
+                                     "(stacks = \"auto\"): mark the test @pytest.mark.engine_alone")
             self.guests[vmid] = g
             lines.append(f"[guests.{vmid}]")
             ssh = {"host": g.host, "port": g.port, "user": g.user, "identity_file": g.identity_file,

@@ -147,12 +147,14 @@ def test_snapshot_fallback_to_suspend_resumes_at_post_restart(setup: HookSetup, 
     assert watch.up_after("post-restart") == {db.name: True}
 
 
+@pytest.mark.engine_alone  # "auto": every compose project on the engine
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_compose_v1_and_v2_auto_selection(version: str, setup: HookSetup, hook: str, test_guest: Any,
                                           compose_project: Any) -> None:
     db, web, other = _stacks(compose_project, version)
     cmd = "docker-compose" if version == "v1" else "docker compose"
-    # the test guest shares this machine's Docker engine: projects of other test runs are not ours
+    # the test guest shares this machine's Docker engine: projects of other test runs (not of this one's other
+    # tests: they wait for this one to end, engine_alone) are not ours
     ours = {db.name, web.name}
     foreign = sorted(_running_projects() - ours)
     setup.write({VMID: (test_guest, {"stacks": "auto", "exclude": foreign, "compose_command": cmd})})

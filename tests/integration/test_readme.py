@@ -197,6 +197,7 @@ SAMPLES: dict[str, Callable[[Path, Any, Any], tuple[list[str], dict[str, str]]]]
 }
 
 
+@pytest.mark.engine_alone  # sample_check_tags: a guest with no stacks list ("auto")
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_sample_output_is_what_the_program_prints(name: str, tmp_path: Path, test_guest: Any,
                                                   compose_project: Any) -> None:

@@ -295,6 +295,7 @@ def hostile_container(docker_engine: Any) -> Iterator[str]:
     subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
 
 
+@pytest.mark.engine_alone  # "auto": every compose project on the engine
 def test_hostile_labels_in_docker_output_are_ignored(reach: Reach, compose_project: Any,
                                                      hostile_container: str) -> None:
     (db,) = stacks(compose_project, "db")
