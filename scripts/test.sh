@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "test.sh: run as root (network namespaces, sshd, docker)" >&2; exit 1; }
-workers() { if [ "$1" = 0 ]; then echo "-p no:xdist"; else echo "-n $1 --dist loadgroup"; fi; }
+workers() { if [ "$1" = 0 ]; then echo "-p no:xdist"; else echo "-n $1"; fi; }  # grouping: tests/conftest.py
 if [ "${1:-}" = --quick ]; then
   shift
   missing=()

@@ -8,7 +8,9 @@ starts with ``VM tier skipped on this machine:``, and the run's summary says so 
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -30,23 +32,28 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """For a parallel run (scripts/test.sh: pytest-xdist, --dist loadgroup), keep together what shares
-    an expensive fixture: the VM tier (one VM per session) and the LXC tier (one container per session)
-    each on one worker, and a module whose fixture is module-scoped (a booted systemd guest, the Debian
-    roots) on one worker. Every other test goes to whichever worker is free."""
-    for item in items:
-        group = _group(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
+    """For a parallel run (scripts/test.sh: pytest-xdist, scheduled by pytest_xdist_make_scheduler below),
+    keep together what shares an expensive fixture: the VM tier (one VM a session) and the LXC tier (one
+    container a session) each on one worker, and a module whose fixture is module-scoped (a booted systemd
+    guest, the Debian roots) on one worker. Every other test goes to whichever worker is free.
+
+    The scheduler runs in the controller, which collects nothing: it groups by a test's path alone
+    (group_of). Here, where the fixtures are known, every test's group is checked against it."""
+    wrong = [f"{item.nodeid}: {group_of(item.nodeid)!r}, its fixtures say {_group(item)!r}"
+             for item in items if _group(item) not in (None, group_of(item.nodeid))]  # more is harmless
+    if wrong:
+        raise pytest.UsageError("tests/conftest.py group_of() places tests apart from what they share:\n  "
+                                + "\n  ".join(wrong[:20]))
     # On xdist's workers, the longest groups first, so that a worker starts each at once rather than at
     # the end: the VM tier (about 10 min of one worker), then the LXC tier. Not in a run without workers:
     # there the VM (a session fixture) would idle through every later test, taking a core.
     if hasattr(config, "workerinput"):
         first = {"vm-tier": 0, "lxc-tier": 1}
-        items.sort(key=lambda item: first.get(_group(item) or "", 2))
+        items.sort(key=lambda item: first.get(group_of(item.nodeid) or "", 2))
 
 
 def _group(item: pytest.Item) -> str | None:
+    """The group of a collected test, from its place and its fixtures."""
     path = Path(str(item.path)).resolve().relative_to(ROOT)
     if path.parts[:2] in (("tests", "vm"), ("tests", "lxc")):
         return f"{path.parts[1]}-tier"
@@ -55,6 +62,41 @@ def _group(item: pytest.Item) -> str | None:
         if defs and defs[-1].scope in ("module", "package"):
             return str(path)
     return None
+
+
+_MODULE_SCOPED = re.compile(r"""@pytest\.fixture\([^)]*scope=["'](module|package)["']""")
+
+
+@functools.cache
+def _module_scoped(path: str) -> bool:
+    """The test module defines a module-scoped fixture (none is defined in a conftest.py: checked above)."""
+    try:
+        return bool(_MODULE_SCOPED.search((ROOT / path).read_text()))
+    except OSError:
+        return False
+
+
+def group_of(nodeid: str) -> str | None:
+    """The group of a test from its node id alone (what xdist's controller has)."""
+    path = nodeid.split("::", 1)[0]
+    parts = Path(path).parts
+    if parts[:2] in (("tests", "vm"), ("tests", "lxc")):
+        return f"{parts[1]}-tier"
+    return path if _module_scoped(path) else None
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's own loadgroup relies on renaming node ids, which pytest 9.2 no longer allows (its tests then
+    land on any worker, and each worker boots its own VM): a group is a scope of xdist's load-scope
+    scheduler instead, and every test outside a group is a scope of its own."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid) or nodeid
+
+    return GroupScheduling(config, log)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
