@@ -73,6 +73,20 @@ def reproduce(script: str, argv: Sequence[str]) -> str:
     return f"cd {shlex.quote(str(ROOT))} && sudo python3 bench/{script} " + shlex.join(list(argv))
 
 
+def baseline_hook(rev: str, tmp: Path) -> str:
+    """The package of `rev` under tmp, and an executable that runs it with this venv's Python."""
+    src = tmp / f"baseline-{rev[:10]}"
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "vzdump_hook"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    exe = tmp / "baseline-hook"
+    exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(src)!r})\n"
+                   "from vzdump_hook.cli import main\nmain()\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

@@ -31,7 +31,14 @@ import shutil
 import sys
 import time
 
-from _common import machine, median, need_root, reproduce, scratch_dir  # first: puts the repository on sys.path
+from _common import (  # first: puts the repository on sys.path
+    baseline_hook,
+    machine,
+    median,
+    need_root,
+    reproduce,
+    scratch_dir,
+)
 
 from tests.infra import compose
 from tests.infra.guest import TestGuest
@@ -84,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10, help="runs of each measurement (default 10); medians are shown")
     parser.add_argument("--noop-runs", type=int, default=20, help="runs of each no-op phase (default 20)")
+    parser.add_argument("--baseline", default="", metavar="REV",
+                        help="also measure the hook of git revision REV, in the same run (a column 'baseline')")
     args = parser.parse_args(argv)
     need_root()
     print(f"reproduce: {reproduce('overhead.py', sys.argv[1:] if argv is None else argv)}")
@@ -106,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "stop_timeout": 10})})
             shell = str(tmp / "shell-hook")
             write_shell_hook(shell, guest, project, str(tmp / "shell-marker" / "marker"))
-            variants = (("vzdump-hook", hook), ("sh+ssh", shell))
+            variants: tuple[tuple[str, str], ...] = (("vzdump-hook", hook), ("sh+ssh", shell))
+            if args.baseline:
+                variants += (("baseline", baseline_hook(args.baseline, tmp)),)
             # warm-up: page cache, docker, sshd
             for _, path in variants:
                 run_job(path, [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env, timeout=120)
@@ -144,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
           f"runs; total {took:.0f} s.")
     print("job: lxc snapshot, one busybox compose stack (compose v2), stack started again at pre-restart.")
     print()
-    header = f"{'phase':42}  {'vzdump-hook':>11}  {'(min-max)':>11}  {'sh+ssh':>6}  {'diff':>5}  target"
+    base = f"  {'baseline':>8}" if args.baseline else ""
+    if args.baseline:
+        print(f"baseline: the hook of git {args.baseline}, same machine, same run, runs interleaved")
+    header = f"{'phase':42}  {'vzdump-hook':>11}  {'(min-max)':>11}  {'sh+ssh':>6}  {'diff':>5}{base}  target"
     print(header)
     print("-" * (len(header) + 30))
     verdicts: list[bool] = []
@@ -162,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             verdicts.append(ok)
             target = f"resume path <= sh + {RESUME_TARGET * 1000:.0f} ms: {'PASS' if ok else 'FAIL'}"
         spread = f"({ms(min(h))}-{ms(max(h))})" if h else ""
-        print(f"{row:42}  {ms(mh):>11}  {spread:>11}  {ms(msh):>6}  {ms(mh - msh):>5}  {target}")
+        b = f"  {ms(median(times.get(('baseline', row), []))):>8}" if args.baseline else ""
+        print(f"{row:42}  {ms(mh):>11}  {spread:>11}  {ms(msh):>6}  {ms(mh - msh):>5}{b}  {target}")
     print()
     print(f"targets: {sum(verdicts)}/{len(verdicts)} PASS")
     if failures:

@@ -32,9 +32,16 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from _common import ROOT, machine, median, need_root, reproduce, scratch_dir  # first: puts the repository on sys.path
+from _common import (  # first: puts the repository on sys.path
+    ROOT,
+    baseline_hook,
+    machine,
+    median,
+    need_root,
+    reproduce,
+    scratch_dir,
+)
 
 from tests.infra import compose
 from tests.infra.guest import TestGuest
@@ -47,20 +54,6 @@ MARKED = 50
 START_TARGET = 0.2  # s
 JOB_RATIO = 1.2
 MEM_RATIO = 1.5
-
-
-def baseline_hook(rev: str, tmp: Path) -> str:
-    """The package of `rev` under tmp, and an executable that runs it with this venv's Python."""
-    src = tmp / f"baseline-{rev[:10]}"
-    src.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "vzdump_hook"], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-    exe = tmp / "baseline-hook"
-    exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(src)!r})\n"
-                   "from vzdump_hook.cli import main\nmain()\n")
-    exe.chmod(0o755)
-    return str(exe)
 
 
 def configure(setup: HookSetup, guest: TestGuest, n: int, project: compose.ComposeProject) -> None:

@@ -9,8 +9,9 @@
 - The network is a tap device in a network namespace ``vzdhvm-<pid>`` that the tests own; a veth pair
   joins it to the root namespace, which routes the VM's /24 through it. The VM's address comes from the
   kernel command line (``ip=``), so ssh reaches it at :attr:`TestVm.address`.
-- Accelerator: KVM when ``VZDUMP_HOOK_VM_ACCEL=kvm``; TCG otherwise (nested KVM on the test machines
-  hangs Debian's kernel at boot; see docs/development.md, Tested against).
+- Accelerator: KVM when ``VZDUMP_HOOK_VM_ACCEL=kvm``; TCG otherwise (``/dev/kvm`` on the test machines is
+  PVM, where Debian's kernel runs in KVM's instruction emulator, far slower than TCG; see
+  docs/development.md, Tested against).
 
 :class:`Qga` speaks the agent's protocol on the socket (``guest-sync-delimited`` first, as PVE does).
 """
