@@ -18,7 +18,8 @@ THAW = GUEST_DIR / "fsfreeze-hook.d" / "vzdump-hook-thaw"
 def recover(guest: Guest) -> Path:
     """A stand-in recovery program: notes its arguments, then takes its time like one starting stacks."""
     p = guest.root / "recover"
-    p.write_text('#!/bin/sh\necho "$@" > "$0.args"\nsleep 3\necho done >> "$0.args"\n')
+    # the line is written whole, then renamed into place: a reader never sees the file empty
+    p.write_text('#!/bin/sh\necho "$@" > "$0.args.new"\nmv "$0.args.new" "$0.args"\nsleep 3\necho done >> "$0.args"\n')
     p.chmod(0o755)
     return p
 
