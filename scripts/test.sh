@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs the test suite on this machine (as root: the tests start sshd in network namespaces and use a
 # Docker engine). Sets up what they need first (idempotent), then runs pytest in a venv.
-#   scripts/test.sh [pytest args...]     the whole suite, one test at a time (CI runs this)
+#   scripts/test.sh [pytest args...]     the whole suite on 3 pytest-xdist workers (CI runs this): the
+#                                        VM tier, the LXC tier and each module with a module-scoped fixture
+#                                        stay on one worker each (tests/conftest.py), tests with compose
+#                                        projects take turns on the Docker engine (tests/infra/engine.py)
 #   scripts/test.sh --quick [args...]    what needs no real peer (unit tests, guest-side sh programs
 #                                        under dash and busybox, fuzzers), 4 workers: the edit-test loop
-#   VZDH_WORKERS=N scripts/test.sh ...   N pytest-xdist workers (tests/conftest.py keeps the VM tier, the
-#                                        LXC tier and each module with a module-scoped fixture on one
-#                                        worker). Not the default for the whole suite yet: on 2 cores,
-#                                        4 workers overload the machine and time-bounded tests fail.
+#   VZDH_WORKERS=N scripts/test.sh ...   N workers instead (0: one test at a time, no xdist)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "test.sh: run as root (network namespaces, sshd, docker)" >&2; exit 1; }
@@ -24,4 +24,4 @@ fi
 scripts/setup-test-host.sh
 scripts/venv.sh >/dev/null
 # shellcheck disable=SC2046
-exec .venv/bin/python -m pytest $(workers "${VZDH_WORKERS:-0}") "$@"
+exec .venv/bin/python -m pytest $(workers "${VZDH_WORKERS:-3}") "$@"
