@@ -31,14 +31,8 @@ import shutil
 import sys
 import time
 
-from _common import (  # first: puts the repository on sys.path
-    baseline_hook,
-    machine,
-    median,
-    need_root,
-    reproduce,
-    scratch_dir,
-)
+# first: puts the repository on sys.path
+from _common import baseline_hook, machine, median, need_root, reproduce, scratch_dir
 
 from tests.infra import compose
 from tests.infra.guest import TestGuest

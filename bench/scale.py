@@ -33,15 +33,8 @@ import subprocess
 import sys
 import time
 
-from _common import (  # first: puts the repository on sys.path
-    ROOT,
-    baseline_hook,
-    machine,
-    median,
-    need_root,
-    reproduce,
-    scratch_dir,
-)
+# first: puts the repository on sys.path
+from _common import ROOT, baseline_hook, machine, median, need_root, reproduce, scratch_dir
 
 from tests.infra import compose
 from tests.infra.guest import TestGuest

@@ -166,7 +166,8 @@ fi
 docker compose version >/dev/null 2>&1 || die "'docker compose version' fails (plugin in $PLUGIN_DIR)"
 if [ "$DEMO" = 0 ]; then
     docker-compose version >/dev/null 2>&1 || die "'docker-compose version' fails (Debian package docker-compose)"
-    say "$(docker compose version | head -n1); docker-compose $(docker-compose version --short 2>/dev/null || echo none) (v1)"
+    say "$(docker compose version | head -n1);" \
+        "docker-compose $(docker-compose version --short 2>/dev/null || echo none) (v1)"
 else
     # the demo uses compose v2 only (asking the v1 CLI its version costs 0.6 s of Python)
     say "$(docker compose version | head -n1)"
@@ -259,7 +260,8 @@ BB="$(static_busybox)" || { say "busybox-static .deb not available; using the ho
 IMAGES_CURRENT=0
 DEMO_STAMP="$CACHE_DIR/demo-images.ok"
 if [ "$DEMO" = 1 ]; then
-    inputs_key="$( { echo "recipe=$RECIPE_VERSION bb=$BB"; sha256sum "$SELF" "$BB" /var/lib/dpkg/status /etc/ld.so.cache 2>&1 || true; } \
+    inputs_key="$( { echo "recipe=$RECIPE_VERSION bb=$BB"
+                     sha256sum "$SELF" "$BB" /var/lib/dpkg/status /etc/ld.so.cache 2>&1 || true; } \
                    | sha256sum | cut -c1-32)"
     image_ids() {
         local t

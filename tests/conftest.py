@@ -52,11 +52,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=lambda item: first.get(group_of(item.nodeid) or "", 2))
 
 
+def _tier(path: Path) -> str | None:
+    """The tier a test file belongs to (one VM or one container for all of its tests), or None."""
+    return f"{path.parts[1]}-tier" if path.parts[:2] in (("tests", "vm"), ("tests", "lxc")) else None
+
+
 def _group(item: pytest.Item) -> str | None:
     """The group of a collected test, from its place and its fixtures."""
     path = Path(str(item.path)).resolve().relative_to(ROOT)
-    if path.parts[:2] in (("tests", "vm"), ("tests", "lxc")):
-        return f"{path.parts[1]}-tier"
+    if tier := _tier(path):
+        return tier
     info = getattr(item, "_fixtureinfo", None)
     for defs in (info.name2fixturedefs.values() if info is not None else ()):
         if defs and defs[-1].scope in ("module", "package"):
@@ -79,10 +84,7 @@ def _module_scoped(path: str) -> bool:
 def group_of(nodeid: str) -> str | None:
     """The group of a test from its node id alone (what xdist's controller has)."""
     path = nodeid.split("::", 1)[0]
-    parts = Path(path).parts
-    if parts[:2] in (("tests", "vm"), ("tests", "lxc")):
-        return f"{parts[1]}-tier"
-    return path if _module_scoped(path) else None
+    return _tier(Path(path)) or (path if _module_scoped(path) else None)
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)

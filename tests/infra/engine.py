@@ -20,13 +20,14 @@ from pathlib import Path
 
 LOCK = Path("/run/vzdh-test-engine.lock")
 GATE = Path("/run/vzdh-test-engine.gate")
-_held: list[bool] = []  # the turns this process holds now: True exclusive, False shared
+_held: bool | None = None  # the turn this process holds now: True alone, False shared, None none
 
 
 @contextmanager
 def turn(exclusive: bool) -> Iterator[float]:
     """Hold the engine (alone when `exclusive`) for the block; yields the seconds spent waiting."""
-    if _held:
+    global _held
+    if _held is not None:
         raise RuntimeError("this process already holds a turn on the engine (one turn a test)")
     start = time.monotonic()
     with open(GATE, "a") as gate, open(LOCK, "a") as lock:
@@ -35,14 +36,14 @@ def turn(exclusive: bool) -> Iterator[float]:
             fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         finally:
             fcntl.flock(gate, fcntl.LOCK_UN)
-        _held.append(exclusive)
+        _held = exclusive
         try:
             yield time.monotonic() - start
         finally:
-            _held.pop()
+            _held = None
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def held_alone() -> bool:
     """This process holds the engine alone now."""
-    return _held == [True]
+    return _held is True
