@@ -54,6 +54,7 @@ class StackRecord:
     engine: str = ""  # container: "docker" or "podman"
     names: tuple[str, ...] = ()  # container: the names of the containers that ran (containers: their ids)
     job: str = ""  # controller: the job it was told to quiesce (its later messages name the same job)
+    quiesced: bool = False  # controller: it confirmed the quiesce (else it is told abort, and nothing else)
 
     # thin constructors of the kinds that have fields of their own beside the compose ones
     @classmethod
@@ -68,10 +69,10 @@ class StackRecord:
         return cls(name, containers=ids, stopped=stopped, kind=Kind.CONTAINER, engine=engine, names=names)
 
     @classmethod
-    def controller(cls, name: str, job: str, stopped: bool = False) -> StackRecord:
+    def controller(cls, name: str, job: str, stopped: bool = False, quiesced: bool = False) -> StackRecord:
         """The guest's controller (stacks/controller.py): kept in the node's records only. The
         controller keeps its own marker in the guest, and the guest's marker never lists it."""
-        return cls(name, stopped=stopped, kind=Kind.CONTROLLER, job=job)
+        return cls(name, stopped=stopped, kind=Kind.CONTROLLER, job=job, quiesced=quiesced)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, KIND_KEY: self.kind.value, **kind_module(self.kind).record_dict(self)}

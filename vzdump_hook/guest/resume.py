@@ -167,8 +167,9 @@ class Resumer:
         rec.status = Status.RESUMED
         rec.resumed_at = rec.started_at = time.time()
         rec.ready_pending = [s.name for s in rec.stacks if s.name in r.started and ctl.has_ready(s)]
+        rec.marker_left = r.marker_left
         self._save(rec)
-        if not r.marker_left:
+        if not r.marker_left and not rec.unclosed_controllers:  # else close_controllers() forgets
             self.forget(seen)
         try:
             self.state.record_history(rec)
@@ -181,6 +182,40 @@ class Resumer:
         log.info("%s %d: started %s in %.1f s%s", where, vmid, ", ".join(r.started) or "nothing",
                  time.monotonic() - start, down)
         return True
+
+    def close_controllers(self, ctl: GuestSession, where: str, word: str, later: str) -> bool:
+        """Tell the guest's controllers that confirmed this job's quiesce that the job is over for
+        them (`word`: done, failed or abort; stacks/conversation.py), under the guest's lock, once
+        nothing of the guest is down any more. The guest's ledger entries go only once each of them
+        confirmed (and the guest holds no marker): a job a controller still holds open is what the
+        next job-start's sweep asks about. `later` says who tries again. True when none is left."""
+        vmid = ctl.guest.vmid
+        try:
+            with self.state.guest_lock(vmid, self.left()):
+                rec = self.state.load(vmid)
+                if rec is None or not rec.unclosed_controllers:
+                    return True
+                if rec.status.pending:
+                    return False  # the resume comes first (it is retried)
+                seen = self.entries(vmid)
+                for s in rec.unclosed_controllers:
+                    try:
+                        ctl.driver.controllers.close(s, word, max(0.1, min(self.left(), ctl.guest.command_timeout)))
+                    except HookError as e:
+                        log.warning("%s %d: controller %s not told %s: %s; %s", where, vmid, s.name, word,
+                                    describe(e), later)
+                        continue
+                    rec.closed.append(s.name)
+                    log.info("%s %d: controller %s told %s", where, vmid, s.name, word)
+                self._save(rec)
+                if rec.unclosed_controllers:
+                    return False
+                if not rec.marker_left:
+                    self.forget(seen)
+                return True
+        except HookError as e:  # the lock
+            log.warning("%s %d: controllers not told %s: %s; %s", where, vmid, word, describe(e), later)
+            return False
 
     def _save(self, rec: GuestRecord) -> None:
         """The record, if its job's directory still exists (an admin may have wiped run_dir)."""

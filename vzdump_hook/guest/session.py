@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..errors import ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
@@ -134,9 +134,10 @@ class GuestSession:
                          tuple(missing), m, tuple(notes))
 
     def quiesce(self, vmtype: str, mode: str, deadline: float, inherited: tuple[StackRecord, ...] | None = None,
-                before_marker: Callable[[], None] | None = None) -> Quiesce:
+                before_marker: Callable[[tuple[StackRecord, ...]], None] | None = None) -> Quiesce:
         """Write the marker (fsynced) listing the running selected stacks, then stop them.
-        `before_marker` runs right before the marker is written (the node's ledger entry); if it
+        `before_marker` runs right before the marker is written, with the stacks it lists (the node's
+        ledger entry and record: a resume after a crash from here on knows them); if it
         raises HookError, nothing is written or stopped.
 
         Stacks an earlier marker lists (`inherited`, read from the guest when None) are kept in the
@@ -159,7 +160,8 @@ class GuestSession:
         ended = time.time()
         # no rewrite to "stopped" here: the marker already lists every stack, and a write would be
         # one more round trip between the stop and the backup's point in time
-        return Quiesce(m.stacks, tuple(outcomes), started, ended, _down_at(self, to_stop, down, started))
+        return Quiesce(_confirmed(m.stacks, outcomes), tuple(outcomes), started, ended,
+                       _down_at(self, to_stop, down, started))
 
     def has_ready(self, rec: StackRecord) -> bool:
         return self.readiness.has(rec)
@@ -211,12 +213,13 @@ def _look(s: GuestSession, deadline: float, inherited: tuple[StackRecord, ...] |
         raise NothingStopped(str(e)) from e
 
 
-def _mark(s: GuestSession, m: Marker, deadline: float, before_marker: Callable[[], None] | None) -> None:
+def _mark(s: GuestSession, m: Marker, deadline: float,
+          before_marker: Callable[[tuple[StackRecord, ...]], None] | None) -> None:
     """`before_marker`, then the marker written, before anything is stopped. Raises NothingStopped when
     either failed; ConnectionLost when the write may have landed (the later phases go by the marker)."""
     if before_marker is not None:
         try:
-            before_marker()
+            before_marker(m.stacks)
         except HookError as e:
             raise NothingStopped(str(e)) from e
     own = marker_file.own_part(m)  # a controller keeps its own marker: the guest's lists only what the hook stops
@@ -227,6 +230,13 @@ def _mark(s: GuestSession, m: Marker, deadline: float, before_marker: Callable[[
         raise
     except ConnectError as e:
         raise NothingStopped(f"marker not written: {e}") from e
+
+
+def _confirmed(stacks: tuple[StackRecord, ...], outcomes: list[StopOutcome]) -> tuple[StackRecord, ...]:
+    """`stacks` with each controller that confirmed its quiesce marked so (stacks/conversation.py: the
+    others are told abort, and nothing else)."""
+    ok = {o.name for o in outcomes if not o.error}
+    return tuple(replace(r, quiesced=True) if r.kind is Kind.CONTROLLER and r.name in ok else r for r in stacks)
 
 
 def _down_at(s: GuestSession, stopped: tuple[StackRecord, ...], down: dict[str, float], started: float) -> float | None:

@@ -63,6 +63,7 @@ class GuestRecord:
     # controllers: what to tell them once resumed ("done" after backup-end, "failed" after backup-abort)
     ended: str = ""
     closed: list[str] = field(default_factory=list)  # controllers that confirmed the job's end (stacks/controller.py)
+    marker_left: bool = False  # the resume left a marker in the guest (an invalid one, or one listing what failed)
     started_at: float | None = None  # when the start returned; with `ready`, resumed_at is when the apps answered
     ready_pending: list[str] = field(default_factory=list)  # started stacks whose `ready` is still awaited
     # stacks not ready within their ready_timeout (reported, never a failure)
@@ -75,8 +76,10 @@ class GuestRecord:
 
     @property
     def unclosed_controllers(self) -> list[StackRecord]:
-        """The controllers this job asked that have not confirmed the job's end (stacks/controller.py)."""
-        return [s for s in self.stacks if s.kind is Kind.CONTROLLER and s.name not in self.closed]
+        """The controllers that confirmed this job's quiesce and have not confirmed its end yet. (One
+        that did not confirm the quiesce is told abort by the resume, and nothing after it:
+        stacks/conversation.py.)"""
+        return [s for s in self.stacks if s.kind is Kind.CONTROLLER and s.quiesced and s.name not in self.closed]
 
     @property
     def downtime(self) -> float | None:

@@ -17,6 +17,7 @@ from ..guest.session import GuestSession
 from ..node import tags
 from ..node.job import JobId
 from ..node.state import GuestRecord, HostState
+from ..stacks.controller_table import with_current_ways
 from ..vzdump.phases import Phase
 from ..vzdump.rules import Outcome
 
@@ -56,16 +57,20 @@ class PhaseContext:
     def guest(self, vmid: int, rec: GuestRecord | None) -> GuestConfig | None:
         """The guest's settings: those recorded by this job if stacks may be down (a config edited or
         broken since must not strand stopped stacks), else the config's."""
+        current = tags.guest_config(self.cfg, vmid) if self.cfg is not None else None
         if rec is not None and rec.guest_table and rec.status.pending:
             recorded = configuration.recorded_guest(vmid, rec.guest_table, f"guest {vmid}", then="; using the config")
             if recorded is not None:
-                return recorded
-        return tags.guest_config(self.cfg, vmid) if self.cfg is not None else None
+                return with_current_ways(recorded, current)
+        return current
 
-    @staticmethod
-    def recorded_guest(rec: GuestRecord, phase: Phase = Phase.JOB_START) -> GuestConfig | None:
-        """The guest's settings as a job's record keeps them (those of its quiesce), or None."""
-        return configuration.recorded_guest(rec.vmid, rec.guest_table, f"{phase.value} {rec.vmid}")
+    def recorded_guest(self, rec: GuestRecord, phase: Phase = Phase.JOB_START) -> GuestConfig | None:
+        """The guest's settings as a job's record keeps them (those of its quiesce), or None; its
+        controllers reached the way the config says now, if it still has them."""
+        recorded = configuration.recorded_guest(rec.vmid, rec.guest_table, f"{phase.value} {rec.vmid}")
+        if recorded is None or not recorded.has_controllers or self.cfg is None:
+            return recorded
+        return with_current_ways(recorded, tags.guest_config(self.cfg, rec.vmid))
 
     @contextmanager
     def session(self, guest: GuestConfig) -> Iterator[GuestSession]:

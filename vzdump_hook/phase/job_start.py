@@ -137,10 +137,13 @@ def _candidates(ctx: PhaseContext, members: dict[int, GuestConfig], entries: dic
                 recorded: dict[int, GuestConfig]) -> dict[int, GuestConfig]:
     """The guests that may hold a marker: not covered by the ledger yet, in it, or recorded by an over job."""
     from ..guest.recovery import guest_of_entries
+    from ..stacks.controller_table import with_current_ways
 
     candidates = {vmid: g for vmid, g in members.items() if vmid not in known}
     for vmid, es in entries.items():
-        if (g := guest_of_entries(es) or members.get(vmid)) is not None:
+        if (g := guest_of_entries(es)) is not None:
+            g = with_current_ways(g, members.get(vmid))  # a token or pin fixed since is the one used
+        if (g := g or members.get(vmid)) is not None:
             candidates[vmid] = g
         else:
             log.warning("job-start %d: in the ledger %s, but neither the config nor its entry says how to reach it: "

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from ..config import GuestConfig, QuiescePolicy
 from ..errors import HookError
+from ..guest.marker import StackRecord
 from ..guest.session import GuestSession, NothingStopped, Quiesce, describe
 from ..node.state import GuestRecord, Status
 from ..vzdump.phases import GuestType, Mode, Phase
@@ -48,9 +49,9 @@ def _stop(ctx: PhaseContext, ctl: GuestSession, guest: GuestConfig, vmtype: Gues
     vmid = guest.vmid
     failed = Outcome(quiesce_failed=True, abort_policy=abort)
     try:
-        q = ctl.quiesce(vmtype.value, mode.value, ctx.deadline, before_marker=_ledger_entry(ctx, guest, vmtype))
+        q = ctl.quiesce(vmtype.value, mode.value, ctx.deadline, before_marker=_ledger_entry(ctx, guest, vmtype, rec))
     except NothingStopped as e:
-        rec.status = Status.NOTHING_STOPPED
+        rec.status, rec.stacks = Status.NOTHING_STOPPED, []
         rec.crash_consistent = True
         rec.problems.append(f"quiesce: {e}")
         ctx.state.save(rec)
@@ -68,7 +69,9 @@ def _stop(ctx: PhaseContext, ctl: GuestSession, guest: GuestConfig, vmtype: Gues
     if not q.stacks:
         log.info("pre-stop %d: nothing running to stop", vmid)
         return Outcome()
-    log.info("pre-stop %d: stopped %s in %.1f s", vmid, ", ".join(s.name for s in q.stacks), q.ended - q.started)
+    failed_names = {o.name for o in q.outcomes if o.error}
+    if stopped := [s.name for s in q.stacks if s.name not in failed_names]:  # no "stopped" for a stop that failed
+        log.info("pre-stop %d: stopped %s in %.1f s", vmid, ", ".join(stopped), q.ended - q.started)
     if not (q.killed or q.errors):
         return Outcome()
     for k in q.killed:
@@ -94,13 +97,16 @@ def _record(ctx: PhaseContext, rec: GuestRecord, q: Quiesce) -> None:
     ctx.state.save(rec)
 
 
-def _ledger_entry(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType) -> Callable[[], None]:
-    """The guest's entry, to be written right before its marker. When the ledger cannot be
-    written, the guest is noted as unknown locally (the next job-start asks it); when that fails
-    too, nothing is stopped: a marker the sweeps cannot learn of must not be written."""
+def _ledger_entry(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType,
+                  rec: GuestRecord) -> Callable[[tuple[StackRecord, ...]], None]:
+    """The guest's entry, to be written right before its marker, and the stacks it lists in the
+    host record (a resume after a crash from here on, the resident's, knows them: a controller
+    asked to quiesce is told abort then). When the ledger cannot be written, the guest is noted as
+    unknown locally (the next job-start asks it); when that fails too, nothing is stopped: a marker
+    the sweeps cannot learn of must not be written."""
     from ..node.ledger import QUIESCE, LedgerError
 
-    def write() -> None:
+    def write(stacks: tuple[StackRecord, ...]) -> None:
         try:
             ctx.ledger.add(guest.vmid, QUIESCE, ctx.job, guest.table, vmtype.value)
         except LedgerError as e:
@@ -109,6 +115,8 @@ def _ledger_entry(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType) -> C
             except OSError as e2:
                 raise LedgerError(f"{e}; not noted locally either ({e2})") from None
             log.warning("pre-stop %d: %s; the next job-start asks this guest", guest.vmid, e)
+        rec.stacks = list(stacks)
+        ctx.state.save(rec)
 
     return write
 

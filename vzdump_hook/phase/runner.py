@@ -128,7 +128,7 @@ class PhaseRunner:
         if plan.step is Step.RESUME:
             resume_point.resume(ctx, guest, phase, plan.wait_for_guest)
         if phase in rules.CONTROLLER_ENDS and rec is not None:
-            resume_point.close_controllers(ctx, vmid, phase, rules.CONTROLLER_ENDS[phase])
+            resume_point.close_controllers(ctx, vmid, phase)
         return Outcome()
 
     def _not_handled(self, phase: Phase, vmtype: GuestType, mode: Mode, vmid: int) -> None:

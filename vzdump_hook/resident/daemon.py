@@ -188,6 +188,8 @@ class Resident:
         rec = self._record()
         if self.readiness is not None and self.readiness.is_alive():
             return False  # await_ready: the downtime ends when the stacks are ready
+        if rec is not None and not rec.status.pending and rec.unclosed_controllers and self.left() > 0:
+            return self._end_controllers(rec)
         if rec is None or not rec.status.pending:
             if self.status != "done" and rec is not None:
                 log.debug("resident %d: the stacks were started by another path", self.vmid)
@@ -209,6 +211,24 @@ class Resident:
                 self.status = "waiting"
         if self.retry.due():
             return self._start("resident", wait=True)
+        return False
+
+    def _end_controllers(self, rec: GuestRecord) -> bool:
+        """The stacks run again, and controllers still hold this job open: backup-end, backup-abort or
+        job-end tell them it is over; if vzdump's worker dies first, tell them here (what backup-end or
+        backup-abort recorded, else abort: stacks/conversation.py), retrying until the deadline. True
+        when none is left open."""
+        from ..stacks.conversation import Moment, message
+
+        if not self.job.is_over() or (self.retry.at is not None and not self.retry.due()):
+            return False
+        assert self.ctl is not None
+        word = rec.ended or message(Moment.WORKER_GONE, True)
+        if self.resumer.close_controllers(self.ctl, "resident", word, "the resident tries again until the deadline, "
+                                          "then the next job-start's sweep"):
+            self.retry.at = None
+            return True
+        self.retry.later(self.left())
         return False
 
     def _arm_watch(self) -> None:

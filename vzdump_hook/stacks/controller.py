@@ -4,9 +4,12 @@ it tells the controller the backup's phases and the controller stops and starts 
 The contract is docs/controller-api.md. Its phases map onto a driver's verbs:
 
     stop   -> quiesce      (answered only once the controller's apps are stopped, within answer_within)
-    start  -> snapshotted  (the point in time has passed: resume)
-    close  -> done | failed | abort   (the job is over; backup-end, backup-abort, job-end, sweeps)
+    start  -> snapshotted  (the point in time has passed: resume), or abort when the quiesce was not
+                           confirmed: then nothing else follows for the job
+    close  -> done | failed | abort   (the job is over; backup-end, backup-abort, job-end, the resident)
     is_up  -> status       (does the controller still hold this job's apps stopped)
+
+Which message goes when is one table, stacks/conversation.py.
 
 Two carriers reach it: a command in the guest over the guest's transport (`command`), or its HTTPS
 API (`url`) with a bearer token read from a root-only file, TLS verified against a CA file or a
@@ -34,6 +37,7 @@ from . import Kind, of_kind
 from .base import KindDriver, StopOutcome
 from .checks import token_file_problem
 from .controller_table import ControllerSpec
+from .conversation import ENDS, Moment, message
 
 if TYPE_CHECKING:
     from ..config import GuestConfig
@@ -45,9 +49,8 @@ log = logging.getLogger(__name__)
 API = 1
 CONNECT_TIMEOUT = 5.0
 ANSWER_MARGIN = 10.0  # seconds the hook waits beyond answer_within (transport, process start)
-ANSWER_MARGIN = 30.0  # answer_within by default: the stack's stop timeout plus this
+DEFAULT_ANSWER_EXTRA = 30.0  # answer_within by default: the stack's stop timeout plus this
 MAX_ANSWER = 64 * 1024
-CLOSING = ("done", "failed", "abort")
 # exit codes of the command carrier, by error code (docs/controller-api.md, section 6)
 _EXIT = {"bad_request": 2, "not_found": 2, "busy": 3, "job_closed": 3, "out_of_order": 3,
          "stop_failed": 4, "start_failed": 4, "timeout": 4, "internal": 5}
@@ -64,6 +67,11 @@ def parse_job(text: str) -> JobId | None:
     """The JobId of a job_string(), or None for a job this hook did not name."""
     m = _JOB.fullmatch(text)
     return None if m is None else JobId(m["node"], m["boot"], int(m["pid"]), int(m["start"]))
+
+
+def config_error(e: ConfigError) -> str:
+    """A refused token or an unusable token file, as the task log and `check` say it: a config error."""
+    return "CONFIG ERROR: " + "; ".join(e.problems)
 
 
 class Refused(ControllerError):
@@ -235,7 +243,7 @@ class ControllerDriver(KindDriver):
     def answer_within(self, rec: StackRecord, stop_timeout: float) -> float:
         spec = next((c for s, c in self.specs() if s.name == rec.name), None)
         within = (spec.answer_within if spec is not None and spec.answer_within is not None
-                  else stop_timeout + ANSWER_MARGIN)
+                  else stop_timeout + DEFAULT_ANSWER_EXTRA)
         return max(1.0, min(3600.0, within))
 
     def stop(self, rec: StackRecord, stop_timeout: float, timeout: float) -> StopOutcome:
@@ -247,7 +255,7 @@ class ControllerDriver(KindDriver):
                               deadline=round(self.deadline or time.time() + self.guest.max_downtime, 3),
                               answer_within=round(within, 3))
         except ConfigError as e:
-            return StopOutcome(rec.name, time.monotonic() - t0, (), "; ".join(e.problems))
+            return StopOutcome(rec.name, time.monotonic() - t0, (), config_error(e))
         except HookError as e:
             return StopOutcome(rec.name, time.monotonic() - t0, (), str(e))
         if body.get("job_state") != "quiesced":
@@ -259,12 +267,13 @@ class ControllerDriver(KindDriver):
         return StopOutcome(rec.name, time.monotonic() - t0, killed)
 
     def start(self, rec: StackRecord, timeout: float) -> float:
-        """`snapshotted`: confirmed by any ok answer (unknown/expired: it holds nothing of the job)."""
+        """`snapshotted`, or `abort` when the quiesce was not confirmed (stacks/conversation.py):
+        confirmed by any ok answer (unknown/expired: it holds nothing of the job)."""
         t0 = time.monotonic()
         try:
-            self._send(rec, "snapshotted", timeout)
+            self._send(rec, message(Moment.RESUME, rec.quiesced), timeout)
         except ConfigError as e:
-            raise ControllerError("; ".join(e.problems)) from None
+            raise ControllerError(config_error(e)) from None
         return time.monotonic() - t0
 
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
@@ -276,17 +285,16 @@ class ControllerDriver(KindDriver):
 
     def close(self, rec: StackRecord, phase: str, timeout: float) -> None:
         """`done`, `failed` or `abort`: the job is over for the hook. Raises HookError unless confirmed."""
-        assert phase in CLOSING
+        assert phase in ENDS
         try:
             self._send(rec, phase, timeout)
         except ConfigError as e:
-            raise ControllerError("; ".join(e.problems)) from None
+            raise ControllerError(config_error(e)) from None
 
     def status(self, name: str, timeout: float) -> dict[str, Any]:
-        try:
-            return self.carrier(name).send("status", {}, timeout)
-        except ConfigError as e:
-            raise ControllerError("; ".join(e.problems)) from None
+        """The controller's status. Raises ConfigError for a refused token (401/403) or an unusable
+        token file, HookError when it cannot be asked."""
+        return self.carrier(name).send("status", {}, timeout)
 
     def end_stale(self, force: bool, timeout: float, act: bool = True) -> list[tuple[str, str, bool]]:
         """Ask every controller what it holds, and `abort` a job of it that is over (its vzdump
@@ -296,6 +304,9 @@ class ControllerDriver(KindDriver):
         for spec, _ in self.specs():
             try:
                 body = self.status(spec.name, timeout)
+            except ConfigError as e:
+                out.append((spec.name, config_error(e), True))
+                continue
             except HookError as e:
                 out.append((spec.name, f"not reachable ({e})", True))
                 continue
@@ -323,8 +334,11 @@ class ControllerDriver(KindDriver):
                 continue
             try:
                 vmid = open_job.get("vmid")
-                self._send(StackRecord.controller(spec.name, job_text), "abort", timeout,
+                self._send(StackRecord.controller(spec.name, job_text), message(Moment.SWEEP, False), timeout,
                            vmid=vmid if isinstance(vmid, int) else None)
+            except ConfigError as e:
+                out.append((spec.name, f"job {job_text} ({why}): abort not sent: {config_error(e)}", True))
+                continue
             except HookError as e:
                 out.append((spec.name, f"job {job_text} ({why}): abort failed: {e}", True))
                 continue

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import Kind, KindTable, of_kind
 from .checks import Problems, num, string, token_file_problem
 
 if TYPE_CHECKING:
+    from ..config import GuestConfig
     from ..guest.marker import StackFields, StackRecord
     from .table import StackSpec
 
@@ -124,9 +125,21 @@ def check_guest(path: str, specs: Sequence[StackSpec], transport: str, check_fil
 
 
 def record_dict(rec: StackRecord) -> dict[str, Any]:
-    return {"job": rec.job, "stopped": rec.stopped}
+    return {"job": rec.job, "stopped": rec.stopped, "quiesced": rec.quiesced}
 
 
 def record_fields(f: StackFields) -> dict[str, Any]:
     """Refused: the guest's marker never lists a controller."""
     raise f.unknown()
+
+
+def with_current_ways(recorded: GuestConfig, current: GuestConfig | None) -> GuestConfig:
+    """`recorded` (the settings a record kept) with each controller's way in (command, url, token file,
+    CA file, pin, answer_within) taken from `current` (the config now) where it has a controller of the
+    same name: a token or pin fixed since the job is the one used. Everything else stays as recorded."""
+    if current is None or not recorded.has_controllers:
+        return recorded
+    now = {s.name: s for s, _ in of_kind(current.stacks or (), Table)}
+    stacks = tuple(replace(s, table=now[s.name].table) if s.kind is Kind.CONTROLLER and s.name in now else s
+                   for s in recorded.stacks or ())
+    return replace(recorded, stacks=stacks)

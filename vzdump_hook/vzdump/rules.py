@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..node.state import GuestRecord, Status
+from ..stacks.conversation import ENDING_PHASES
 from .phases import GuestType, Mode, Phase
 
 # The phases by which a guest's backup is over (or about to be), well or not.
@@ -54,8 +55,8 @@ WATCHER_ARMED_AT: dict[Mode, Phase] = {Mode.SNAPSHOT: Phase.POST_RESTART, Mode.S
                                        Mode.STOP: Phase.PRE_STOP}
 # The phases that end a guest's watcher: this guest's backup is over (or about to be) there.
 WATCHER_ENDS = BACKUP_OVER
-# the guest's backup ended, well or not: its controllers are told done / failed (stacks/controller.py)
-CONTROLLER_ENDS = {Phase.BACKUP_END: "done", Phase.BACKUP_ABORT: "failed"}
+# the guest's backup ended, well or not: its controllers are told done / failed (stacks/conversation.py)
+CONTROLLER_ENDS = frozenset(p for p in Phase if p.value in ENDING_PHASES)
 
 
 class Step(Enum):

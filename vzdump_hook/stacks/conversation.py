@@ -1,0 +1,50 @@
+"""The conversation with a guest's controller (docs/controller-api.md, sections 1 and 10), as one table:
+which message a controller is told at each moment of a job, by whether it confirmed the job's
+`quiesce`. Nothing else picks a message (stacks/controller.py sends them, guest/resume.py and the
+phases say when; tests/unit/test_controller_kind.py reads this table).
+
+The rule it holds: a controller that did not confirm the quiesce (an error, an answer that is not one
+of the contract, no answer in time, not reachable) is told `abort`, re-sent until confirmed, and
+nothing else for that job: never `snapshotted`, `done` or `failed`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Moment(str, Enum):
+    """When the hook talks to a controller about a job."""
+
+    QUIESCE = "pre-stop"  # right before the point in time
+    RESUME = "resume"  # the guest's resume point (vzdump/rules.py), re-tried by later phases, the resident, job-end
+    BACKUP_END = "backup-end"  # the archive was written
+    BACKUP_ABORT = "backup-abort"  # the guest's backup failed after the quiesce
+    JOB_END = "job-end"  # the job ended and neither backup-end nor backup-abort told the controller
+    JOB_ABORT = "job-abort"  # the same, for a job that failed
+    WORKER_GONE = "worker-gone"  # the node's resident saw vzdump's worker die (guest/resume.py)
+    SWEEP = "sweep"  # a later job-start, `recover`, backup-start: the controller holds a job that is over
+
+
+NOTHING = ""
+
+# moment -> (the message when the controller confirmed the quiesce, the message when it did not)
+CONVERSATION: dict[Moment, tuple[str, str]] = {
+    Moment.QUIESCE: ("quiesce", "quiesce"),
+    Moment.RESUME: ("snapshotted", "abort"),
+    Moment.BACKUP_END: ("done", NOTHING),  # unconfirmed: its abort at the resume was its end
+    Moment.BACKUP_ABORT: ("failed", NOTHING),
+    Moment.JOB_END: ("abort", NOTHING),
+    Moment.JOB_ABORT: ("failed", NOTHING),
+    Moment.WORKER_GONE: ("abort", NOTHING),
+    Moment.SWEEP: ("abort", "abort"),  # from the controller's own status: whatever it holds open
+}
+
+ENDS = frozenset({"done", "failed", "abort"})  # a job is over for a controller that confirmed one of these
+ENDING_PHASES = frozenset({Moment.BACKUP_END.value, Moment.BACKUP_ABORT.value})  # vzdump phases that end a guest's job
+
+
+def message(moment: Moment, quiesced: bool) -> str:
+    """What a controller is told at `moment`: "" for nothing."""
+    confirmed, unconfirmed = CONVERSATION[moment]
+    return confirmed if quiesced else unconfirmed
