@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from vzdump_hook.errors import ConnectError
+from vzdump_hook.errors import ConfigError, ConnectError
 from vzdump_hook.guest.marker import StackRecord
+from vzdump_hook.guest.session import _confirmed
 from vzdump_hook.node.job import JobId
 from vzdump_hook.node.state import GuestRecord
 from vzdump_hook.stacks import Kind
 from vzdump_hook.stacks.controller import CommandCarrier, ControllerDriver, Refused, check_answer, job_string, parse_job
-from vzdump_hook.stacks.controller_table import ControllerSpec
+from vzdump_hook.stacks.controller_table import ControllerSpec, with_current_ways
+from vzdump_hook.stacks.conversation import Moment, message
 from vzdump_hook.transports.base import Transport
 
 from .test_config import parse, problems
@@ -212,3 +214,99 @@ def test_strategies_parse_for_any_kind() -> None:
 def test_strategy_problems_name_their_key_path(stacks: str, expected: str) -> None:
     found = problems(guest(stacks))
     assert any(p.startswith(expected) for p in found), found
+
+
+# -- the conversation (stacks/conversation.py) ---------------------------------------------------------
+
+
+def test_after_an_unconfirmed_quiesce_the_table_has_only_abort() -> None:
+    """The contract's rule (docs/controller-api.md, sections 1, 6, 10), read off the table: a controller that
+    did not confirm its quiesce is told abort, and never snapshotted, done or failed."""
+    unconfirmed = {message(m, False) for m in Moment if m is not Moment.QUIESCE}
+    assert unconfirmed <= {"abort", ""} and "abort" in unconfirmed
+    assert message(Moment.RESUME, True) == "snapshotted" and message(Moment.GIVE_UP, True) == "abort"
+    # every message the hook sends after the quiesce is one the contract defines (section 1)
+    assert {message(m, q) for m in Moment for q in (True, False)} - {""} <= {
+        "quiesce", "snapshotted", "done", "failed", "abort"}
+
+
+class Recording(Transport):
+    """Answers each `signal PHASE` as the contract says (ok, job_state per phase); keeps the phases."""
+
+    def __init__(self) -> None:
+        super().__init__("recording")
+        self.phases: list[str] = []
+
+    def _exec(self, argv: Sequence[str], stdin: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
+        phase = argv[argv.index("signal") + 1]
+        self.phases.append(phase)
+        state = {"snapshotted": "resumed", "abort": "aborted"}.get(phase, phase)
+        return 0, f'{{"api": 1, "ok": true, "phase": "{phase}", "job_state": "{state}"}}\n'.encode(), b""
+
+
+@pytest.mark.parametrize(("quiesced", "give_up", "sent", "ended"), [
+    (True, False, "snapshotted", set()),
+    (False, False, "abort", {"ctl"}),
+    (True, True, "abort", {"ctl"}),  # the hook gave up on the job: abort, not snapshotted
+    (False, True, "abort", {"ctl"}),
+])
+def test_the_start_sends_what_the_table_says_and_an_abort_ends_the_job(quiesced: bool, give_up: bool, sent: str,
+                                                                      ended: set[str]) -> None:
+    g = parse(guest('{ kind = "controller", name = "ctl", command = ["c"] }')).guests[101]
+    t = Recording()
+    d = ControllerDriver(t, g, JobId("n", "b", 1, 2))
+    if give_up:
+        d.moment = Moment.GIVE_UP
+    d.start(StackRecord.controller("ctl", "n:b:1-2", stopped=True, quiesced=quiesced), 10)
+    assert t.phases == [sent] and d.ended == ended
+
+
+def test_only_a_confirmed_quiesce_marks_the_record_quiesced() -> None:
+    g = parse(guest('{ kind = "controller", name = "ctl", command = ["c"] }')).guests[101]
+    ok = ControllerDriver(Canned(0, OK), g, JobId("n", "b", 1, 2))
+    rec = ok.running(g.stacks or (), 1)["ctl"]
+    outcomes = [ok.stop(rec, 5, 60), ControllerDriver(Canned(0, "not json"), g, JobId("n", "b", 1, 2)).stop(rec, 5, 60)]
+    assert [o.error == "" for o in outcomes] == [True, False]
+    assert [r.quiesced for r in _confirmed((rec,), outcomes[:1])] == [True]
+    assert [r.quiesced for r in _confirmed((rec,), outcomes[1:])] == [False]
+
+
+def test_a_refused_token_reads_as_a_config_error_in_the_sweep(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    token.chmod(0o600)
+    g = parse(guest(f'{{ kind = "controller", name = "ctl", url = "https://h", token_file = "{token}", '
+                    f'fingerprint = "{FP}" }}', 'transport = "none"')).guests[101]
+    d = ControllerDriver(Down("down"), g, JobId("n", "b", 1, 2))
+
+    class Refusing:
+        def send(self, phase: str, fields: dict[str, object], timeout: float) -> dict[str, object]:
+            raise ConfigError([f"controller ctl (https://h): {phase}: HTTP 403: the token in {token} is refused"])
+
+    d._carriers["ctl"] = Refusing()  # type: ignore[assignment]
+    ((name, text, down),) = d.end_stale(False, 5)
+    assert name == "ctl" and down and text.startswith("CONFIG ERROR: ") and str(token) in text
+    assert "not reachable" not in text
+
+
+def test_a_recorded_guest_reaches_its_controllers_the_way_the_config_says_now(tmp_path: Path) -> None:
+    """A token or pin fixed since the job is the one the sweep uses; a controller the config no longer
+    has keeps its recorded way in; the other settings stay as recorded."""
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    token.chmod(0o600)
+
+    def cfg(pin: str, extra: str = "") -> str:
+        return guest(f'{{ kind = "controller", name = "ctl", url = "https://h", token_file = "{token}", '
+                     f'fingerprint = "{pin}" }}{extra}', 'transport = "none"')
+
+    recorded = parse(cfg(FP, f', {{ kind = "controller", name = "old", url = "https://o", token_file = "{token}", '
+                             f'ca_file = "/c" }}') + "stop_timeout = 7\n").guests[101]
+    current = parse(cfg(":".join(["CD"] * 32))).guests[101]
+    merged = with_current_ways(recorded, current)
+    assert merged.stacks is not None
+    ways = {s.name: s.table for s in merged.stacks}
+    assert ways["ctl"] == ControllerSpec(url="https://h", token_file=str(token), fingerprint="cd" * 32)
+    assert ways["old"] == ControllerSpec(url="https://o", token_file=str(token), ca_file="/c")
+    assert merged.stop_timeout == 7.0
+    assert with_current_ways(recorded, None) is recorded

@@ -16,6 +16,8 @@ from ..config import HookSettings
 from ..errors import HookError
 from ..node.job import JobId
 from ..node.state import GuestRecord, HostState, Status
+from ..stacks import Kind
+from ..stacks.conversation import Moment
 from .session import GuestSession, Resume, describe
 
 if TYPE_CHECKING:
@@ -137,11 +139,16 @@ class Resumer:
                         "but its app did not answer; the backup goes on",
                         where, vmid, name, spec.ready_timeout if spec is not None else 0, what)
 
-    def resume_locked(self, ctl: GuestSession, rec: GuestRecord, where: str, wait: bool) -> bool:
-        """resume_with() once the lock is held and `rec` is known to be pending."""
+    def resume_locked(self, ctl: GuestSession, rec: GuestRecord, where: str, wait: bool, give_up: bool = False) -> bool:
+        """resume_with() once the lock is held and `rec` is known to be pending. `give_up`: the hook
+        gives up on the job (on_quiesce_error = abort); so does a resume after vzdump's worker died:
+        the guest's controllers are told abort, not snapshotted (stacks/conversation.py)."""
         vmid = rec.vmid
         start = time.monotonic()
         seen = self.entries(vmid)
+        controllers = any(s.kind is Kind.CONTROLLER for s in rec.stacks)
+        if controllers and (give_up or self.job.is_over() is True):
+            ctl.driver.controllers.moment = Moment.GIVE_UP
         try:
             if wait:
                 # a guest that already failed to answer in an earlier phase gets a short wait: a dead
@@ -150,6 +157,7 @@ class Resumer:
                                else min(RETRY_WAIT, ctl.guest.resume_wait), self.deadline)
             r = ctl.resume(self.deadline, fallback=tuple(rec.stacks))
         except HookError as e:
+            self._ended(ctl, rec, controllers)
             rec.status = Status.RESUME_FAILED
             rec.problems.append(f"{where}: resume: {describe(e)}")
             self._save(rec)
@@ -158,6 +166,7 @@ class Resumer:
             return False
         for p in r.problems:
             log.warning("%s %d: %s", where, vmid, p)
+        self._ended(ctl, rec, controllers)
         if r.failed:
             rec.status = Status.RESUME_FAILED
             rec.problems += [f"{where}: {p}" for p in r.problems]
@@ -216,6 +225,12 @@ class Resumer:
         except HookError as e:  # the lock
             log.warning("%s %d: controllers not told %s: %s; %s", where, vmid, word, describe(e), later)
             return False
+
+    @staticmethod
+    def _ended(ctl: GuestSession, rec: GuestRecord, controllers: bool) -> None:
+        """The controllers whose start was their end (abort) count as closed: nothing more is sent."""
+        if controllers:
+            rec.closed += [n for n in sorted(ctl.driver.controllers.ended) if n not in rec.closed]
 
     def _save(self, rec: GuestRecord) -> None:
         """The record, if its job's directory still exists (an admin may have wiped run_dir)."""

@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from ..errors import ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
+from ..errors import ConfigError, ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
 from ..node.job import JobId
 from ..stacks import Kind
 from ..stacks.base import StopOutcome
+from ..stacks.conversation import CONFIG_ERROR
 from ..stacks.kinds import Stacks
 from ..transports import open_transport
 from . import marker_file, ready, stops
@@ -126,6 +127,8 @@ class GuestSession:
         notes = []
         for name, text, down in self.driver.controllers.end_stale(True, left(deadline, self.guest.command_timeout),
                                                                   act=end_stale):
+            if down and text.startswith(CONFIG_ERROR):  # a refused token, a bad token file: the config's to fix
+                raise ConfigError([f"controller {name}: {text}"])
             if down:
                 raise ControllerError(f"controller {name}: {text}")
             if text:

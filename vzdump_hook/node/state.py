@@ -76,10 +76,9 @@ class GuestRecord:
 
     @property
     def unclosed_controllers(self) -> list[StackRecord]:
-        """The controllers that confirmed this job's quiesce and have not confirmed its end yet. (One
-        that did not confirm the quiesce is told abort by the resume, and nothing after it:
-        stacks/conversation.py.)"""
-        return [s for s in self.stacks if s.kind is Kind.CONTROLLER and s.quiesced and s.name not in self.closed]
+        """The controllers this job asked to quiesce that have not confirmed the job's end yet (the
+        end is abort at the resume for one that did not confirm the quiesce: stacks/conversation.py)."""
+        return [s for s in self.stacks if s.kind is Kind.CONTROLLER and s.name not in self.closed]
 
     @property
     def downtime(self) -> float | None:

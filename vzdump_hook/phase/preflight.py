@@ -7,7 +7,7 @@ import logging
 import time
 
 from ..config import GuestConfig, QuiescePolicy
-from ..errors import HookError
+from ..errors import ConfigError, HookError
 from ..guest.marker import Marker
 from ..guest.resume import resume_leftover
 from ..guest.session import GuestSession, Preflight, Resume, describe
@@ -75,7 +75,8 @@ def _ask(ctx: PhaseContext, ctl: GuestSession, rec: GuestRecord) -> Preflight:
 
 def _not_ready(ctx: PhaseContext, guest: GuestConfig, mode: Mode, rec: GuestRecord, e: HookError,
                failed: Outcome) -> Outcome:
-    rec.status = Status.PREFLIGHT_FAILED
+    config = isinstance(e, ConfigError)  # e.g. a token the guest's controller refuses
+    rec.status = Status.CONFIG_ERROR if config else Status.PREFLIGHT_FAILED
     rec.problems.append(f"preflight: {describe(e)}")
     ctx.state.save(rec)
     if failed.abort_policy:
@@ -84,7 +85,8 @@ def _not_ready(ctx: PhaseContext, guest: GuestConfig, mode: Mode, rec: GuestReco
         outcome = "nothing will be stopped (if the guest is off, its backup is consistent anyway)"
     else:
         outcome = "nothing will be stopped, the backup is crash-consistent"
-    log.warning("backup-start %d: guest not ready: %s -> %s", guest.vmid, describe(e), outcome)
+    log.warning("backup-start %d: %s: %s -> %s", guest.vmid, "config error" if config else "guest not ready",
+                describe(e), outcome)
     return failed
 
 

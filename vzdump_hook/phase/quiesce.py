@@ -82,7 +82,7 @@ def _stop(ctx: PhaseContext, ctl: GuestSession, guest: GuestConfig, vmtype: Gues
     if abort:
         log.warning("pre-stop %d: on_quiesce_error = abort: starting the stacks again and failing this guest's backup",
                     vmid)
-        ctx.resumer.resume_locked(ctl, rec, "pre-stop", wait=False)
+        ctx.resumer.resume_locked(ctl, rec, "pre-stop", wait=False, give_up=True)
     else:
         log.warning("pre-stop %d: backup goes on crash-consistent (on_quiesce_error = continue)", vmid)
     return failed

@@ -37,7 +37,7 @@ from . import Kind, of_kind
 from .base import KindDriver, StopOutcome
 from .checks import token_file_problem
 from .controller_table import ControllerSpec
-from .conversation import ENDS, Moment, message
+from .conversation import CONFIG_ERROR, ENDS, Moment, message
 
 if TYPE_CHECKING:
     from ..config import GuestConfig
@@ -71,7 +71,7 @@ def parse_job(text: str) -> JobId | None:
 
 def config_error(e: ConfigError) -> str:
     """A refused token or an unusable token file, as the task log and `check` say it: a config error."""
-    return "CONFIG ERROR: " + "; ".join(e.problems)
+    return CONFIG_ERROR + "; ".join(e.problems)
 
 
 class Refused(ControllerError):
@@ -209,6 +209,8 @@ class ControllerDriver(KindDriver):
         self.job = job
         self.mode = ""  # set by the quiesce: vzdump's mode, and the deadline (Unix time) sent with it
         self.deadline = 0.0
+        self.moment = Moment.RESUME  # what a start is (GIVE_UP: the hook gives up on the job)
+        self.ended: set[str] = set()  # controllers whose start was the job's end for them (abort)
         self._carriers: dict[str, CommandCarrier | HttpCarrier] = {}
 
     def specs(self) -> list[tuple[StackSpec, ControllerSpec]]:
@@ -267,13 +269,19 @@ class ControllerDriver(KindDriver):
         return StopOutcome(rec.name, time.monotonic() - t0, killed)
 
     def start(self, rec: StackRecord, timeout: float) -> float:
-        """`snapshotted`, or `abort` when the quiesce was not confirmed (stacks/conversation.py):
-        confirmed by any ok answer (unknown/expired: it holds nothing of the job)."""
+        """`snapshotted`, or `abort` when the quiesce was not confirmed or the hook gives up on the job
+        (stacks/conversation.py): confirmed by any ok answer (unknown/expired: it holds nothing of
+        the job)."""
         t0 = time.monotonic()
+        word = message(self.moment, rec.quiesced)
         try:
-            self._send(rec, message(Moment.RESUME, rec.quiesced), timeout)
+            self._send(rec, word, timeout)
         except ConfigError as e:
             raise ControllerError(config_error(e)) from None
+        if word in ENDS:
+            self.ended.add(rec.name)
+            why = "its quiesce was not confirmed" if not rec.quiesced else "the hook gave up on the job"
+            log.info("controller %s told %s (%s): nothing more for job %s", rec.name, word, why, rec.job)
         return time.monotonic() - t0
 
     def is_up(self, rec: StackRecord, timeout: float) -> bool:

@@ -18,11 +18,14 @@ class Moment(str, Enum):
 
     QUIESCE = "pre-stop"  # right before the point in time
     RESUME = "resume"  # the guest's resume point (vzdump/rules.py), re-tried by later phases, the resident, job-end
+    # the hook gives up on the job before the point in time passed for the guest: on_quiesce_error = abort
+    # after a failed stop, or vzdump's worker gone before the resume (the resident, guest/resume.py)
+    GIVE_UP = "give-up"
     BACKUP_END = "backup-end"  # the archive was written
     BACKUP_ABORT = "backup-abort"  # the guest's backup failed after the quiesce
     JOB_END = "job-end"  # the job ended and neither backup-end nor backup-abort told the controller
     JOB_ABORT = "job-abort"  # the same, for a job that failed
-    WORKER_GONE = "worker-gone"  # the node's resident saw vzdump's worker die (guest/resume.py)
+    WORKER_GONE = "worker-gone"  # the node's resident saw vzdump's worker die after the resume
     SWEEP = "sweep"  # a later job-start, `recover`, backup-start: the controller holds a job that is over
 
 
@@ -32,13 +35,18 @@ NOTHING = ""
 CONVERSATION: dict[Moment, tuple[str, str]] = {
     Moment.QUIESCE: ("quiesce", "quiesce"),
     Moment.RESUME: ("snapshotted", "abort"),
-    Moment.BACKUP_END: ("done", NOTHING),  # unconfirmed: its abort at the resume was its end
+    Moment.GIVE_UP: ("abort", "abort"),
+    # below, a controller that was told abort at the resume (its end) is told nothing more: these are
+    # for the ones told snapshotted
+    Moment.BACKUP_END: ("done", NOTHING),
     Moment.BACKUP_ABORT: ("failed", NOTHING),
     Moment.JOB_END: ("abort", NOTHING),
     Moment.JOB_ABORT: ("failed", NOTHING),
     Moment.WORKER_GONE: ("abort", NOTHING),
     Moment.SWEEP: ("abort", "abort"),  # from the controller's own status: whatever it holds open
 }
+
+CONFIG_ERROR = "CONFIG ERROR: "  # how a refused token (401/403) or an unusable token file is reported
 
 ENDS = frozenset({"done", "failed", "abort"})  # a job is over for a controller that confirmed one of these
 ENDING_PHASES = frozenset({Moment.BACKUP_END.value, Moment.BACKUP_ABORT.value})  # vzdump phases that end a guest's job

@@ -99,7 +99,7 @@ def plan(phase: Phase, vmtype: GuestType | None, mode: Mode | None, record: Gues
     if phase is Phase.BACKUP_START:
         return Plan(Step.PREFLIGHT)
     if phase is Phase.PRE_STOP:
-        if record is not None and record.status in (Status.PREFLIGHT_FAILED, Status.SKIPPED):
+        if record is not None and record.status in (Status.PREFLIGHT_FAILED, Status.CONFIG_ERROR, Status.SKIPPED):
             return Plan(Step.NONE, note="preflight failed: nothing is stopped, the backup is crash-consistent")
         if record is not None and record.status.pending:
             return Plan(Step.NONE, note="already quiesced by this job")
