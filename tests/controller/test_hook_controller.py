@@ -232,3 +232,30 @@ def test_serve_killed_between_quiesce_and_snapshotted_the_hook_resends(served: E
     assert result.status is JobStatus.OK, log
     assert env.all_running(), log
     assert [c["state"] for c in closed_jobs(env)] == ["done"], (env.status(), log)
+
+
+def test_reference_controller_whose_stop_fails_is_told_abort_and_nothing_else(env: Env, ct: NsContainer,
+                                                                             tmp_path: Path) -> None:
+    """The reference controller's compose stops the projects but exits 1 (a stop that failed half-way):
+    it answers stop_failed (quiesce_failed). The hook tells it abort at the resume and nothing else
+    for that job (stacks/conversation.py); the abort starts what it had stopped, and closes the job."""
+    wrapper = tmp_path / "compose-stop-fails"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = stop ] && { docker compose "$@"; exit 1; }; done\n'
+                       'exec docker compose "$@"\n')
+    wrapper.chmod(0o755)
+    env.config.write_text(json.dumps({**json.loads(env.config.read_text()), "compose": [str(wrapper)]}))
+    stack = {"kind": "controller", "name": "appctl",
+             "command": [sys.executable, str(CONTROLLER), "--config", str(env.config)]}
+    hook_env = write_config(tmp_path, stack, transport="pct",
+                            extra=f"pct = {{ path = {toml_value(make_pct(tmp_path / 'ct'))} }}")
+    seen: dict[str, bool] = {}
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=hook_env,
+                     on_point_in_time=lambda ctx: seen.update(stopped=not env.all_running()), timeout=120)
+    log = result.task_log()
+    assert result.status is JobStatus.OK, log  # on_quiesce_error = continue
+    phases = [c["argv"][c["argv"].index("signal") + 1] for c in read_calls(tmp_path / "ct") if "signal" in c["argv"]]
+    assert phases[phases.index("quiesce"):] == ["quiesce", "abort"], (phases, log)
+    assert seen == {"stopped": True}, log  # the failed stop had stopped something: abort had work to do
+    assert env.all_running(), log
+    assert [c["state"] for c in closed_jobs(env)] == ["aborted"], env.status()
+    assert any("stop_failed" in line.text for line in result.log if line.phase == "pre-stop"), log
