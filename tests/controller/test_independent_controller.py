@@ -266,3 +266,31 @@ def test_a_refused_token_is_a_config_error_and_nothing_is_stopped(indep: Indep, 
     sweep = lines_of(result, "job-start")
     assert any("CONFIG ERROR" in t and "403" in t and str(bad) in t for t in sweep), sweep
     assert any("not quiesced (config unusable)" in t for t in lines_of(result, "job-end")), log
+
+
+def test_without_a_resident_the_next_job_start_closes_a_job_left_open_after_the_resume(indep: Indep,
+                                                                                      tmp_path: Path) -> None:
+    """No resident; the worker dies after pre-restart, when the app runs again and the controller holds
+    the job open as resumed. The ledger still lists the guest (its controller did not confirm the job's
+    end), `status` says so, and the next job-start asks the controller and tells it abort."""
+    indep.serve()
+    hook_env = write_config(tmp_path, https_stack(indep), hook="resident = false")
+
+    def on_phase(phase: str, ctx: Context) -> None:
+        if phase == "pre-restart" and ctx.moment is Moment.AFTER_PHASE:
+            raise WorkerKilled
+
+    first = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=hook_env,
+                    on_phase=on_phase, timeout=120)
+    assert first.status is JobStatus.KILLED, first.task_log()
+    (job,) = indep.jobs()
+    assert indep.phases(job) == ["quiesce", "snapshotted"] and indep.app_runs()
+    assert indep.state_json()["open"]["state"] == "resumed"
+    shown = subprocess.run([installed_hook(), "status"], env=hook_env, capture_output=True, text=True, timeout=120)
+    assert "controller job open: appctl (not told its end yet)" in shown.stdout, shown.stdout + shown.stderr
+    assert "1 entry for guest(s) 101" in shown.stdout, shown.stdout  # kept: the job-start below asks the guest
+    second = run_job(installed_hook(), [], extra_env=hook_env, timeout=120)
+    text = second.task_log()
+    assert "its job is over" in text and "told abort" in text, text
+    assert indep.phases(job) == ["quiesce", "snapshotted", "abort"], indep.messages()
+    assert indep.state_json()["open"] is None and indep.app_runs()

@@ -157,4 +157,7 @@ def _marker_line(vmid: int, m: Marker | None, es: list[Entry] | None, known: boo
 
 def _rec_line(r: GuestRecord) -> str:
     down = f" down {r.downtime:.1f} s" if r.downtime is not None else ""
-    return f"{r.vmid} {r.vmtype.value}/{r.mode.value} {r.status.value}{down}"
+    # a controller job stays open until the controller confirmed its end (stacks/conversation.py)
+    unclosed = [s.name for s in r.unclosed_controllers]
+    open_jobs = f", controller job open: {', '.join(unclosed)} (not told its end yet)" if unclosed else ""
+    return f"{r.vmid} {r.vmtype.value}/{r.mode.value} {r.status.value}{down}{open_jobs}"
