@@ -18,6 +18,7 @@ from tests.guest_sh.conftest import Guest
 from tests.guest_sh.test_wrapper import LOG_NAME, WrapperTransport, forced, log_lines
 from vzdump_hook import config as configuration
 from vzdump_hook.guest.install import Layout, conf_text
+from vzdump_hook.guest.session import _confirmed
 from vzdump_hook.node.job import JobId
 from vzdump_hook.stacks.controller import ControllerDriver, job_string
 
@@ -59,6 +60,7 @@ def test_the_hook_talks_to_its_controller_through_the_wrapper(guest: Guest, comm
     out = d.stop(rec, 5, 60)
     assert out.clean, out
     assert state(command)["open_job"]["state"] == "quiesced"  # type: ignore[index]
+    (rec,) = _confirmed((rec,), [out])  # as the session records a confirmed quiesce: snapshotted follows
     d.start(rec, 60)
     d.close(rec, "done", 60)
     closed = state(command)["closed"]
