@@ -233,6 +233,34 @@ def test_label_matches_stop_in_the_order_of_their_names(ctrs: Containers, test_g
         ctl.close()
 
 
+def test_a_name_or_label_the_engine_does_not_have_is_told_apart_from_a_stopped_one(ctrs: Containers,
+                                                                                   test_guest: TestGuest) -> None:
+    """A typo among several names, a stack with no existing member, a label that selects nothing: each
+    named with its key path; a container that exists and is stopped is left alone, as before."""
+    c, p = ctrs, ctrs.prefix
+    c.run("side")
+    c.run("parked", running=False)
+    c.run("blog", labels=(f"vzdh.test={p}blog",), running=False)
+    stacks = [{"kind": "container", "name": "app", "containers": [p + "side", p + "typo"]},
+              {"kind": "container", "name": "ghost", "containers": [p + "nope"]},
+              {"kind": "container", "name": "idle", "containers": [p + "parked"]},
+              {"kind": "container", "name": "shop", "label": f"vzdh.test={p}shop"},
+              {"kind": "container", "name": "blog", "label": f"vzdh.test={p}blog"}]
+    ctl = controller(test_guest, c, [{**s, "engine": c.e} for s in stacks])
+    try:
+        pf = ctl.preflight(soon())
+    finally:
+        ctl.close()
+    e = c.e
+    assert pf.selected == ("app",) and set(pf.missing) == {"idle", "blog"}, pf
+    assert pf.absent == (
+        f"guests.{VMID}.stacks[0].containers[1]: {e} container '{p}typo' does not exist in the guest (stack app)",
+        f"guests.{VMID}.stacks[1].containers[0]: {e} container '{p}nope' does not exist in the guest (stack ghost)",
+        f"guests.{VMID}.stacks[3].label: label 'vzdh.test={p}shop' selects no container in the guest (stack shop)",
+    ), pf.absent
+    assert c.running("side") and not c.running("parked")  # a preflight changes nothing
+
+
 def test_the_engine_is_detected(docker_ctrs: Containers, test_guest: TestGuest) -> None:
     c = docker_ctrs
     c.run("a")
@@ -302,10 +330,11 @@ def test_vzdump_job_and_admin_commands_on_a_container_stack(docker_ctrs: Contain
     c = docker_ctrs
     for n in ("a", "b"):
         c.run(n)
+    c.run("parked", running=False)
     setup = HookSetup(tmp_path / "hook")
     setup.tmp.mkdir()
     stacks = [{"kind": "container", "name": "app", "containers": [c.prefix + "a", c.prefix + "b"]},
-              {"kind": "container", "name": "idle", "containers": [c.prefix + "gone"]}]
+              {"kind": "container", "name": "idle", "containers": [c.prefix + "parked"]}]
     setup.write({VMID: (test_guest, {"stacks": stacks, "stop_timeout": 5, "resume_wait": 30,
                                      "marker_path": str(c.marker)})})
     seen: list[tuple[bool, bool, bool]] = []
@@ -342,6 +371,44 @@ def test_vzdump_job_and_admin_commands_on_a_container_stack(docker_ctrs: Contain
     r = admin("recover", "--force", str(VMID))
     assert r.returncode == 0, r.stdout + r.stderr
     assert c.running("a") and c.running("b") and not c.marker.exists()
+
+
+@pytest.mark.parametrize("policy", ["continue", "abort"])
+def test_a_typo_in_the_names_is_a_config_problem_in_check_and_the_task_log(docker_ctrs: Containers,
+                                                                            test_guest: TestGuest, tmp_path: Path,
+                                                                            policy: str) -> None:
+    """`check` exits non-zero naming the key to fix; at backup-start a WARNING with the same, then the
+    policy: continue stops what exists and the job-end table marks the guest; abort fails its backup and
+    stops nothing."""
+    from tests.infra.vzdump import GuestSpec, GuestType, JobStatus, Mode, run_job
+    from tests.integration.hookenv import HookSetup, installed_hook
+
+    c = docker_ctrs
+    c.run("side")
+    setup = HookSetup(tmp_path / "hook")
+    setup.tmp.mkdir()
+    stacks = [{"kind": "container", "name": "app", "containers": [c.prefix + "side", c.prefix + "typo"]}]
+    setup.write({VMID: (test_guest, {"stacks": stacks, "stop_timeout": 5, "marker_path": str(c.marker),
+                                     "on_quiesce_error": policy})})
+    problem = (f"guests.{VMID}.stacks[0].containers[1]: docker container '{c.prefix}typo' does not exist in the guest "
+               "(stack app)")
+    check = subprocess.run([installed_hook(), "check", str(VMID)], env={**setup.env, "PATH": "/usr/sbin:/usr/bin:/bin"},
+                           capture_output=True, text=True, timeout=120, cwd="/")
+    assert check.returncode != 0 and f"DOES NOT EXIST: {problem}" in check.stdout, check.stdout + check.stderr
+    seen: list[bool] = []
+    result = run_job(installed_hook(), [GuestSpec(VMID, GuestType.LXC, Mode.SNAPSHOT)], extra_env=setup.env,
+                     on_point_in_time=lambda ctx: seen.append(c.running("side")), timeout=120)
+    log = result.task_log()
+    start = [line.text for line in result.log if line.phase == "backup-start"]
+    assert any(f"WARNING: backup-start {VMID}: config problem: {problem}" in t for t in start), log
+    if policy == "continue":
+        assert result.status is JobStatus.OK and seen == [False], log  # what exists is stopped as usual
+        assert re.search(rf"{VMID}\s+app\s+\d+\.\d+\s+ok, crash-consistent, 1 configured name\(s\) NOT IN THE GUEST",
+                         log), log
+    else:
+        assert result.guest(VMID).status.value == "failed" and seen == [], log  # failed at backup-start
+        assert re.search(rf"{VMID}\s+-\s+-\s+not quiesced \(config unusable\)", log), log
+    assert c.running("side"), log
 
 
 def test_a_killed_container_with_policy_abort_fails_the_guests_backup_and_starts_the_stack_again(

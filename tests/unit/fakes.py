@@ -10,6 +10,7 @@ by 64-hex id with running / restarting / exit code), files (the marker) and beha
                                                            _IN_DIR (args: workdir, compose argv)
     ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running",
      "--format", FMT]
+    ["docker", "ps", "-a", "--no-trunc", "--filter", "label=com.docker.compose.project", "--format", FMT]
     ["docker", "inspect", "--format", FMT, *ids]
     ["docker", "stop", "-t", N, *ids]
     ["docker", "start", *ids]
@@ -34,6 +35,7 @@ from vzdump_hook.transports.base import Transport, shell_join
 
 PS_PREFIX = ["docker", "ps", "--no-trunc", "--filter", "label=com.docker.compose.project", "--filter", "status=running",
              "--format"]
+PS_ALL_PREFIX = ["docker", "ps", "-a", "--no-trunc", "--filter", "label=com.docker.compose.project", "--format"]
 COMPOSE_COMMANDS = {"docker compose": ("docker", "compose"), "docker-compose": ("docker-compose",)}
 _TOKEN = re.compile(r"\{\{\s*(\.[A-Za-z.]+)\s*(?:\"([^\"]*)\")?\s*\}\}")
 
@@ -204,6 +206,8 @@ class FakeGuest:
                     return verb, name, self._compose
         if argv[: len(PS_PREFIX)] == PS_PREFIX and len(argv) == len(PS_PREFIX) + 1:
             return "ps", "", self._ps
+        if argv[: len(PS_ALL_PREFIX)] == PS_ALL_PREFIX and len(argv) == len(PS_ALL_PREFIX) + 1:
+            return "ps-all", "", self._ps
         if (
             argv[:3] == ["docker", "ps", "--filter"]
             and argv[3].startswith("label=com.docker.compose.project=")
@@ -296,7 +300,8 @@ class FakeGuest:
         with self._lock:
             for p in self.projects.values():
                 for c in p.containers.values():
-                    if not c.running or c.restarting:  # status=running: docker leaves out restarting ones
+                    # status=running (not with -a): docker leaves out restarting ones
+                    if argv[2] != "-a" and (not c.running or c.restarting):
                         continue
                     labels = {
                         "com.docker.compose.project": p.name,

@@ -163,10 +163,12 @@ class Engine(Transport):
         by_id = {**{c.name: c for c in self.ctrs.values()}, **by_id}  # an id before a name
         if verb == "ls":
             label = next((f[6:] for f in rest if f.startswith("label=")), None)
-            self.calls.append(f"ls {label or ''}".strip())
+            every = rest[0] == "-a"  # every container, running or not (else --filter status=running)
+            self.calls.append(f"ls{' -a' if every else ''} {label or ''}".strip())
             key, _, value = (label or "").partition("=")
             out = [f"{c.id}\t{c.name}" for c in self.ctrs.values()
-                   if c.running and (label is None or (key in c.labels and (not value or c.labels[key] == value)))]
+                   if (every or c.running)
+                   and (label is None or (key in c.labels and (not value or c.labels[key] == value)))]
             return 0, "".join(x + "\n" for x in out).encode(), b""
         if verb == "inspect":
             ids = rest[2:]
@@ -197,9 +199,26 @@ def spec(name: str, **kw: object) -> StackSpec:
 
 def test_only_the_listed_containers_that_run_are_recorded_in_the_given_order() -> None:
     e = Engine("docker", Ctr("db"), Ctr("web"), Ctr("cache", running=False), Ctr("other"))
-    found = ContainerDriver(e).running((spec("app", containers=("web", "cache", "db")),), 10)
+    d = ContainerDriver(e)
+    found = d.running((spec("app", containers=("web", "cache", "db")),), 10)
     assert found == {"app": StackRecord.container("app", "docker", ("web", "db"), (cid("web"), cid("db")))}
-    assert e.calls == ["detect", "ls"]
+    assert e.calls == ["detect", "ls", "ls -a"]  # cache does not run: does it exist?
+    assert d.absent() == []  # it does (stopped: left alone)
+    e.calls.clear()
+    assert d.running((spec("app", containers=("web", "db")),), 10) and e.calls == ["ls"]  # all run: one listing
+
+
+def test_a_listed_name_or_label_that_selects_nothing_is_absent_with_its_key() -> None:
+    e = Engine("docker", Ctr("accc-side"), Ctr("parked", {"app": "blog"}, running=False))
+    d = ContainerDriver(e)
+    found = d.running((spec("app", containers=("accc-side", "accc-typo")), spec("ghost", containers=("nope",)),
+                       spec("shop", label="app=shop"), spec("blog", label="app=blog")), 10)
+    assert list(found) == ["app"]
+    assert [(a.stack, a.key, a.what) for a in d.absent()] == [
+        ("app", "containers[1]", "docker container 'accc-typo' does not exist"),
+        ("ghost", "containers[0]", "docker container 'nope' does not exist"),
+        ("shop", "label", "label 'app=shop' selects no container"),
+    ]  # blog's label selects a stopped container: it exists, left alone
 
 
 def test_label_matches_are_recorded_in_the_order_of_their_names() -> None:

@@ -61,10 +61,17 @@ def test_preflight_reports_and_changes_nothing(g: FakeGuest) -> None:
     assert p.compose == ("docker", "compose")
     assert p.running == ("db", "monitoring", "web")
     assert p.selected == ("web", "db")
-    assert p.missing == ("cache",)
+    assert p.missing == ()  # cache has no container at all: it does not exist
+    assert len(p.absent) == 1 and p.absent[0].startswith("guests.101.stacks[2].name: compose project 'cache'"), p
     assert p.marker is None
-    assert {v for v, _ in g.calls} <= {"connect", "ps", "detect", "read", "inspect"}
+    assert {v for v, _ in g.calls} <= {"connect", "ps", "ps-all", "detect", "read", "inspect"}
     assert g.running_stacks() == ["db", "monitoring", "web"] and g.files == {}
+
+
+def test_a_listed_project_that_exists_and_is_stopped_is_left_alone_not_absent(g: FakeGuest) -> None:
+    g.add_project("cache", 1, running=False)
+    p = ctl(g, stacks=["web", "cache"]).preflight(soon())
+    assert p.selected == ("web",) and p.missing == ("cache",) and p.absent == ()
 
 
 def test_preflight_reads_the_marker(g: FakeGuest) -> None:

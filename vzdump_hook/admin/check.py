@@ -99,7 +99,7 @@ def _check_guest(g: GuestConfig, state_dir: str, timeout: float) -> tuple[str, b
     finally:
         ctl.close()
     lines = _preflight_lines(g, p, time.monotonic() - start) + [f"    {side}"]
-    return "\n".join(escape(line) for line in lines), side_ok
+    return "\n".join(escape(line) for line in lines), side_ok and not p.absent
 
 
 def _preflight_lines(g: GuestConfig, p: Preflight, took: float) -> list[str]:
@@ -111,6 +111,8 @@ def _preflight_lines(g: GuestConfig, p: Preflight, took: float) -> list[str]:
                  + (f" ({order})" if len(p.selected) > 1 else ""))
     if p.missing:
         lines.append(f"    configured but not running (left alone): {', '.join(p.missing)}")
+    lines += [f"    DOES NOT EXIST: {a}: fix the name (a backup of {g.vmid} is crash-consistent for it)"
+              for a in p.absent]
     lines.append(f"    on_quiesce_error = {g.on_quiesce_error.value}, stop_timeout = {g.stop_timeout:g} s, "
                  f"max_downtime = {g.max_downtime:g} s")
     lines += [f"    {note}" for note in p.notes]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError, ConnectError, ConnectionLost, ControllerError, HookError, MarkerError
 from ..node.job import JobId
 from ..stacks import Kind
-from ..stacks.base import StopOutcome
+from ..stacks.base import Absent, StopOutcome
 from ..stacks.conversation import CONFIG_ERROR
 from ..stacks.kinds import Stacks
 from ..transports import open_transport
@@ -41,9 +41,11 @@ class Preflight:
     compose: tuple[str, ...]
     running: tuple[str, ...]
     selected: tuple[str, ...]
-    missing: tuple[str, ...]  # listed in the config but not running
+    missing: tuple[str, ...]  # listed in the config, exist, and do not run (left alone)
     marker: Marker | None
     notes: tuple[str, ...] = ()  # what the guest's controllers said (stacks/controller.py)
+    # names the config gives that the guest does not have at all, each with its key path (a config problem)
+    absent: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,16 @@ class GuestSession:
                 raise ControllerError(f"controller {name}: {text}")
             if text:
                 notes.append(f"controller {name}: {text}")
+        absent = self.driver.absent()
+        gone = {a.stack for a in absent}
         return Preflight(self.driver.compose or (), tuple(sorted(running)), tuple(s.name for s in chosen),
-                         tuple(missing), m, tuple(notes))
+                         tuple(n for n in missing if n not in gone), m, tuple(notes), self._absent_lines(absent))
+
+    def _absent_lines(self, absent: list[Absent]) -> tuple[str, ...]:
+        """Each name the guest does not have, as a config problem: its key path, what, the stack."""
+        index = {s.name: i for i, s in enumerate(self.guest.stacks or ())}
+        return tuple(f"guests.{self.guest.vmid}.stacks[{index.get(a.stack, '?')}].{a.key}: {a.what} in the guest "
+                     f"(stack {a.stack})" for a in absent)
 
     def quiesce(self, vmtype: str, mode: str, deadline: float, inherited: tuple[StackRecord, ...] | None = None,
                 before_marker: Callable[[tuple[StackRecord, ...]], None] | None = None) -> Quiesce:

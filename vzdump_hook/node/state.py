@@ -68,6 +68,7 @@ class GuestRecord:
     ready_pending: list[str] = field(default_factory=list)  # started stacks whose `ready` is still awaited
     # stacks not ready within their ready_timeout (reported, never a failure)
     not_ready: list[str] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)  # names the config gives that the guest does not have
     app_down_at: float | None = None  # when every stack stopped has `ready`: its first failed check during the stop
 
     def __post_init__(self) -> None:

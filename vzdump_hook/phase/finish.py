@@ -129,6 +129,8 @@ def summary(records: list[GuestRecord]) -> list[str]:
         result = RESULTS.get(r.status, "STILL DOWN")
         if r.crash_consistent and r.status not in (Status.PREFLIGHT_FAILED, Status.CONFIG_ERROR):
             result += ", crash-consistent"
+        if r.absent:
+            result += f", {len(r.absent)} configured name(s) NOT IN THE GUEST"
         if r.not_ready:
             result += f", NOT READY: {','.join(r.not_ready)}"
         rows.append((str(r.vmid), stacks, down, result))

@@ -50,6 +50,8 @@ def run(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode: Mode) ->
         ctl.close()
     for note in p.notes:
         log.warning("backup-start %d: %s", vmid, note)
+    if p.absent and _absent(ctx, guest, rec, p, failed.abort_policy):
+        return failed
     compose = " ".join(p.compose) or "no compose"
     will = ", ".join(p.selected) if p.selected else "nothing (no selected stack is running)"
     extra = f"; not running: {', '.join(p.missing)}" if p.missing else ""
@@ -71,6 +73,27 @@ def _ask(ctx: PhaseContext, ctl: GuestSession, rec: GuestRecord) -> Preflight:
     rec.compose = list(p.compose)
     ctx.state.save(rec)
     return p
+
+
+def _absent(ctx: PhaseContext, guest: GuestConfig, rec: GuestRecord, p: Preflight, abort: bool) -> bool:
+    """Names the config gives that the guest does not have (a typo, a container removed): never a silent
+    crash-consistent backup. A WARNING for each; on_quiesce_error decides: abort fails the guest's
+    backup (nothing is stopped: True), continue stops what exists and marks the backup crash-consistent."""
+    vmid = guest.vmid
+    for a in p.absent:
+        log.warning("backup-start %d: config problem: %s", vmid, a)
+    rec.absent = list(p.absent)
+    rec.crash_consistent = True
+    rec.problems += [f"preflight: {a}" for a in p.absent]
+    if abort:
+        rec.status = Status.CONFIG_ERROR
+        log.warning("backup-start %d: failing this guest's backup (on_quiesce_error = abort): fix the names above",
+                    vmid)
+    else:
+        log.warning("backup-start %d: its backup is crash-consistent for what does not exist "
+                    "(on_quiesce_error = continue); what exists is stopped as usual", vmid)
+    ctx.state.save(rec)
+    return abort
 
 
 def _not_ready(ctx: PhaseContext, guest: GuestConfig, mode: Mode, rec: GuestRecord, e: HookError,

@@ -92,7 +92,7 @@ def _record(ctx: PhaseContext, rec: GuestRecord, q: Quiesce) -> None:
     rec.stacks = list(q.stacks)
     rec.stop_started, rec.stop_ended, rec.app_down_at = q.started, q.ended, q.down_at
     rec.status = Status.QUIESCED if q.stacks else Status.NOTHING_STOPPED
-    rec.crash_consistent = bool(q.killed or q.errors)
+    rec.crash_consistent = bool(q.killed or q.errors or rec.absent)  # absent: names the guest does not have
     rec.problems += [f"killed after stop timeout: {k}" for k in q.killed] + list(q.errors)
     ctx.state.save(rec)
 

@@ -25,6 +25,16 @@ class StopOutcome:
         return not self.killed and not self.error
 
 
+@dataclass(frozen=True)
+class Absent:
+    """A name the config gives that the guest does not have at all (not one that exists and is
+    stopped: that is left alone): a typo, a container removed, a unit not installed."""
+
+    stack: str  # the stack it belongs to
+    key: str  # its key in the stack's table: "containers[1]", "label", "units[0]", "name"
+    what: str  # quoted: "docker container 'accc-typo' does not exist", "label 'app=x' selects no container"
+
+
 def timed_stop(name: str, timeout: float, stop: Callable[[float], tuple[tuple[str, ...], str]]) -> StopOutcome:
     """The outcome of `stop(deadline)`, which returns (killed, error), with the seconds it took. An
     exception it raises (transport errors included) becomes the outcome's error: a stop never raises,
@@ -59,3 +69,7 @@ class KindDriver(Protocol):
 
     def is_up(self, rec: StackRecord, timeout: float) -> bool:
         """Everything `rec` records runs."""
+
+    def absent(self) -> list[Absent]:
+        """The names of the listed stacks that the last running() found do not exist in the guest."""
+        return []

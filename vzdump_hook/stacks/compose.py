@@ -16,7 +16,7 @@ from ..errors import ControllerError
 from ..guest.marker import StackRecord
 from ..transports.base import Transport, sh
 from . import Kind
-from .base import KindDriver, StopOutcome, timed_stop
+from .base import Absent, KindDriver, StopOutcome, timed_stop
 from .compose_table import ALLOWED_COMPOSE, SERVICE
 from .table import StackSpec, valid_stack_name
 
@@ -51,6 +51,10 @@ class ComposeDriver(KindDriver):
                  compose: tuple[str, ...] | None = None) -> None:
         self.t = transport
         self.compose = compose if compose is not None or guest is None else guest.compose_command
+        self._absent: list[Absent] = []
+
+    def absent(self) -> list[Absent]:
+        return list(self._absent)
 
     def detect(self, timeout: float) -> tuple[str, ...]:
         """The compose command to use: the configured one, else v2 if it answers, else v1."""
@@ -89,7 +93,20 @@ class ComposeDriver(KindDriver):
                         + ((service,) if not prev or service not in prev.services else ()))
             found[name] = StackRecord(name, compose, workdir, tuple(f for f in files.split(",") if f), containers,
                                       services=services)
+        self._absent = self._not_existing([s.name for s in specs if s.kind is Kind.COMPOSE and s.name not in found],
+                                          timeout - (time.monotonic() - start))
         return found
+
+    def _not_existing(self, idle: list[str], timeout: float) -> list[Absent]:
+        """Those of the listed projects `idle` (none of them running) that have no container at all:
+        asked only when a listed project does not run (the common case costs no second listing)."""
+        if not idle:
+            return []
+        argv = ["docker", "ps", "-a", "--no-trunc", "--filter", "label=com.docker.compose.project",
+                "--format", _LIST_FORMAT]
+        res = self.t.run(argv, timeout=timeout).check("cannot list containers (is docker running?)")
+        projects = {parts[1] for line in res.stdout.splitlines() if len(parts := line.split("\t")) == 5}
+        return [Absent(n, "name", f"compose project {n!r} has no container") for n in idle if n not in projects]
 
     def _compose(self, rec: StackRecord, *args: str) -> list[str]:
         if rec.compose not in ALLOWED_COMPOSE:

@@ -25,7 +25,7 @@ from ..errors import ControllerError
 from ..guest.marker import StackRecord
 from ..transports.base import Transport, sh
 from . import Kind, of_kind
-from .base import KindDriver, StopOutcome, timed_stop
+from .base import Absent, KindDriver, StopOutcome, timed_stop
 from .compose import KILLED
 from .container_table import ENGINES, Table, valid_container_name
 from .table import StackSpec
@@ -48,9 +48,12 @@ DETECT = ('for e in docker podman; do if command -v "$e" >/dev/null 2>&1 && "$e"
 States = dict[str, tuple[bool, bool]]
 
 
-def list_argv(engine: str, label: str = "") -> list[str]:
-    """The running containers (id, name), all of them or those carrying `label`."""
-    return [engine, "container", "ls", "--no-trunc", "--filter", "status=running",
+def list_argv(engine: str, label: str = "", every: bool = False) -> list[str]:
+    """The running containers (id, name), all of them or those carrying `label`; with `every`, also
+    those that exist and do not run (to tell a stopped container from one that does not exist)."""
+    which = ["-a"] if every else []
+    running = [] if every else ["--filter", "status=running"]
+    return [engine, "container", "ls", *which, "--no-trunc", *running,
             *(["--filter", f"label={label}"] if label else []), "--format", LIST_FORMAT]
 
 
@@ -62,6 +65,10 @@ class ContainerDriver(KindDriver):
     def __init__(self, transport: Transport, guest: GuestConfig | None = None, job: JobId | None = None) -> None:
         self.t = transport
         self.detected: str | None = None
+        self._absent: list[Absent] = []
+
+    def absent(self) -> list[Absent]:
+        return list(self._absent)
 
     def engine(self, table: Table, timeout: float) -> str:
         """The stack's configured engine, else the one the guest has (docker first). Raises ControllerError."""
@@ -75,9 +82,10 @@ class ContainerDriver(KindDriver):
             self.detected = out
         return self.detected
 
-    def _list(self, engine: str, label: str, timeout: float) -> list[tuple[str, str]]:
-        """(id, name) of the running containers (carrying `label`), sorted by name. Raises TransportError."""
-        res = self.t.run(list_argv(engine, label), timeout=timeout).check(
+    def _list(self, engine: str, label: str, timeout: float, every: bool = False) -> list[tuple[str, str]]:
+        """(id, name) of the running containers (carrying `label`; with `every` those that exist),
+        sorted by name. Raises TransportError."""
+        res = self.t.run(list_argv(engine, label, every), timeout=timeout).check(
             f"cannot list containers (is {engine} running?)")
         found: list[tuple[str, str]] = []
         for line in res.stdout.splitlines():
@@ -93,14 +101,18 @@ class ContainerDriver(KindDriver):
         found: dict[str, StackRecord] = {}
         by_name: dict[str, dict[str, str]] = {}  # engine -> name -> id of every running container
         taken: set[str] = set()
+        self._absent = []
         for s, t in of_kind(specs, Table):
             engine = self.engine(t, deadline - time.monotonic())
             if t.label:
                 matches = self._list(engine, t.label, deadline - time.monotonic())
+                if not matches and not self._list(engine, t.label, deadline - time.monotonic(), every=True):
+                    self._absent.append(Absent(s.name, "label", f"label {t.label!r} selects no container"))
             else:
                 if engine not in by_name:
                     by_name[engine] = {n: c for c, n in self._list(engine, "", deadline - time.monotonic())}
                 matches = [(by_name[engine][n], n) for n in t.containers if n in by_name[engine]]
+                self._absent += self._not_existing(s.name, engine, t.containers, by_name[engine], deadline)
             for cid, n in matches:
                 if cid in taken:
                     log.warning("container %s: %s is in an earlier stack: left to that one", s.name, n)
@@ -110,6 +122,17 @@ class ContainerDriver(KindDriver):
                 found[s.name] = StackRecord.container(s.name, engine, tuple(n for _, n in matches),
                                                       tuple(c for c, _ in matches))
         return found
+
+    def _not_existing(self, stack: str, engine: str, names: tuple[str, ...], running: dict[str, str],
+                      deadline: float) -> list[Absent]:
+        """Those of `names` (none of them running) that no container of `engine` has: asked only
+        when some listed container does not run (the common case costs no second listing)."""
+        idle = [(i, n) for i, n in enumerate(names) if n not in running]
+        if not idle:
+            return []
+        every = {n for _, n in self._list(engine, "", deadline - time.monotonic(), every=True)}
+        return [Absent(stack, f"containers[{i}]", f"{engine} container {n!r} does not exist")
+                for i, n in idle if n not in every]
 
     def stop_bound(self, rec: StackRecord, stop_timeout: float) -> float:
         """The containers stop one at a time, each within the stop timeout."""

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..guest.marker import StackRecord
     from ..node.job import JobId
     from ..transports.base import Transport
-    from .base import KindDriver, StopOutcome
+    from .base import Absent, KindDriver, StopOutcome
     from .compose import ComposeDriver
     from .controller import ControllerDriver
 
@@ -65,6 +65,10 @@ class Stacks:
         for kind in kinds_in(self.guest.stacks):
             found.update(self.of(kind).running(specs, deadline - time.monotonic()))
         return found
+
+    def absent(self) -> list[Absent]:
+        """What the last running() found the config names but the guest does not have, every kind's."""
+        return [a for kind in kinds_in(self.guest.stacks) if kind in self.drivers for a in self.drivers[kind].absent()]
 
     def driver(self, rec: StackRecord) -> KindDriver:
         return self.of(rec.kind)

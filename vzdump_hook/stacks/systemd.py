@@ -18,7 +18,7 @@ from ..errors import ControllerError
 from ..guest.marker import StackRecord
 from ..transports.base import Transport, sh
 from . import Kind, of_kind
-from .base import KindDriver, StopOutcome, timed_stop
+from .base import Absent, KindDriver, StopOutcome, timed_stop
 from .systemd_table import Table
 from .table import StackSpec
 
@@ -68,6 +68,10 @@ class SystemdDriver(KindDriver):
 
     def __init__(self, transport: Transport, guest: GuestConfig | None = None, job: JobId | None = None) -> None:
         self.t = transport
+        self._absent: list[Absent] = []
+
+    def absent(self) -> list[Absent]:
+        return list(self._absent)
 
     def _show(self, units: list[str], timeout: float, user: str = "") -> list[dict[str, str]]:
         """The properties of each unit, in the order given. Raises TransportError."""
@@ -94,6 +98,7 @@ class SystemdDriver(KindDriver):
             return {}
         deadline = time.monotonic() + timeout
         found: dict[str, StackRecord] = {}
+        self._absent = []
         for user in sorted({t.user for _, t in mine}):
             found.update(self._running({s.name: t.units for s, t in mine if t.user == user}, user, deadline))
         return found
@@ -104,9 +109,10 @@ class SystemdDriver(KindDriver):
         state = dict(zip(units, self._show(units, deadline - time.monotonic(), user), strict=True))
         triggers: dict[str, list[str]] = {}
         for name, us in stacks.items():
-            for u in us:
-                if state[u].get("LoadState") == "not-found":
-                    log.warning("systemd %s: unit %s does not exist in %s", name, u, self.t.target)
+            for i, u in enumerate(us):
+                if state[u].get("LoadState") == "not-found":  # systemd knows no such unit (not merely stopped)
+                    whose = f"{user}'s user unit" if user else "unit"
+                    self._absent.append(Absent(name, f"units[{i}]", f"{whose} {u!r} does not exist"))
                 for trig in state[u].get("TriggeredBy", "").split():
                     if trig.endswith((".socket", ".timer")) and trig not in triggers.setdefault(name, []):
                         triggers[name].append(trig)
