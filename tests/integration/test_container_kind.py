@@ -517,6 +517,25 @@ def test_the_hook_quiesces_and_resumes_through_the_wrapper(guarded: Guarded) -> 
     assert any(f"allowed: {c.e} container stop " in ln for ln in lines), lines
 
 
+def test_through_the_wrapper_a_stopped_name_and_a_label_selecting_nothing_are_told_apart(guarded: Guarded) -> None:
+    """The second listing (-a: does a listed name exist) passes the restricted wrapper, for names and for
+    an allowed label; with a label the settings do not allow it is refused like the running listing."""
+    c = guarded.c
+    c.engine("stop", "-t", "1", c.prefix + "y")
+    c.engine("stop", "-t", "1", c.prefix + "l")
+    guest = configuration.validate_guest(VMID, {"ssh": {"host": "192.0.2.1"}, "stacks": stacks_of(guarded),
+                                                "marker_path": str(c.marker)})
+    ctl = GuestSession(guest, JobId("node", "boot", 1, 1), transport=WrapperTransport(guarded))
+    p = ctl.preflight(soon())
+    assert p.selected == ("app",) and p.missing == ("lab",) and p.absent == (), p  # y and l exist, stopped
+    lines = guarded.log.read_text().splitlines()
+    assert not [ln for ln in lines if "REFUSED" in ln], lines
+    assert any("list every container with label" in ln for ln in lines), lines
+    code, err = guarded.forced(f"{c.e} container ls -a --no-trunc --filter label=vzdh.test={c.prefix}no "
+                               "--format '{{.ID}}\t{{.Names}}'")
+    assert code == 126 and "not one that CONTAINER_LABELS" in err, err
+
+
 def test_the_wrapper_refuses_what_the_settings_do_not_allow(guarded: Guarded) -> None:
     c, e = guarded.c, guarded.c.e
     other, x, y = (c.inspect(n, "{{.Id}}") for n in ("other", "x", "y"))
