@@ -173,6 +173,13 @@ class Resumer:
             self._save(rec)
             log.warning("%s %d: STILL DOWN: %s (retried at the next phase)", where, vmid, ", ".join(r.failed))
             return False
+        self._resumed(ctl, rec, r, where, seen, start)
+        return True
+
+    def _resumed(self, ctl: GuestSession, rec: GuestRecord, r: Resume, where: str, seen: list[Entry] | None,
+                 start: float) -> None:
+        """After a resume that started everything: the record, the ledger, the history, the log line."""
+        vmid = rec.vmid
         rec.status = Status.RESUMED
         rec.resumed_at = rec.started_at = time.time()
         rec.ready_pending = [s.name for s in rec.stacks if s.name in r.started and ctl.has_ready(s)]
@@ -190,41 +197,6 @@ class Resumer:
                     if rec.downtime is not None else "")
         log.info("%s %d: started %s in %.1f s%s", where, vmid, ", ".join(r.started) or "nothing",
                  time.monotonic() - start, down)
-        return True
-
-    def close_controllers(self, ctl: GuestSession, where: str, word: str, later: str) -> bool:
-        """Tell the guest's controllers that confirmed this job's quiesce that the job is over for
-        them (`word`: done, failed or abort; stacks/conversation.py), under the guest's lock, once
-        nothing of the guest is down any more. The guest's ledger entries go only once each of them
-        confirmed (and the guest holds no marker): a job a controller still holds open is what the
-        next job-start's sweep asks about. `later` says who tries again. True when none is left."""
-        vmid = ctl.guest.vmid
-        try:
-            with self.state.guest_lock(vmid, self.left()):
-                rec = self.state.load(vmid)
-                if rec is None or not rec.unclosed_controllers:
-                    return True
-                if rec.status.pending:
-                    return False  # the resume comes first (it is retried)
-                seen = self.entries(vmid)
-                for s in rec.unclosed_controllers:
-                    try:
-                        ctl.driver.controllers.close(s, word, max(0.1, min(self.left(), ctl.guest.command_timeout)))
-                    except HookError as e:
-                        log.warning("%s %d: controller %s not told %s: %s; %s", where, vmid, s.name, word,
-                                    describe(e), later)
-                        continue
-                    rec.closed.append(s.name)
-                    log.info("%s %d: controller %s told %s", where, vmid, s.name, word)
-                self._save(rec)
-                if rec.unclosed_controllers:
-                    return False
-                if not rec.marker_left:
-                    self.forget(seen)
-                return True
-        except HookError as e:  # the lock
-            log.warning("%s %d: controllers not told %s: %s; %s", where, vmid, word, describe(e), later)
-            return False
 
     @staticmethod
     def _ended(ctl: GuestSession, rec: GuestRecord, controllers: bool) -> None:
@@ -238,3 +210,38 @@ class Resumer:
             self.state.save(rec)
         except OSError as e:
             log.warning("guest %d: host record not written: %s", rec.vmid, e)
+
+
+def close_controllers(resumer: Resumer, ctl: GuestSession, where: str, word: str, later: str) -> bool:
+    """Tell the guest's controllers that confirmed this job's quiesce that the job is over for
+    them (`word`: done, failed or abort; stacks/conversation.py), under the guest's lock, once
+    nothing of the guest is down any more. The guest's ledger entries go only once each of them
+    confirmed (and the guest holds no marker): a job a controller still holds open is what the
+    next job-start's sweep asks about. `later` says who tries again. True when none is left."""
+    vmid = ctl.guest.vmid
+    try:
+        with resumer.state.guest_lock(vmid, resumer.left()):
+            rec = resumer.state.load(vmid)
+            if rec is None or not rec.unclosed_controllers:
+                return True
+            if rec.status.pending:
+                return False  # the resume comes first (it is retried)
+            seen = resumer.entries(vmid)
+            for s in rec.unclosed_controllers:
+                try:
+                    ctl.driver.controllers.close(s, word, max(0.1, min(resumer.left(), ctl.guest.command_timeout)))
+                except HookError as e:
+                    log.warning("%s %d: controller %s not told %s: %s; %s", where, vmid, s.name, word,
+                                describe(e), later)
+                    continue
+                rec.closed.append(s.name)
+                log.info("%s %d: controller %s told %s", where, vmid, s.name, word)
+            resumer._save(rec)
+            if rec.unclosed_controllers:
+                return False
+            if not rec.marker_left:
+                resumer.forget(seen)
+            return True
+    except HookError as e:  # the lock
+        log.warning("%s %d: controllers not told %s: %s; %s", where, vmid, word, describe(e), later)
+        return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from ..config import GuestConfig
+from ..guest.resume import close_controllers as close_controllers_of
 from ..stacks.conversation import ENDING_PHASES, Moment, message
 from ..vzdump.phases import Phase
 from .context import PhaseContext
@@ -40,4 +41,4 @@ def close_controllers(ctx: PhaseContext, vmid: int, phase: Phase) -> None:
     later = ("job-end tells it again" if phase.value in ENDING_PHASES
              else "the next job-start's sweep ends the job (or the controller at its deadline)")
     with ctx.session(guest) as ctl:
-        ctx.resumer.close_controllers(ctl, phase.value, word, later)
+        close_controllers_of(ctx.resumer, ctl, phase.value, word, later)

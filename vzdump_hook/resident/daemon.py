@@ -20,6 +20,7 @@ from .server import Kept, Server
 from .watch import EarlyWatch
 
 if TYPE_CHECKING:
+    from ..guest.resume import Resumer
     from ..guest.session import GuestSession
     from ..node.state import GuestRecord
 
@@ -51,6 +52,26 @@ class _Retry:
         self.at = time.monotonic() + min(pause, left)
         self.pause = min(2 * pause, RETRY_MAX)
         return pause
+
+
+def end_controllers(resumer: Resumer, ctl: GuestSession, job: JobId, retry: _Retry, left: float,
+                    rec: GuestRecord) -> bool:
+    """The stacks run again, and controllers still hold `job` open: backup-end, backup-abort or job-end
+    tell them it is over; if vzdump's worker dies first, the resident tells them (what backup-end or
+    backup-abort recorded, else abort: stacks/conversation.py), retrying until the deadline. True when
+    none is left open."""
+    from ..guest.resume import close_controllers
+    from ..stacks.conversation import Moment, message
+
+    if not job.is_over() or (retry.at is not None and not retry.due()):
+        return False
+    word = rec.ended or message(Moment.WORKER_GONE, True)
+    if close_controllers(resumer, ctl, "resident", word,
+                         "the resident tries again until the deadline, then the next job-start's sweep"):
+        retry.at = None
+        return True
+    retry.later(left)
+    return False
 
 
 class Resident:
@@ -189,7 +210,8 @@ class Resident:
         if self.readiness is not None and self.readiness.is_alive():
             return False  # await_ready: the downtime ends when the stacks are ready
         if rec is not None and not rec.status.pending and rec.unclosed_controllers and self.left() > 0:
-            return self._end_controllers(rec)
+            assert self.ctl is not None
+            return end_controllers(self.resumer, self.ctl, self.job, self.retry, self.left(), rec)
         if rec is None or not rec.status.pending:
             if self.status != "done" and rec is not None:
                 log.debug("resident %d: the stacks were started by another path", self.vmid)
@@ -211,24 +233,6 @@ class Resident:
                 self.status = "waiting"
         if self.retry.due():
             return self._start("resident", wait=True)
-        return False
-
-    def _end_controllers(self, rec: GuestRecord) -> bool:
-        """The stacks run again, and controllers still hold this job open: backup-end, backup-abort or
-        job-end tell them it is over; if vzdump's worker dies first, tell them here (what backup-end or
-        backup-abort recorded, else abort: stacks/conversation.py), retrying until the deadline. True
-        when none is left open."""
-        from ..stacks.conversation import Moment, message
-
-        if not self.job.is_over() or (self.retry.at is not None and not self.retry.due()):
-            return False
-        assert self.ctl is not None
-        word = rec.ended or message(Moment.WORKER_GONE, True)
-        if self.resumer.close_controllers(self.ctl, "resident", word, "the resident tries again until the deadline, "
-                                          "then the next job-start's sweep"):
-            self.retry.at = None
-            return True
-        self.retry.later(self.left())
         return False
 
     def _arm_watch(self) -> None:
