@@ -290,3 +290,44 @@ def _processes() -> list[str]:
         except (OSError, ValueError):
             continue
     return out
+
+
+@pytest.mark.parametrize("breakage", ["interpreter-gone", "syntax-error"])
+def test_a_broken_install_still_runs_the_admins_chained_scripts(breakage: str, stack: Any, tmp_path: Path,
+                                                                test_guest: Any) -> None:
+    """The program ran before (its job-start kept the chain in the state dir), then the install broke:
+    the launcher runs the chained scripts itself, with vzdump's arguments and environment, in every
+    phase; one failing at pre-stop fails that guest's backup as it would on its own, and at pre-restart
+    it is not passed on."""
+    setup, db = stack
+    path, log = recorder(tmp_path, fail=f"pre-stop snapshot {OTHER}")
+    chain_config(setup, db, test_guest, [path])
+    first = job(launcher(tmp_path, sys.executable), setup)  # a good night: the chain is kept
+    assert first.guest(OTHER).status is BackupStatus.FAILED, first.task_log()  # the script alone fails it
+    log.unlink()
+    result = job(launcher(tmp_path, broken_pythons(tmp_path)[breakage]), setup)
+    out = result.task_log()
+    calls = [line.removeprefix("CALL ").split(" | ") for line in log.read_text().splitlines()]
+    assert [c[0] for c in calls] == [" ".join(r.argv[1:]) for r in result.records], out
+    for (_, env), r in zip(calls, result.records, strict=True):
+        got = dict(kv.split("=", 1) for kv in env.split())
+        got.pop("PWD", None)  # dash sets it
+        assert got == dict(r.env), r.phase
+    assert result.guest(OTHER).status is BackupStatus.FAILED, out  # as the script alone would have
+    assert result.guest(VMID).status is BackupStatus.OK, out
+    assert f"vzdump-hook: chain: {path} pre-stop snapshot {OTHER} exited 3" in out, out
+    assert running([db]) == {db.name: True}, out  # the program never ran: nothing was stopped
+
+
+def test_the_launcher_does_not_pass_on_a_chained_failure_at_pre_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    hook = launcher(tmp_path, str(tmp_path / "nothing" / "python"))
+    failing = script(tmp_path / "fails", "exit 5\n")
+    (state / "chain.list").write_text(f"30\n{failing}\n")
+    env = {"VZDUMP_HOOK_STATE_DIR": str(state)}
+    for argv, code in ((["pre-stop", "snapshot", "101"], 5), (["pre-restart", "suspend", "101"], 0),
+                       (["job-end"], 5), (["backup-end", "snapshot", "101"], 5)):
+        r = subprocess.run(["/bin/dash", hook, *argv], env=env, capture_output=True, text=True, cwd="/", timeout=60)
+        assert r.returncode == code, (argv, r)
+        assert f"vzdump-hook: chain: {failing} {' '.join(argv)} exited 5" in r.stdout, r.stdout

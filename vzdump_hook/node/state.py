@@ -105,6 +105,9 @@ class GuestRecord:
 
 
 SETTINGS_FILE = "settings.json"
+# the chained scripts for the sh launcher (examples/node/vzdump-hook), which runs them itself when the
+# program cannot start: the chain_timeout on the first line, then one path per line
+CHAIN_FILE = "chain.list"
 
 
 def remember_settings(settings: HookSettings, state_dir: str) -> None:
@@ -117,6 +120,13 @@ def remember_settings(settings: HookSettings, state_dir: str) -> None:
         kept["notify"] = {**kept["notify"], "url": "", "url_sha256": settings.notify.key()}
     text = json.dumps(kept, sort_keys=True)
     safefile.private_dir(state_dir)  # also an older install's 0755 state dir
+    # a path with a control character cannot be one line of the list: the launcher leaves it out
+    chain = "".join(f"{p}\n" for p in settings.chain if p.isprintable())
+    _write_if_changed(os.path.join(state_dir, CHAIN_FILE), f"{settings.chain_timeout:g}\n{chain}")
+    _write_if_changed(path, text)
+
+
+def _write_if_changed(path: str, text: str) -> None:
     with contextlib.suppress(OSError):
         with open(path) as f:
             if f.read() == text and stat.S_IMODE(os.fstat(f.fileno()).st_mode) == 0o600:
