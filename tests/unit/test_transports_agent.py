@@ -208,3 +208,25 @@ def test_the_local_backend_runs_pvesh_by_absolute_path_with_a_fixed_environment(
     assert "VZDH_LEAK" not in calls[0]["env"] and calls[0]["env"]["PATH"] == "/usr/sbin:/usr/bin:/sbin:/bin"
     with pytest.raises(ConnectError, match="cannot run"):
         AgentTransport(101, AgentConfig(pvesh=str(tmp_path / "no-pvesh"), node=api.node)).connect(5)
+
+
+def test_a_program_the_agent_cannot_start_is_exit_127_as_from_a_shell(transport: AgentTransport) -> None:
+    """qemu-ga answers a spawn failure with an API error; the transport reports it as a shell would
+    (127, the agent's words on stderr), so "is the wrapper there?" is asked the same way everywhere."""
+    r = transport.run(["/nonexistent/vzdh-wrapper", "status"], timeout=10)
+    assert r.exit_status == 127 and "Failed to execute child process" in r.stderr, r
+    assert "/nonexistent/vzdh-wrapper" in r.stderr
+
+
+def test_the_guest_side_of_a_guest_reached_by_its_agent_is_not_installed_not_unknown(transport: AgentTransport,
+                                                                                    tmp_path: Path) -> None:
+    """Before `guest install`, the wrapper is not there: check says what backup-start says (NOT
+    INSTALLED), and `guest install`'s first look does not fail (it was: agent/exec failed)."""
+    from vzdump_hook import config as configuration
+    from vzdump_hook.guest import installed
+    from vzdump_hook.guest.shipped import Layout
+
+    guest = configuration.validate_guest(101, {"transport": "agent", "marker_path": str(tmp_path / "m" / "marker.json"),
+                                               "agent": {"node": "pve1"}, "stacks": ["web"]})
+    setup = installed.inspect(transport, guest, Layout(str(tmp_path / "guest-root")), time.monotonic() + 30)
+    assert setup.recovery == "NOT INSTALLED" and not setup.restricted, setup

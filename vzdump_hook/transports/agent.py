@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 INPUT_LIMIT = 64 * 1024  # PVE: input-data maxLength
 BODY_LIMIT = 60 * 1024  # pveproxy refuses request bodies over 64 KiB; keep a margin for the form encoding
 PART = 30 * 1024  # raw bytes per file-write (base64: 40 KiB, under file-write's 60 KiB content limit)
+# qemu-ga could not spawn the program (g_spawn: not there, not executable); reported as a shell would: 127
+SPAWN_FAILED = "Failed to execute child process"
+NOT_FOUND = 127
 
 # Joins the parts written by file-write into $1 atomically, then removes them (see base._WRITE_SCRIPT).
 _ASSEMBLE_SCRIPT = r"""
@@ -118,7 +121,15 @@ class AgentTransport(Transport):
             if problem:
                 raise TransportError(f"{self.target}: {problem}", command=shown)
             args["input-data"] = stdin.decode("utf-8")
-        started = self._call("post", "exec", deadline, shown, **args)
+        try:
+            started = self._call("post", "exec", deadline, shown, **args)
+        except TransportError as e:
+            if SPAWN_FAILED not in str(e):
+                raise
+            # the agent could not start the program (not there, not executable): a shell says exit 127
+            # for it, and so does this transport, so that callers ask "is it there?" the same way
+            # over every transport (guest/installed.py: the wrapper before `guest install`)
+            return NOT_FOUND, b"", str(e).encode()
         pid = started.get("pid") if isinstance(started, dict) else None
         if not isinstance(pid, int) or isinstance(pid, bool):
             raise TransportError(f"{self.target}: agent/exec answered no pid: {str(started)[:200]}", command=shown)
