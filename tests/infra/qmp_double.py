@@ -103,6 +103,15 @@ class QmpDouble:
             self.job_started_at = time.monotonic()
             return str(self.job["uuid"])
 
+    def start_access(self) -> None:
+        """An external backup provider's access is set up now (qemu-server's ``backup-access-setup``,
+        PVE 8.4+): pve-qemu's initialize_backup_state_stat(NULL, NULL, total, false) sets the start
+        time and an empty uuid, no backup file, and starts no QEMU job; query-backup says ``active``."""
+        with self._lock:
+            self.job_started_wall = time.time()
+            self.job = {"uuid": "", "status": "active", "start-time": int(self.job_started_wall), "transferred": 0}
+            self.job_started_at = time.monotonic()
+
     def finish_job(self) -> None:
         with self._lock:
             assert self.job is not None
@@ -120,10 +129,12 @@ class QmpDouble:
         if j is None:
             return {}
         out: dict[str, Any] = {
-            "status": j["status"], "uuid": j["uuid"], "start-time": j["start-time"], "backup-file": j["backup-file"],
+            "status": j["status"], "uuid": j["uuid"], "start-time": j["start-time"],
             "total": self.total, "transferred": j["transferred"], "zero-bytes": 0, "reused": 0,
             "dirty": self.total, "finishing": False,
         }
+        if "backup-file" in j:  # none for a provider's access
+            out["backup-file"] = j["backup-file"]
         if "end-time" in j:
             out["end-time"] = j["end-time"]
         if "errmsg" in j:

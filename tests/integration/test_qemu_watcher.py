@@ -133,7 +133,7 @@ class Job:
 
 def play(hook: str, setup: HookSetup, guest: TestGuest, qmp: QmpDouble, projects: list[ComposeProject], spec: GuestSpec,
          at_job_start: Callable[[Context], None] | None = None, start_job: bool = True,
-         transfer: float = TRANSFER) -> Job:
+         transfer: float = TRANSFER, access: bool = False) -> Job:
     """A vzdump job for `spec`. At the point in time: note which projects run, run `at_job_start`
     (a copy of the data), then start the job in the QMP double. Stop mode: vzdump's shutdown stops
     the guest's sshd and QEMU (the socket goes), the paused restart brings a new QEMU (socket back,
@@ -152,7 +152,7 @@ def play(hook: str, setup: HookSetup, guest: TestGuest, qmp: QmpDouble, projects
         if at_job_start is not None:
             at_job_start(ctx)
         if start_job:
-            qmp.start_job()
+            qmp.start_access() if access else qmp.start_job()  # access: an external provider's (PVE 8.4+)
             job.job_started = qmp.job_started_wall
 
     def shutdown(ctx: Context) -> None:
@@ -227,6 +227,26 @@ def test_stacks_start_right_after_the_job_start_not_at_backup_end(
     assert compose.running_services(db) == {"app"}
     job_end = next(r for r in job.result.records if r.phase == "job-end")
     assert any(ln.rstrip().endswith("ok") and f"{VMID} " in ln for ln in job_end.lines), log
+    _assert_no_watcher_left(setup)
+
+
+def test_an_external_providers_access_counts_as_the_job_start(setup: HookSetup, hook: str, test_guest: TestGuest,
+                                                              qmp: QmpDouble,
+                                                              compose_project: Callable[..., ComposeProject]) -> None:
+    """A storage with a backup provider plugin: qemu-server sets up the backup with `backup-access-setup`,
+    and query-backup answers `active` with an empty uuid and no QEMU job. The stacks start right after
+    it, not at backup-end (they stayed down for the whole transfer before)."""
+    db, other = _stacks(compose_project)
+    setup.write({VMID: (test_guest, _table(stacks=[db.name]))})
+    job = play(hook, setup, test_guest, qmp, [db, other], GuestSpec(VMID, GuestType.QEMU, Mode.SNAPSHOT), access=True)
+    log = job.log
+    assert job.result.status is JobStatus.OK, log
+    assert job.pit_state == {db.name: False, other.name: True}, log
+    assert job.job_started is not None
+    started, stopped = container_times(db)["app"]
+    assert stopped < job.job_started < started, log
+    assert started < job.phase_at["backup-end"] - TRANSFER / 2, log  # long before backup-end
+    assert f"resident {VMID}: started {db.name} in " in log and f"backup-end {VMID}: started" not in log, log
     _assert_no_watcher_left(setup)
 
 

@@ -271,12 +271,23 @@ NOW = 2000
     (BackupJob("new", "active", NOW - 1), False),  # started before the stop: not this backup's
     (BackupJob("new", "error", NOW), False),  # failed: vzdump fails the backup, backup-abort resumes
     (BackupJob("new", None, NOW), False),
-    (BackupJob(None, "active", NOW), False),
     (BackupJob("new", "active", None), False),
     (BackupJob(), False),  # a new QEMU process (stop mode) before the job
+    # an external backup provider's access (pve-qemu's backup-access-setup): no uuid, no QEMU job
+    (BackupJob(None, "active", NOW), True),
+    (BackupJob(None, "done", NOW, NOW + 40), True),
+    (BackupJob(None, "active", NOW - 1), False),  # set up before the stop
 ])
 def test_is_new_job(job: BackupJob, new: bool) -> None:
     assert is_new_job(job, BEFORE, NOW) is new
+
+
+def test_a_providers_access_left_from_an_earlier_backup_is_not_this_ones() -> None:
+    """Two accesses have no uuid to tell them apart: the start time does (QEMU sets it at each setup)."""
+    earlier = BackupJob(None, "done", NOW, NOW + 40)
+    assert not is_new_job(earlier, earlier, NOW)
+    assert is_new_job(BackupJob(None, "active", NOW + 60), earlier, NOW)
+    assert is_new_job(BackupJob("u", "active", NOW + 60), earlier, NOW)  # a regular job after an access
 
 
 def test_is_new_job_with_no_job_before() -> None:

@@ -160,14 +160,22 @@ class BackupJob:
 
     @property
     def started(self) -> bool:
-        """The job runs or has run to completion."""
-        return bool(self.uuid) and self.status in ("active", "done") and self.start_time is not None
+        """The job runs or has run to completion (a QEMU backup job, or an external provider's access)."""
+        return self.status in ("active", "done") and self.start_time is not None
+
+    @property
+    def access(self) -> bool:
+        """An external backup provider's access (PVE 8.4+: qemu-server's `backup-access-setup`, after
+        the freeze): pve-qemu sets the backup's start time and status but no uuid, and starts no QEMU
+        job; the snapshot the provider reads is taken by that command."""
+        return not self.uuid and self.start_time is not None
 
     def describe(self) -> str:
-        if not self.uuid:
+        if self.start_time is None:
             return "none"
-        when = time.strftime("%H:%M:%S", time.localtime(self.start_time)) if self.start_time is not None else "?"
-        return f"{self.uuid[:8]} ({self.status or '?'}, started {when})"
+        when = time.strftime("%H:%M:%S", time.localtime(self.start_time))
+        what = "backup access" if self.access else (self.uuid or "")[:8]
+        return f"{what} ({self.status or '?'}, started {when})"
 
     def to_dict(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "status": self.status, "start-time": self.start_time, "end-time": self.end_time}
@@ -206,5 +214,10 @@ def query_backup(path: str, timeout: float = 2.0) -> BackupJob:
 def is_new_job(job: BackupJob, before: BackupJob, not_before: int) -> bool:
     """Whether `job` is the one this backup started: running or done, not the job QEMU reported
     before the stacks were stopped (`before`, a leftover of an earlier backup), and started no
-    earlier than that second (`not_before`)."""
-    return job.started and job.uuid != before.uuid and job.start_time is not None and job.start_time >= not_before
+    earlier than that second (`not_before`). A job is told apart by its uuid; an external provider's
+    access has none, and is told apart by its start time."""
+    if not job.started or job.start_time is None or job.start_time < not_before:
+        return False
+    if job.access:
+        return not (before.access and before.start_time == job.start_time)
+    return job.uuid != before.uuid
