@@ -66,6 +66,10 @@ def test_enable_command_moves_the_script_after_confirmation(tmp_path: Path) -> N
     args = ["enable", "--vzdump-conf", str(vz), "--config", str(cfg)]
     r = CliRunner().invoke(cli, args, input="n\n")
     assert r.exit_code == 1 and vz.read_text() == CONF and cfg.read_text() == "[defaults]\n"
+    # no answer to read (cron, a script): it says how to run it unattended, and changes nothing
+    r = CliRunner().invoke(cli, args, input="")
+    assert r.exit_code == 1 and "--yes (-y) to go ahead unattended" in r.output and "Aborted!" not in r.output
+    assert vz.read_text() == CONF
     r = CliRunner().invoke(cli, args, input="y\n")
     assert r.exit_code == 0, r.output
     assert configuration.load(str(cfg)).hook.chain == ("/root/offsite.sh",)

@@ -86,3 +86,16 @@ def note_job_scripts(launcher: str) -> None:
         click.echo(f"note: backup jobs in {jobs} set their own script ({', '.join(own)}); those jobs do not run "
                    f"the node's. Point them at {launcher} (and that script into [hook] chain) where vzdump-hook "
                    f"should run.")
+
+
+def confirm(question: str, refused: str) -> None:
+    """Ask `question` (on the terminal, or read from a pipe); ClickException(`refused`) unless the answer
+    is yes. With no answer to read (no terminal: cron, a script, Ansible; end of input) it says that
+    --yes runs the command unattended, where click alone prints only "Aborted!"."""
+    try:
+        ok = click.confirm(question, default=False)
+    except click.Abort:
+        raise click.ClickException(f"no answer to {question!r} (no terminal, or end of input): run it again "
+                                   f"with --yes (-y) to go ahead unattended; {refused}") from None
+    if not ok:
+        raise click.ClickException(refused)

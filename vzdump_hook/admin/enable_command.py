@@ -10,7 +10,7 @@ from ..errors import HookError
 from ..guest.session import describe
 from ..text import escape
 from . import enable as en
-from .common import config_option, launcher_option, note_job_scripts, vzdump_conf_option
+from .common import config_option, confirm, launcher_option, note_job_scripts, vzdump_conf_option
 
 
 @click.command("enable")
@@ -39,8 +39,8 @@ def _move_into_chain(vzdump_conf: str, moved: tuple[str, ...], path: str, yes: b
     click.echo(f"{vzdump_conf} names another hook script: {', '.join(moved)}. vzdump runs only one; "
                f"vzdump-hook would run it in every phase, with vzdump's arguments and environment "
                f"([hook] chain in {path}).")
-    if not yes and not click.confirm("Move it into [hook] chain and make vzdump-hook the script?", default=False):
-        raise click.ClickException("nothing changed")
+    if not yes:
+        confirm("Move it into [hook] chain and make vzdump-hook the script?", "nothing changed")
     cfg_text = en.read(path)
     try:
         new_cfg = en.with_chain(cfg_text, moved, path)

@@ -22,7 +22,7 @@ from ..resident.client import RUN_DIR_ENV
 from ..text import escape
 from ..vzdump import rules
 from ..vzdump.phases import POINT_IN_TIME, TRANSFER, GuestType, Mode, Phase, backup_order
-from .common import config_option, load_config, targets
+from .common import config_option, confirm, load_config, targets
 
 
 @click.command("simulate")
@@ -50,8 +50,7 @@ def simulate(vmid: int, vmtype: str, mode: str, pause: float, transfer: float, d
         click.echo(f"simulate {vmid}: this REALLY stops the stacks a backup would stop in guest {vmid} "
                    f"({g.describe_target()}) and starts them again after {pause:g} s (+ {transfer:g} s transfer); "
                    f"no backup is taken. `--dry-run` only shows what would happen.")
-        if not click.confirm("Stop them now?", default=False):
-            raise click.ClickException("nothing done")
+        confirm("Stop them now?", "nothing done")
     sys.exit(_play(order, _child_env(cfg, vmid, vmtype), vmid, vt, md, pause, transfer))
 
 

@@ -8,7 +8,7 @@ from ..errors import HookError
 from ..guest.session import describe
 from ..text import escape
 from . import trust as hostkeys
-from .common import config_option, load_config, targets
+from .common import config_option, confirm, load_config, targets
 
 
 @click.command("trust")
@@ -38,7 +38,7 @@ def trust(vmid: int, yes: bool, timeout: float, config_path: str | None) -> None
             f"this is not the guest. If it was really reinstalled: ssh-keygen -R '{hk.name}' -f {g.ssh.known_hosts}, "
             f"then run this again")
     click.echo(f"In the guest, this prints its fingerprint; compare the two:\n    {hk.guest_command}")
-    if not yes and not click.confirm(f"Trust it (add it to {g.ssh.known_hosts})?", default=False):
-        raise click.ClickException("not trusted, nothing written")
+    if not yes:
+        confirm(f"Trust it (add it to {g.ssh.known_hosts})?", "not trusted, nothing written")
     hostkeys.add(g.ssh.known_hosts, hk)
     click.echo(f"added to {g.ssh.known_hosts}")

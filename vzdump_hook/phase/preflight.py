@@ -13,6 +13,7 @@ from ..guest.resume import resume_leftover
 from ..guest.session import GuestSession, Preflight, Resume, describe
 from ..node import pve
 from ..node.state import GuestRecord, Status, keep_recovery_answer, recovery_answer
+from ..stacks import Kind
 from ..vzdump.phases import GuestType, Mode
 from ..vzdump.rules import Outcome
 from .context import PhaseContext
@@ -57,8 +58,11 @@ def run(ctx: PhaseContext, guest: GuestConfig, vmtype: GuestType, mode: Mode) ->
     extra = f"; not running: {', '.join(p.missing)}" if p.missing else ""
     log.info("backup-start %d: %s answers, will stop %s (%s)%s in %.1f s", vmid, ctl.t.target, will, compose, extra,
              time.monotonic() - start)
-    if p.selected:
-        _recovery_note(ctx, ctl, p.selected)
+    # a restore comes up with these stopped unless the guest's recovery program starts them: a systemd
+    # unit that is enabled starts at boot, and a controller keeps its own marker
+    held = tuple(n for n in p.selected if (spec := ctl.spec(n)) is None or spec.kind in (Kind.COMPOSE, Kind.CONTAINER))
+    if held:
+        _recovery_note(ctx, ctl, held)
     return Outcome()
 
 
@@ -132,8 +136,8 @@ def _recovery_note(ctx: PhaseContext, ctl: GuestSession, stacks: tuple[str, ...]
             return
     if answer != "current":
         log.warning("backup-start %d: guest side: recovery %s: a restore of this backup comes up with %s stopped "
-                    "(docker does not start containers stopped by hand): `vzdump-hook guest install %d`",
-                    vmid, answer, ", ".join(stacks), vmid)
+                    "(at boot, docker starts a container stopped by hand only if its restart policy is `always`): "
+                    "`vzdump-hook guest install %d`", vmid, answer, ", ".join(stacks), vmid)
 
 
 def resume_stale(ctx: PhaseContext, ctl: GuestSession, m: Marker, where: str) -> Resume:
