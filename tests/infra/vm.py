@@ -123,19 +123,27 @@ class Qga:
             sock.settimeout(timeout)
             try:
                 sock.connect(self.path)
-                buf = bytearray()
-                self._sync += 1
-                sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited",
-                                                   "arguments": {"id": self._sync}}).encode() + b"\n")
-                while _recv_json(sock, buf).get("return") != self._sync:
-                    pass
-                msg: dict[str, Any] = {"execute": command}
-                if arguments is not None:
-                    msg["arguments"] = arguments
-                sock.sendall(json.dumps(msg).encode() + b"\n")
-                reply = _recv_json(sock, buf)
+                reply = self.exchange(sock, bytearray(), command, arguments)
             except (OSError, ValueError) as exc:
                 raise VmError(f"QGA {command}: {exc}") from exc
+        return self.answer(command, reply)
+
+    def exchange(self, sock: socket.socket, buf: bytearray, command: str, arguments: dict[str, Any] | None) -> Any:
+        """One command on a connected socket, after its own ``guest-sync-delimited``; the agent's reply."""
+        self._sync += 1
+        sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited",
+                                           "arguments": {"id": self._sync}}).encode() + b"\n")
+        while _recv_json(sock, buf).get("return") != self._sync:
+            pass
+        msg: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        sock.sendall(json.dumps(msg).encode() + b"\n")
+        return _recv_json(sock, buf)
+
+    @staticmethod
+    def answer(command: str, reply: dict[str, Any]) -> Any:
+        """The reply's ``return``; VmError with the agent's error."""
         if "error" in reply:
             raise VmError(f"QGA {command}: {reply['error'].get('class')}: {reply['error'].get('desc')}")
         return reply.get("return")

@@ -189,6 +189,16 @@ exit 0
     return script(tmp / "admin-hook", body), log
 
 
+def assert_called_as_vzdump_calls_the_hook(log: Path, result: JobResult) -> None:
+    """The recorder was called once per hook process, with its arguments and its environment."""
+    calls = [line.removeprefix("CALL ").split(" | ") for line in log.read_text().splitlines()]
+    assert [c[0] for c in calls] == [" ".join(r.argv[1:]) for r in result.records], result.task_log()
+    for (_, env), r in zip(calls, result.records, strict=True):
+        got = dict(kv.split("=", 1) for kv in env.split())
+        got.pop("PWD", None)  # dash sets it
+        assert got == dict(r.env), r.phase
+
+
 def chain_config(setup: HookSetup, db: compose.ComposeProject, test_guest: Any, scripts: list[str],
                  timeout: float = 30) -> None:
     setup.hook_table = {"chain": scripts, "chain_timeout": timeout}
@@ -208,12 +218,7 @@ def test_chained_script_gets_vzdumps_arguments_and_environment(stack: Any, tmp_p
     result = job(launcher(tmp_path, sys.executable), setup, on_log=on_log)
     out = result.task_log()
     assert result.status is JobStatus.OK, out
-    calls = [line.removeprefix("CALL ").split(" | ") for line in log.read_text().splitlines()]
-    assert [c[0] for c in calls] == [" ".join(r.argv[1:]) for r in result.records], out
-    for (_, env), r in zip(calls, result.records, strict=True):
-        got = dict(kv.split("=", 1) for kv in env.split())
-        got.pop("PWD", None)  # dash sets it
-        assert got == dict(r.env), r.phase
+    assert_called_as_vzdump_calls_the_hook(log, result)
     assert states["pre-stop"] is True  # before the stop: the app is not kept down while it runs
     assert states["post-restart"] is True  # after the start (lxc snapshot resumes at post-restart)
     assert_backed_up_and_running(result, db)
@@ -307,12 +312,7 @@ def test_a_broken_install_still_runs_the_admins_chained_scripts(breakage: str, s
     log.unlink()
     result = job(launcher(tmp_path, broken_pythons(tmp_path)[breakage]), setup)
     out = result.task_log()
-    calls = [line.removeprefix("CALL ").split(" | ") for line in log.read_text().splitlines()]
-    assert [c[0] for c in calls] == [" ".join(r.argv[1:]) for r in result.records], out
-    for (_, env), r in zip(calls, result.records, strict=True):
-        got = dict(kv.split("=", 1) for kv in env.split())
-        got.pop("PWD", None)  # dash sets it
-        assert got == dict(r.env), r.phase
+    assert_called_as_vzdump_calls_the_hook(log, result)
     assert result.guest(OTHER).status is BackupStatus.FAILED, out  # as the script alone would have
     assert result.guest(VMID).status is BackupStatus.OK, out
     assert f"vzdump-hook: chain: {path} pre-stop snapshot {OTHER} exited 3" in out, out
