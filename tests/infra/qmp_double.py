@@ -107,7 +107,7 @@ class QmpDouble:
         """An external backup provider's access is set up now (qemu-server's ``backup-access-setup``,
         PVE 8.4+): pve-qemu's initialize_backup_state_stat(NULL, NULL, total, false) sets the start
         time and an empty uuid, no backup file, and starts no QEMU job; query-backup says ``active``.
-        (Read from pve-qemu's debian/patches/pve/ patch "PVE backup: implement backup access setup and
+        (Read from pve-qemu's patch series for Proxmox VE, the patch "PVE backup: implement backup access setup and
         teardown API for external providers", Fiona Ebner, 2025-04-03: qmp_backup_access_setup and
         qmp_query_backup.)"""
         with self._lock:
