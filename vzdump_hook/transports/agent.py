@@ -121,18 +121,9 @@ class AgentTransport(Transport):
             if problem:
                 raise TransportError(f"{self.target}: {problem}", command=shown)
             args["input-data"] = stdin.decode("utf-8")
-        try:
-            started = self._call("post", "exec", deadline, shown, **args)
-        except TransportError as e:
-            if SPAWN_FAILED not in str(e):
-                raise
-            # the agent could not start the program (not there, not executable): a shell says exit 127
-            # for it, and so does this transport, so that callers ask "is it there?" the same way
-            # over every transport (guest/installed.py: the wrapper before `guest install`)
-            return NOT_FOUND, b"", str(e).encode()
-        pid = started.get("pid") if isinstance(started, dict) else None
-        if not isinstance(pid, int) or isinstance(pid, bool):
-            raise TransportError(f"{self.target}: agent/exec answered no pid: {str(started)[:200]}", command=shown)
+        pid = self._spawn(args, deadline, shown)
+        if isinstance(pid, TransportError):
+            return NOT_FOUND, b"", str(pid).encode()
         delay = 0.05
         while True:
             try:
@@ -167,6 +158,22 @@ class AgentTransport(Transport):
                                  "(over its capture limit): not used",
                                  command=shown, exit_status=status, stderr=err.decode("utf-8", "replace"))
         return status, out, err
+
+    def _spawn(self, args: dict[str, Any], deadline: float, shown: str) -> int | TransportError:
+        """agent/exec: the pid of the command started, or the agent's error when it could not start the
+        program (not there, not executable). A shell says exit 127 for that, and so does this transport,
+        so that callers ask "is it there?" the same way over every transport (guest/installed.py: the
+        wrapper before `guest install`)."""
+        try:
+            started = self._call("post", "exec", deadline, shown, **args)
+        except TransportError as e:
+            if SPAWN_FAILED not in str(e):
+                raise
+            return e
+        pid = started.get("pid") if isinstance(started, dict) else None
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise TransportError(f"{self.target}: agent/exec answered no pid: {str(started)[:200]}", command=shown)
+        return pid
 
     def write_file(self, path: str, data: bytes, *, timeout: float) -> None:
         """Atomically, as over SSH: stdin (input-data) when it fits, else file-write parts joined in the guest."""
