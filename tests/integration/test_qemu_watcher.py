@@ -55,6 +55,10 @@ VMID = 101
 TRANSFER = 8.0  # seconds of data transfer: the stacks must be back long before backup-end
 RESUME_WITHIN = 1.0  # seconds from the job start to the containers running again (snapshot, suspend)
 SLACK = 0.5  # for a loaded test machine
+# one failed start that the resident tries again RETRY_FIRST (1 s) later still starts the stacks at the job
+# start, long before backup-end (TRANSFER): seen once in a CI run, an ssh session lost under load
+# ("connection lost while running a command", then "started ... in 0.6 s" a second later)
+RETRY = 1.0
 BOOT = 1.5  # stop mode: seconds until the restarted guest answers SSH
 
 
@@ -212,7 +216,7 @@ def test_stacks_start_right_after_the_job_start_not_at_backup_end(
     started, stopped = container_times(db)["app"]
     assert stopped < job.job_started < started, log
     took = started - job.job_started
-    limit = (BOOT if mode is Mode.STOP else 0.0) + RESUME_WITHIN + SLACK
+    limit = (BOOT if mode is Mode.STOP else 0.0) + RESUME_WITHIN + SLACK + (RETRY if "trying again" in log else 0.0)
     assert took < limit, f"running again {took:.2f} s after the job start (limit {limit:.1f} s)\n{log}"
     assert started < job.phase_at["backup-end"] - TRANSFER / 2, log  # long before backup-end
     assert f"resident {VMID}: started {db.name} in " in log and f"backup-end {VMID}: started" not in log, log
@@ -262,7 +266,8 @@ def test_postgres_copy_taken_at_the_job_start_restores_clean(
     assert job.result.status is JobStatus.OK, log
     assert f"resident {VMID}: started {app.project.name}" in log, log
     started, _ = container_times(app.project)["db"]
-    assert job.job_started is not None and 0 < started - job.job_started < RESUME_WITHIN + SLACK, log
+    retried = RETRY if "trying again" in log else 0.0
+    assert job.job_started is not None and 0 < started - job.job_started < RESUME_WITHIN + SLACK + retried, log
     stop_began = job.record("pre-stop").start  # monotonic, as the writer's acknowledgements
     assert_consistent(Run(job.result, pit, stop_began), restore(scratch / "copy", scratch), app)
     _assert_no_watcher_left(setup)
@@ -299,7 +304,8 @@ def test_busy_socket_backoff_then_detection(setup: HookSetup, hook: str, test_gu
     log = job.log
     assert job.result.status is JobStatus.OK, log
     started, _ = container_times(db)["app"]
-    assert released[0] - 0.2 < started < released[0] + RESUME_WITHIN + SLACK, (started - released[0], log)
+    retried = RETRY if "trying again" in log else 0.0
+    assert released[0] - 0.2 < started < released[0] + RESUME_WITHIN + SLACK + retried, (started - released[0], log)
     assert "QMP busy" in log and "backed off" in log, log
     qmp.settle()
     assert all(c.duration < 0.5 for c in qmp.watcher_clients())
