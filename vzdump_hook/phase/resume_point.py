@@ -7,8 +7,9 @@ import logging
 
 from ..config import GuestConfig
 from ..guest.resume import close_controllers as close_controllers_of
-from ..stacks.conversation import ENDING_PHASES, Moment, message
+from ..stacks.conversation import Moment, message
 from ..vzdump.phases import Phase
+from ..vzdump.rules import CONTROLLER_ENDS
 from .context import PhaseContext
 
 log = logging.getLogger("vzdump_hook")
@@ -29,7 +30,7 @@ def close_controllers(ctx: PhaseContext, vmid: int, phase: Phase) -> None:
     rec = ctx.state.load(vmid)
     if rec is None or not rec.unclosed_controllers:
         return
-    if phase.value in ENDING_PHASES and not rec.ended:
+    if phase in CONTROLLER_ENDS and not rec.ended:
         rec.ended = message(Moment(phase.value), True)
         ctx.state.save(rec)
     if rec.status.pending:
@@ -38,7 +39,7 @@ def close_controllers(ctx: PhaseContext, vmid: int, phase: Phase) -> None:
     if guest is None:
         return
     word = rec.ended or message(Moment.JOB_ABORT if phase is Phase.JOB_ABORT else Moment.JOB_END, True)
-    later = ("job-end tells it again" if phase.value in ENDING_PHASES
+    later = ("job-end tells it again" if phase in CONTROLLER_ENDS
              else "the next job-start's sweep ends the job (or the controller at its deadline)")
     with ctx.session(guest) as ctl:
         close_controllers_of(ctx.resumer, ctl, phase.value, word, later)
